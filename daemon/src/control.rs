@@ -1,0 +1,181 @@
+//! The local control socket: `causeway status` reads the daemon's state
+//! from it. Root only (the socket is created 0600).
+//!
+//! The protocol is deliberately tiny: connect, read one JSON document
+//! ([`Status`]), done. The JSON field names are stable for scripts.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::datapath::Ctx;
+use crate::keys;
+use crate::peer::DropReason;
+
+/// A snapshot of the daemon, as `causeway status --json` prints it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// The site name.
+    pub site: String,
+    /// The TUN interface.
+    pub interface: String,
+    /// The site's WireGuard public key.
+    pub public_key: String,
+    /// The UDP port WireGuard listens on.
+    pub listen_port: u16,
+    /// Drops not attributable to one peer, by reason.
+    pub drops: std::collections::BTreeMap<String, u64>,
+    /// One entry per configured peer.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One peer in [`Status`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// The peer's name.
+    pub name: String,
+    /// Its WireGuard public key.
+    pub public_key: String,
+    /// Where its packets go now (`null` until known).
+    pub endpoint: Option<String>,
+    /// The networks it owns.
+    pub cidrs: Vec<String>,
+    /// Seconds since the last completed handshake (`null`: never).
+    pub last_handshake_secs: Option<f64>,
+    /// Inner packets sent to the peer.
+    pub tx_packets: u64,
+    /// Inner bytes sent to the peer.
+    pub tx_bytes: u64,
+    /// Inner packets received from the peer.
+    pub rx_packets: u64,
+    /// Inner bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Dropped packets by reason.
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+impl Status {
+    pub(crate) fn collect(ctx: &Ctx, site: &str, listen_port: u16) -> Self {
+        let drops = |d: &crate::peer::Drops| {
+            DropReason::ALL.iter().map(|r| (r.name().to_owned(), d.get(*r))).filter(|(_, n)| *n > 0).collect()
+        };
+        Status {
+            site: site.to_owned(),
+            interface: ctx.tun.name().to_owned(),
+            public_key: keys::encode_public(&ctx.public_key),
+            listen_port,
+            drops: drops(&ctx.drops),
+            peers: ctx
+                .peers
+                .iter()
+                .map(|p| {
+                    let (endpoint, handshake) = {
+                        let state = p.lock();
+                        (state.endpoint, state.tunn.time_since_last_handshake())
+                    };
+                    PeerStatus {
+                        name: p.name.clone(),
+                        public_key: keys::encode_public(&p.public_key),
+                        endpoint: endpoint.map(|e| e.to_string()),
+                        cidrs: p.cidrs.iter().map(|c| c.to_string()).collect(),
+                        last_handshake_secs: handshake.map(|d| d.as_secs_f64()),
+                        tx_packets: p.counters.tx_packets.load(Relaxed),
+                        tx_bytes: p.counters.tx_bytes.load(Relaxed),
+                        rx_packets: p.counters.rx_packets.load(Relaxed),
+                        rx_bytes: p.counters.rx_bytes.load(Relaxed),
+                        drops: drops(&p.counters.drops),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Human-readable rendering for `causeway status`.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "site {} on {}, port {}, key {}", self.site, self.interface, self.listen_port, self.public_key);
+        if !self.drops.is_empty() {
+            let _ = writeln!(s, "  drops: {}", fmt_drops(&self.drops));
+        }
+        for p in &self.peers {
+            let _ = writeln!(s, "peer {} ({})", p.name, p.public_key);
+            let _ = writeln!(s, "  endpoint:  {}", p.endpoint.as_deref().unwrap_or("(unknown)"));
+            let _ = writeln!(s, "  cidrs:     {}", p.cidrs.join(", "));
+            let hs = p.last_handshake_secs.map_or("never".to_owned(), |t| format!("{t:.1} s ago"));
+            let _ = writeln!(s, "  handshake: {hs}");
+            let _ = writeln!(s, "  sent:      {} packets, {} bytes", p.tx_packets, p.tx_bytes);
+            let _ = writeln!(s, "  received:  {} packets, {} bytes", p.rx_packets, p.rx_bytes);
+            if !p.drops.is_empty() {
+                let _ = writeln!(s, "  drops:     {}", fmt_drops(&p.drops));
+            }
+        }
+        s
+    }
+}
+
+fn fmt_drops(drops: &std::collections::BTreeMap<String, u64>) -> String {
+    drops.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+}
+
+/// The listening control socket; the file is removed on drop.
+pub(crate) struct ControlSocket {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ControlSocket {
+    /// Binds `path` (replacing a stale socket a crashed run left, but never
+    /// one a live daemon answers on) and serves status snapshots.
+    pub(crate) async fn serve(path: &Path, status: impl Fn() -> Status + Send + Sync + 'static) -> io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is answered by a running daemon", path.display()),
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let status = Arc::new(status);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else { continue };
+                let status = Arc::clone(&status);
+                tokio::spawn(async move {
+                    if let Ok(json) = serde_json::to_vec_pretty(&status()) {
+                        let _ = conn.write_all(&json).await;
+                    }
+                });
+            }
+        });
+        Ok(ControlSocket { path: path.to_owned(), task })
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Asks the daemon behind `path` for its status.
+pub async fn query(path: &Path) -> anyhow::Result<Status> {
+    use anyhow::Context as _;
+    let mut conn = UnixStream::connect(path)
+        .await
+        .with_context(|| format!("cannot reach the daemon at {} (is `causeway up` running, and are you root?)", path.display()))?;
+    let mut buf = Vec::new();
+    conn.read_to_end(&mut buf).await.context("reading status")?;
+    serde_json::from_slice(&buf).context("daemon sent a status this version does not understand")
+}

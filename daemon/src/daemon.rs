@@ -1,0 +1,110 @@
+//! `causeway up`: bring a site up, run until told to stop, take it down.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use causeway_netlink::{Link, Netlink, Tun};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::control::{ControlSocket, Status};
+use crate::datapath::{Ctx, Datapath, UdpPort};
+use crate::peer::Peers;
+
+/// Runs the site described by `config` until `shutdown` completes, then
+/// removes every route and the interface it created.
+///
+/// Nothing on the host changes before the config, the key and the UDP port
+/// are known to be good. An interface and routes left by a run that crashed
+/// are adopted and reconciled, not reported as conflicts.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let site = &config.site;
+    let private_key = site.private_key.clone().context("private key not loaded (use config::load)")?;
+    let udp = UdpPort::bind(site.listen_port)
+        .with_context(|| format!("cannot listen on UDP port {} ([site] listen_port)", site.listen_port))?;
+    let listen_port = udp.local_port()?;
+
+    let netlink = Netlink::connect()?;
+    match netlink.link_by_name(&site.interface).await? {
+        Some(link) if link.kind != "tun" => {
+            bail!(causeway_netlink::Error::NotTun { name: link.name, kind: link.kind })
+        }
+        Some(_) => info!(interface = site.interface, "adopting the interface a previous run left behind"),
+        None => {}
+    }
+    let tun = Tun::create_or_attach(&site.interface)?;
+    let link = match netlink.link_by_name(&site.interface).await? {
+        Some(link) => link,
+        None => bail!("interface {} vanished right after it was created", site.interface),
+    };
+
+    let rate_limiter = Ctx::rate_limiter(&x25519_dalek::PublicKey::from(&private_key));
+    let peers = Peers::new(&config.peers, &private_key, &rate_limiter);
+    let ctx = Arc::new(Ctx::new(tun, udp, peers, private_key, rate_limiter, site.mtu));
+
+    let served = serve(&config, &netlink, &link, &ctx, listen_port, shutdown).await;
+    let removed = teardown(&netlink, &link, &ctx).await;
+    served.and(removed)
+}
+
+async fn serve(
+    config: &Config,
+    netlink: &Netlink,
+    link: &Link,
+    ctx: &Arc<Ctx>,
+    listen_port: u16,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let site = &config.site;
+    netlink.ensure_link_up(link, u32::from(site.mtu)).await?;
+    let changes = netlink.reconcile_routes(link, &ctx.peers.all_cidrs()).await?;
+    if !changes.removed.is_empty() {
+        info!(removed = ?changes.removed, "removed stale routes of a previous run");
+    }
+    let datapath = Datapath::start(Arc::clone(ctx)).context("starting the packet threads")?;
+    let status_ctx = Arc::clone(datapath.ctx());
+    let name = site.name.clone();
+    let control = ControlSocket::serve(&site.control_socket, move || Status::collect(&status_ctx, &name, listen_port))
+        .await
+        .with_context(|| format!("control socket {} ([site] control_socket)", site.control_socket.display()));
+    let control = match control {
+        Ok(control) => control,
+        Err(e) => {
+            datapath.stop();
+            return Err(e);
+        }
+    };
+    info!(
+        site = site.name,
+        interface = site.interface,
+        listen_port,
+        peers = config.peers.len(),
+        "site is up"
+    );
+    shutdown.await;
+    info!("shutting down");
+    drop(control);
+    datapath.stop();
+    Ok(())
+}
+
+/// Removes our routes and the interface. Runs on every exit path after the
+/// TUN exists.
+async fn teardown(netlink: &Netlink, link: &Link, ctx: &Ctx) -> anyhow::Result<()> {
+    let mut result = Ok(());
+    for dst in ctx.peers.all_cidrs() {
+        if let Err(e) = netlink.remove_route(link, dst).await {
+            warn!("{e}");
+            result = Err(e.into());
+        }
+    }
+    if let Err(e) = ctx.tun.set_persistent(false) {
+        warn!("making {} non-persistent: {e}", link.name);
+    }
+    if let Err(e) = netlink.delete_link(link).await {
+        warn!("{e}");
+        result = Err(e.into());
+    }
+    result
+}

@@ -1,0 +1,146 @@
+//! UDP → decrypt → TUN.
+
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering::Relaxed;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, TunnResult};
+use quinn_udp::RecvMeta;
+
+use super::udp::canonical;
+use super::{Ctx, Stop, wait_fd};
+use crate::peer::DropReason;
+
+/// Buffers per `recvmmsg` (quinn-udp's own batch size on Linux).
+const RECV_BATCH: usize = 32;
+/// Size of one receive buffer: a whole GRO-coalesced burst must fit, or the
+/// kernel would cut it.
+const RECV_BUF: usize = 64 * 1024;
+/// Message type of a WireGuard cookie reply: the one answer boringtun gives
+/// without having authenticated the sender.
+const COOKIE_REPLY: u8 = 3;
+
+pub(super) fn run(ctx: &Ctx, stop: &Stop) {
+    let mut bufs: Vec<Box<[u8]>> = (0..RECV_BATCH).map(|_| vec![0u8; RECV_BUF].into_boxed_slice()).collect();
+    let mut meta = [RecvMeta::default(); RECV_BATCH];
+    let mut out = vec![0u8; RECV_BUF].into_boxed_slice();
+    let mut cookie = [0u8; 64];
+    loop {
+        let received = {
+            let mut slices = bufs.iter_mut();
+            let mut iovs: [IoSliceMut<'_>; RECV_BATCH] =
+                std::array::from_fn(|_| IoSliceMut::new(slices.next().map_or(&mut [][..], |b| &mut b[..])));
+            ctx.udp.recv(&mut iovs, &mut meta)
+        };
+        let n = match received {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match wait_fd(ctx.udp.as_fd(), libc::POLLIN, Some(stop), -1) {
+                    Ok(true) => continue,
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::error!("poll UDP: {e}");
+                        return;
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // e.g. ICMP port unreachable reported on the socket: not fatal.
+                tracing::debug!("UDP receive: {e}");
+                continue;
+            }
+        };
+        for (buf, m) in bufs.iter().zip(&meta[..n]) {
+            let from = canonical(m.addr);
+            let stride = m.stride.max(1);
+            for datagram in buf[..m.len].chunks(stride) {
+                handle(ctx, from, datagram, &mut out, &mut cookie);
+            }
+        }
+    }
+}
+
+fn handle(ctx: &Ctx, from: SocketAddr, datagram: &[u8], out: &mut [u8], cookie: &mut [u8; 64]) {
+    let packet = match ctx.rate_limiter.verify_packet(Some(from.ip()), datagram, cookie) {
+        Ok(packet) => packet,
+        Err(TunnResult::WriteToNetwork(reply)) => {
+            // Under load: answer with a cookie instead of doing the DH.
+            let _ = ctx.udp.send(from, reply, None);
+            return;
+        }
+        Err(e) => {
+            ctx.drop_packet(None, DropReason::Malformed, format_args!("{} bytes from {from}: {e:?}", datagram.len()));
+            return;
+        }
+    };
+    let index = match &packet {
+        Packet::HandshakeInit(init) => parse_handshake_anon(&ctx.private_key, &ctx.public_key, init)
+            .ok()
+            .and_then(|half| ctx.peers.by_key(&half.peer_static_public)),
+        Packet::HandshakeResponse(p) => ctx.peers.by_receiver_index(p.receiver_idx),
+        Packet::PacketCookieReply(p) => ctx.peers.by_receiver_index(p.receiver_idx),
+        Packet::PacketData(p) => ctx.peers.by_receiver_index(p.receiver_idx),
+    };
+    let Some(index) = index else {
+        ctx.drop_packet(None, DropReason::UnknownPeer, format_args!("from {from}: not one of our peers"));
+        return;
+    };
+    let peer = ctx.peers.get(index);
+    let mut state = peer.lock();
+    match state.tunn.decapsulate(Some(from.ip()), datagram, out) {
+        TunnResult::WriteToNetwork(reply) => {
+            let authenticated = reply.first() != Some(&COOKIE_REPLY);
+            if authenticated {
+                state.endpoint = Some(from);
+            }
+            if let Err(e) = ctx.udp.send(from, reply, None) {
+                tracing::debug!(peer = peer.name, "send to {from}: {e}");
+            }
+            // Packets that waited for this handshake go out now.
+            while let TunnResult::WriteToNetwork(queued) = state.tunn.decapsulate(None, &[], out) {
+                if let Some(ep) = state.endpoint {
+                    let _ = ctx.udp.send(ep, queued, None);
+                }
+            }
+        }
+        TunnResult::WriteToTunnelV4(inner, src) => {
+            state.endpoint = Some(from);
+            drop(state);
+            deliver(ctx, index, inner, IpAddr::V4(src));
+        }
+        TunnResult::WriteToTunnelV6(inner, src) => {
+            state.endpoint = Some(from);
+            drop(state);
+            deliver(ctx, index, inner, IpAddr::V6(src));
+        }
+        TunnResult::Done => {
+            // A keepalive or a completed handshake: authenticated either way.
+            if matches!(packet, Packet::PacketData(_) | Packet::HandshakeResponse(_)) {
+                state.endpoint = Some(from);
+            }
+        }
+        TunnResult::Err(e) => {
+            drop(state);
+            ctx.drop_packet(Some(index), DropReason::Rejected, format_args!("from {from}: {e:?}"));
+        }
+    }
+}
+
+/// Hands a decrypted packet to the kernel if its source is the peer's.
+fn deliver(ctx: &Ctx, index: usize, inner: &[u8], src: IpAddr) {
+    let peer = ctx.peers.get(index);
+    if !peer.owns(src) {
+        ctx.drop_packet(Some(index), DropReason::SpoofedSource, format_args!("inner source {src} is outside the peer's cidrs"));
+        return;
+    }
+    match ctx.tun.send(inner) {
+        Ok(_) => {
+            peer.counters.rx_packets.fetch_add(1, Relaxed);
+            peer.counters.rx_bytes.fetch_add(inner.len() as u64, Relaxed);
+        }
+        Err(e) => ctx.drop_packet(Some(index), DropReason::IoError, format_args!("write to TUN: {e}")),
+    }
+}

@@ -1,0 +1,220 @@
+//! The data path: TUN → encrypt → UDP and UDP → decrypt → TUN.
+//!
+//! Two OS threads move packets, each in batches: `outbound` reads up to
+//! [`BATCH`] packets from the TUN, encrypts them into one arena and sends
+//! them with as few system calls as possible (UDP GSO for runs of equal-size
+//! packets to one endpoint); `inbound` receives up to 32 buffers per
+//! `recvmmsg` (each possibly several GRO-coalesced datagrams), decrypts and
+//! writes to the TUN. Nothing is allocated per packet. A timer task on the
+//! control runtime drives boringtun's timers (handshake retries, rekeys,
+//! keepalives). Bad input is dropped and counted (see [`DropReason`]), and
+//! logged at a bounded rate.
+
+mod inbound;
+mod outbound;
+mod udp;
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::TunnResult;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::rate_limiter::RateLimiter;
+use causeway_netlink::Tun;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::peer::{DropReason, Drops, Peers};
+pub(crate) use udp::UdpPort;
+
+/// Packets read from the TUN per batch.
+pub(crate) const BATCH: usize = 64;
+/// Handshakes per second accepted before WireGuard's cookie mechanism
+/// kicks in ("under load"). Each handshake is checked twice (once to find
+/// its peer, once inside boringtun), hence the factor.
+const HANDSHAKE_RATE_LIMIT: u64 = 2 * 100;
+/// How often boringtun's timers are driven.
+const TIMER_TICK: Duration = Duration::from_millis(100);
+/// At most one log line per drop reason in this interval.
+const LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What both packet threads share.
+pub(crate) struct Ctx {
+    pub(crate) tun: Tun,
+    pub(crate) udp: UdpPort,
+    pub(crate) peers: Peers,
+    pub(crate) private_key: StaticSecret,
+    pub(crate) public_key: PublicKey,
+    pub(crate) rate_limiter: Arc<RateLimiter>,
+    /// Drops not attributable to a peer.
+    pub(crate) drops: Drops,
+    pub(crate) mtu: usize,
+    started: Instant,
+    next_log_ms: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl Ctx {
+    pub(crate) fn new(tun: Tun, udp: UdpPort, peers: Peers, private_key: StaticSecret, rate_limiter: Arc<RateLimiter>, mtu: u16) -> Self {
+        Ctx {
+            tun,
+            udp,
+            peers,
+            public_key: PublicKey::from(&private_key),
+            private_key,
+            rate_limiter,
+            drops: Drops::default(),
+            mtu: usize::from(mtu),
+            started: Instant::now(),
+            next_log_ms: Default::default(),
+        }
+    }
+
+    /// Makes the shared rate limiter for a site key.
+    pub(crate) fn rate_limiter(public_key: &PublicKey) -> Arc<RateLimiter> {
+        Arc::new(RateLimiter::new(public_key, HANDSHAKE_RATE_LIMIT))
+    }
+
+    /// Whether a drop for `reason` may be logged now (one line per reason
+    /// per [`LOG_INTERVAL`]; the line carries the running total).
+    pub(crate) fn may_log(&self, reason: DropReason) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        let slot = &self.next_log_ms[reason as usize];
+        let next = slot.load(Relaxed);
+        now >= next
+            && slot
+                .compare_exchange(next, now + LOG_INTERVAL.as_millis() as u64, Relaxed, Relaxed)
+                .is_ok()
+    }
+
+    /// Counts a drop against peer `peer` (or the site) and logs it at a
+    /// bounded rate.
+    pub(crate) fn drop_packet(&self, peer: Option<usize>, reason: DropReason, detail: std::fmt::Arguments<'_>) {
+        let (total, name) = match peer {
+            Some(i) => {
+                let p = self.peers.get(i);
+                (p.counters.drops.count(reason), p.name.as_str())
+            }
+            None => (self.drops.count(reason), "-"),
+        };
+        if self.may_log(reason) {
+            tracing::warn!(peer = name, reason = reason.name(), total, "dropped packet: {detail}");
+        }
+    }
+}
+
+/// A shutdown signal the packet threads can poll on (an eventfd).
+pub(crate) struct Stop(OwnedFd);
+
+impl Stop {
+    pub(crate) fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; the fd is checked and then owned.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        Ok(Stop(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub(crate) fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// Waits until `fd` has `events`, `stop` fires, or `timeout_ms` passes.
+/// Returns `Ok(false)` when stopped.
+pub(crate) fn wait_fd(fd: BorrowedFd<'_>, events: libc::c_short, stop: Option<&Stop>, timeout_ms: i32) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 },
+        libc::pollfd { fd: stop.map_or(-1, |s| s.0.as_raw_fd()), events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: `fds` is a valid array of two pollfd (a negative fd is ignored).
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok(true) } else { Err(e) };
+    }
+    Ok(fds[1].revents == 0)
+}
+
+/// The running packet threads.
+pub(crate) struct Datapath {
+    ctx: Arc<Ctx>,
+    stop: Arc<Stop>,
+    threads: Vec<JoinHandle<()>>,
+    timers: tokio::task::JoinHandle<()>,
+}
+
+impl Datapath {
+    /// Starts the threads and the timer task (on the current tokio runtime).
+    pub(crate) fn start(ctx: Arc<Ctx>) -> io::Result<Self> {
+        let stop = Arc::new(Stop::new()?);
+        let mut threads = Vec::new();
+        for (name, run) in [
+            ("cw-outbound", outbound::run as fn(&Ctx, &Stop)),
+            ("cw-inbound", inbound::run as fn(&Ctx, &Stop)),
+        ] {
+            let (ctx, stop) = (Arc::clone(&ctx), Arc::clone(&stop));
+            threads.push(std::thread::Builder::new().name(name.into()).spawn(move || run(&ctx, &stop))?);
+        }
+        let timers = tokio::spawn(drive_timers(Arc::clone(&ctx)));
+        Ok(Datapath { ctx, stop, threads, timers })
+    }
+
+    pub(crate) fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    /// Stops and joins the threads.
+    pub(crate) fn stop(self) {
+        self.timers.abort();
+        self.stop.signal();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Drives boringtun's timers: handshake retries, rekeying, keepalives, and
+/// the handshake rate limiter's window.
+async fn drive_timers(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = vec![0u8; 256];
+    let mut last_reset = Instant::now();
+    loop {
+        tick.tick().await;
+        if last_reset.elapsed() >= Duration::from_secs(1) {
+            ctx.rate_limiter.reset_count();
+            last_reset = Instant::now();
+        }
+        for (i, peer) in ctx.peers.iter().enumerate() {
+            let mut state = peer.lock();
+            let endpoint = state.endpoint;
+            match state.tunn.update_timers(&mut buf) {
+                TunnResult::WriteToNetwork(packet) => match endpoint {
+                    Some(ep) => {
+                        if let Err(e) = ctx.udp.send(ep, packet, None) {
+                            ctx.drop_packet(Some(i), DropReason::IoError, format_args!("send to {ep}: {e}"));
+                        }
+                    }
+                    None => ctx.drop_packet(Some(i), DropReason::NoEndpoint, format_args!("timer packet, endpoint not known yet")),
+                },
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                TunnResult::Err(e) => tracing::debug!(peer = peer.name, "timers: {e:?}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+impl AsFd for Ctx {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.udp.as_fd()
+    }
+}

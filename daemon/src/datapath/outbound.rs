@@ -1,0 +1,178 @@
+//! TUN → encrypt → UDP.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+
+use boringtun::noise::{Tunn, TunnResult};
+
+use super::udp::MAX_GSO_BYTES;
+use super::{BATCH, Ctx, Stop, wait_fd};
+use crate::peer::DropReason;
+
+/// Room an encrypted packet may need beyond its plaintext: WireGuard's 32
+/// bytes, or a whole 148-byte handshake initiation sent instead.
+const OVERHEAD: usize = 148;
+
+/// Encrypted packets of one batch, laid out back to back so that a run of
+/// equal-size packets to one endpoint goes out as one GSO send.
+struct SendQueue {
+    arena: Vec<u8>,
+    used: usize,
+    runs: Vec<Run>,
+}
+
+/// Consecutive datagrams in the arena for one destination, all `segment`
+/// bytes long except possibly the last.
+struct Run {
+    dst: SocketAddr,
+    start: usize,
+    segment: usize,
+    len: usize,
+    closed: bool,
+}
+
+impl SendQueue {
+    fn new(mtu: usize) -> Self {
+        SendQueue {
+            arena: vec![0; BATCH * (mtu + OVERHEAD)],
+            used: 0,
+            runs: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Space for the next packet.
+    fn slot(&mut self, plaintext: usize) -> &mut [u8] {
+        let end = (self.used + plaintext + OVERHEAD).min(self.arena.len());
+        &mut self.arena[self.used..end]
+    }
+
+    /// Accepts the `len` bytes just written at the slot, bound for `dst`.
+    fn commit(&mut self, dst: SocketAddr, len: usize, max_segments: usize) {
+        let extend = match self.runs.last_mut() {
+            Some(run) => {
+                let fits = !run.closed
+                    && run.dst == dst
+                    && len <= run.segment
+                    && run.start + run.len == self.used
+                    && run.len / run.segment < max_segments
+                    && run.len + len <= MAX_GSO_BYTES;
+                if fits {
+                    run.len += len;
+                    run.closed = len < run.segment;
+                }
+                fits
+            }
+            None => false,
+        };
+        if !extend {
+            self.runs.push(Run { dst, start: self.used, segment: len, len, closed: false });
+        }
+        self.used += len;
+    }
+
+    fn flush(&mut self, ctx: &Ctx) {
+        for run in self.runs.drain(..) {
+            let bytes = &self.arena[run.start..run.start + run.len];
+            let segment = (run.len > run.segment).then_some(run.segment);
+            if let Err(e) = ctx.udp.send(run.dst, bytes, segment) {
+                let n = run.len.div_ceil(run.segment);
+                for _ in 0..n {
+                    ctx.drop_packet(None, DropReason::IoError, format_args!("send to {}: {e}", run.dst));
+                }
+            }
+        }
+        self.used = 0;
+    }
+}
+
+pub(super) fn run(ctx: &Ctx, stop: &Stop) {
+    let mtu = ctx.mtu;
+    // Reads are capped at the MTU plus slack, so an oversize packet is seen
+    // as such instead of being silently cut.
+    let mut bufs: Vec<Box<[u8]>> = (0..BATCH).map(|_| vec![0u8; mtu + 64].into_boxed_slice()).collect();
+    let mut lens = [0usize; BATCH];
+    let mut queue = SendQueue::new(mtu);
+    loop {
+        let mut n = 0;
+        while n < BATCH {
+            match ctx.tun.recv(&mut bufs[n]) {
+                Ok(len) => {
+                    lens[n] = len;
+                    n += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::error!("reading from TUN {}: {e}", ctx.tun.name());
+                    break;
+                }
+            }
+        }
+        if n == 0 {
+            match wait_fd(ctx.tun.as_fd(), libc::POLLIN, Some(stop), -1) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::error!("poll TUN: {e}");
+                    return;
+                }
+            }
+        }
+        for (buf, &len) in bufs.iter().zip(&lens[..n]) {
+            encrypt(ctx, &buf[..len], &mut queue);
+        }
+        queue.flush(ctx);
+    }
+}
+
+fn encrypt(ctx: &Ctx, packet: &[u8], queue: &mut SendQueue) {
+    if packet.len() > ctx.mtu {
+        ctx.drop_packet(None, DropReason::Malformed, format_args!("{}-byte packet from TUN exceeds MTU {}", packet.len(), ctx.mtu));
+        return;
+    }
+    let Some(dst) = Tunn::dst_address(packet) else {
+        ctx.drop_packet(None, DropReason::Malformed, format_args!("not an IP packet from TUN"));
+        return;
+    };
+    let Some(index) = ctx.peers.route(dst) else {
+        if is_link_local_noise(dst) {
+            // The kernel's own chatter on a fresh link (IPv6 router
+            // solicitations, MLD): counted, not worth a warning.
+            ctx.drops.count(DropReason::NoRoute);
+        } else {
+            ctx.drop_packet(None, DropReason::NoRoute, format_args!("no peer owns {dst}"));
+        }
+        return;
+    };
+    let peer = ctx.peers.get(index);
+    let mut state = peer.lock();
+    let Some(endpoint) = state.endpoint else {
+        drop(state);
+        ctx.drop_packet(Some(index), DropReason::NoEndpoint, format_args!("to {dst}: endpoint of peer not known yet"));
+        return;
+    };
+    match state.tunn.encapsulate(packet, queue.slot(packet.len())) {
+        TunnResult::WriteToNetwork(out) => {
+            let len = out.len();
+            drop(state);
+            queue.commit(endpoint, len, ctx.udp.max_segments());
+            peer.counters.tx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            peer.counters.tx_bytes.fetch_add(packet.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Queued inside boringtun until the handshake completes.
+        TunnResult::Done => {}
+        TunnResult::Err(e) => {
+            drop(state);
+            ctx.drop_packet(Some(index), DropReason::Rejected, format_args!("encapsulate: {e:?}"));
+        }
+        TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+    }
+}
+
+fn is_link_local_noise(dst: std::net::IpAddr) -> bool {
+    match dst {
+        std::net::IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
+        std::net::IpAddr::V6(a) => a.is_multicast() || a.is_unicast_link_local(),
+    }
+}

@@ -1,0 +1,14 @@
+//! Causeway daemon library: configuration, keys, the WireGuard data path and
+//! the control socket. `main.rs` is a thin CLI over this crate.
+//!
+//! The data path ([`datapath`]) runs on two OS threads and moves packets in
+//! batches; everything else (netlink, the control socket, boringtun's
+//! timers) runs on a small tokio runtime.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+mod datapath;
+pub mod keys;
+pub mod packet;
+pub mod peer;

@@ -1,0 +1,117 @@
+//! The `causeway` command line.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use causeway::{config, control, daemon, keys};
+use clap::{Parser, Subcommand};
+
+/// Causeway: encrypted cluster-to-cluster overlay network.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a new private key (base64, as `wg genkey`).
+    Genkey,
+    /// Read a private key on stdin and print its public key (as `wg pubkey`).
+    Pubkey,
+    /// Run the site daemon in the foreground until SIGINT or SIGTERM.
+    Up {
+        /// The site's TOML config (see docs/config.md).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show the running daemon's peers and counters.
+    Status {
+        /// Print JSON (stable field names) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Control socket of the daemon [default: /run/causeway/causeway0.sock]
+        #[arg(long, conflicts_with = "interface")]
+        socket: Option<PathBuf>,
+        /// Interface of the daemon to ask (its socket is /run/causeway/<interface>.sock).
+        #[arg(long, short)]
+        interface: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Genkey => {
+            println!("{}", keys::encode_private(&keys::generate()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pubkey => pubkey(),
+        Command::Up { config } => up(config),
+        Command::Status { json, socket, interface } => status(json, socket, interface),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("causeway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pubkey() -> anyhow::Result<ExitCode> {
+    let mut text = String::new();
+    std::io::stdin().read_to_string(&mut text).context("reading stdin")?;
+    let key = keys::decode_private(&text)?;
+    println!("{}", keys::encode_public(&x25519_dalek::PublicKey::from(&key)));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn up(path: PathBuf) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match config::load(&path) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("causeway: {} has problems, nothing was changed:\n{errors}", path.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(daemon::run(config, shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn status(json: bool, socket: Option<PathBuf>, interface: Option<String>) -> anyhow::Result<ExitCode> {
+    let path = socket.unwrap_or_else(|| {
+        config::default_control_socket(interface.as_deref().unwrap_or(config::DEFAULT_INTERFACE))
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let status = runtime.block_on(control::query(&path))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.render());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,219 @@
+//! Peers as the data path sees them: the WireGuard state, where to send,
+//! which inner addresses they may use, and their counters.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use boringtun::noise::Tunn;
+use boringtun::noise::rate_limiter::RateLimiter;
+use ipnet::IpNet;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::config::PeerConfig;
+
+/// Why a packet was dropped. The names are the ones `causeway status` and
+/// the logs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// A decrypted packet's inner source is outside the peer's `cidrs`.
+    SpoofedSource,
+    /// A packet for a peer whose endpoint is not known yet.
+    NoEndpoint,
+    /// WireGuard rejected the packet (bad MAC, replay, wrong index, expired
+    /// session, …).
+    Rejected,
+    /// A packet from the TUN whose destination no peer owns.
+    NoRoute,
+    /// A datagram that is not WireGuard (bad type or length).
+    Malformed,
+    /// A handshake from a key that is not a configured peer, or a packet
+    /// naming a session index we never gave out.
+    UnknownPeer,
+    /// The kernel refused to take the packet (TUN or socket full).
+    IoError,
+}
+
+impl DropReason {
+    /// Every reason, in the order status prints them.
+    pub const ALL: [DropReason; 7] = [
+        Self::SpoofedSource,
+        Self::NoEndpoint,
+        Self::Rejected,
+        Self::NoRoute,
+        Self::Malformed,
+        Self::UnknownPeer,
+        Self::IoError,
+    ];
+
+    /// The snake_case name used in status output and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SpoofedSource => "spoofed_source",
+            Self::NoEndpoint => "no_endpoint",
+            Self::Rejected => "rejected",
+            Self::NoRoute => "no_route",
+            Self::Malformed => "malformed",
+            Self::UnknownPeer => "unknown_peer",
+            Self::IoError => "io_error",
+        }
+    }
+}
+
+/// Drop counters, one per [`DropReason`].
+#[derive(Debug, Default)]
+pub struct Drops([AtomicU64; DropReason::ALL.len()]);
+
+impl Drops {
+    /// Counts one drop and returns the new total for that reason.
+    pub fn count(&self, reason: DropReason) -> u64 {
+        self.0[reason as usize].fetch_add(1, Relaxed) + 1
+    }
+
+    /// The current total for `reason`.
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.0[reason as usize].load(Relaxed)
+    }
+}
+
+/// Traffic counters of one peer (inner packets, after decryption / before
+/// encryption).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Packets sent to the peer.
+    pub tx_packets: AtomicU64,
+    /// Bytes of inner packets sent to the peer.
+    pub tx_bytes: AtomicU64,
+    /// Packets received from the peer and delivered to the TUN.
+    pub rx_packets: AtomicU64,
+    /// Bytes of inner packets received from the peer.
+    pub rx_bytes: AtomicU64,
+    /// Packets to or from this peer that were dropped.
+    pub drops: Drops,
+}
+
+/// The mutable part of a peer, behind one lock.
+pub struct PeerState {
+    /// boringtun's WireGuard state machine.
+    pub tunn: Tunn,
+    /// Where the peer's packets go: the configured endpoint at start, then
+    /// the source of its latest authenticated packet (roaming).
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// One configured peer.
+pub struct Peer {
+    /// The operator's name for the peer.
+    pub name: String,
+    /// Its WireGuard public key.
+    pub public_key: PublicKey,
+    /// The inner networks it owns (and may send from).
+    pub cidrs: Vec<IpNet>,
+    /// Its counters.
+    pub counters: Counters,
+    state: Mutex<PeerState>,
+}
+
+impl Peer {
+    /// Makes the peer with WireGuard session index `index`.
+    pub fn new(
+        config: &PeerConfig,
+        index: u32,
+        private_key: &StaticSecret,
+        rate_limiter: &Arc<RateLimiter>,
+    ) -> Self {
+        let tunn = Tunn::new(
+            private_key.clone(),
+            config.public_key,
+            None,
+            config.persistent_keepalive,
+            index,
+            Some(Arc::clone(rate_limiter)),
+        );
+        Peer {
+            name: config.name.clone(),
+            public_key: config.public_key,
+            cidrs: config.cidrs.clone(),
+            counters: Counters::default(),
+            state: Mutex::new(PeerState {
+                tunn,
+                endpoint: config.endpoint.as_ref().and_then(|e| e.addr),
+            }),
+        }
+    }
+
+    /// Locks the peer's WireGuard state. A panic while it was held poisons
+    /// nothing we rely on, so the poison is ignored.
+    pub fn lock(&self) -> MutexGuard<'_, PeerState> {
+        self.state.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Whether `addr` is inside one of the peer's CIDRs.
+    pub fn owns(&self, addr: IpAddr) -> bool {
+        self.cidrs.iter().any(|c| c.contains(&addr))
+    }
+
+    /// Time since the last completed handshake, if any.
+    pub fn last_handshake(&self) -> Option<Duration> {
+        self.lock().tunn.time_since_last_handshake()
+    }
+}
+
+/// All peers, with the lookups the data path needs.
+pub struct Peers {
+    peers: Vec<Peer>,
+    /// (cidr, peer index), longest prefix first.
+    routes: Vec<(IpNet, usize)>,
+}
+
+impl Peers {
+    /// Builds the table. Peer `i` gets WireGuard index `i`, so the index in
+    /// a received packet's receiver field (shifted right by 8) finds it.
+    pub fn new(configs: &[PeerConfig], private_key: &StaticSecret, rate_limiter: &Arc<RateLimiter>) -> Self {
+        let peers: Vec<Peer> = configs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Peer::new(c, i as u32, private_key, rate_limiter))
+            .collect();
+        let mut routes: Vec<(IpNet, usize)> = peers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.cidrs.iter().map(move |c| (*c, i)))
+            .collect();
+        routes.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        Peers { peers, routes }
+    }
+
+    /// The peer owning destination `addr` (longest prefix match).
+    pub fn route(&self, addr: IpAddr) -> Option<usize> {
+        self.routes.iter().find(|(net, _)| net.contains(&addr)).map(|&(_, i)| i)
+    }
+
+    /// The peer with this public key.
+    pub fn by_key(&self, key: &[u8; 32]) -> Option<usize> {
+        self.peers.iter().position(|p| p.public_key.as_bytes() == key)
+    }
+
+    /// The peer a receiver index (from a handshake response, cookie reply or
+    /// data packet) belongs to.
+    pub fn by_receiver_index(&self, receiver_idx: u32) -> Option<usize> {
+        let i = (receiver_idx >> 8) as usize;
+        (i < self.peers.len()).then_some(i)
+    }
+
+    /// Peer `i`.
+    pub fn get(&self, i: usize) -> &Peer {
+        &self.peers[i]
+    }
+
+    /// All peers, in config order.
+    pub fn iter(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.iter()
+    }
+
+    /// Every CIDR of every peer: the routes the TUN needs.
+    pub fn all_cidrs(&self) -> Vec<IpNet> {
+        self.peers.iter().flat_map(|p| p.cidrs.iter().copied()).collect()
+    }
+}

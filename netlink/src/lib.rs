@@ -1,0 +1,46 @@
+//! Kernel networking for Causeway: the TUN device and idempotent link and
+//! route management over rtnetlink.
+//!
+//! Every call is idempotent: "already exists" on add and "does not exist" on
+//! delete are success, so a daemon that crashed half-way can simply run its
+//! setup again. Routes this crate installs carry the route protocol
+//! [`ROUTE_PROTOCOL`] (`ip route` shows `proto 201`), which is how
+//! [`Netlink::reconcile_routes`] tells the routes it owns from anybody
+//! else's: it never touches a route without that mark.
+//!
+//! What it does not do: addresses, rules, or anything outside the current
+//! network namespace.
+
+mod error;
+mod link;
+mod route;
+mod tun;
+
+pub use error::Error;
+pub use link::Link;
+pub use route::{ROUTE_PROTOCOL, RouteChanges};
+pub use tun::Tun;
+
+/// A connection to the kernel's routing netlink socket.
+///
+/// Its background task runs on the tokio runtime that was current when it
+/// was made, and ends when the `Netlink` is dropped.
+pub struct Netlink {
+    handle: rtnetlink::Handle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Netlink {
+    /// Opens the netlink socket. Must be called inside a tokio runtime.
+    pub fn connect() -> Result<Self, Error> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(Error::Connect)?;
+        let task = tokio::spawn(connection);
+        Ok(Self { handle, task })
+    }
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,115 @@
+//! Routes through our interface, marked with our route protocol.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
+use rtnetlink::RouteMessageBuilder;
+
+use crate::error::errno;
+use crate::{Error, Link, Netlink};
+
+/// The route protocol number that marks routes Causeway installed
+/// (`ip route show proto 201`). Only routes with this mark are ever removed.
+pub const ROUTE_PROTOCOL: u8 = 201;
+
+/// What [`Netlink::reconcile_routes`] changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RouteChanges {
+    /// Routes that were missing and were added.
+    pub added: Vec<IpNet>,
+    /// Routes of ours that were not wanted any more and were removed.
+    pub removed: Vec<IpNet>,
+}
+
+fn message(link: &Link, dst: IpNet) -> RouteMessage {
+    let mut msg = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .map(|b| b.output_interface(link.index).protocol(RouteProtocol::Other(ROUTE_PROTOCOL)))
+        .unwrap_or_default()
+        .build();
+    // `destination_prefix` only fails for a prefix length the type rules out.
+    msg.header.destination_prefix_length = dst.prefix_len();
+    msg
+}
+
+fn destination(msg: &RouteMessage) -> Option<IpNet> {
+    let len = msg.header.destination_prefix_length;
+    msg.attributes.iter().find_map(|attr| match attr {
+        RouteAttribute::Destination(RouteAddress::Inet(a)) => IpNet::new((*a).into(), len).ok(),
+        RouteAttribute::Destination(RouteAddress::Inet6(a)) => IpNet::new((*a).into(), len).ok(),
+        _ => None,
+    })
+}
+
+impl Netlink {
+    /// The routes of ours (main table, our protocol) that go out of `link`.
+    pub async fn owned_routes(&self, link: &Link) -> Result<Vec<IpNet>, Error> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut query = RouteMessageBuilder::<IpAddr>::new().build();
+            query.header.address_family = family;
+            let mut routes = self.handle.route().get(query).execute();
+            while let Some(msg) = routes
+                .try_next()
+                .await
+                .map_err(|e| Error::request(format!("list routes of {}", link.name), e))?
+            {
+                let ours = msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+                    && msg.attributes.contains(&RouteAttribute::Oif(link.index));
+                if let Some(dst) = destination(&msg).filter(|_| ours) {
+                    out.push(dst);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Installs (or replaces) the route to `dst` through `link`.
+    pub async fn ensure_route(&self, link: &Link, dst: IpNet) -> Result<(), Error> {
+        self.handle
+            .route()
+            .add(message(link, dst))
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| Error::request(format!("add route {dst} dev {}", link.name), e))
+    }
+
+    /// Removes our route to `dst` through `link`; a missing route is success.
+    pub async fn remove_route(&self, link: &Link, dst: IpNet) -> Result<(), Error> {
+        let mut msg = message(link, dst);
+        // Like `ip route del`: match whatever scope the route has (the
+        // kernel compares scopes exactly unless told "nowhere").
+        msg.header.scope = RouteScope::NoWhere;
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT | libc::ENODEV)) => Ok(()),
+            Err(e) => Err(Error::request(format!("delete route {dst} dev {}", link.name), e)),
+        }
+    }
+
+    /// Makes the routes of ours through `link` exactly `wanted`: adds what is
+    /// missing, removes what a previous run (or an older config) left behind.
+    pub async fn reconcile_routes(&self, link: &Link, wanted: &[IpNet]) -> Result<RouteChanges, Error> {
+        let present = self.owned_routes(link).await?;
+        let mut changes = RouteChanges::default();
+        for &dst in wanted {
+            if !present.contains(&dst) {
+                changes.added.push(dst);
+            }
+            // Replace even when present: cheap, and repairs a route whose
+            // attributes somebody changed.
+            self.ensure_route(link, dst).await?;
+        }
+        for dst in present {
+            if !wanted.contains(&dst) {
+                self.remove_route(link, dst).await?;
+                changes.removed.push(dst);
+            }
+        }
+        Ok(changes)
+    }
+}

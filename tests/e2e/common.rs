@@ -1,0 +1,305 @@
+//! What every end-to-end test needs: labs, daemons, traffic.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use causeway::control::Status;
+use causeway::keys;
+use causeway_testbed::{ChildGuard, Lab, LabSpec, Netns, Site, SiteSpec};
+use sha2::{Digest, Sha256};
+
+pub const PORT: u16 = 51820;
+
+/// The `causeway` binary cargo built for these tests.
+pub fn causeway_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_causeway")
+}
+
+/// A two-site lab: `a` exports 10.0.0.0/16, `b` exports 10.1.0.0/16.
+pub fn two_sites() -> Lab {
+    let site = |name: &str, cidr: &str| SiteSpec {
+        name: name.into(),
+        pod_cidrs: vec![cidr.parse().expect("cidr")],
+        pods: 1,
+        nat: None,
+        wan: Default::default(),
+    };
+    Lab::build(&LabSpec { sites: vec![site("a", "10.0.0.0/16"), site("b", "10.1.0.0/16")] }).expect("build lab")
+}
+
+/// A site's identity and config files, in a temporary directory.
+pub struct SiteFiles {
+    pub dir: tempfile::TempDir,
+    pub public_key: String,
+}
+
+impl SiteFiles {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = keys::generate();
+        let private_key = keys::encode_private(&secret);
+        let public_key = keys::encode_public(&x25519_dalek::PublicKey::from(&secret));
+        std::fs::write(dir.path().join("private.key"), format!("{private_key}\n")).expect("write key");
+        SiteFiles { dir, public_key }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path("control.sock")
+    }
+
+    /// Writes `causeway.toml` for site `name` with the given `[[peer]]`
+    /// tables (already formatted).
+    pub fn write_config(&self, name: &str, pod_cidrs: &[&str], peers: &str) -> PathBuf {
+        let cidrs: Vec<String> = pod_cidrs.iter().map(|c| format!("{c:?}")).collect();
+        let text = format!(
+            "[site]\nname = {name:?}\nprivate_key_file = {key:?}\ninterface = \"causeway0\"\nlisten_port = {PORT}\n\
+             pod_cidrs = [{cidrs}]\ncontrol_socket = {sock:?}\n\n{peers}",
+            key = self.path("private.key"),
+            sock = self.socket(),
+            cidrs = cidrs.join(", "),
+        );
+        let path = self.path("causeway.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+}
+
+/// A `[[peer]]` table.
+pub fn peer_toml(name: &str, public_key: &str, cidrs: &[&str], endpoint: Option<SocketAddr>) -> String {
+    let cidrs: Vec<String> = cidrs.iter().map(|c| format!("{c:?}")).collect();
+    let mut s = format!("[[peer]]\nname = {name:?}\npublic_key = {public_key:?}\ncidrs = [{}]\n", cidrs.join(", "));
+    if let Some(ep) = endpoint {
+        s += &format!("endpoint = \"{ep}\"\n");
+    }
+    s + "\n"
+}
+
+/// A running `causeway up` in a gateway namespace.
+pub struct Daemon {
+    pub child: ChildGuard,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon and waits until its control socket answers.
+    pub fn start(ns: &Netns, files: &SiteFiles, config: &Path) -> Daemon {
+        let log = files.path(&format!("daemon-{}.log", now_ms()));
+        let out = std::fs::File::create(&log).expect("log file");
+        let mut cmd = ns.command(causeway_bin());
+        cmd.args(["up", "--config"]).arg(config).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(out);
+        let child = ns.spawn(&mut cmd).expect("spawn causeway");
+        let mut daemon = Daemon { child, socket: files.socket(), log };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.try_status().is_some() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.wait_timeout(Duration::from_millis(50)) {
+                panic!("causeway exited early ({status}):\n{}", self.log_text());
+            }
+        }
+        panic!("causeway did not become ready:\n{}", self.log_text());
+    }
+
+    pub fn try_status(&self) -> Option<Status> {
+        let out = std::process::Command::new(causeway_bin())
+            .args(["status", "--json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn status(&self) -> Status {
+        self.try_status().unwrap_or_else(|| panic!("no status from daemon:\n{}", self.log_text()))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, and asserts a clean exit.
+    pub fn stop(mut self) {
+        let status = self.child.stop(Duration::from_secs(5)).expect("stop daemon");
+        assert!(status.success(), "causeway exited with {status}:\n{}", self.log_text());
+    }
+
+    pub fn drops(&self, peer: &str, reason: &str) -> u64 {
+        let status = self.status();
+        let p = status.peers.iter().find(|p| p.name == peer).expect("peer in status");
+        p.drops.get(reason).copied().unwrap_or(0)
+    }
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+/// Both sites of [`two_sites`] with a daemon each, peered by static endpoints.
+pub struct Joined {
+    pub lab: Lab,
+    pub files: [SiteFiles; 2],
+    pub configs: [PathBuf; 2],
+    pub daemons: [Option<Daemon>; 2],
+}
+
+impl Joined {
+    pub fn new() -> Self {
+        Self::with_extra_peers(["", ""])
+    }
+
+    /// Like [`Joined::new`], with more `[[peer]]` tables appended to each
+    /// site's config.
+    pub fn with_extra_peers(extra: [&str; 2]) -> Self {
+        let lab = two_sites();
+        let files = [SiteFiles::new(), SiteFiles::new()];
+        let (a, b) = (lab.site("a"), lab.site("b"));
+        let cfg_a = files[0].write_config(
+            "a",
+            &["10.0.0.0/16"],
+            &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], Some(SocketAddr::new(b.wan_addr, PORT))) + extra[0]),
+        );
+        let cfg_b = files[1].write_config(
+            "b",
+            &["10.1.0.0/16"],
+            &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], Some(SocketAddr::new(a.wan_addr, PORT))) + extra[1]),
+        );
+        let da = Daemon::start(&a.gateway, &files[0], &cfg_a);
+        let db = Daemon::start(&b.gateway, &files[1], &cfg_b);
+        Joined { lab, files, configs: [cfg_a, cfg_b], daemons: [Some(da), Some(db)] }
+    }
+
+    pub fn site(&self, i: usize) -> &Site {
+        &self.lab.sites()[i]
+    }
+
+    pub fn daemon(&self, i: usize) -> &Daemon {
+        self.daemons[i].as_ref().expect("daemon running")
+    }
+
+    pub fn pod(&self, i: usize) -> (&Netns, Ipv4Addr) {
+        let pod = &self.site(i).pods[0];
+        (&pod.ns, pod.addr)
+    }
+}
+
+/// Pings until a reply comes or `within` passes.
+pub fn ping_until(ns: &Netns, dst: IpAddr, within: Duration) -> Option<Duration> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(rtt)) = ns.ping(dst, Duration::from_millis(500)) {
+            return Some(rtt);
+        }
+    }
+    None
+}
+
+/// Asserts that `from` reaches `to` over the tunnel.
+pub fn assert_ping(from: &Netns, to: IpAddr) {
+    assert!(ping_until(from, to, Duration::from_secs(10)).is_some(), "{} cannot ping {to}", from.name());
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so that corruption shows.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `len` bytes over TCP from `client` to `server` (listening on
+/// `server_addr`) and asserts that the SHA-256 of what arrived matches.
+pub fn tcp_transfer(server: &Netns, server_addr: Ipv4Addr, client: &Netns, len: usize) {
+    let port = 5001;
+    let listener = server.enter(|| TcpListener::bind((server_addr, port)).expect("bind"));
+    let data = pattern(len, len as u64);
+    let sent_digest = Sha256::digest(&data);
+    std::thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            let (mut conn, _) = listener.accept().expect("accept");
+            conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0usize;
+            loop {
+                let n = conn.read(&mut buf).expect("read");
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                total += n;
+            }
+            (total, hasher.finalize())
+        });
+        let mut conn = client.enter(|| {
+            TcpStream::connect_timeout(&SocketAddr::new(server_addr.into(), port), Duration::from_secs(10)).expect("connect")
+        });
+        conn.set_write_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        conn.write_all(&data).expect("send");
+        drop(conn);
+        let (total, digest) = receiver.join().expect("receiver");
+        assert_eq!(total, len, "byte count");
+        assert_eq!(digest, sent_digest, "SHA-256 of the transfer");
+    });
+}
+
+/// Sends `count` UDP datagrams of varied sizes and asserts every one that
+/// arrived is intact and that nearly all arrived.
+pub fn udp_exchange(server: &Netns, server_addr: Ipv4Addr, client: &Netns, count: usize) {
+    let port = 5002;
+    let rx = server.enter(|| UdpSocket::bind((server_addr, port)).expect("bind"));
+    rx.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    let tx = client.enter(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind"));
+    let datagram = |i: usize| {
+        let len = 8 + (i * 37) % 1300;
+        let mut d = pattern(len, i as u64 + 7);
+        d[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        d
+    };
+    let seen = std::thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            let mut seen = vec![false; count];
+            let mut buf = vec![0u8; 2048];
+            while let Ok(n) = rx.recv(&mut buf) {
+                let i = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")) as usize;
+                assert!(i < count, "unknown datagram {i}");
+                assert_eq!(&buf[..n], &datagram(i)[..], "datagram {i} corrupted");
+                seen[i] = true;
+                if seen.iter().all(|s| *s) {
+                    break;
+                }
+            }
+            seen
+        });
+        for i in 0..count {
+            tx.send_to(&datagram(i), (server_addr, port)).expect("send");
+            if i % 16 == 15 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        receiver.join().expect("receiver")
+    });
+    let arrived = seen.iter().filter(|s| **s).count();
+    assert!(arrived * 100 >= count * 95, "only {arrived} of {count} datagrams arrived");
+}

@@ -1,0 +1,12 @@
+#![allow(unreachable_pub)]
+//! End-to-end tests: the real `causeway` binary in real network namespaces
+//! (built by causeway-testbed). They need root; every lab is torn down when
+//! its test ends, also on failure.
+
+mod common;
+
+mod cli;
+mod garbage;
+mod interop;
+mod restart;
+mod traffic;
