@@ -8,6 +8,10 @@
 //! drops each frame with probability `loss`, queues the rest (one FIFO per
 //! direction: with one fixed delay, arrival order is due order) and writes
 //! due frames with `sendmmsg`. Idle, it does not wake up at all.
+//!
+//! Loss spares link control (ARP, IPv6 neighbour discovery): the emulated
+//! WAN is a routed path, where neither crosses, so losing them would only
+//! stall address resolution on the emulator's own link, not model a WAN.
 
 use std::collections::VecDeque;
 use std::io;
@@ -398,7 +402,7 @@ impl Emulator {
                 } else if truncated {
                     self.stats.dropped += 1;
                     self.pool.push(buf);
-                } else if self.loss > 0.0 && self.rng.gen_bool(self.loss) {
+                } else if self.loss > 0.0 && !is_link_control(&buf[..self.msgs[i].msg_len as usize]) && self.rng.gen_bool(self.loss) {
                     self.stats.lost += 1;
                     self.pool.push(buf);
                 } else {
@@ -460,5 +464,15 @@ impl Emulator {
                 self.pool.push(frame.buf);
             }
         }
+    }
+}
+
+/// ARP, or IPv6 neighbour/router discovery (ICMPv6 133–137) without
+/// extension headers: frames a routed WAN never carries.
+fn is_link_control(frame: &[u8]) -> bool {
+    match frame.get(12..14) {
+        Some([0x08, 0x06]) => true,
+        Some([0x86, 0xdd]) => frame.get(20) == Some(&58) && matches!(frame.get(54), Some(133..=137)),
+        _ => false,
     }
 }
