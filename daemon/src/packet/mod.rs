@@ -65,7 +65,7 @@
 //!   datagram can never be reassembled; the later fragments only occupy the
 //!   pod's reassembly queue until it times out (bounded by the kernel).
 //!   Fragments that overlap the TCP header (RFC 1858) are rejected by
-//!   [`parse`] as [`PacketError::TinyFragment`], and an unfragmented packet
+//!   [`parse()`] as [`PacketError::TinyFragment`], and an unfragmented packet
 //!   or first fragment must hold its whole transport header.
 //! - The reply rule looks at the packet's shape, not its destination: the
 //!   daemon must deliver inbound packets only to local pod addresses, so

@@ -23,7 +23,7 @@ pub fn max_mss(tunnel_mtu: u16, ipv6: bool) -> u16 {
 /// is one byte, every other option is kind + length); the walk stops quietly
 /// at a malformed length. Every well-formed MSS option (kind 2, length 4)
 /// is clamped. Anything that is not a TCP segment with SYN set carrying its
-/// header, or that [`parse`] rejects, is left alone.
+/// header, or that [`parse()`] rejects, is left alone.
 pub fn clamp_mss(packet: &mut [u8], max_mss: u16) -> bool {
     let Ok(summary) = parse(packet) else {
         return false;

@@ -39,7 +39,7 @@ pub mod tcp_flags {
     pub const ACK: u8 = 0x10;
 }
 
-/// The most IPv6 extension headers [`parse`] walks before giving up with
+/// The most IPv6 extension headers [`parse()`] walks before giving up with
 /// [`PacketError::TooManyExtensionHeaders`].
 pub const MAX_EXTENSION_HEADERS: usize = 8;
 
@@ -139,7 +139,7 @@ pub enum Fragment {
     Later,
 }
 
-/// What the data path needs to know about one packet, from [`parse`].
+/// What the data path needs to know about one packet, from [`parse()`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Summary {
     /// IP version.

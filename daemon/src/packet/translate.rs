@@ -129,7 +129,7 @@ impl Side {
 /// quote; every changed word is folded into the outer ICMP checksum. The
 /// quote is translated one level deep only.
 ///
-/// Errors: anything [`parse`] rejects, and
+/// Errors: anything [`parse()`] rejects, and
 /// [`PacketError::MismatchedPrefixes`] when `from` and `to` differ in family
 /// or prefix length.
 pub fn translate_dst(packet: &mut [u8], from: &IpNet, to: &IpNet) -> Result<bool, PacketError> {

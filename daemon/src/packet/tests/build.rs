@@ -121,7 +121,8 @@ impl Spec {
                 b.extend_from_slice(payload);
                 let c = pseudo_sum(self.src, self.dst, 6, b.len())
                     .add_slice(&b)
-                    .ones_complement();
+                    .ones_complement()
+                    .to_be();
                 b[16..18].copy_from_slice(&c.to_be_bytes());
                 (6, b)
             }
@@ -140,7 +141,8 @@ impl Spec {
                 if !no_checksum {
                     let c = pseudo_sum(self.src, self.dst, 17, b.len())
                         .add_slice(&b)
-                        .to_ones_complement_with_no_zero();
+                        .to_ones_complement_with_no_zero()
+                        .to_be();
                     b[6..8].copy_from_slice(&c.to_be_bytes());
                 }
                 (17, b)
@@ -163,7 +165,7 @@ impl Spec {
         } else {
             (1, Sum16BitWords::new())
         };
-        let c = sum.add_slice(&b).ones_complement();
+        let c = sum.add_slice(&b).ones_complement().to_be();
         b[2..4].copy_from_slice(&c.to_be_bytes());
         (protocol, b)
     }
@@ -254,7 +256,10 @@ pub(super) fn set_v4_checksum(p: &mut [u8]) {
     let hl = usize::from(p[0] & 0x0f) * 4;
     p[10] = 0;
     p[11] = 0;
-    let c = Sum16BitWords::new().add_slice(&p[..hl]).ones_complement();
+    let c = Sum16BitWords::new()
+        .add_slice(&p[..hl])
+        .ones_complement()
+        .to_be();
     p[10..12].copy_from_slice(&c.to_be_bytes());
 }
 
@@ -265,7 +270,12 @@ pub(super) fn fragment(packet: &[u8], unfragmentable: usize, splits: &[usize]) -
     let v6 = packet[0] >> 4 == 6;
     let payload = &packet[unfragmentable..];
     let mut bounds = vec![0];
-    bounds.extend(splits.iter().copied().filter(|s| *s > 0 && *s < payload.len()));
+    bounds.extend(
+        splits
+            .iter()
+            .copied()
+            .filter(|s| *s > 0 && *s < payload.len()),
+    );
     bounds.push(payload.len());
     bounds.dedup();
     let mut out = Vec::new();
@@ -306,7 +316,11 @@ pub(super) fn fragment(packet: &[u8], unfragmentable: usize, splits: &[usize]) -
 pub(super) fn reassemble(fragments: &[Vec<u8>], unfragmentable: usize) -> Vec<u8> {
     let v6 = fragments[0][0] >> 4 == 6;
     let mut p = fragments[0][..unfragmentable].to_vec();
-    let skip = if v6 { unfragmentable + 8 } else { unfragmentable };
+    let skip = if v6 {
+        unfragmentable + 8
+    } else {
+        unfragmentable
+    };
     if v6 {
         let next_at = if unfragmentable == 40 { 6 } else { 40 };
         p[next_at] = fragments[0][unfragmentable];
@@ -418,12 +432,14 @@ fn verify_quote(quote: &[u8]) -> Result<(), String> {
         }
     }
     // Otherwise at least the quoted IPv4 header, when it is all there.
-    if quote.first().is_some_and(|b| b >> 4 == 4) {
-        if let Ok(h) = Ipv4HeaderSlice::from_slice(quote) {
-            if h.to_header().calc_header_checksum() != h.header_checksum() {
-                return Err("quoted IPv4 header checksum".into());
-            }
+    let header = match quote.first() {
+        Some(b) if b >> 4 == 4 => Ipv4HeaderSlice::from_slice(quote).ok(),
+        _ => None,
+    };
+    match header {
+        Some(h) if h.to_header().calc_header_checksum() != h.header_checksum() => {
+            Err("quoted IPv4 header checksum".into())
         }
+        _ => Ok(()),
     }
-    Ok(())
 }

@@ -208,7 +208,10 @@ fn place(spec: &mut Spec, dir: Dir, from: &IpNet, to: &IpNet, host: u128) -> Spe
 fn check_one(dir: Dir, original: &[u8], expected: &[u8], from: &IpNet, to: &IpNet) -> Vec<u8> {
     let mut p = original.to_vec();
     assert!(run(dir, &mut p, from, to), "address not translated");
-    assert_eq!(p, expected, "translated packet differs from the full rebuild");
+    assert_eq!(
+        p, expected,
+        "translated packet differs from the full rebuild"
+    );
     let mut back = p.clone();
     assert!(run(dir, &mut back, to, from), "reverse did not translate");
     assert_eq!(back, original, "translate then reverse is not the identity");
@@ -220,7 +223,6 @@ fn check_one(dir: Dir, original: &[u8], expected: &[u8], from: &IpNet, to: &IpNe
 }
 
 fn translate_case(
-    v6: bool,
     dir: Dir,
     mut spec: Spec,
     (from, to): (IpNet, IpNet),
@@ -254,7 +256,6 @@ fn translate_case(
         assert_eq!(whole, expected);
         verify(&whole).unwrap();
     }
-    let _ = v6;
 }
 
 /// The quote the translation should leave in an ICMP error: the translated
@@ -275,9 +276,7 @@ fn expected_quote(inner: &Spec, orig: &[u8], trans: &[u8], q: usize) -> Vec<u8> 
     e
 }
 
-#[allow(clippy::too_many_arguments)]
 fn icmp_error_case(
-    v6: bool,
     dir: Dir,
     mut outer: Spec,
     mut inner: Spec,
@@ -324,63 +323,71 @@ fn icmp_error_case(
     let expected = moved_outer.build();
     let p = check_one(dir, &original, &expected, &from, &to);
     verify(&p).unwrap();
-    let _ = v6;
 }
 
 fn error_type(v6: bool) -> BoxedStrategy<(u8, u8, [u8; 4])> {
-    let types: &'static [u8] = if v6 { &[1, 2, 3, 4] } else { &[3, 4, 5, 11, 12] };
-    (proptest::sample::select(types), any::<u8>(), any::<[u8; 4]>()).boxed()
+    let types: &'static [u8] = if v6 {
+        &[1, 2, 3, 4]
+    } else {
+        &[3, 4, 5, 11, 12]
+    };
+    (
+        proptest::sample::select(types),
+        any::<u8>(),
+        any::<[u8; 4]>(),
+    )
+        .boxed()
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
 
     #[test]
     fn v4_translate_dst(spec in arb_spec(false), m in arb_prefixes(false), host: u128,
                         splits in proptest::collection::vec(any::<u16>(), 0..3)) {
-        translate_case(false, Dir::Dst, spec, m, host, splits);
+        translate_case(Dir::Dst, spec, m, host, splits);
     }
 
     #[test]
     fn v4_translate_src(spec in arb_spec(false), m in arb_prefixes(false), host: u128,
                         splits in proptest::collection::vec(any::<u16>(), 0..3)) {
-        translate_case(false, Dir::Src, spec, m, host, splits);
+        translate_case(Dir::Src, spec, m, host, splits);
     }
 
     #[test]
     fn v6_translate_dst(spec in arb_spec(true), m in arb_prefixes(true), host: u128,
                         splits in proptest::collection::vec(any::<u16>(), 0..3)) {
-        translate_case(true, Dir::Dst, spec, m, host, splits);
+        translate_case(Dir::Dst, spec, m, host, splits);
     }
 
     #[test]
     fn v6_translate_src(spec in arb_spec(true), m in arb_prefixes(true), host: u128,
                         splits in proptest::collection::vec(any::<u16>(), 0..3)) {
-        translate_case(true, Dir::Src, spec, m, host, splits);
+        translate_case(Dir::Src, spec, m, host, splits);
     }
 
     #[test]
     fn v4_icmp_error_dst(outer in arb_spec(false), inner in arb_spec(false), m in arb_prefixes(false),
                          host: u128, t in error_type(false), q in (any::<u8>(), any::<Index>())) {
-        icmp_error_case(false, Dir::Dst, outer, inner, m, host, t, q);
+        icmp_error_case(Dir::Dst, outer, inner, m, host, t, q);
     }
 
     #[test]
     fn v4_icmp_error_src(outer in arb_spec(false), inner in arb_spec(false), m in arb_prefixes(false),
                          host: u128, t in error_type(false), q in (any::<u8>(), any::<Index>())) {
-        icmp_error_case(false, Dir::Src, outer, inner, m, host, t, q);
+        icmp_error_case(Dir::Src, outer, inner, m, host, t, q);
     }
 
     #[test]
     fn v6_icmp_error_dst(outer in arb_spec(true), inner in arb_spec(true), m in arb_prefixes(true),
                          host: u128, t in error_type(true), q in (any::<u8>(), any::<Index>())) {
-        icmp_error_case(true, Dir::Dst, outer, inner, m, host, t, q);
+        icmp_error_case(Dir::Dst, outer, inner, m, host, t, q);
     }
 
     #[test]
     fn v6_icmp_error_src(outer in arb_spec(true), inner in arb_spec(true), m in arb_prefixes(true),
                          host: u128, t in error_type(true), q in (any::<u8>(), any::<Index>())) {
-        icmp_error_case(true, Dir::Src, outer, inner, m, host, t, q);
+        icmp_error_case(Dir::Src, outer, inner, m, host, t, q);
     }
 
     /// Any bytes at all: no function panics.
@@ -504,7 +511,7 @@ fn arb_options() -> impl Strategy<Value = (Vec<u8>, Option<usize>)> {
                 at
             });
             o.extend(after.concat());
-            while o.len() % 4 != 0 {
+            while o.len() & 3 != 0 {
                 o.push(0);
             }
             (o.len() <= 40).then_some((o, at))
@@ -538,8 +545,16 @@ fn exercise(data: &[u8], m4: &(IpNet, IpNet), m6: &(IpNet, IpNet), mtu: u16, mss
     let _ = too_big_reply(data, mtu, &mut small);
     if let Ok(s) = summary {
         let rules = [
-            AllowRule { cidr: m4.0, proto: Proto::Tcp, ports: Some(0..=1000) },
-            AllowRule { cidr: m6.0, proto: Proto::Udp, ports: None },
+            AllowRule {
+                cidr: m4.0,
+                proto: Proto::Tcp,
+                ports: Some(0..=1000),
+            },
+            AllowRule {
+                cidr: m6.0,
+                proto: Proto::Udp,
+                ports: None,
+            },
             AllowRule::any(IpNet::new(s.dst, 0).unwrap()),
         ];
         let _ = allowed(&rules, &s);
