@@ -3,9 +3,10 @@
 //! [`parse`] is a pure function of the text: it applies defaults and checks
 //! every rule it can without touching files or the network, and reports all
 //! problems at once. [`load`] reads the file, parses it, then loads (or
-//! creates) the private key and resolves endpoint host names, so that every
-//! mistake surfaces before any network setup. The file format is documented
-//! in `docs/config.md`.
+//! creates) the private key, resolves endpoint host names and gives every
+//! peer CIDR its view (reading and updating `<state_dir>/views.json`, see
+//! [`crate::views`]), so that every mistake surfaces before any network
+//! setup. The file format is documented in `docs/config.md`.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -19,6 +20,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::keys::{self, PublicKey, StaticSecret};
+pub use crate::packet::{AllowRule, Proto};
+use crate::views::{self, PeerCidrs, Persisted, View};
 
 /// Where the site's private key lives unless `site.private_key_file` says otherwise.
 pub const DEFAULT_PRIVATE_KEY_FILE: &str = "/var/lib/causeway/private.key";
@@ -36,6 +39,13 @@ pub const MTU_RANGE: RangeInclusive<u16> = 576..=9000;
 pub const MIN_MTU_IPV6: u16 = 1280;
 /// Longest site or peer name.
 pub const MAX_NAME_LEN: usize = 32;
+/// Where view CIDRs come from unless `site.remap_pool` says otherwise: the
+/// RFC 6598 shared address space for IPv4 and a fixed ULA /48 for IPv6
+/// ("cause" in ASCII after `fd`).
+pub const DEFAULT_REMAP_POOL: [&str; 2] = ["100.64.0.0/10", "fd63:6175:7365::/48"];
+/// Where the daemon keeps its state (the view allocations) unless
+/// `site.state_dir` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/causeway";
 
 /// The default control socket for an interface: `/run/causeway/<interface>.sock`.
 pub fn default_control_socket(interface: &str) -> PathBuf {
@@ -66,6 +76,15 @@ pub struct SiteConfig {
     pub listen_port: u16,
     /// The networks this site exports to its peers (non-empty).
     pub pod_cidrs: Vec<IpNet>,
+    /// Where view CIDRs for remapped peer CIDRs come from; no entry
+    /// overlaps another, `pod_cidrs` or `reserved_cidrs`.
+    pub remap_pool: Vec<IpNet>,
+    /// Local networks that views must never use (service CIDR, node
+    /// network, …).
+    pub reserved_cidrs: Vec<IpNet>,
+    /// Absolute path of the directory holding the daemon's state
+    /// (`views.json`).
+    pub state_dir: PathBuf,
     /// Tunnel MTU.
     pub mtu: u16,
     /// Path of the control socket used by `causeway status`.
@@ -92,6 +111,9 @@ impl fmt::Debug for SiteConfig {
             .field("interface", &self.interface)
             .field("listen_port", &self.listen_port)
             .field("pod_cidrs", &self.pod_cidrs)
+            .field("remap_pool", &self.remap_pool)
+            .field("reserved_cidrs", &self.reserved_cidrs)
+            .field("state_dir", &self.state_dir)
             .field("mtu", &self.mtu)
             .field("control_socket", &self.control_socket)
             .finish()
@@ -105,8 +127,18 @@ pub struct PeerConfig {
     pub name: String,
     /// The peer's WireGuard public key, unique.
     pub public_key: PublicKey,
-    /// The peer's own networks (non-empty).
+    /// The peer's own networks, as the peer numbers them: its real CIDRs
+    /// (non-empty, not overlapping each other; they may overlap this
+    /// site's networks and other peers').
     pub cidrs: Vec<IpNet>,
+    /// How this site sees each of [`cidrs`](Self::cidrs), index-aligned
+    /// with it. [`parse`] sets identity views (`view == real`); [`load`]
+    /// gives the real ones, remapping where needed.
+    pub views: Vec<View>,
+    /// What the peer may reach here, from `[[peer.allow]]`: a packet is let
+    /// in if it matches any rule. Empty means the default: all of the
+    /// site's `pod_cidrs`, any protocol.
+    pub allow: Vec<AllowRule>,
     /// Where to reach the peer directly, if it has a static address.
     pub endpoint: Option<Endpoint>,
     /// Keepalive interval in seconds.
@@ -214,18 +246,55 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
     )
     .unwrap_or(DEFAULT_LISTEN_PORT);
     let mtu = number(&mut p, "site.mtu", site.mtu, MTU_RANGE, "");
+    let pod_cidrs_given = site.pod_cidrs.as_ref().map_or(0, Vec::len);
     let pod_cidrs = cidrs(&mut p, "site.pod_cidrs", site.pod_cidrs);
-
-    let mut nets: Vec<Net> = pod_cidrs
-        .iter()
-        .map(|&(i, net)| Net {
-            owner: None,
-            field: format!("site.pod_cidrs[{i}]"),
-            own_ref: format!("pod_cidrs[{i}]"),
-            full_ref: format!("site.pod_cidrs[{i}]"),
-            net,
-        })
-        .collect();
+    check_own_overlaps(&mut p, "site.", "pod_cidrs", &pod_cidrs);
+    let reserved_cidrs = cidr_list(
+        &mut p,
+        "site.reserved_cidrs",
+        site.reserved_cidrs.unwrap_or_default(),
+    );
+    check_own_overlaps(&mut p, "site.", "reserved_cidrs", &reserved_cidrs);
+    let default_pool = site.remap_pool.is_none();
+    let remap_pool = cidr_list(
+        &mut p,
+        "site.remap_pool",
+        site.remap_pool
+            .unwrap_or_else(|| DEFAULT_REMAP_POOL.map(String::from).to_vec()),
+    );
+    check_own_overlaps(&mut p, "site.", "remap_pool", &remap_pool);
+    for &(i, pool) in &remap_pool {
+        let local = pod_cidrs
+            .iter()
+            .map(|&(k, net)| (format!("site.pod_cidrs[{k}]"), net))
+            .chain(
+                reserved_cidrs
+                    .iter()
+                    .map(|&(k, net)| (format!("site.reserved_cidrs[{k}]"), net)),
+            );
+        for (name, net) in local {
+            if overlaps(&pool, &net) {
+                let default = if default_pool { " (the default)" } else { "" };
+                p.add(
+                    format!("site.remap_pool[{i}]"),
+                    format!(
+                        "{pool}{default} overlaps {name} {net}; views taken from remap_pool must not collide with this site's own networks: set remap_pool to ranges this site does not use"
+                    ),
+                );
+            }
+        }
+    }
+    let state_dir = absolute_path(
+        &mut p,
+        "site.state_dir",
+        site.state_dir,
+        DEFAULT_STATE_DIR.into(),
+    );
+    // Allow rules are checked against the exported networks only when those
+    // are all valid, so that one mistake is not reported once per rule.
+    let exported: Option<Vec<IpNet>> = (pod_cidrs_given > 0 && pod_cidrs.len() == pod_cidrs_given)
+        .then(|| pod_cidrs.iter().map(|&(_, net)| net).collect());
+    let mut any_ipv6 = pod_cidrs.iter().any(|(_, net)| matches!(net, IpNet::V6(_)));
     let mut names = HashMap::new();
     let mut public_keys = HashMap::new();
     let mut peers = Vec::new();
@@ -287,25 +356,35 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
             "seconds (leave it out to send no keepalives)",
         );
         let cidrs = cidrs(&mut p, &format!("{label}: cidrs"), peer.cidrs);
-        nets.extend(cidrs.iter().map(|&(k, net)| Net {
-            owner: Some(i),
-            field: format!("{label}: cidrs[{k}]"),
-            own_ref: format!("cidrs[{k}]"),
-            full_ref: format!("{label} cidrs[{k}]"),
-            net,
-        }));
+        check_own_overlaps(&mut p, &format!("{label}: "), "cidrs", &cidrs);
+        any_ipv6 |= cidrs.iter().any(|(_, net)| matches!(net, IpNet::V6(_)));
+        let allow = peer
+            .allow
+            .into_iter()
+            .enumerate()
+            .filter_map(|(k, rule)| {
+                allow_rule(
+                    &mut p,
+                    &format!("{label}: allow[{k}]"),
+                    rule,
+                    exported.as_deref(),
+                )
+            })
+            .collect();
+        let cidrs: Vec<IpNet> = cidrs.into_iter().map(|(_, net)| net).collect();
         peers.push(PeerConfig {
             name,
             public_key: public_key.unwrap_or(PublicKey::from([0; 32])),
-            cidrs: cidrs.into_iter().map(|(_, net)| net).collect(),
+            views: cidrs.iter().copied().map(View::identity).collect(),
+            cidrs,
+            allow,
             endpoint,
             persistent_keepalive,
         });
     }
 
-    check_overlaps(&mut p, &nets);
     let mtu = mtu.unwrap_or(DEFAULT_MTU);
-    if mtu < MIN_MTU_IPV6 && nets.iter().any(|n| matches!(n.net, IpNet::V6(_))) {
+    if mtu < MIN_MTU_IPV6 && any_ipv6 {
         p.add(
             "site.mtu",
             format!(
@@ -326,6 +405,9 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
             interface,
             listen_port,
             pod_cidrs: pod_cidrs.into_iter().map(|(_, net)| net).collect(),
+            remap_pool: remap_pool.into_iter().map(|(_, net)| net).collect(),
+            reserved_cidrs: reserved_cidrs.into_iter().map(|(_, net)| net).collect(),
+            state_dir,
             mtu,
             control_socket,
         },
@@ -334,7 +416,11 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
 }
 
 /// Reads and parses the file at `path`, then loads the private key (creating
-/// the key file if it is missing) and resolves endpoint host names.
+/// the key file if it is missing), resolves endpoint host names and gives
+/// every peer CIDR its view: the views recorded in
+/// `<state_dir>/views.json` are kept while still valid, new ones are
+/// allocated from `remap_pool`, and the file is rewritten (atomically) when
+/// anything changed and the whole configuration is valid.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path)
@@ -380,11 +466,96 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         }
     }
 
-    if p.lines.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigErrors { problems: p.lines })
+    let state_file = config.site.state_dir.join(views::STATE_FILE);
+    let mut changed = None;
+    match Persisted::load(&state_file) {
+        Err(e) => p.add("site.state_dir", e),
+        Ok(persisted) => match assign_views(&config, &persisted) {
+            Ok((views, next)) => {
+                for (peer, views) in config.peers.iter_mut().zip(views) {
+                    log_view_changes(peer, &views, &persisted);
+                    peer.views = views;
+                }
+                if next != persisted {
+                    changed = Some(next);
+                }
+            }
+            Err(errors) => {
+                for e in errors {
+                    let name = config.peers.get(e.peer).map_or("", |peer| &peer.name);
+                    p.add(format!("peer[{}] {name:?}: cidrs[{}]", e.peer, e.cidr), e);
+                }
+            }
+        },
     }
+
+    if !p.lines.is_empty() {
+        return Err(ConfigErrors { problems: p.lines });
+    }
+    // Only a configuration that is valid as a whole changes the state.
+    if let Some(next) = changed {
+        next.save(&state_file)
+            .map_err(|e| ConfigErrors::one(&origin, format!("site.state_dir: {e}")))?;
+    }
+    Ok(config)
+}
+
+/// Logs the views that were not recorded yet, and louder, those that differ
+/// from the recorded ones (a recorded view that became invalid).
+fn log_view_changes(peer: &PeerConfig, views: &[View], persisted: &Persisted) {
+    let public_key = keys::encode_public(&peer.public_key);
+    for view in views {
+        let recorded = persisted
+            .views
+            .iter()
+            .find(|e| e.public_key == public_key && e.real == view.real);
+        match recorded {
+            Some(e) if e.view != view.view => tracing::warn!(
+                peer = peer.name,
+                real = %view.real,
+                old_view = %e.view,
+                view = %view.view,
+                "the recorded view CIDR is no longer usable (it collides with a local, reserved or other view CIDR, or left remap_pool); the peer is now seen elsewhere"
+            ),
+            None if view.is_remapped() => tracing::info!(
+                peer = peer.name,
+                real = %view.real,
+                view = %view.view,
+                "allocated a view CIDR"
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// The views of every peer CIDR given the recorded ones (see [`views::assign`]).
+fn assign_views(
+    config: &Config,
+    persisted: &Persisted,
+) -> Result<(Vec<Vec<View>>, Persisted), Vec<views::AssignError>> {
+    let public_keys: Vec<String> = config
+        .peers
+        .iter()
+        .map(|peer| keys::encode_public(&peer.public_key))
+        .collect();
+    let peers: Vec<PeerCidrs<'_>> = config
+        .peers
+        .iter()
+        .zip(&public_keys)
+        .map(|(peer, public_key)| PeerCidrs {
+            name: &peer.name,
+            public_key,
+            cidrs: &peer.cidrs,
+        })
+        .collect();
+    let site = &config.site;
+    views::assign(
+        &site.pod_cidrs,
+        &site.reserved_cidrs,
+        &site.remap_pool,
+        &peers,
+        persisted,
+    )
 }
 
 // The file as written. Everything is optional and loosely typed so that
@@ -406,6 +577,9 @@ struct RawSite {
     interface: Option<String>,
     listen_port: Option<i64>,
     pod_cidrs: Option<Vec<String>>,
+    remap_pool: Option<Vec<String>>,
+    reserved_cidrs: Option<Vec<String>>,
+    state_dir: Option<PathBuf>,
     mtu: Option<i64>,
     control_socket: Option<PathBuf>,
 }
@@ -418,6 +592,17 @@ struct RawPeer {
     cidrs: Option<Vec<String>>,
     endpoint: Option<String>,
     persistent_keepalive: Option<i64>,
+    #[serde(default)]
+    allow: Vec<RawAllow>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllow {
+    cidr: Option<String>,
+    proto: Option<String>,
+    // A string ("443", "8000-8080") or, for a single port, an integer.
+    ports: Option<toml::Value>,
 }
 
 struct Problems<'a> {
@@ -553,58 +738,153 @@ fn cidrs(p: &mut Problems<'_>, field: &str, value: Option<Vec<String>>) -> Vec<(
         }
         Some(list) => list,
     };
-    let mut nets = Vec::new();
-    for (i, text) in list.iter().enumerate() {
-        match text.parse::<IpNet>() {
-            Err(_) => p.add(
-                format!("{field}[{i}]"),
-                format!("{text:?} is not a valid CIDR; write address/prefix-length, e.g. \"10.1.0.0/16\""),
-            ),
-            Ok(net) if net != net.trunc() => p.add(
-                format!("{field}[{i}]"),
-                format!(
-                    "{text:?} has host bits set; did you mean \"{}\"?",
-                    net.trunc()
-                ),
-            ),
-            Ok(net) => nets.push((i, net)),
+    cidr_list(p, field, list)
+}
+
+/// A list of CIDRs that may be empty: each valid one with its index.
+fn cidr_list(p: &mut Problems<'_>, field: &str, list: Vec<String>) -> Vec<(usize, IpNet)> {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            parse_cidr(text)
+                .map_err(|why| p.add(format!("{field}[{i}]"), why))
+                .ok()
+                .map(|net| (i, net))
+        })
+        .collect()
+}
+
+/// One CIDR in canonical form; on error, what is wrong.
+fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    match text.parse::<IpNet>() {
+        Err(_) => Err(format!(
+            "{text:?} is not a valid CIDR; write address/prefix-length, e.g. \"10.1.0.0/16\""
+        )),
+        Ok(net) if net != net.trunc() => Err(format!(
+            "{text:?} has host bits set; did you mean \"{}\"?",
+            net.trunc()
+        )),
+        Ok(net) => Ok(net),
+    }
+}
+
+/// Whether two networks share an address.
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Reports every entry of one list that overlaps an earlier entry, as
+/// `{prefix}{name}[j]: … overlaps {name}[i] …`.
+fn check_own_overlaps(p: &mut Problems<'_>, prefix: &str, name: &str, list: &[(usize, IpNet)]) {
+    for (j, &(b_index, b)) in list.iter().enumerate() {
+        for &(a_index, a) in &list[..j] {
+            if overlaps(&a, &b) {
+                p.add(
+                    format!("{prefix}{name}[{b_index}]"),
+                    format!("{b} overlaps {name}[{a_index}] {a}; list each network once"),
+                );
+            }
         }
     }
-    nets
 }
 
-/// A CIDR with the names to report it under.
-struct Net {
-    /// `None` for the site, `Some(i)` for peer[i].
-    owner: Option<usize>,
-    /// As a field of the error line: `peer[1] "x": cidrs[0]`.
-    field: String,
-    /// As seen from its own list: `cidrs[0]`.
-    own_ref: String,
-    /// As seen from elsewhere: `peer[1] "x" cidrs[0]`.
-    full_ref: String,
-    net: IpNet,
-}
-
-fn check_overlaps(p: &mut Problems<'_>, nets: &[Net]) {
-    for (j, b) in nets.iter().enumerate() {
-        for a in &nets[..j] {
-            if !(a.net.contains(&b.net.network()) || b.net.contains(&a.net.network())) {
-                continue;
-            }
-            let problem = if a.owner == b.owner {
-                format!(
-                    "{} overlaps {} {}; list each network once",
-                    b.net, a.own_ref, a.net
-                )
-            } else {
-                format!(
-                    "{} overlaps {} {}; overlapping peer CIDRs need remapping, which is not supported yet",
-                    b.net, a.full_ref, a.net
-                )
-            };
-            p.add(&b.field, problem);
+/// Checks one `[[peer.allow]]` rule; `exported` is the site's `pod_cidrs`
+/// when they are all valid.
+fn allow_rule(
+    p: &mut Problems<'_>,
+    label: &str,
+    rule: RawAllow,
+    exported: Option<&[IpNet]>,
+) -> Option<AllowRule> {
+    let before = p.lines.len();
+    let cidr = match rule.cidr.as_deref().map(parse_cidr) {
+        None => {
+            p.add(
+                format!("{label}.cidr"),
+                "missing; write the local network this peer may reach, e.g. \"10.0.5.0/24\"",
+            );
+            None
         }
+        Some(Err(why)) => {
+            p.add(format!("{label}.cidr"), why);
+            None
+        }
+        Some(Ok(net)) => {
+            if exported.is_some_and(|pods| !pods.iter().any(|pod| pod.contains(&net))) {
+                p.add(
+                    format!("{label}.cidr"),
+                    format!(
+                        "{net} is not inside any of site.pod_cidrs; a peer can only reach networks this site exports: export it in pod_cidrs first"
+                    ),
+                );
+            }
+            Some(net)
+        }
+    };
+    let proto = match rule.proto.as_deref() {
+        None | Some("any") => Some(Proto::Any),
+        Some("tcp") => Some(Proto::Tcp),
+        Some("udp") => Some(Proto::Udp),
+        Some("icmp") => Some(Proto::Icmp),
+        Some(other) => {
+            p.add(
+                format!("{label}.proto"),
+                format!("{other:?} is not a protocol; use \"tcp\", \"udp\", \"icmp\" or \"any\""),
+            );
+            None
+        }
+    };
+    let ports = rule.ports.and_then(|value| {
+        let ports = parse_ports(&value)
+            .map_err(|why| p.add(format!("{label}.ports"), why))
+            .ok()?;
+        if let Some(Proto::Icmp | Proto::Any) = proto {
+            let proto = match rule.proto.as_deref() {
+                Some(proto) => format!("not to proto = {proto:?}"),
+                None => "and proto defaults to \"any\"".into(),
+            };
+            p.add(
+                format!("{label}.ports"),
+                format!(
+                    "ports apply only to TCP and UDP, {proto}; set proto = \"tcp\" or \"udp\", or leave ports out"
+                ),
+            );
+        }
+        Some(ports)
+    });
+    if p.lines.len() > before {
+        return None;
+    }
+    Some(AllowRule {
+        cidr: cidr?,
+        proto: proto?,
+        ports,
+    })
+}
+
+/// `"443"`, `443` or `"8000-8080"`, ports 1 to 65535; on error, what is wrong.
+fn parse_ports(value: &toml::Value) -> Result<RangeInclusive<u16>, String> {
+    const FORMS: &str =
+        "write a port (\"443\") or a range (\"8000-8080\") of ports from 1 to 65535";
+    let port = |text: &str| match text.trim().parse::<u16>() {
+        Ok(port @ 1..) => Ok(port),
+        _ => Err(format!("{text:?} is not a port; {FORMS}")),
+    };
+    match value {
+        toml::Value::Integer(n) => port(&n.to_string()).map(|n| n..=n),
+        toml::Value::String(text) => match text.split_once('-') {
+            None => port(text).map(|n| n..=n),
+            Some((low, high)) => {
+                let (low, high) = (port(low)?, port(high)?);
+                if low > high {
+                    return Err(format!(
+                        "{text:?} is an empty range; write the lower port first: \"{high}-{low}\""
+                    ));
+                }
+                Ok(low..=high)
+            }
+        },
+        other => Err(format!("{other} is not a port or range; {FORMS}")),
     }
 }
 
@@ -676,6 +956,9 @@ listen_port = 0
 pod_cidrs = ["10.0.0.0/16", "fd00:10::/64"]
 mtu = 1380
 control_socket = "/run/cw.sock"
+remap_pool = ["100.96.0.0/12"]
+reserved_cidrs = ["10.96.0.0/12", "192.168.0.0/24"]
+state_dir = "/srv/causeway"
 
 [[peer]]
 name = "hospital"
@@ -720,6 +1003,12 @@ endpoint = "gw.example.com:51821"
         assert_eq!(site.pod_cidrs, [net("10.0.0.0/16"), net("fd00:10::/64")]);
         assert_eq!(site.mtu, 1380);
         assert_eq!(site.control_socket, Path::new("/run/cw.sock"));
+        assert_eq!(site.remap_pool, [net("100.96.0.0/12")]);
+        assert_eq!(
+            site.reserved_cidrs,
+            [net("10.96.0.0/12"), net("192.168.0.0/24")]
+        );
+        assert_eq!(site.state_dir, Path::new("/srv/causeway"));
 
         let [hospital, lab, edge] = &config.peers[..] else {
             panic!("{:?}", config.peers)
@@ -758,6 +1047,12 @@ endpoint = "gw.example.com:51821"
         assert_eq!(site.interface, DEFAULT_INTERFACE);
         assert_eq!(site.listen_port, DEFAULT_LISTEN_PORT);
         assert_eq!(site.mtu, DEFAULT_MTU);
+        assert_eq!(
+            site.remap_pool,
+            [net("100.64.0.0/10"), net("fd63:6175:7365::/48")]
+        );
+        assert!(site.reserved_cidrs.is_empty());
+        assert_eq!(site.state_dir, Path::new(DEFAULT_STATE_DIR));
         assert_eq!(
             site.control_socket,
             Path::new("/run/causeway/causeway0.sock")
@@ -830,7 +1125,7 @@ pod_cidrs = []                    |                                   | site.pod
                                   | cidrs = ["10.1.0.0"]              | cidrs[0]: "10.1.0.0" is not a valid CIDR
 pod_cidrs = ["10.0.0.1/16"]       |                                   | site.pod_cidrs[0]: "10.0.0.1/16" has host bits set; did you mean "10.0.0.0/16"?
                                   | cidrs = ["fd00::1/64"]            | did you mean "fd00::/64"?
-                                  | cidrs = ["10.0.1.0/24"]           | peer[0] "hospital": cidrs[0]: 10.0.1.0/24 overlaps site.pod_cidrs[0] 10.0.0.0/16; overlapping peer CIDRs need remapping, which is not supported yet
+                                  | cidrs = ["10.0.1.0/24"]           |
                                   | cidrs = ["10.1.0.0/16", "10.1.2.0/24"] | cidrs[1]: 10.1.2.0/24 overlaps cidrs[0] 10.1.0.0/16; list each network once
 pod_cidrs = ["10.0.0.0/16", "10.0.0.0/16"] |                          | site.pod_cidrs[1]: 10.0.0.0/16 overlaps pod_cidrs[0] 10.0.0.0/16
                                   | -public_key                       | peer[0] "hospital": public_key: missing
@@ -863,6 +1158,40 @@ interface = "cw 0"                |                                   | not allo
 interface = ".."                  |                                   | reserved
 private_key_file = "key"          |                                   | site.private_key_file: "key" is not an absolute path
 control_socket = "s.sock"         |                                   | site.control_socket: "s.sock" is not an absolute path
+state_dir = "state"               |                                   | site.state_dir: "state" is not an absolute path
+                                  | cidrs = ["10.0.0.0/16"]           |
+                                  | cidrs = ["10.0.0.0/8", "fd00::/64"] |
+remap_pool = []                   |                                   |
+mtu = 1279                        |                                   |
+remap_pool = ["10.0.128.0/17"]    |                                   | site.remap_pool[0]: 10.0.128.0/17 overlaps site.pod_cidrs[0] 10.0.0.0/16; views taken from remap_pool must not collide
+pod_cidrs = ["100.64.0.0/16"]     |                                   | site.remap_pool[0]: 100.64.0.0/10 (the default) overlaps site.pod_cidrs[0] 100.64.0.0/16; views taken from remap_pool must not collide with this site's own networks: set remap_pool to ranges this site does not use
+reserved_cidrs = ["10.96.0.0/12"]; remap_pool = ["10.96.0.0/16"] |   | site.remap_pool[0]: 10.96.0.0/16 overlaps site.reserved_cidrs[0] 10.96.0.0/12
+remap_pool = ["100.64.0.0/10", "100.64.0.0/16"] |                     | site.remap_pool[1]: 100.64.0.0/16 overlaps remap_pool[0] 100.64.0.0/10; list each network once
+remap_pool = ["100.64.0.0/33"]    |                                   | site.remap_pool[0]: "100.64.0.0/33" is not a valid CIDR
+reserved_cidrs = ["10.96.0.0/12", "10.100.0.0/16"] |                  | site.reserved_cidrs[1]: 10.100.0.0/16 overlaps reserved_cidrs[0] 10.96.0.0/12; list each network once
+reserved_cidrs = ["10.96.0.1/12"] |                                   | site.reserved_cidrs[0]: "10.96.0.1/12" has host bits set
+reserved_cidrs = ["10.0.0.0/24"]  |                                   |
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; proto = "tcp"; ports = "443" |
+                                  | [[peer.allow]]; cidr = "10.0.0.0/16"; proto = "udp"; ports = "8000-8080" |
+                                  | [[peer.allow]]; cidr = "10.0.0.0/16"; proto = "tcp"; ports = 22 |
+                                  | [[peer.allow]]; cidr = "10.0.5.7/32"; proto = "icmp" |
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; proto = "sctp" | peer[0] "hospital": allow[0].proto: "sctp" is not a protocol; use "tcp", "udp", "icmp" or "any"
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; proto = "TCP" | allow[0].proto: "TCP" is not a protocol
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; proto = "icmp"; ports = "443" | peer[0] "hospital": allow[0].ports: ports apply only to TCP and UDP, not to proto = "icmp"; set proto = "tcp" or "udp", or leave ports out
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; proto = "any"; ports = "443" | allow[0].ports: ports apply only to TCP and UDP, not to proto = "any"
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; ports = "443" | allow[0].ports: ports apply only to TCP and UDP, and proto defaults to "any"
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; proto = "udp"; ports = "9-3" | allow[0].ports: "9-3" is an empty range; write the lower port first: "3-9"
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; proto = "udp"; ports = "0" | allow[0].ports: "0" is not a port; write a port ("443") or a range ("8000-8080") of ports from 1 to 65535
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; proto = "udp"; ports = 70000 | allow[0].ports: "70000" is not a port
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; proto = "udp"; ports = "80-" | allow[0].ports: "" is not a port
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; proto = "udp"; ports = "http" | allow[0].ports: "http" is not a port
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; proto = "udp"; ports = true | allow[0].ports: true is not a port or range
+                                  | [[peer.allow]]; cidr = "10.1.0.0/24" | peer[0] "hospital": allow[0].cidr: 10.1.0.0/24 is not inside any of site.pod_cidrs; a peer can only reach networks this site exports: export it in pod_cidrs first
+                                  | [[peer.allow]]; cidr = "10.0.0.0/8" | allow[0].cidr: 10.0.0.0/8 is not inside any of site.pod_cidrs
+                                  | [[peer.allow]]; cidr = "fd00::/64" | allow[0].cidr: fd00::/64 is not inside any of site.pod_cidrs
+                                  | [[peer.allow]]; cidr = "10.0.5.1/24" | allow[0].cidr: "10.0.5.1/24" has host bits set
+                                  | [[peer.allow]]; proto = "tcp"     | allow[0].cidr: missing; write the local network this peer may reach
+                                  | [[peer.allow]]; cidr = "10.0.5.0/24"; port = "1" | unknown field `port`, expected one of `cidr`, `proto`, `ports`
 "#;
 
     #[test]
@@ -887,6 +1216,113 @@ control_socket = "s.sock"         |                                   | site.con
                 problem.contains(expected),
                 "{text}\n{problem}\nexpected: {expected}"
             );
+        }
+    }
+
+    #[test]
+    fn allow_rules() {
+        let text = config_with(
+            "pod_cidrs = [\"10.0.0.0/16\", \"fd00:10::/64\"]",
+            r#"[[peer.allow]]
+cidr = "10.0.5.0/24"
+proto = "tcp"
+ports = "443"
+[[peer.allow]]
+cidr = "10.0.6.0/24"
+proto = "udp"
+ports = "8000-8080"
+[[peer.allow]]
+cidr = "fd00:10::/64"
+proto = "icmp"
+[[peer.allow]]
+cidr = "10.0.7.0/24""#,
+        );
+        let config = parse(&text, "causeway.toml").unwrap();
+        assert_eq!(
+            config.peers[0].allow,
+            [
+                AllowRule {
+                    cidr: net("10.0.5.0/24"),
+                    proto: Proto::Tcp,
+                    ports: Some(443..=443),
+                },
+                AllowRule {
+                    cidr: net("10.0.6.0/24"),
+                    proto: Proto::Udp,
+                    ports: Some(8000..=8080),
+                },
+                AllowRule {
+                    cidr: net("fd00:10::/64"),
+                    proto: Proto::Icmp,
+                    ports: None,
+                },
+                AllowRule::any(net("10.0.7.0/24")),
+            ]
+        );
+        // No rule: the default (everything exported), left to the data path.
+        let config = parse(&config_with("", ""), "causeway.toml").unwrap();
+        assert!(config.peers[0].allow.is_empty());
+
+        // Every bad rule is reported, each field on its own line.
+        let text = config_with(
+            "",
+            r#"[[peer.allow]]
+cidr = "10.9.0.0/24"
+proto = "icmp"
+ports = "9-3"
+[[peer.allow]]
+proto = "gre""#,
+        );
+        let err = parse(&text, "c.toml").err().unwrap();
+        let fields: Vec<&str> = err
+            .problems()
+            .iter()
+            .map(|p| p.split(": ").nth(2).unwrap_or(""))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "allow[0].cidr",
+                "allow[0].ports",
+                "allow[1].cidr",
+                "allow[1].proto"
+            ],
+            "{err}"
+        );
+
+        // With pod_cidrs broken, rules are not also blamed for it.
+        let text = config_with(
+            "pod_cidrs = [\"10.0.0.0/16\", \"bad\"]",
+            "[[peer.allow]]\ncidr = \"10.9.0.0/24\"",
+        );
+        let err = parse(&text, "c.toml").err().unwrap();
+        assert_eq!(err.problems().len(), 1, "{err}");
+    }
+
+    #[test]
+    fn overlapping_peers_are_accepted_with_identity_views_until_load() {
+        let text = keyed(
+            r#"
+[site]
+name = "pharma"
+pod_cidrs = ["10.0.0.0/16"]
+
+[[peer]]
+name = "hospital"
+public_key = "KEY_A"
+cidrs = ["10.0.0.0/16", "10.3.0.0/16"]
+
+[[peer]]
+name = "lab"
+public_key = "KEY_B"
+cidrs = ["10.0.0.0/16", "10.3.128.0/17"]
+"#,
+        );
+        let config = parse(&text, "causeway.toml").unwrap();
+        for peer in &config.peers {
+            let real: Vec<IpNet> = peer.views.iter().map(|v| v.real).collect();
+            assert_eq!(real, peer.cidrs);
+            assert!(peer.views.iter().all(|v| !v.is_remapped()));
         }
     }
 
@@ -935,8 +1371,6 @@ cidrs = ["10.3.128.0/17"]
             [
                 "causeway.toml: peer[1] \"hospital\": name: \"hospital\" is already used by peer[0]; peer names must be unique",
                 "causeway.toml: peer[1] \"hospital\": public_key: same key as peer[0] \"hospital\"; each peer has its own key",
-                "causeway.toml: peer[1] \"hospital\": cidrs[0]: 10.1.0.0/16 overlaps peer[0] \"hospital\" cidrs[0] 10.1.0.0/16; overlapping peer CIDRs need remapping, which is not supported yet",
-                "causeway.toml: peer[2] \"lab\": cidrs[0]: 10.3.128.0/17 overlaps peer[1] \"hospital\" cidrs[1] 10.3.0.0/16; overlapping peer CIDRs need remapping, which is not supported yet",
             ]
         );
     }
@@ -1008,12 +1442,60 @@ persistent_keepalive = 0
             assert_eq!(port, Some(other.site.listen_port));
         }
         assert_ne!(a.peers[0].public_key, b.peers[0].public_key);
+        assert_eq!(a.peers[0].allow.len(), 3);
+        assert!(b.peers[0].allow.is_empty());
+    }
+
+    #[test]
+    fn shared_network_example_gets_the_views_it_describes() {
+        let text = include_str!("../../examples/shared-network.toml");
+        let config = parse(text, "shared-network.toml").unwrap();
+        let site = &config.site;
+        let public_keys: Vec<String> = config
+            .peers
+            .iter()
+            .map(|p| keys::encode_public(&p.public_key))
+            .collect();
+        let peers: Vec<PeerCidrs<'_>> = config
+            .peers
+            .iter()
+            .zip(&public_keys)
+            .map(|(p, public_key)| PeerCidrs {
+                name: &p.name,
+                public_key,
+                cidrs: &p.cidrs,
+            })
+            .collect();
+        let (views, _) = views::assign(
+            &site.pod_cidrs,
+            &site.reserved_cidrs,
+            &site.remap_pool,
+            &peers,
+            &Persisted::default(),
+        )
+        .unwrap();
+        let shown: Vec<Vec<String>> = views
+            .iter()
+            .map(|v| v.iter().map(|v| v.to_string()).collect())
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                vec!["10.0.0.0/16 seen as 100.96.0.0/16"],
+                vec![
+                    "10.0.0.0/16 seen as 100.97.0.0/16",
+                    "fd00:10::/64 seen as fd63:6175:7365::/64"
+                ],
+            ]
+        );
+        assert_eq!(config.peers[1].allow.len(), 4);
     }
 
     fn write_config(dir: &Path, key_file: &Path, peer: &str) -> PathBuf {
         let text = format!(
-            "[site]\nname = \"pharma\"\nprivate_key_file = {:?}\npod_cidrs = [\"10.0.0.0/16\"]\n\n[[peer]]\n{peer}\ncidrs = [\"10.1.0.0/16\"]\n",
-            key_file.display().to_string()
+            "[site]\nname = \"pharma\"\nprivate_key_file = {:?}\nstate_dir = {:?}\npod_cidrs = [\"10.0.0.0/16\"]\n\n[[peer]]\n{peer}\ncidrs = [\"10.1.0.0/16\"]\n",
+            key_file.display().to_string(),
+            dir.join("state").display().to_string(),
         );
         let path = dir.join("causeway.toml");
         std::fs::write(&path, keyed(&text)).unwrap();
@@ -1104,6 +1586,129 @@ persistent_keepalive = 0
             )),
             "{err}"
         );
+    }
+
+    /// A site with state in `dir`, sharing 10.0.0.0/16 with two of its
+    /// peers, listed in the given order.
+    fn write_remapped(dir: &Path, extra_site: &str, order: &[usize]) -> PathBuf {
+        let peers = [
+            "[[peer]]\nname = \"hospital\"\npublic_key = \"KEY_A\"\ncidrs = [\"10.0.0.0/16\", \"10.1.0.0/16\"]\n",
+            "[[peer]]\nname = \"lab\"\npublic_key = \"KEY_B\"\ncidrs = [\"10.0.0.0/16\", \"fd00:10::/64\"]\n",
+            "[[peer]]\nname = \"edge\"\npublic_key = \"KEY_C\"\ncidrs = [\"10.1.0.0/16\"]\n",
+        ];
+        let mut text = format!(
+            "[site]\nname = \"pharma\"\nprivate_key_file = {:?}\nstate_dir = {:?}\npod_cidrs = [\"10.0.0.0/16\", \"fd00:10::/64\"]\n{extra_site}\n",
+            dir.join("private.key").display().to_string(),
+            dir.join("state").display().to_string(),
+        );
+        for &i in order {
+            text.push_str(peers[i]);
+        }
+        let path = dir.join("causeway.toml");
+        std::fs::write(&path, keyed(&text)).unwrap();
+        path
+    }
+
+    fn views_by_peer(config: &Config) -> Vec<(String, Vec<View>)> {
+        let mut views: Vec<_> = config
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.views.clone()))
+            .collect();
+        views.sort_by(|a, b| a.0.cmp(&b.0));
+        views
+    }
+
+    #[test]
+    fn load_gives_views_and_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_file = dir.path().join("state/views.json");
+        let path = write_remapped(dir.path(), "", &[0, 1]);
+        let config = load(&path).unwrap();
+        let shown: Vec<Vec<String>> = config
+            .peers
+            .iter()
+            .map(|p| p.views.iter().map(|v| v.to_string()).collect())
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                vec!["10.0.0.0/16 seen as 100.64.0.0/16", "10.1.0.0/16"],
+                vec![
+                    "10.0.0.0/16 seen as 100.65.0.0/16",
+                    "fd00:10::/64 seen as fd63:6175:7365::/64"
+                ],
+            ]
+        );
+        let written = std::fs::read_to_string(&state_file).unwrap();
+        assert_eq!(
+            Persisted::from_json(&written).unwrap().views.len(),
+            4,
+            "{written}"
+        );
+        let mode = std::fs::metadata(dir.path().join("state"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+
+        // Reloading gives the same views and leaves the file as it was.
+        let again = load(&path).unwrap();
+        assert_eq!(views_by_peer(&again), views_by_peer(&config));
+        assert_eq!(std::fs::read_to_string(&state_file).unwrap(), written);
+
+        // So does listing the peers the other way round, and adding a peer
+        // (that overlaps hospital's identity view) before both.
+        let path = write_remapped(dir.path(), "", &[2, 1, 0]);
+        let grown = load(&path).unwrap();
+        let mut expected = views_by_peer(&config);
+        expected.insert(
+            0,
+            (
+                "edge".into(),
+                vec![View {
+                    real: net("10.1.0.0/16"),
+                    view: net("100.66.0.0/16"),
+                }],
+            ),
+        );
+        assert_eq!(views_by_peer(&grown), expected);
+
+        // Removing a peer drops its entries from the file.
+        let path = write_remapped(dir.path(), "", &[1]);
+        load(&path).unwrap();
+        let state = Persisted::from_json(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+        assert!(state.views.iter().all(|e| e.peer == "lab"), "{state:?}");
+        assert_eq!(state.views.len(), 2);
+    }
+
+    #[test]
+    fn load_reports_views_it_cannot_give() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_remapped(dir.path(), "remap_pool = [\"100.64.0.0/16\"]", &[0, 1]);
+        let err = load(&path).err().unwrap();
+        let origin = path.display().to_string();
+        assert_eq!(
+            err.problems(),
+            [
+                format!(
+                    "{origin}: peer[1] \"lab\": cidrs[0]: 10.0.0.0/16 overlaps site.pod_cidrs[0] 10.0.0.0/16, so it needs a view from site.remap_pool, but its IPv4 CIDRs have no free /16 left; add another IPv4 CIDR to remap_pool"
+                ),
+                format!(
+                    "{origin}: peer[1] \"lab\": cidrs[1]: fd00:10::/64 overlaps site.pod_cidrs[1] fd00:10::/64, so it needs a view from site.remap_pool, but remap_pool has no IPv6 CIDR; add one, e.g. \"fd63:6175:7365::/48\""
+                ),
+            ]
+        );
+        // A failed load changes no state.
+        assert!(!dir.path().join("state/views.json").exists());
+
+        // A damaged state file is reported, not silently replaced.
+        let path = write_remapped(dir.path(), "", &[0, 1]);
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        std::fs::write(dir.path().join("state/views.json"), "{").unwrap();
+        let err = load(&path).err().unwrap().to_string();
+        assert!(err.contains(": site.state_dir: "), "{err}");
+        assert!(err.contains("is not a valid views file"), "{err}");
     }
 
     #[test]
