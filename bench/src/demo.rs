@@ -1,6 +1,6 @@
 //! The lab demo: two sites, two daemons, traffic, teardown.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use causeway_testbed::{ChildGuard, Lab, LabSpec, Netns, Site, SiteSpec};
+use ipnet::Ipv4Net;
 
 const PORT: u16 = 51820;
+/// Both sites use the same pod CIDR, as most clusters do.
+const POD_CIDR: &str = "10.0.0.0/16";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -45,14 +48,14 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32) -> anyhow::Result<()>
     let t = Instant::now();
     let lab = Lab::build(&LabSpec {
         sites: vec![
-            SiteSpec::new("pharma", vec!["10.0.0.0/16".parse()?]),
-            SiteSpec::new("hospital", vec!["10.1.0.0/16".parse()?]),
+            SiteSpec::new("pharma", vec![POD_CIDR.parse()?]),
+            SiteSpec::new("hospital", vec![POD_CIDR.parse()?]),
         ],
     })
     .context("building the lab (are you root?)")?;
     let (pharma, hospital) = (lab.site("pharma"), lab.site("hospital"));
     println!(
-        "lab     two sites in network namespaces ({} ms): pharma 10.0.0.0/16 at {}, hospital 10.1.0.0/16 at {}",
+        "lab     two sites in network namespaces ({} ms), both with pods in {POD_CIDR}: pharma at {}, hospital at {}",
         t.elapsed().as_millis(),
         pharma.wan_addr,
         hospital.wan_addr
@@ -60,27 +63,35 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32) -> anyhow::Result<()>
 
     let mut runs = [new_site(&bin)?, new_site(&bin)?];
     let t = Instant::now();
-    for (i, (site, peer, peer_cidr)) in [(pharma, hospital, "10.1.0.0/16"), (hospital, pharma, "10.0.0.0/16")].into_iter().enumerate() {
-        let config = write_config(&runs[i], site, &runs[1 - i].public_key, &peer.name, peer_cidr, SocketAddr::new(peer.wan_addr, PORT))?;
+    for (i, (site, peer)) in [(pharma, hospital), (hospital, pharma)].into_iter().enumerate() {
+        let config = write_config(&runs[i], site, &runs[1 - i].public_key, &peer.name, SocketAddr::new(peer.wan_addr, PORT))?;
         runs[i].daemon = Some(start_daemon(&bin, site, &runs[i], &config)?);
     }
     println!("daemons causeway up on both gateways, ready in {} ms", t.elapsed().as_millis());
 
+    // Both sites number their pods alike, so each sees the other through a
+    // view CIDR that its daemon allocated (and shows in its status).
+    let hospital_view = view_of(&bin, &runs[0], "hospital")?;
+    let pharma_view = view_of(&bin, &runs[1], "pharma")?;
+    println!("views   pharma sees hospital's {POD_CIDR} as {hospital_view}; hospital sees pharma's as {pharma_view}");
     let (pod_a, pod_b) = (&pharma.pods[0], &hospital.pods[0]);
+    let (b_from_a, a_from_b) = (through(pod_b.addr, hospital_view)?, through(pod_a.addr, pharma_view)?);
     let t = Instant::now();
-    let rtt = ping_until(&pod_a.ns, pod_b.addr.into(), Duration::from_secs(5))?;
+    let rtt = ping_until(&pod_a.ns, b_from_a.into(), Duration::from_secs(5))?;
     println!(
-        "ping    pharma pod {} -> hospital pod {}: first reply after {} ms (handshake included), rtt {:.2} ms",
+        "ping    pharma pod {} -> hospital pod {} (its own address: {}): first reply after {} ms (handshake included), rtt {:.2} ms",
         pod_a.addr,
+        b_from_a,
         pod_b.addr,
         t.elapsed().as_millis(),
         rtt.as_secs_f64() * 1e3
     );
-    let rtt = ping_until(&pod_b.ns, pod_a.addr.into(), Duration::from_secs(5))?;
-    println!("ping    hospital pod {} -> pharma pod {}: rtt {:.2} ms", pod_b.addr, pod_a.addr, rtt.as_secs_f64() * 1e3);
+    let rtt = ping_until(&pod_b.ns, a_from_b.into(), Duration::from_secs(5))?;
+    println!("ping    hospital pod {} -> pharma pod {} (its own address: {}): rtt {:.2} ms", pod_b.addr, a_from_b, pod_a.addr, rtt.as_secs_f64() * 1e3);
     check_interrupt()?;
 
-    let gbps = iperf3(&pod_b.ns, &pod_a.ns, &pod_b.addr.to_string(), seconds)?;
+    let _server = pod_b.ns.spawn(pod_b.ns.command("iperf3").args(["-s", "-1", "-B", &pod_b.addr.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()))?;
+    let gbps = iperf3(&pod_a.ns, &b_from_a.to_string(), seconds)?;
     println!("tcp     pharma pod -> hospital pod: {gbps:.2} Gbit/s over {seconds} s (iperf3, one stream, through the tunnel)");
     check_interrupt()?;
 
@@ -115,12 +126,11 @@ fn new_site(bin: &Path) -> anyhow::Result<SiteRun> {
     Ok(SiteRun { dir, public_key, daemon: None })
 }
 
-fn write_config(run: &SiteRun, site: &Site, peer_key: &str, peer_name: &str, peer_cidr: &str, endpoint: SocketAddr) -> anyhow::Result<PathBuf> {
+fn write_config(run: &SiteRun, site: &Site, peer_key: &str, peer_name: &str, endpoint: SocketAddr) -> anyhow::Result<PathBuf> {
     let dir = run.dir.path();
-    let pod_cidr = if site.name == "pharma" { "10.0.0.0/16" } else { "10.1.0.0/16" };
     let text = format!(
-        "[site]\nname = {name:?}\nprivate_key_file = {key:?}\npod_cidrs = [{pod_cidr:?}]\ncontrol_socket = {sock:?}\n\n\
-         [[peer]]\nname = {peer_name:?}\npublic_key = {peer_key:?}\ncidrs = [{peer_cidr:?}]\nendpoint = \"{endpoint}\"\n",
+        "[site]\nname = {name:?}\nprivate_key_file = {key:?}\npod_cidrs = [{POD_CIDR:?}]\ncontrol_socket = {sock:?}\nstate_dir = {dir:?}\n\n\
+         [[peer]]\nname = {peer_name:?}\npublic_key = {peer_key:?}\ncidrs = [{POD_CIDR:?}]\nendpoint = \"{endpoint}\"\n",
         name = site.name,
         key = dir.join("private.key"),
         sock = dir.join("control.sock"),
@@ -160,9 +170,26 @@ fn ping_until(ns: &Netns, dst: std::net::IpAddr, within: Duration) -> anyhow::Re
     bail!("{dst} did not answer from {}", ns.name())
 }
 
-/// Runs iperf3 from `client` to a server in `server`; returns Gbit/s received.
-fn iperf3(server: &Netns, client: &Netns, server_addr: &str, seconds: u32) -> anyhow::Result<f64> {
-    let _server = server.spawn(server.command("iperf3").args(["-s", "-1", "-B", server_addr]).stdout(Stdio::null()).stderr(Stdio::null()))?;
+/// The view CIDR a site's daemon gave its peer's pod CIDR.
+fn view_of(bin: &Path, run: &SiteRun, peer: &str) -> anyhow::Result<Ipv4Net> {
+    let out = Command::new(bin).args(["status", "--json", "--socket"]).arg(run.dir.path().join("control.sock")).output()?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).context("causeway status --json")?;
+    let peers = status["peers"].as_array().context("status has no peers")?;
+    let p = peers.iter().find(|p| p["name"] == peer).context("peer missing from status")?;
+    let view = p["views"][0]["view"].as_str().context("peer has no view")?;
+    Ok(view.parse()?)
+}
+
+/// `addr` of a site's pod as the other site sees it through `view`.
+fn through(addr: Ipv4Addr, view: Ipv4Net) -> anyhow::Result<Ipv4Addr> {
+    let real: Ipv4Net = POD_CIDR.parse()?;
+    let host = u32::from(addr) & !u32::from(real.netmask());
+    Ok(Ipv4Addr::from(u32::from(view.network()) | host))
+}
+
+/// Runs iperf3 from `client` to the server already listening at
+/// `server_addr`; returns Gbit/s received.
+fn iperf3(client: &Netns, server_addr: &str, seconds: u32) -> anyhow::Result<f64> {
     std::thread::sleep(Duration::from_millis(300));
     let out = client
         .command("iperf3")

@@ -44,8 +44,11 @@ pub struct PeerStatus {
     pub public_key: String,
     /// Where its packets go now (`null` until known).
     pub endpoint: Option<String>,
-    /// The networks it owns.
+    /// The networks it owns (its real CIDRs).
     pub cidrs: Vec<String>,
+    /// How this site sees each of them: local pods reach the peer's
+    /// `real` network at `view` (the same when no remapping was needed).
+    pub views: Vec<ViewStatus>,
     /// Seconds since the last completed handshake (`null`: never).
     pub last_handshake_secs: Option<f64>,
     /// Inner packets sent to the peer.
@@ -58,6 +61,15 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     /// Dropped packets by reason.
     pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+/// One real CIDR of a peer and the view this site gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewStatus {
+    /// The peer's own network.
+    pub real: String,
+    /// Where local pods reach it.
+    pub view: String,
 }
 
 impl Status {
@@ -84,6 +96,11 @@ impl Status {
                         public_key: keys::encode_public(&p.public_key),
                         endpoint: endpoint.map(|e| e.to_string()),
                         cidrs: p.cidrs.iter().map(|c| c.to_string()).collect(),
+                        views: p
+                            .views
+                            .iter()
+                            .map(|m| ViewStatus { real: m.real().to_string(), view: m.view().to_string() })
+                            .collect(),
                         last_handshake_secs: handshake.map(|d| d.as_secs_f64()),
                         tx_packets: p.counters.tx_packets.load(Relaxed),
                         tx_bytes: p.counters.tx_bytes.load(Relaxed),
@@ -107,7 +124,12 @@ impl Status {
         for p in &self.peers {
             let _ = writeln!(s, "peer {} ({})", p.name, p.public_key);
             let _ = writeln!(s, "  endpoint:  {}", p.endpoint.as_deref().unwrap_or("(unknown)"));
-            let _ = writeln!(s, "  cidrs:     {}", p.cidrs.join(", "));
+            let views: Vec<String> = p
+                .views
+                .iter()
+                .map(|v| if v.real == v.view { v.real.clone() } else { format!("{} (seen here as {})", v.real, v.view) })
+                .collect();
+            let _ = writeln!(s, "  cidrs:     {}", views.join(", "));
             let hs = p.last_handshake_secs.map_or("never".to_owned(), |t| format!("{t:.1} s ago"));
             let _ = writeln!(s, "  handshake: {hs}");
             let _ = writeln!(s, "  sent:      {} packets, {} bytes", p.tx_packets, p.tx_bytes);

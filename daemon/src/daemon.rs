@@ -40,8 +40,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
 
     let rate_limiter = Ctx::rate_limiter(&x25519_dalek::PublicKey::from(&private_key));
-    let peers = Peers::new(&config.peers, &private_key, &rate_limiter);
-    let ctx = Arc::new(Ctx::new(tun, udp, peers, private_key, rate_limiter, site.mtu));
+    let peers = Peers::new(&config.peers, &private_key, &rate_limiter, &site.pod_cidrs);
+    let ctx = Arc::new(Ctx::new(tun, udp, peers, private_key, rate_limiter, site.mtu, site.pod_cidrs.clone()));
 
     let served = serve(&config, &netlink, &link, &ctx, listen_port, shutdown).await;
     let removed = teardown(&netlink, &link, &ctx).await;
@@ -58,7 +58,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let site = &config.site;
     netlink.ensure_link_up(link, u32::from(site.mtu)).await?;
-    let changes = netlink.reconcile_routes(link, &ctx.peers.all_cidrs()).await?;
+    let changes = netlink.reconcile_routes(link, &ctx.peers.all_views()).await?;
     if !changes.removed.is_empty() {
         info!(removed = ?changes.removed, "removed stale routes of a previous run");
     }
@@ -93,7 +93,7 @@ async fn serve(
 /// TUN exists.
 async fn teardown(netlink: &Netlink, link: &Link, ctx: &Ctx) -> anyhow::Result<()> {
     let mut result = Ok(());
-    for dst in ctx.peers.all_cidrs() {
+    for dst in ctx.peers.all_views() {
         if let Err(e) = netlink.remove_route(link, dst).await {
             warn!("{e}");
             result = Err(e.into());

@@ -12,3 +12,4 @@ mod datapath;
 pub mod keys;
 pub mod packet;
 pub mod peer;
+pub mod views;

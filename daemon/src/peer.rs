@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::config::PeerConfig;
+use crate::packet::{AllowRule, DenyReason, Mapping};
 
 /// Why a packet was dropped. The names are the ones `causeway status` and
 /// the logs use.
@@ -33,11 +34,22 @@ pub enum DropReason {
     UnknownPeer,
     /// The kernel refused to take the packet (TUN or socket full).
     IoError,
+    /// A packet from the TUN larger than the tunnel MTU; the sender got an
+    /// ICMP "fragmentation needed" / "packet too big" back when allowed.
+    TooBig,
+    /// A packet from a peer to an address this site does not export.
+    NotExported,
+    /// Allow-list: no rule covers the destination.
+    PolicyNoRule,
+    /// Allow-list: a rule covers the destination, not the protocol.
+    PolicyProtocol,
+    /// Allow-list: a rule covers destination and protocol, not the port.
+    PolicyPort,
 }
 
 impl DropReason {
     /// Every reason, in the order status prints them.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 12] = [
         Self::SpoofedSource,
         Self::NoEndpoint,
         Self::Rejected,
@@ -45,6 +57,11 @@ impl DropReason {
         Self::Malformed,
         Self::UnknownPeer,
         Self::IoError,
+        Self::TooBig,
+        Self::NotExported,
+        Self::PolicyNoRule,
+        Self::PolicyProtocol,
+        Self::PolicyPort,
     ];
 
     /// The snake_case name used in status output and logs.
@@ -57,6 +74,20 @@ impl DropReason {
             Self::Malformed => "malformed",
             Self::UnknownPeer => "unknown_peer",
             Self::IoError => "io_error",
+            Self::TooBig => "too_big",
+            Self::NotExported => "not_exported",
+            Self::PolicyNoRule => "policy_no_rule",
+            Self::PolicyProtocol => "policy_protocol",
+            Self::PolicyPort => "policy_port",
+        }
+    }
+
+    /// The drop reason for an allow-list denial.
+    pub fn from_deny(reason: DenyReason) -> Self {
+        match reason {
+            DenyReason::NoRuleMatched => Self::PolicyNoRule,
+            DenyReason::ProtocolNotAllowed => Self::PolicyProtocol,
+            DenyReason::PortNotAllowed => Self::PolicyPort,
         }
     }
 }
@@ -108,20 +139,27 @@ pub struct Peer {
     pub name: String,
     /// Its WireGuard public key.
     pub public_key: PublicKey,
-    /// The inner networks it owns (and may send from).
+    /// The inner networks it owns (and may send from): its real CIDRs.
     pub cidrs: Vec<IpNet>,
+    /// How this site sees each real CIDR (index-aligned with `cidrs`).
+    pub views: Vec<Mapping>,
+    /// What it may reach here (never empty: the default is every local pod
+    /// CIDR, any protocol).
+    pub allow: Vec<AllowRule>,
     /// Its counters.
     pub counters: Counters,
     state: Mutex<PeerState>,
 }
 
 impl Peer {
-    /// Makes the peer with WireGuard session index `index`.
+    /// Makes the peer with WireGuard session index `index`; `pod_cidrs` are
+    /// the local site's, the default allow-list.
     pub fn new(
         config: &PeerConfig,
         index: u32,
         private_key: &StaticSecret,
         rate_limiter: &Arc<RateLimiter>,
+        pod_cidrs: &[IpNet],
     ) -> Self {
         let tunn = Tunn::new(
             private_key.clone(),
@@ -135,6 +173,23 @@ impl Peer {
             name: config.name.clone(),
             public_key: config.public_key,
             cidrs: config.cidrs.clone(),
+            views: config
+                .cidrs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &real)| {
+                    let view = config.views.get(i).map_or(real, |v| v.view);
+                    // The config layer only makes same-family, same-length
+                    // views; anything else degrades to identity, which
+                    // cannot fail.
+                    Mapping::new(real, view).or_else(|_| Mapping::new(real, real)).ok()
+                })
+                .collect(),
+            allow: if config.allow.is_empty() {
+                pod_cidrs.iter().map(|&c| AllowRule::any(c)).collect()
+            } else {
+                config.allow.clone()
+            },
             counters: Counters::default(),
             state: Mutex::new(PeerState {
                 tunn,
@@ -149,9 +204,10 @@ impl Peer {
         self.state.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Whether `addr` is inside one of the peer's CIDRs.
-    pub fn owns(&self, addr: IpAddr) -> bool {
-        self.cidrs.iter().any(|c| c.contains(&addr))
+    /// The view of the peer's real CIDR that contains `addr`, if `addr` is
+    /// the peer's at all.
+    pub fn view_of_source(&self, addr: IpAddr) -> Option<&Mapping> {
+        self.views.iter().find(|m| m.real().contains(&addr))
     }
 
     /// Time since the last completed handshake, if any.
@@ -163,31 +219,37 @@ impl Peer {
 /// All peers, with the lookups the data path needs.
 pub struct Peers {
     peers: Vec<Peer>,
-    /// (cidr, peer index), longest prefix first.
-    routes: Vec<(IpNet, usize)>,
+    /// (view cidr, peer index, view index), longest prefix first.
+    routes: Vec<(IpNet, usize, usize)>,
 }
 
 impl Peers {
     /// Builds the table. Peer `i` gets WireGuard index `i`, so the index in
     /// a received packet's receiver field (shifted right by 8) finds it.
-    pub fn new(configs: &[PeerConfig], private_key: &StaticSecret, rate_limiter: &Arc<RateLimiter>) -> Self {
+    pub fn new(
+        configs: &[PeerConfig],
+        private_key: &StaticSecret,
+        rate_limiter: &Arc<RateLimiter>,
+        pod_cidrs: &[IpNet],
+    ) -> Self {
         let peers: Vec<Peer> = configs
             .iter()
             .enumerate()
-            .map(|(i, c)| Peer::new(c, i as u32, private_key, rate_limiter))
+            .map(|(i, c)| Peer::new(c, i as u32, private_key, rate_limiter, pod_cidrs))
             .collect();
-        let mut routes: Vec<(IpNet, usize)> = peers
+        let mut routes: Vec<(IpNet, usize, usize)> = peers
             .iter()
             .enumerate()
-            .flat_map(|(i, p)| p.cidrs.iter().map(move |c| (*c, i)))
+            .flat_map(|(i, p)| p.views.iter().enumerate().map(move |(k, m)| (*m.view(), i, k)))
             .collect();
-        routes.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        routes.sort_by_key(|(net, _, _)| std::cmp::Reverse(net.prefix_len()));
         Peers { peers, routes }
     }
 
-    /// The peer owning destination `addr` (longest prefix match).
-    pub fn route(&self, addr: IpAddr) -> Option<usize> {
-        self.routes.iter().find(|(net, _)| net.contains(&addr)).map(|&(_, i)| i)
+    /// The peer, and which of its views, that local destination `addr`
+    /// (a view address) belongs to: longest prefix match.
+    pub fn route(&self, addr: IpAddr) -> Option<(usize, usize)> {
+        self.routes.iter().find(|(net, _, _)| net.contains(&addr)).map(|&(_, i, k)| (i, k))
     }
 
     /// The peer with this public key.
@@ -212,8 +274,8 @@ impl Peers {
         self.peers.iter()
     }
 
-    /// Every CIDR of every peer: the routes the TUN needs.
-    pub fn all_cidrs(&self) -> Vec<IpNet> {
-        self.peers.iter().flat_map(|p| p.cidrs.iter().copied()).collect()
+    /// Every view CIDR of every peer: the routes the TUN needs.
+    pub fn all_views(&self) -> Vec<IpNet> {
+        self.peers.iter().flat_map(|p| p.views.iter().map(|m| *m.view())).collect()
     }
 }

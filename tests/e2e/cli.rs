@@ -36,7 +36,8 @@ fn a_bad_config_is_refused_with_every_problem_and_nothing_changes() {
     let text = format!(
         "[site]\nname = \"a\"\nprivate_key_file = {key:?}\npod_cidrs = [\"10.0.0.0/33\"]\ncontrol_socket = {sock:?}\ncolour = \"blue\"\n\n\
          [[peer]]\nname = \"b\"\npublic_key = \"not-a-key\"\ncidrs = [\"10.1.0.0/16\"]\n\n\
-         [[peer]]\nname = \"b\"\npublic_key = {pk:?}\ncidrs = [\"10.1.2.0/24\"]\n",
+         [[peer]]\nname = \"b\"\npublic_key = {pk:?}\ncidrs = [\"10.1.2.0/24\"]\n\n\
+         [[peer.allow]]\ncidr = \"10.0.5.0/24\"\nproto = \"sctp\"\n",
         key = files.path("private.key"),
         sock = files.socket(),
         pk = files.public_key,
@@ -58,7 +59,7 @@ fn a_bad_config_is_refused_with_every_problem_and_nothing_changes() {
     let out = gw.command(causeway_bin()).args(["up", "--config"]).arg(&path).output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    for needle in ["10.0.0.0/33", "public_key", "already used", "overlaps"] {
+    for needle in ["10.0.0.0/33", "public_key", "already used", "sctp"] {
         assert!(stderr.to_lowercase().contains(needle), "{needle:?} not reported:\n{stderr}");
     }
     assert_eq!(gw.ip(&["-o", "link"]).expect("links"), links_before, "the network changed");

@@ -20,13 +20,7 @@ pub fn causeway_bin() -> &'static str {
 
 /// A two-site lab: `a` exports 10.0.0.0/16, `b` exports 10.1.0.0/16.
 pub fn two_sites() -> Lab {
-    let site = |name: &str, cidr: &str| SiteSpec {
-        name: name.into(),
-        pod_cidrs: vec![cidr.parse().expect("cidr")],
-        pods: 1,
-        nat: None,
-        wan: Default::default(),
-    };
+    let site = |name: &str, cidr: &str| SiteSpec::new(name, vec![cidr.parse().expect("cidr")]);
     Lab::build(&LabSpec { sites: vec![site("a", "10.0.0.0/16"), site("b", "10.1.0.0/16")] }).expect("build lab")
 }
 
@@ -60,9 +54,10 @@ impl SiteFiles {
         let cidrs: Vec<String> = pod_cidrs.iter().map(|c| format!("{c:?}")).collect();
         let text = format!(
             "[site]\nname = {name:?}\nprivate_key_file = {key:?}\ninterface = \"causeway0\"\nlisten_port = {PORT}\n\
-             pod_cidrs = [{cidrs}]\ncontrol_socket = {sock:?}\n\n{peers}",
+             pod_cidrs = [{cidrs}]\ncontrol_socket = {sock:?}\nstate_dir = {state:?}\n\n{peers}",
             key = self.path("private.key"),
             sock = self.socket(),
+            state = self.dir.path(),
             cidrs = cidrs.join(", "),
         );
         let path = self.path("causeway.toml");
@@ -151,38 +146,77 @@ fn now_ms() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
 }
 
-/// Both sites of [`two_sites`] with a daemon each, peered by static endpoints.
-pub struct Joined {
-    pub lab: Lab,
-    pub files: [SiteFiles; 2],
-    pub configs: [PathBuf; 2],
-    pub daemons: [Option<Daemon>; 2],
+/// One site of a [`Mesh`].
+pub struct SiteDef<'a> {
+    pub name: &'a str,
+    pub pod_cidrs: &'a [&'a str],
+    /// `[[peer.allow]]` tables to put under the named peer's `[[peer]]`.
+    pub allow: &'a [(&'a str, &'a str)],
+    /// Appended to the config (more `[[peer]]` tables).
+    pub extra: &'a str,
 }
 
-impl Joined {
+impl<'a> SiteDef<'a> {
+    pub fn new(name: &'a str, pod_cidrs: &'a [&'a str]) -> Self {
+        SiteDef { name, pod_cidrs, allow: &[], extra: "" }
+    }
+}
+
+/// Sites that all peer with each other by static endpoints, a daemon each.
+pub struct Mesh {
+    pub lab: Lab,
+    pub files: Vec<SiteFiles>,
+    pub configs: Vec<PathBuf>,
+    pub daemons: Vec<Option<Daemon>>,
+}
+
+/// The classic pair: `a` with 10.0.0.0/16, `b` with 10.1.0.0/16.
+pub type Joined = Mesh;
+
+impl Mesh {
     pub fn new() -> Self {
         Self::with_extra_peers(["", ""])
     }
 
-    /// Like [`Joined::new`], with more `[[peer]]` tables appended to each
-    /// site's config.
+    /// The pair, with more `[[peer]]` tables appended to each site's config.
     pub fn with_extra_peers(extra: [&str; 2]) -> Self {
-        let lab = two_sites();
-        let files = [SiteFiles::new(), SiteFiles::new()];
-        let (a, b) = (lab.site("a"), lab.site("b"));
-        let cfg_a = files[0].write_config(
-            "a",
-            &["10.0.0.0/16"],
-            &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], Some(SocketAddr::new(b.wan_addr, PORT))) + extra[0]),
-        );
-        let cfg_b = files[1].write_config(
-            "b",
-            &["10.1.0.0/16"],
-            &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], Some(SocketAddr::new(a.wan_addr, PORT))) + extra[1]),
-        );
-        let da = Daemon::start(&a.gateway, &files[0], &cfg_a);
-        let db = Daemon::start(&b.gateway, &files[1], &cfg_b);
-        Joined { lab, files, configs: [cfg_a, cfg_b], daemons: [Some(da), Some(db)] }
+        let mut a = SiteDef::new("a", &["10.0.0.0/16"]);
+        a.extra = extra[0];
+        let mut b = SiteDef::new("b", &["10.1.0.0/16"]);
+        b.extra = extra[1];
+        Self::build(&[a, b], false)
+    }
+
+    /// Builds the lab, writes every config and starts every daemon. With
+    /// `underlay_v6` the peers' endpoints are their IPv6 addresses.
+    pub fn build(defs: &[SiteDef<'_>], underlay_v6: bool) -> Self {
+        let spec = LabSpec {
+            sites: defs
+                .iter()
+                .map(|d| SiteSpec::new(d.name, d.pod_cidrs.iter().map(|c| c.parse().expect("cidr")).collect()))
+                .collect(),
+        };
+        let lab = Lab::build(&spec).expect("build lab");
+        let files: Vec<SiteFiles> = defs.iter().map(|_| SiteFiles::new()).collect();
+        let mut configs = Vec::new();
+        for (i, def) in defs.iter().enumerate() {
+            let mut peers = String::new();
+            for (k, other) in defs.iter().enumerate().filter(|(k, _)| *k != i) {
+                let site = lab.site(other.name);
+                let ip = if underlay_v6 { IpAddr::V6(site.wan_addr6) } else { site.wan_addr };
+                peers += &peer_toml(other.name, &files[k].public_key, other.pod_cidrs, Some(SocketAddr::new(ip, PORT)));
+                for (_, rules) in def.allow.iter().filter(|(peer, _)| *peer == other.name) {
+                    peers += rules;
+                    peers += "\n";
+                }
+            }
+            peers += def.extra;
+            configs.push(files[i].write_config(def.name, def.pod_cidrs, &peers));
+        }
+        let daemons = (0..defs.len())
+            .map(|i| Some(Daemon::start(&lab.sites()[i].gateway, &files[i], &configs[i])))
+            .collect();
+        Mesh { lab, files, configs, daemons }
     }
 
     pub fn site(&self, i: usize) -> &Site {
@@ -196,6 +230,14 @@ impl Joined {
     pub fn pod(&self, i: usize) -> (&Netns, Ipv4Addr) {
         let pod = &self.site(i).pods[0];
         (&pod.ns, pod.addr)
+    }
+
+    /// Stops site `i`'s daemon (cleanly) and starts it again.
+    pub fn restart(&mut self, i: usize) {
+        if let Some(d) = self.daemons[i].take() {
+            d.stop();
+        }
+        self.daemons[i] = Some(Daemon::start(&self.lab.sites()[i].gateway, &self.files[i], &self.configs[i]));
     }
 }
 
@@ -230,9 +272,16 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// Sends `len` bytes over TCP from `client` to `server` (listening on
 /// `server_addr`) and asserts that the SHA-256 of what arrived matches.
-pub fn tcp_transfer(server: &Netns, server_addr: Ipv4Addr, client: &Netns, len: usize) {
+pub fn tcp_transfer(server: &Netns, server_addr: impl Into<IpAddr>, client: &Netns, len: usize) {
+    let addr = server_addr.into();
+    tcp_transfer_via(server, addr, client, addr, len);
+}
+
+/// [`tcp_transfer`] where the client dials `connect` (e.g. the server's
+/// address as the client's site views it) and the server binds `bind`.
+pub fn tcp_transfer_via(server: &Netns, bind: IpAddr, client: &Netns, connect: IpAddr, len: usize) {
     let port = 5001;
-    let listener = server.enter(|| TcpListener::bind((server_addr, port)).expect("bind"));
+    let listener = server.enter(|| TcpListener::bind((bind, port)).expect("bind"));
     let data = pattern(len, len as u64);
     let sent_digest = Sha256::digest(&data);
     std::thread::scope(|s| {
@@ -253,7 +302,7 @@ pub fn tcp_transfer(server: &Netns, server_addr: Ipv4Addr, client: &Netns, len: 
             (total, hasher.finalize())
         });
         let mut conn = client.enter(|| {
-            TcpStream::connect_timeout(&SocketAddr::new(server_addr.into(), port), Duration::from_secs(10)).expect("connect")
+            TcpStream::connect_timeout(&SocketAddr::new(connect, port), Duration::from_secs(10)).expect("connect")
         });
         conn.set_write_timeout(Some(Duration::from_secs(30))).expect("timeout");
         conn.write_all(&data).expect("send");
@@ -266,13 +315,22 @@ pub fn tcp_transfer(server: &Netns, server_addr: Ipv4Addr, client: &Netns, len: 
 
 /// Sends `count` UDP datagrams of varied sizes and asserts every one that
 /// arrived is intact and that nearly all arrived.
-pub fn udp_exchange(server: &Netns, server_addr: Ipv4Addr, client: &Netns, count: usize) {
+pub fn udp_exchange(server: &Netns, server_addr: impl Into<IpAddr>, client: &Netns, count: usize) {
+    let addr = server_addr.into();
+    udp_exchange_via(server, addr, client, addr, count, 1300, 95);
+}
+
+/// [`udp_exchange`] with the server bound to `bind`, the client sending to
+/// `connect`, datagrams of up to `max_len` bytes, and at least `percent` %
+/// required to arrive.
+pub fn udp_exchange_via(server: &Netns, bind: IpAddr, client: &Netns, connect: IpAddr, count: usize, max_len: usize, percent: usize) {
     let port = 5002;
-    let rx = server.enter(|| UdpSocket::bind((server_addr, port)).expect("bind"));
+    let rx = server.enter(|| UdpSocket::bind((bind, port)).expect("bind"));
     rx.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-    let tx = client.enter(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind"));
+    let unspecified: IpAddr = if connect.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
+    let tx = client.enter(|| UdpSocket::bind((unspecified, 0)).expect("bind"));
     let datagram = |i: usize| {
-        let len = 8 + (i * 37) % 1300;
+        let len = 8 + (i * 37) % (max_len - 7);
         let mut d = pattern(len, i as u64 + 7);
         d[..8].copy_from_slice(&(i as u64).to_be_bytes());
         d
@@ -293,7 +351,9 @@ pub fn udp_exchange(server: &Netns, server_addr: Ipv4Addr, client: &Netns, count
             seen
         });
         for i in 0..count {
-            tx.send_to(&datagram(i), (server_addr, port)).expect("send");
+            // The first datagrams may meet a smaller path MTU and be
+            // answered with ICMP "too big" instead: counted as lost.
+            let _ = tx.send_to(&datagram(i), (connect, port));
             if i % 16 == 15 {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -301,5 +361,5 @@ pub fn udp_exchange(server: &Netns, server_addr: Ipv4Addr, client: &Netns, count
         receiver.join().expect("receiver")
     });
     let arrived = seen.iter().filter(|s| **s).count();
-    assert!(arrived * 100 >= count * 95, "only {arrived} of {count} datagrams arrived");
+    assert!(arrived * 100 >= count * percent, "only {arrived} of {count} datagrams arrived");
 }

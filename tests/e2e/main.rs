@@ -8,5 +8,6 @@ mod common;
 mod cli;
 mod garbage;
 mod interop;
+mod remap;
 mod restart;
 mod traffic;

@@ -11,6 +11,7 @@ use quinn_udp::RecvMeta;
 
 use super::udp::canonical;
 use super::{Ctx, Stop, wait_fd};
+use crate::packet::{self, Verdict};
 use crate::peer::DropReason;
 
 /// Buffers per `recvmmsg` (quinn-udp's own batch size on Linux).
@@ -129,12 +130,41 @@ fn handle(ctx: &Ctx, from: SocketAddr, datagram: &[u8], out: &mut [u8], cookie: 
     }
 }
 
-/// Hands a decrypted packet to the kernel if its source is the peer's.
-fn deliver(ctx: &Ctx, index: usize, inner: &[u8], src: IpAddr) {
+/// Hands a decrypted packet to the kernel if its source is the peer's and
+/// the allow-list lets it in, after translating its source to our view.
+fn deliver(ctx: &Ctx, index: usize, inner: &mut [u8], src: IpAddr) {
     let peer = ctx.peers.get(index);
-    if !peer.owns(src) {
+    let Some(mapping) = peer.view_of_source(src) else {
         ctx.drop_packet(Some(index), DropReason::SpoofedSource, format_args!("inner source {src} is outside the peer's cidrs"));
         return;
+    };
+    if !mapping.is_identity()
+        && let Err(e) = mapping.ingress(inner)
+    {
+        ctx.drop_packet(Some(index), DropReason::Malformed, format_args!("remapping packet from {src}: {e}"));
+        return;
+    }
+    let summary = match packet::parse(inner) {
+        Ok(summary) => summary,
+        Err(e) => {
+            ctx.drop_packet(Some(index), DropReason::Malformed, format_args!("packet from {src}: {e}"));
+            return;
+        }
+    };
+    if !ctx.pod_cidrs.iter().any(|c| c.contains(&summary.dst)) {
+        ctx.drop_packet(Some(index), DropReason::NotExported, format_args!("from {src} to {}: not exported", summary.dst));
+        return;
+    }
+    if let Verdict::Deny(reason) = packet::allowed(&peer.allow, &summary) {
+        ctx.drop_packet(
+            Some(index),
+            DropReason::from_deny(reason),
+            format_args!("{src} -> {} proto {} port {:?}: {}", summary.dst, summary.protocol, summary.dst_port, reason.label()),
+        );
+        return;
+    }
+    if summary.is_tcp_syn() {
+        packet::clamp_mss(inner, ctx.max_mss[usize::from(summary.dst.is_ipv6())]);
     }
     match ctx.tun.send(inner) {
         Ok(_) => {

@@ -52,12 +52,25 @@ pub(crate) struct Ctx {
     /// Drops not attributable to a peer.
     pub(crate) drops: Drops,
     pub(crate) mtu: usize,
+    /// Largest TCP MSS that fits the tunnel, for IPv4 and IPv6.
+    pub(crate) max_mss: [u16; 2],
+    /// The local site's exported networks: the only destinations a peer's
+    /// packets may have.
+    pub(crate) pod_cidrs: Vec<ipnet::IpNet>,
     started: Instant,
     next_log_ms: [AtomicU64; DropReason::ALL.len()],
 }
 
 impl Ctx {
-    pub(crate) fn new(tun: Tun, udp: UdpPort, peers: Peers, private_key: StaticSecret, rate_limiter: Arc<RateLimiter>, mtu: u16) -> Self {
+    pub(crate) fn new(
+        tun: Tun,
+        udp: UdpPort,
+        peers: Peers,
+        private_key: StaticSecret,
+        rate_limiter: Arc<RateLimiter>,
+        mtu: u16,
+        pod_cidrs: Vec<ipnet::IpNet>,
+    ) -> Self {
         Ctx {
             tun,
             udp,
@@ -67,6 +80,8 @@ impl Ctx {
             rate_limiter,
             drops: Drops::default(),
             mtu: usize::from(mtu),
+            max_mss: [crate::packet::max_mss(mtu, false), crate::packet::max_mss(mtu, true)],
+            pod_cidrs,
             started: Instant::now(),
             next_log_ms: Default::default(),
         }

@@ -4,11 +4,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 
-use boringtun::noise::{Tunn, TunnResult};
+use boringtun::noise::TunnResult;
 
 use super::udp::MAX_GSO_BYTES;
 use super::{BATCH, Ctx, Stop, wait_fd};
+use crate::packet;
 use crate::peer::DropReason;
+
+/// The largest IPv4 or IPv6 packet (without jumbograms).
+const MAX_IP_PACKET: usize = 65_535;
 
 /// Room an encrypted packet may need beyond its plaintext: WireGuard's 32
 /// bytes, or a whole 148-byte handshake initiation sent instead.
@@ -90,8 +94,11 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
     let mtu = ctx.mtu;
     // Reads are capped at the MTU plus slack, so an oversize packet is seen
     // as such instead of being silently cut.
-    let mut bufs: Vec<Box<[u8]>> = (0..BATCH).map(|_| vec![0u8; mtu + 64].into_boxed_slice()).collect();
+    // Room for the largest IP packet, so that one over the MTU is seen
+    // whole and can be answered with ICMP rather than cut.
+    let mut bufs: Vec<Box<[u8]>> = (0..BATCH).map(|_| vec![0u8; MAX_IP_PACKET].into_boxed_slice()).collect();
     let mut lens = [0usize; BATCH];
+    let mut icmp = vec![0u8; 1280].into_boxed_slice();
     let mut queue = SendQueue::new(mtu);
     loop {
         let mut n = 0;
@@ -119,23 +126,32 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
                 }
             }
         }
-        for (buf, &len) in bufs.iter().zip(&lens[..n]) {
-            encrypt(ctx, &buf[..len], &mut queue);
+        for (buf, &len) in bufs.iter_mut().zip(&lens[..n]) {
+            encrypt(ctx, &mut buf[..len], &mut queue, &mut icmp);
         }
         queue.flush(ctx);
     }
 }
 
-fn encrypt(ctx: &Ctx, packet: &[u8], queue: &mut SendQueue) {
+/// Prepares one packet from the TUN (remap, MSS clamp) and encrypts it
+/// into the send queue; or answers it with ICMP "too big"; or drops it.
+fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8]) {
+    let summary = match packet::parse(packet) {
+        Ok(summary) => summary,
+        Err(e) => {
+            ctx.drop_packet(None, DropReason::Malformed, format_args!("{}-byte packet from TUN: {e}", packet.len()));
+            return;
+        }
+    };
+    let dst = summary.dst;
     if packet.len() > ctx.mtu {
-        ctx.drop_packet(None, DropReason::Malformed, format_args!("{}-byte packet from TUN exceeds MTU {}", packet.len(), ctx.mtu));
+        if let Some(n) = packet::too_big_reply(packet, ctx.mtu as u16, icmp) {
+            let _ = ctx.tun.send(&icmp[..n]);
+        }
+        ctx.drop_packet(None, DropReason::TooBig, format_args!("{}-byte packet to {dst} exceeds MTU {}", packet.len(), ctx.mtu));
         return;
     }
-    let Some(dst) = Tunn::dst_address(packet) else {
-        ctx.drop_packet(None, DropReason::Malformed, format_args!("not an IP packet from TUN"));
-        return;
-    };
-    let Some(index) = ctx.peers.route(dst) else {
+    let Some((index, view)) = ctx.peers.route(dst) else {
         if is_link_local_noise(dst) {
             // The kernel's own chatter on a fresh link (IPv6 router
             // solicitations, MLD): counted, not worth a warning.
@@ -146,6 +162,16 @@ fn encrypt(ctx: &Ctx, packet: &[u8], queue: &mut SendQueue) {
         return;
     };
     let peer = ctx.peers.get(index);
+    let mapping = &peer.views[view];
+    if !mapping.is_identity()
+        && let Err(e) = mapping.egress(packet)
+    {
+        ctx.drop_packet(Some(index), DropReason::Malformed, format_args!("remapping packet to {dst}: {e}"));
+        return;
+    }
+    if summary.is_tcp_syn() {
+        packet::clamp_mss(packet, ctx.max_mss[usize::from(dst.is_ipv6())]);
+    }
     let mut state = peer.lock();
     let Some(endpoint) = state.endpoint else {
         drop(state);
