@@ -3,3 +3,22 @@
 //! Not built yet: sites currently need a static `endpoint` for each peer.
 //! This crate will hold the sans-IO STUN codec, candidate gathering, path
 //! selection and the rendezvous protocol (see docs/ARCHITECTURE.md).
+//!
+//! [`rendezvous`]: the QUIC rendezvous service and its site client
+//! (mutual authentication bound to the TLS session, introductions of sites
+//! that list each other, STUN responder, relay of WireGuard ciphertext);
+//! see docs/rendezvous.md.
+//!
+//! Hole punching, without I/O (the driver owns the socket and the clock;
+//! docs/nat-traversal.md describes formats, rules and timers):
+//! - [`stun`]: RFC 8489 Binding requests and responses (server-reflexive
+//!   address of the WireGuard socket; the responder side for the rendezvous).
+//! - [`probe`]: authenticated path probes (ping/pong, keyed by the two sites'
+//!   WireGuard keys) that share the WireGuard socket with WireGuard and STUN.
+//! - [`path`]: per-peer candidate probing and path selection (`PeerPaths`):
+//!   direct path or relay, keepalives, dead-path detection.
+
+pub mod path;
+pub mod probe;
+pub mod rendezvous;
+pub mod stun;

@@ -1,0 +1,51 @@
+//! The rendezvous: a QUIC service that sites dial out to. It authenticates
+//! both ends, introduces sites that list each other, reflects addresses
+//! (a STUN responder on UDP), and relays WireGuard ciphertext between sites
+//! that have no direct path.
+//!
+//! - [`serve`] / [`RendezvousServer`]: the server (`causeway rendezvous`),
+//!   configured by [`RendezvousConfig`].
+//! - [`RendezvousClient`]: a site's connection to one rendezvous, kept up
+//!   with reconnects; yields [`RendezvousEvent`]s (peer updates, relayed
+//!   packets).
+//!
+//! The protocol (messages and framing, authentication, relay datagrams,
+//! who is introduced to whom) is sans-IO in private modules; the quinn
+//! driver around it is thin. The construction and the threat model are in
+//! docs/rendezvous.md.
+//!
+//! What it does not do: hole punching and path selection (the daemon's job,
+//! with the candidates this exchanges), DNS resolution of the rendezvous
+//! address (the caller passes a socket address), and anything with
+//! plaintext: the relay carries only WireGuard ciphertext.
+
+mod auth;
+mod client;
+mod config;
+mod keys;
+mod proto;
+mod registry;
+mod relay;
+mod server;
+mod stream;
+#[cfg(test)]
+mod tests;
+mod tls;
+
+pub use client::{
+    ClientStats, ConnectError, RelayError, RendezvousClient, RendezvousEvent, RendezvousHandle,
+};
+pub use config::{
+    ConfigErrors, DEFAULT_LISTEN, DEFAULT_PRIVATE_KEY_FILE, DEFAULT_STUN_LISTEN, RendezvousConfig,
+    SiteEntry,
+};
+pub use keys::KeyFileError;
+pub use proto::CloseCode;
+pub use relay::FragmentError;
+pub use server::{RendezvousServer, ServeError, ServerStats, SiteStats, serve};
+pub use tls::TlsError;
+
+/// The default QUIC port of a rendezvous.
+pub const DEFAULT_PORT: u16 = 7443;
+/// The default STUN port of a rendezvous.
+pub const DEFAULT_STUN_PORT: u16 = 3478;

@@ -1,0 +1,375 @@
+//! The control-stream protocol between a site and a rendezvous: messages,
+//! their framing, and the connection close codes. No I/O.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of
+//! UTF-8 JSON: one message, an object whose `"type"` names it. Keys and
+//! proofs are standard base64 (44 characters, the `wg pubkey` form), socket
+//! addresses are strings (`"203.0.113.7:51820"`, `"[2001:db8::7]:51820"`).
+//! Unknown fields are ignored (a later version may add some); an unknown
+//! message type is a protocol error.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::keys;
+
+/// The protocol version a site offers in `Hello`.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame body accepted (a `Register` with thousands of peers fits).
+pub(crate) const MAX_FRAME_LEN: usize = 1 << 20;
+
+/// The QUIC ALPN of the rendezvous protocol.
+pub(crate) const ALPN: &[u8] = b"causeway-rendezvous/1";
+
+/// Why a connection was closed: the QUIC application close code, sent with
+/// a human-readable reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CloseCode {
+    /// Normal close (the site or the rendezvous is shutting down).
+    Normal = 0,
+    /// The peer broke the protocol (bad frame, unexpected message).
+    Protocol = 1,
+    /// The site's key is not in the rendezvous' `sites` list.
+    UnknownSiteKey = 2,
+    /// The site's proof did not verify.
+    BadProof = 3,
+    /// The site pinned another rendezvous key, or the rendezvous could not
+    /// prove the pinned key.
+    WrongRendezvousKey = 4,
+    /// The same site connected again; this older connection is closed.
+    Replaced = 5,
+    /// Authentication did not finish in time.
+    Timeout = 6,
+    /// The site speaks a protocol version the rendezvous does not.
+    Version = 7,
+    /// The peer does not read its control stream fast enough.
+    Overloaded = 8,
+}
+
+impl CloseCode {
+    /// The code as sent on the wire.
+    pub fn as_u32(self) -> u32 {
+        self as u32
+    }
+
+    /// The code for a wire value, if known.
+    pub fn from_u64(code: u64) -> Option<Self> {
+        Some(match code {
+            0 => Self::Normal,
+            1 => Self::Protocol,
+            2 => Self::UnknownSiteKey,
+            3 => Self::BadProof,
+            4 => Self::WrongRendezvousKey,
+            5 => Self::Replaced,
+            6 => Self::Timeout,
+            7 => Self::Version,
+            8 => Self::Overloaded,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn varint(self) -> quinn::VarInt {
+        quinn::VarInt::from_u32(self.as_u32())
+    }
+}
+
+impl fmt::Display for CloseCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Normal => "closed",
+            Self::Protocol => "protocol error",
+            Self::UnknownSiteKey => "unknown site key",
+            Self::BadProof => "bad proof",
+            Self::WrongRendezvousKey => "wrong rendezvous key",
+            Self::Replaced => "replaced by a newer connection",
+            Self::Timeout => "authentication timed out",
+            Self::Version => "unsupported protocol version",
+            Self::Overloaded => "control stream overloaded",
+        })
+    }
+}
+
+/// 32 bytes on the wire as base64: a public key or a proof.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Wire32(pub(crate) [u8; 32]);
+
+impl fmt::Debug for Wire32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&keys::encode_bytes(&self.0))
+    }
+}
+
+impl Serialize for Wire32 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&keys::encode_bytes(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Wire32 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        keys::decode_bytes(&text)
+            .map(Wire32)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a site sends to the rendezvous.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum SiteMessage {
+    /// First message: who the site is, which rendezvous key it pinned, and
+    /// its proof for this session.
+    Hello {
+        version: u32,
+        site_key: Wire32,
+        rendezvous_key: Wire32,
+        proof: Wire32,
+    },
+    /// The site's peers and candidates; sent after `Welcome` and again
+    /// whenever either changes. Replaces the previous registration.
+    Register {
+        peers: Vec<Wire32>,
+        candidates: Vec<SocketAddr>,
+    },
+}
+
+/// What the rendezvous sends to a site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum RendezvousMessage {
+    /// Authentication succeeded: the rendezvous' proof, the site's relay id
+    /// and the address the rendezvous sees the site's QUIC socket at.
+    Welcome {
+        proof: Wire32,
+        relay_id: u32,
+        observed: SocketAddr,
+    },
+    /// Authentication failed; the connection is closed with the same code.
+    Reject { code: u32, message: String },
+    /// A mutually listed peer came online, changed, or went offline.
+    PeerUpdate {
+        peer: Wire32,
+        relay_id: u32,
+        candidates: Vec<SocketAddr>,
+        online: bool,
+    },
+}
+
+/// A frame that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FrameError {
+    /// The length prefix exceeds [`MAX_FRAME_LEN`].
+    #[error("control frame of {len} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
+    TooLong {
+        /// The announced length.
+        len: usize,
+    },
+    /// The body is not a valid message.
+    #[error("malformed control message: {0}")]
+    Malformed(String),
+}
+
+/// Encodes one message as a frame.
+pub(crate) fn encode_frame<T: Serialize>(message: &T) -> Vec<u8> {
+    // Serializing these plain structs to JSON cannot fail.
+    let body = serde_json::to_vec(message).unwrap_or_default();
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Accumulates stream bytes and yields whole messages.
+#[derive(Debug, Default)]
+pub(crate) struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// Appends bytes read from the stream.
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole message, `Ok(None)` if more bytes are needed. After an
+    /// error the stream is unusable (the caller closes the connection).
+    pub(crate) fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        let Some(prefix) = self.buf.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(*prefix) as usize;
+        if len > MAX_FRAME_LEN {
+            return Err(FrameError::TooLong { len });
+        }
+        let Some(body) = self.buf.get(4..4 + len) else {
+            return Ok(None);
+        };
+        let message =
+            serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()));
+        self.buf.drain(..4 + len);
+        message.map(Some)
+    }
+
+    /// Bytes buffered but not yet decoded.
+    #[cfg(test)]
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> Wire32 {
+        Wire32([b; 32])
+    }
+
+    #[test]
+    fn messages_round_trip_in_any_split() {
+        let messages = vec![
+            SiteMessage::Hello {
+                version: 1,
+                site_key: key(1),
+                rendezvous_key: key(2),
+                proof: key(3),
+            },
+            SiteMessage::Register {
+                peers: vec![key(4), key(5)],
+                candidates: vec![
+                    "192.0.2.1:51820".parse().unwrap(),
+                    "[2001:db8::1]:1".parse().unwrap(),
+                ],
+            },
+            SiteMessage::Register {
+                peers: vec![],
+                candidates: vec![],
+            },
+        ];
+        let mut wire = Vec::new();
+        for m in &messages {
+            wire.extend(encode_frame(m));
+        }
+        for chunk in [1, 3, 7, wire.len()] {
+            let mut dec = FrameDecoder::default();
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                dec.push(piece);
+                while let Some(m) = dec.next::<SiteMessage>().unwrap() {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, messages);
+            assert_eq!(dec.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn rendezvous_messages_round_trip() {
+        let messages = vec![
+            RendezvousMessage::Welcome {
+                proof: key(9),
+                relay_id: 7,
+                observed: "198.51.100.2:40000".parse().unwrap(),
+            },
+            RendezvousMessage::Reject {
+                code: CloseCode::UnknownSiteKey.as_u32(),
+                message: "unknown site key".into(),
+            },
+            RendezvousMessage::PeerUpdate {
+                peer: key(1),
+                relay_id: 42,
+                candidates: vec!["10.0.0.1:51820".parse().unwrap()],
+                online: true,
+            },
+        ];
+        let mut dec = FrameDecoder::default();
+        for m in &messages {
+            dec.push(&encode_frame(m));
+        }
+        for m in &messages {
+            assert_eq!(dec.next::<RendezvousMessage>().unwrap().as_ref(), Some(m));
+        }
+        assert_eq!(dec.next::<RendezvousMessage>().unwrap(), None);
+    }
+
+    #[test]
+    fn wire_form_is_documented_json() {
+        let frame = encode_frame(&SiteMessage::Register {
+            peers: vec![key(0)],
+            candidates: vec!["192.0.2.1:5".parse().unwrap()],
+        });
+        let body = std::str::from_utf8(&frame[4..]).unwrap();
+        assert_eq!(
+            body,
+            r#"{"type":"register","peers":["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="],"candidates":["192.0.2.1:5"]}"#
+        );
+        assert_eq!(
+            u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize,
+            body.len()
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let cases: Vec<Vec<u8>> = vec![
+            // Too long.
+            vec![0xff, 0xff, 0xff, 0xff, b'{'],
+            // Not JSON.
+            [&5u32.to_be_bytes()[..], b"hello"].concat(),
+            // JSON, unknown type.
+            [&12u32.to_be_bytes()[..], br#"{"type":"x"}"#].concat(),
+            // Bad key.
+            {
+                let body = br#"{"type":"register","peers":["short"],"candidates":[]}"#;
+                [&(body.len() as u32).to_be_bytes()[..], body].concat()
+            },
+            // Bad address.
+            {
+                let body = br#"{"type":"register","peers":[],"candidates":["nope"]}"#;
+                [&(body.len() as u32).to_be_bytes()[..], body].concat()
+            },
+            // Invalid UTF-8.
+            [&2u32.to_be_bytes()[..], &[0xc3, 0x28]].concat(),
+        ];
+        for case in cases {
+            let mut dec = FrameDecoder::default();
+            dec.push(&case);
+            assert!(dec.next::<SiteMessage>().is_err(), "{case:?}");
+        }
+        // Random bytes never panic.
+        let mut seed = 0x1234_5678u32;
+        for _ in 0..2000 {
+            let mut dec = FrameDecoder::default();
+            let len = (seed % 64) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (seed >> 16) as u8
+                })
+                .collect();
+            dec.push(&bytes);
+            let _ = dec.next::<RendezvousMessage>();
+        }
+        // A partial frame is not an error.
+        let mut dec = FrameDecoder::default();
+        dec.push(&[0, 0]);
+        assert_eq!(dec.next::<SiteMessage>(), Ok(None));
+    }
+
+    #[test]
+    fn close_codes_round_trip() {
+        for code in 0..9u64 {
+            let c = CloseCode::from_u64(code).unwrap();
+            assert_eq!(u64::from(c.as_u32()), code);
+        }
+        assert_eq!(CloseCode::from_u64(99), None);
+    }
+}

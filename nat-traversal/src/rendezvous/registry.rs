@@ -1,0 +1,484 @@
+//! The rendezvous' view of connected sites: who is registered, who is
+//! introduced to whom, and which relay pairs are allowed. No I/O: every
+//! change returns the `PeerUpdate`s to send.
+//!
+//! Two sites are *mutual* when both are connected and registered, each
+//! lists the other in its peers, and they are different sites. Only mutual
+//! sites hear about each other (introductions) and only they may relay to
+//! each other; a site never learns anything about a site that does not
+//! list it, not even whether it is connected.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+
+/// A connection, as numbered by the server.
+pub(crate) type ConnId = u64;
+/// A site's public key bytes.
+pub(crate) type SiteKey = [u8; 32];
+
+/// A `PeerUpdate` to send on connection `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Update {
+    pub(crate) to: ConnId,
+    pub(crate) peer: SiteKey,
+    pub(crate) relay_id: u32,
+    pub(crate) candidates: Vec<SocketAddr>,
+    pub(crate) online: bool,
+}
+
+/// Relay counters of one site (cumulative over its connections).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RelayCounters {
+    /// WireGuard packets forwarded from this site (counted once per packet,
+    /// at its first fragment).
+    pub(crate) packets: u64,
+    /// Payload bytes forwarded from this site (relay headers excluded).
+    pub(crate) bytes: u64,
+    /// Datagrams from this site dropped: unknown destination, not a mutual
+    /// peer, or malformed.
+    pub(crate) dropped: u64,
+}
+
+struct Session {
+    key: SiteKey,
+    relay_id: u32,
+    /// `None` until the first `Register`.
+    peers: Option<HashSet<SiteKey>>,
+    candidates: Vec<SocketAddr>,
+}
+
+/// Why a relay datagram is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RouteError {
+    /// The sender is not an authenticated connection.
+    UnknownSender,
+    /// No connected site has that relay id.
+    UnknownDestination,
+    /// The two sites are not mutual peers.
+    NotAuthorized,
+}
+
+/// The sites the rendezvous serves and the connected ones.
+pub(crate) struct Registry {
+    /// Configured sites: key → name.
+    allowed: HashMap<SiteKey, String>,
+    sessions: HashMap<ConnId, Session>,
+    by_key: HashMap<SiteKey, ConnId>,
+    by_relay: HashMap<u32, ConnId>,
+    next_relay_id: u32,
+    counters: HashMap<SiteKey, RelayCounters>,
+}
+
+impl Registry {
+    /// A registry for the configured `(key, name)` sites; relay ids are
+    /// handed out from `first_relay_id` on (never 0).
+    pub(crate) fn new(
+        sites: impl IntoIterator<Item = (SiteKey, String)>,
+        first_relay_id: u32,
+    ) -> Self {
+        Self {
+            allowed: sites.into_iter().collect(),
+            sessions: HashMap::new(),
+            by_key: HashMap::new(),
+            by_relay: HashMap::new(),
+            next_relay_id: first_relay_id.max(1),
+            counters: HashMap::new(),
+        }
+    }
+
+    /// The configured name of a site key, if the rendezvous serves it.
+    pub(crate) fn site_name(&self, key: &SiteKey) -> Option<&str> {
+        self.allowed.get(key).map(String::as_str)
+    }
+
+    /// The configured sites, with their names.
+    pub(crate) fn sites(&self) -> impl Iterator<Item = (&SiteKey, &str)> {
+        self.allowed.iter().map(|(k, n)| (k, n.as_str()))
+    }
+
+    /// Whether the site is connected now.
+    pub(crate) fn is_connected(&self, key: &SiteKey) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    /// Relay counters of a site.
+    pub(crate) fn counters(&self, key: &SiteKey) -> RelayCounters {
+        self.counters.get(key).copied().unwrap_or_default()
+    }
+
+    /// An authenticated site connected on `conn`. Returns its relay id, the
+    /// older connection of the same site that this one replaces (the caller
+    /// closes it), and the updates that replacing it causes.
+    pub(crate) fn connect(
+        &mut self,
+        conn: ConnId,
+        key: SiteKey,
+    ) -> (u32, Option<ConnId>, Vec<Update>) {
+        let mut updates = Vec::new();
+        let replaced = self.by_key.get(&key).copied();
+        if let Some(old) = replaced {
+            updates = self.disconnect(old);
+        }
+        let relay_id = self.allocate_relay_id();
+        self.sessions.insert(
+            conn,
+            Session {
+                key,
+                relay_id,
+                peers: None,
+                candidates: Vec::new(),
+            },
+        );
+        self.by_key.insert(key, conn);
+        self.by_relay.insert(relay_id, conn);
+        (relay_id, replaced, updates)
+    }
+
+    fn allocate_relay_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_relay_id;
+            self.next_relay_id = self.next_relay_id.checked_add(1).unwrap_or(1);
+            if id != 0 && !self.by_relay.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn mutual(&self, a: &Session, b: &Session) -> bool {
+        a.key != b.key
+            && a.peers.as_ref().is_some_and(|p| p.contains(&b.key))
+            && b.peers.as_ref().is_some_and(|p| p.contains(&a.key))
+    }
+
+    /// The connections mutual with `conn`.
+    fn mutual_peers(&self, conn: ConnId) -> Vec<ConnId> {
+        let Some(me) = self.sessions.get(&conn) else {
+            return Vec::new();
+        };
+        let Some(peers) = &me.peers else {
+            return Vec::new();
+        };
+        peers
+            .iter()
+            .filter_map(|k| self.by_key.get(k).copied())
+            .filter(|c| {
+                self.sessions
+                    .get(c)
+                    .is_some_and(|other| self.mutual(me, other))
+            })
+            .collect()
+    }
+
+    fn update_about(&self, to: ConnId, about: ConnId, online: bool) -> Option<Update> {
+        let s = self.sessions.get(&about)?;
+        Some(Update {
+            to,
+            peer: s.key,
+            relay_id: s.relay_id,
+            candidates: if online {
+                s.candidates.clone()
+            } else {
+                Vec::new()
+            },
+            online,
+        })
+    }
+
+    /// The site on `conn` (re)registered its peers and candidates.
+    pub(crate) fn register(
+        &mut self,
+        conn: ConnId,
+        peers: impl IntoIterator<Item = SiteKey>,
+        candidates: Vec<SocketAddr>,
+    ) -> Vec<Update> {
+        let before: HashSet<ConnId> = self.mutual_peers(conn).into_iter().collect();
+        let Some(me) = self.sessions.get_mut(&conn) else {
+            return Vec::new();
+        };
+        let candidates_changed = me.candidates != candidates;
+        me.peers = Some(peers.into_iter().collect());
+        me.candidates = candidates;
+        let after: HashSet<ConnId> = self.mutual_peers(conn).into_iter().collect();
+
+        let mut updates = Vec::new();
+        let mut gone: Vec<_> = before.difference(&after).copied().collect();
+        gone.sort_unstable();
+        for other in gone {
+            updates.extend(self.update_about(conn, other, false));
+            updates.extend(self.update_about(other, conn, false));
+        }
+        let mut now: Vec<_> = after.iter().copied().collect();
+        now.sort_unstable();
+        for other in now {
+            let new = !before.contains(&other);
+            if new {
+                updates.extend(self.update_about(conn, other, true));
+            }
+            if new || candidates_changed {
+                updates.extend(self.update_about(other, conn, true));
+            }
+        }
+        updates
+    }
+
+    /// The connection `conn` is gone; its mutual peers hear it is offline.
+    /// Harmless for a connection that never authenticated or is already gone.
+    pub(crate) fn disconnect(&mut self, conn: ConnId) -> Vec<Update> {
+        let mut peers = self.mutual_peers(conn);
+        peers.sort_unstable();
+        let updates = peers
+            .into_iter()
+            .filter_map(|other| self.update_about(other, conn, false))
+            .collect();
+        if let Some(s) = self.sessions.remove(&conn) {
+            if self.by_key.get(&s.key) == Some(&conn) {
+                self.by_key.remove(&s.key);
+            }
+            self.by_relay.remove(&s.relay_id);
+        }
+        updates
+    }
+
+    /// Where a relay datagram from `from` to relay id `dst` goes: the
+    /// destination connection and the sender's relay id to put in its place.
+    /// Counts the datagram (`payload` bytes, a packet when `first_fragment`)
+    /// for the sender, forwarded or dropped.
+    pub(crate) fn route(
+        &mut self,
+        from: ConnId,
+        dst: u32,
+        payload: usize,
+        first_fragment: bool,
+    ) -> Result<(ConnId, u32), RouteError> {
+        let Some(me) = self.sessions.get(&from) else {
+            return Err(RouteError::UnknownSender);
+        };
+        let result = match self
+            .by_relay
+            .get(&dst)
+            .and_then(|c| Some((*c, self.sessions.get(c)?)))
+        {
+            None => Err(RouteError::UnknownDestination),
+            Some((to, other)) if self.mutual(me, other) => Ok((to, me.relay_id)),
+            Some(_) => Err(RouteError::NotAuthorized),
+        };
+        let counters = self.counters.entry(me.key).or_default();
+        if result.is_ok() {
+            counters.bytes += payload as u64;
+            counters.packets += u64::from(first_fragment);
+        } else {
+            counters.dropped += 1;
+        }
+        result
+    }
+
+    /// Counts a malformed datagram from `from`.
+    pub(crate) fn count_malformed(&mut self, from: ConnId) {
+        if let Some(me) = self.sessions.get(&from) {
+            self.counters.entry(me.key).or_default().dropped += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: SiteKey = [1; 32];
+    const B: SiteKey = [2; 32];
+    const C: SiteKey = [3; 32];
+
+    fn registry() -> Registry {
+        Registry::new([(A, "a".into()), (B, "b".into()), (C, "c".into())], 100)
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    #[test]
+    fn mutual_pairs_are_introduced_both_ways() {
+        let mut r = registry();
+        let (ra, _, _) = r.connect(1, A);
+        let (rb, _, _) = r.connect(2, B);
+        assert_ne!(ra, rb);
+        assert!(
+            r.register(1, [B], vec![addr(1)]).is_empty(),
+            "B has not registered yet"
+        );
+        let ups = r.register(2, [A], vec![addr(2)]);
+        assert_eq!(
+            ups,
+            vec![
+                Update {
+                    to: 2,
+                    peer: A,
+                    relay_id: ra,
+                    candidates: vec![addr(1)],
+                    online: true
+                },
+                Update {
+                    to: 1,
+                    peer: B,
+                    relay_id: rb,
+                    candidates: vec![addr(2)],
+                    online: true
+                },
+            ]
+        );
+        // New candidates from A reach B only.
+        let ups = r.register(1, [B], vec![addr(3)]);
+        assert_eq!(
+            ups,
+            vec![Update {
+                to: 2,
+                peer: A,
+                relay_id: ra,
+                candidates: vec![addr(3)],
+                online: true
+            }]
+        );
+        // Re-registering the same thing says nothing.
+        assert!(r.register(1, [B], vec![addr(3)]).is_empty());
+        // A disconnects: B hears it.
+        assert_eq!(
+            r.disconnect(1),
+            vec![Update {
+                to: 2,
+                peer: A,
+                relay_id: ra,
+                candidates: vec![],
+                online: false
+            }]
+        );
+        assert!(!r.is_connected(&A));
+    }
+
+    #[test]
+    fn one_sided_listing_reveals_nothing() {
+        let mut r = registry();
+        r.connect(1, A);
+        r.connect(3, C);
+        // C lists A, A lists only B.
+        assert!(r.register(3, [A], vec![addr(3)]).is_empty());
+        assert!(r.register(1, [B], vec![addr(1)]).is_empty());
+        assert!(r.register(1, [B], vec![addr(9)]).is_empty());
+        assert!(r.disconnect(3).is_empty());
+        assert!(r.disconnect(1).is_empty());
+    }
+
+    #[test]
+    fn dropping_a_peer_takes_both_offline() {
+        let mut r = registry();
+        let (ra, _, _) = r.connect(1, A);
+        let (rb, _, _) = r.connect(2, B);
+        r.register(1, [B], vec![]);
+        r.register(2, [A], vec![]);
+        let ups = r.register(1, [C], vec![]);
+        assert_eq!(
+            ups,
+            vec![
+                Update {
+                    to: 1,
+                    peer: B,
+                    relay_id: rb,
+                    candidates: vec![],
+                    online: false
+                },
+                Update {
+                    to: 2,
+                    peer: A,
+                    relay_id: ra,
+                    candidates: vec![],
+                    online: false
+                },
+            ]
+        );
+        assert_eq!(r.route(2, ra, 10, true), Err(RouteError::NotAuthorized));
+    }
+
+    #[test]
+    fn relay_only_between_mutual_peers() {
+        let mut r = registry();
+        let (ra, _, _) = r.connect(1, A);
+        let (rb, _, _) = r.connect(2, B);
+        let (rc, _, _) = r.connect(3, C);
+        r.register(1, [B], vec![]);
+        r.register(2, [A, C], vec![]);
+        r.register(3, [A, B], vec![]);
+        assert_eq!(r.route(1, rb, 100, true), Ok((2, ra)));
+        assert_eq!(r.route(2, ra, 50, false), Ok((1, rb)));
+        // C lists A, A does not list C.
+        assert_eq!(r.route(3, ra, 10, true), Err(RouteError::NotAuthorized));
+        assert_eq!(r.route(1, rc, 10, true), Err(RouteError::NotAuthorized));
+        // B and C list each other.
+        assert_eq!(r.route(3, rb, 10, true), Ok((2, rc)));
+        assert_eq!(
+            r.route(1, 999, 10, true),
+            Err(RouteError::UnknownDestination)
+        );
+        assert_eq!(r.route(9, rb, 10, true), Err(RouteError::UnknownSender));
+        // To itself.
+        assert_eq!(r.route(1, ra, 10, true), Err(RouteError::NotAuthorized));
+        assert_eq!(
+            r.counters(&A),
+            RelayCounters {
+                packets: 1,
+                bytes: 100,
+                dropped: 3
+            }
+        );
+        assert_eq!(
+            r.counters(&C),
+            RelayCounters {
+                packets: 1,
+                bytes: 10,
+                dropped: 1
+            }
+        );
+    }
+
+    #[test]
+    fn reconnect_replaces_the_old_session() {
+        let mut r = registry();
+        let (ra, _, _) = r.connect(1, A);
+        r.connect(2, B);
+        r.register(1, [B], vec![]);
+        r.register(2, [A], vec![]);
+        let (ra2, replaced, ups) = r.connect(5, A);
+        assert_eq!(replaced, Some(1));
+        assert_ne!(ra, ra2);
+        assert_eq!(
+            ups,
+            vec![Update {
+                to: 2,
+                peer: A,
+                relay_id: ra,
+                candidates: vec![],
+                online: false
+            }]
+        );
+        let ups = r.register(5, [B], vec![addr(1)]);
+        assert_eq!(ups.len(), 2);
+        assert!(ups.iter().all(|u| u.online));
+        // The old connection's late disconnect changes nothing.
+        assert!(r.disconnect(1).is_empty());
+        assert!(r.is_connected(&A));
+        assert_eq!(r.route(2, ra, 1, true), Err(RouteError::UnknownDestination));
+    }
+
+    #[test]
+    fn relay_ids_skip_zero_and_wrap() {
+        let mut r = Registry::new([(A, "a".into()), (B, "b".into())], u32::MAX);
+        let (a, _, _) = r.connect(1, A);
+        let (b, _, _) = r.connect(2, B);
+        assert_eq!((a, b), (u32::MAX, 1));
+    }
+
+    #[test]
+    fn a_site_listing_itself_is_ignored() {
+        let mut r = registry();
+        r.connect(1, A);
+        assert!(r.register(1, [A], vec![]).is_empty());
+    }
+}

@@ -1,0 +1,768 @@
+//! The rendezvous server: QUIC for sites (authentication, introductions,
+//! relay) and a STUN responder. A thin async driver around
+//! [`super::registry`], [`super::auth`], [`super::proto`] and
+//! [`super::relay`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, warn};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use super::auth::{self, AuthKey, Role};
+use super::config::{RendezvousConfig, SiteEntry};
+use super::keys::{self, KeyFileError};
+use super::proto::{
+    CloseCode, FrameDecoder, PROTOCOL_VERSION, RendezvousMessage, SiteMessage, Wire32, encode_frame,
+};
+use super::registry::{ConnId, Registry, RouteError, Update};
+use super::relay;
+use super::stream::{ReadFailure, read_frame, write_frame};
+use super::tls::{self, TlsError};
+use crate::stun;
+
+/// How long a new connection has to open its control stream and prove its key.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections waiting to authenticate at once; more are refused.
+const MAX_PENDING_AUTH: usize = 1024;
+/// Control messages queued for one site before it counts as overloaded.
+const CONTROL_QUEUE: usize = 1024;
+/// Rejections logged per [`REJECTION_LOG_WINDOW`]; the rest are counted.
+const REJECTION_LOG_BUDGET: u32 = 20;
+/// See [`REJECTION_LOG_BUDGET`].
+const REJECTION_LOG_WINDOW: Duration = Duration::from_secs(60);
+/// How long shutdown waits for connections to close cleanly.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Why the rendezvous could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The private key file could not be read or created.
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    /// A listening socket could not be bound.
+    #[error("cannot bind {field} = \"{addr}\": {source}; pick a free port or another address")]
+    Bind {
+        /// The config field (`listen` or `stun_listen`).
+        field: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The QUIC endpoint could not be set up on the socket.
+    #[error("cannot start the QUIC endpoint: {0}")]
+    Endpoint(io::Error),
+}
+
+/// Relay and connection counters of one configured site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteStats {
+    /// The site's configured name.
+    pub name: String,
+    /// Its public key.
+    pub public_key: PublicKey,
+    /// Whether it is connected and authenticated now.
+    pub connected: bool,
+    /// WireGuard packets relayed from it (once per packet, however many
+    /// fragments it took).
+    pub relayed_packets: u64,
+    /// Bytes of WireGuard packets relayed from it (relay headers excluded).
+    pub relayed_bytes: u64,
+    /// Relay datagrams from it that were dropped: not addressed to a
+    /// connected mutual peer, or malformed.
+    pub relay_dropped: u64,
+}
+
+/// A handle on a running (or about to run) server's counters.
+#[derive(Clone)]
+pub struct ServerStats {
+    shared: Arc<Shared>,
+}
+
+impl ServerStats {
+    /// Per-site counters, sorted by site name.
+    pub fn sites(&self) -> Vec<SiteStats> {
+        let state = self.shared.lock();
+        let mut out: Vec<SiteStats> = state
+            .registry
+            .sites()
+            .map(|(key, name)| {
+                let c = state.registry.counters(key);
+                SiteStats {
+                    name: name.to_owned(),
+                    public_key: PublicKey::from(*key),
+                    connected: state.registry.is_connected(key),
+                    relayed_packets: c.packets,
+                    relayed_bytes: c.bytes,
+                    relay_dropped: c.dropped,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The counters of the site named `name`.
+    pub fn site(&self, name: &str) -> Option<SiteStats> {
+        self.sites().into_iter().find(|s| s.name == name)
+    }
+
+    /// STUN Binding requests answered.
+    pub fn stun_answered(&self) -> u64 {
+        self.shared.stun_answered.load(Ordering::Relaxed)
+    }
+}
+
+struct ConnHandle {
+    conn: quinn::Connection,
+    tx: mpsc::Sender<RendezvousMessage>,
+}
+
+struct State {
+    registry: Registry,
+    conns: HashMap<ConnId, ConnHandle>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    secret: StaticSecret,
+    public: PublicKey,
+    next_conn: AtomicU64,
+    pending_auth: AtomicUsize,
+    stun_answered: AtomicU64,
+    rejection_log: Mutex<LogBudget>,
+}
+
+/// Rejections are logged at most [`REJECTION_LOG_BUDGET`] times a minute
+/// (an unconfigured host may retry in a loop); the rest are counted and
+/// summarized.
+#[derive(Default)]
+struct LogBudget {
+    window: Option<Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl Shared {
+    /// Whether a rejection may be logged now (see [`LogBudget`]).
+    fn may_log_rejection(&self) -> bool {
+        let now = Instant::now();
+        let mut budget = self.rejection_log.lock().unwrap_or_else(|e| e.into_inner());
+        if budget
+            .window
+            .is_none_or(|start| now.duration_since(start) >= REJECTION_LOG_WINDOW)
+        {
+            if budget.suppressed > 0 {
+                warn!(
+                    suppressed = budget.suppressed,
+                    "{} more rejected connections were not logged in the last minute",
+                    budget.suppressed
+                );
+            }
+            *budget = LogBudget {
+                window: Some(now),
+                used: 0,
+                suppressed: 0,
+            };
+        }
+        if budget.used < REJECTION_LOG_BUDGET {
+            budget.used += 1;
+            true
+        } else {
+            budget.suppressed += 1;
+            false
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent-enough state for
+        // counters and routing; keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl State {
+    /// Queues updates on their connections; a site that does not keep up is
+    /// disconnected (it reconnects and gets a fresh picture).
+    fn dispatch(&mut self, updates: Vec<Update>) {
+        for u in updates {
+            let Some(handle) = self.conns.get(&u.to) else {
+                continue;
+            };
+            let message = RendezvousMessage::PeerUpdate {
+                peer: Wire32(u.peer),
+                relay_id: u.relay_id,
+                candidates: u.candidates,
+                online: u.online,
+            };
+            if handle.tx.try_send(message).is_err() {
+                handle
+                    .conn
+                    .close(CloseCode::Overloaded.varint(), b"control stream overloaded");
+            }
+        }
+    }
+}
+
+/// A rendezvous server with its sockets bound, ready to [`run`](Self::run).
+pub struct RendezvousServer {
+    shared: Arc<Shared>,
+    quic: std::net::UdpSocket,
+    stun: Option<std::net::UdpSocket>,
+}
+
+/// Runs the rendezvous described by `config` until `shutdown` completes:
+/// loads (or creates) the private key, binds `listen` and `stun_listen`, and
+/// serves. The caller owns the shutdown signal.
+pub async fn serve(
+    config: RendezvousConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    RendezvousServer::bind(&config)?.run(shutdown).await
+}
+
+fn bind_udp(field: &'static str, addr: SocketAddr) -> Result<std::net::UdpSocket, ServeError> {
+    match std::net::UdpSocket::bind(addr) {
+        Ok(s) => Ok(s),
+        // `[::]` on a host without IPv6: fall back to IPv4 only.
+        Err(e)
+            if addr.is_ipv6()
+                && addr.ip().is_unspecified()
+                && !matches!(
+                    e.kind(),
+                    io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied
+                ) =>
+        {
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+            warn!(%addr, fallback = %v4, error = %e, "cannot listen on IPv6; listening on IPv4 only");
+            std::net::UdpSocket::bind(v4).map_err(|source| ServeError::Bind {
+                field,
+                addr: v4,
+                source,
+            })
+        }
+        Err(source) => Err(ServeError::Bind {
+            field,
+            addr,
+            source,
+        }),
+    }
+}
+
+impl RendezvousServer {
+    /// Loads (or creates) the private key and binds the QUIC and STUN
+    /// sockets of `config`.
+    pub fn bind(config: &RendezvousConfig) -> Result<Self, ServeError> {
+        let secret = config.load_private_key()?;
+        let quic = bind_udp("listen", config.listen)?;
+        let stun = bind_udp("stun_listen", config.stun_listen)?;
+        Ok(Self::with_sockets(secret, &config.sites, quic, Some(stun)))
+    }
+
+    /// A server on sockets the caller bound (tests bind port 0); `stun`
+    /// `None` runs no STUN responder.
+    pub fn with_sockets(
+        secret: StaticSecret,
+        sites: &[SiteEntry],
+        quic: std::net::UdpSocket,
+        stun: Option<std::net::UdpSocket>,
+    ) -> Self {
+        let public = PublicKey::from(&secret);
+        let registry = Registry::new(
+            sites
+                .iter()
+                .map(|s| (s.public_key.to_bytes(), s.name.clone())),
+            rand::random::<u32>() >> 1,
+        );
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    registry,
+                    conns: HashMap::new(),
+                }),
+                secret,
+                public,
+                next_conn: AtomicU64::new(1),
+                pending_auth: AtomicUsize::new(0),
+                stun_answered: AtomicU64::new(0),
+                rejection_log: Mutex::new(LogBudget::default()),
+            }),
+            quic,
+            stun,
+        }
+    }
+
+    /// The rendezvous' public key (what sites pin).
+    pub fn public_key(&self) -> PublicKey {
+        self.shared.public
+    }
+
+    /// The QUIC socket's address.
+    pub fn quic_addr(&self) -> io::Result<SocketAddr> {
+        self.quic.local_addr()
+    }
+
+    /// The STUN socket's address, if there is one.
+    pub fn stun_addr(&self) -> Option<SocketAddr> {
+        self.stun.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
+    /// A handle on the counters, usable while and after the server runs.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection
+    /// (waiting up to 2 s for them to close cleanly). Must run inside a
+    /// tokio runtime (a current-thread one is enough).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let quic_addr = self.quic.local_addr().map_err(ServeError::Endpoint)?;
+        let server_config = tls::server_config()?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            self.quic,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(ServeError::Endpoint)?;
+
+        let mut background = JoinSet::new();
+        let mut stun_addr = None;
+        if let Some(stun) = self.stun {
+            stun_addr = stun.local_addr().ok();
+            stun.set_nonblocking(true).map_err(ServeError::Endpoint)?;
+            let socket = tokio::net::UdpSocket::from_std(stun).map_err(ServeError::Endpoint)?;
+            let shared = self.shared.clone();
+            background
+                .spawn(stun_responder(socket, shared).instrument(tracing::info_span!("stun")));
+        }
+        let sites = self.shared.lock().registry.sites().count();
+        info!(
+            public_key = %keys::encode_public(&self.shared.public),
+            listen = %quic_addr,
+            stun_listen = %stun_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+            sites,
+            "rendezvous serving; sites pin its public key"
+        );
+
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    if self.shared.pending_auth.load(Ordering::Relaxed) >= MAX_PENDING_AUTH {
+                        debug!(remote = %incoming.remote_address(), "too many connections authenticating; refused");
+                        incoming.refuse();
+                        continue;
+                    }
+                    let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                    let shared = self.shared.clone();
+                    connections.spawn(handle_connection(incoming, id, shared));
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        info!("rendezvous shutting down");
+        endpoint.close(CloseCode::Normal.varint(), b"rendezvous shutting down");
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
+        connections.shutdown().await;
+        background.shutdown().await;
+        Ok(())
+    }
+}
+
+/// The address without IPv4-mapped IPv6 form (what a dual-stack socket
+/// reports for IPv4 clients).
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+async fn stun_responder(socket: tokio::net::UdpSocket, shared: Arc<Shared>) {
+    let mut buf = vec![0u8; 2048];
+    let mut out = [0u8; stun::MAX_ENCODED_LEN];
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(error = %e, "STUN socket receive error");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(datagram) = buf.get(..n) else {
+            continue;
+        };
+        let len = match stun::parse(datagram) {
+            Ok(stun::StunMessage::BindingRequest { tx }) => {
+                stun::encode_binding_success(&tx, canonical(from), &mut out)
+            }
+            Err(stun::StunError::UnknownAttribute { tx, .. }) => {
+                stun::encode_binding_error(&tx, 420, &mut out)
+            }
+            // Responses, indications, other methods and non-STUN: ignored.
+            _ => continue,
+        };
+        let Some(reply) = out.get(..len) else {
+            continue;
+        };
+        match socket.send_to(reply, from).await {
+            Ok(_) => {
+                shared.stun_answered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => debug!(%from, error = %e, "STUN reply not sent"),
+        }
+    }
+}
+
+/// Decrements the pending-authentication count when dropped.
+struct PendingAuth<'a>(&'a AtomicUsize);
+
+impl Drop for PendingAuth<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A rejection: the close code and a message for the site.
+struct Rejection {
+    code: CloseCode,
+    message: String,
+}
+
+struct Authenticated {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    site_key: PublicKey,
+    site_name: String,
+    exporter: auth::Exporter,
+    auth_key: AuthKey,
+}
+
+async fn handle_connection(incoming: quinn::Incoming, id: ConnId, shared: Arc<Shared>) {
+    let remote = canonical(incoming.remote_address());
+    shared.pending_auth.fetch_add(1, Ordering::Relaxed);
+    let pending = PendingAuth(&shared.pending_auth);
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            debug!(%remote, error = %e, "QUIC handshake failed");
+            return;
+        }
+    };
+    let result =
+        match tokio::time::timeout(AUTH_TIMEOUT, authenticate(&conn, &shared, remote)).await {
+            Ok(result) => result,
+            Err(_) => Err(Some(Rejection {
+                code: CloseCode::Timeout,
+                message: format!("no valid hello within {} s", AUTH_TIMEOUT.as_secs()),
+            })),
+        };
+    drop(pending);
+    let authed = match result {
+        Ok(authed) => authed,
+        Err(Some(rejection)) => {
+            reject(&conn, None, rejection).await;
+            return;
+        }
+        Err(None) => return, // the connection went away
+    };
+    let span = tracing::info_span!("site", name = %authed.site_name);
+    run_session(conn, id, authed, shared, remote)
+        .instrument(span)
+        .await;
+}
+
+/// Sends `Reject` (if the stream is there), gives the site a moment to read
+/// it, and closes with the matching code.
+async fn reject(conn: &quinn::Connection, send: Option<&mut quinn::SendStream>, r: Rejection) {
+    if let Some(send) = send {
+        let frame = encode_frame(&RendezvousMessage::Reject {
+            code: r.code.as_u32(),
+            message: r.message.clone(),
+        });
+        if send.write_all(&frame).await.is_ok() {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+        }
+    }
+    conn.close(r.code.varint(), r.message.as_bytes());
+}
+
+/// Runs the authentication exchange. `Err(None)`: the connection is gone
+/// (nothing to tell the site).
+async fn authenticate(
+    conn: &quinn::Connection,
+    shared: &Shared,
+    remote: SocketAddr,
+) -> Result<Authenticated, Option<Rejection>> {
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|_| None)?;
+    let mut decoder = FrameDecoder::default();
+    let hello = match read_frame::<SiteMessage>(&mut recv, &mut decoder).await {
+        Ok(Some(m)) => m,
+        Ok(None) | Err(ReadFailure::Closed(_)) => return Err(None),
+        Err(ReadFailure::Protocol(message)) => {
+            return Err(Some(Rejection {
+                code: CloseCode::Protocol,
+                message,
+            }));
+        }
+    };
+    let mut exporter = [0u8; 32];
+    if conn
+        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, auth::EXPORTER_CONTEXT)
+        .is_err()
+    {
+        return Err(Some(Rejection {
+            code: CloseCode::Protocol,
+            message: "no TLS exporter".into(),
+        }));
+    }
+    let outcome = check_hello(shared, hello, &exporter, remote);
+    match outcome {
+        Ok((site_key, site_name, auth_key)) => Ok(Authenticated {
+            send,
+            recv,
+            decoder,
+            site_key,
+            site_name,
+            exporter,
+            auth_key,
+        }),
+        Err(rejection) => {
+            reject(conn, Some(&mut send), rejection).await;
+            Err(None)
+        }
+    }
+}
+
+/// Checks a site's `Hello`, logging one clear line for each rejection.
+fn check_hello(
+    shared: &Shared,
+    hello: SiteMessage,
+    exporter: &auth::Exporter,
+    remote: SocketAddr,
+) -> Result<(PublicKey, String, AuthKey), Rejection> {
+    let SiteMessage::Hello {
+        version,
+        site_key,
+        rendezvous_key,
+        proof,
+    } = hello
+    else {
+        return Err(Rejection {
+            code: CloseCode::Protocol,
+            message: "expected hello".into(),
+        });
+    };
+    let own = keys::encode_public(&shared.public);
+    if version != PROTOCOL_VERSION {
+        if shared.may_log_rejection() {
+            warn!(%remote, version, "rejected a site: unsupported protocol version {version} (this rendezvous speaks {PROTOCOL_VERSION}); run the same Causeway version on both");
+        }
+        return Err(Rejection {
+            code: CloseCode::Version,
+            message: format!(
+                "unsupported protocol version {version}; this rendezvous speaks {PROTOCOL_VERSION}"
+            ),
+        });
+    }
+    let site_text = keys::encode_bytes(&site_key.0);
+    if rendezvous_key.0 != shared.public.to_bytes() {
+        let pinned = keys::encode_bytes(&rendezvous_key.0);
+        if shared.may_log_rejection() {
+            warn!(%remote, site_key = %site_text, %pinned, "rejected a site: wrong rendezvous key; the site pinned {pinned} but this rendezvous' public key is {own}");
+        }
+        return Err(Rejection {
+            code: CloseCode::WrongRendezvousKey,
+            message: format!("the site pinned {pinned}, but this rendezvous' public key is {own}"),
+        });
+    }
+    let state = shared.lock();
+    let Some(name) = state.registry.site_name(&site_key.0).map(str::to_owned) else {
+        drop(state);
+        if shared.may_log_rejection() {
+            warn!(%remote, site_key = %site_text, "rejected a site: unknown site key {site_text}; add it as a [[site]] in the rendezvous config if it should connect");
+        }
+        return Err(Rejection {
+            code: CloseCode::UnknownSiteKey,
+            message: format!("unknown site key {site_text}: this rendezvous does not serve it"),
+        });
+    };
+    drop(state);
+    let site = PublicKey::from(site_key.0);
+    let key = AuthKey::derive(&shared.secret, &site);
+    let valid = key
+        .as_ref()
+        .is_some_and(|k| k.verify(Role::Site, exporter, &site, &shared.public, &proof.0));
+    match key {
+        Some(key) if valid => Ok((site, name, key)),
+        _ => {
+            if shared.may_log_rejection() {
+                warn!(%remote, site = %name, site_key = %site_text, "rejected a site: bad proof; it does not hold the private key of {site_text}, or its proof was made for another session (a man in the middle)");
+            }
+            Err(Rejection {
+                code: CloseCode::BadProof,
+                message: "bad proof".into(),
+            })
+        }
+    }
+}
+
+async fn run_session(
+    conn: quinn::Connection,
+    id: ConnId,
+    authed: Authenticated,
+    shared: Arc<Shared>,
+    remote: SocketAddr,
+) {
+    let Authenticated {
+        mut send,
+        mut recv,
+        mut decoder,
+        site_key,
+        site_name: _,
+        exporter,
+        auth_key,
+    } = authed;
+    let (tx, mut rx) = mpsc::channel(CONTROL_QUEUE);
+    let relay_id = {
+        let mut state = shared.lock();
+        let (relay_id, replaced, updates) = state.registry.connect(id, site_key.to_bytes());
+        if let Some(old) = replaced.and_then(|old| state.conns.remove(&old)) {
+            old.conn.close(
+                CloseCode::Replaced.varint(),
+                b"replaced by a newer connection of the same site",
+            );
+        }
+        state.conns.insert(
+            id,
+            ConnHandle {
+                conn: conn.clone(),
+                tx,
+            },
+        );
+        state.dispatch(updates);
+        relay_id
+    };
+    let welcome = RendezvousMessage::Welcome {
+        proof: Wire32(auth_key.proof(Role::Rendezvous, &exporter, &site_key, &shared.public)),
+        relay_id,
+        observed: remote,
+    };
+    info!(%remote, relay_id, site_key = %keys::encode_public(&site_key), "site connected");
+
+    let outcome: Result<(), (CloseCode, String)> = async {
+        write_frame(&mut send, &welcome)
+            .await
+            .map_err(|e| (CloseCode::Normal, e))?;
+        loop {
+            tokio::select! {
+                read = read_frame::<SiteMessage>(&mut recv, &mut decoder) => match read {
+                    Ok(Some(SiteMessage::Register { peers, candidates })) => {
+                        debug!(peers = peers.len(), candidates = ?candidates, "register");
+                        let mut state = shared.lock();
+                        let updates = state.registry.register(id, peers.into_iter().map(|k| k.0), candidates);
+                        state.dispatch(updates);
+                    }
+                    Ok(Some(SiteMessage::Hello { .. })) => {
+                        return Err((CloseCode::Protocol, "hello after authentication".into()));
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(ReadFailure::Closed(e)) => return Err((CloseCode::Normal, e)),
+                    Err(ReadFailure::Protocol(e)) => return Err((CloseCode::Protocol, e)),
+                },
+                message = rx.recv() => {
+                    let Some(message) = message else { return Ok(()) };
+                    write_frame(&mut send, &message)
+                        .await
+                        .map_err(|e| (CloseCode::Normal, e))?;
+                }
+                datagram = conn.read_datagram() => match datagram {
+                    Ok(d) => forward(&shared, id, d),
+                    Err(e) => return Err((CloseCode::Normal, e.to_string())),
+                },
+            }
+        }
+    }
+    .await;
+    match &outcome {
+        Ok(()) => conn.close(CloseCode::Normal.varint(), b"control stream closed"),
+        Err((code, reason)) => {
+            if *code != CloseCode::Normal {
+                warn!(%remote, %code, reason, "closing the site's connection");
+            }
+            conn.close(code.varint(), reason.as_bytes());
+        }
+    }
+    let reason = conn
+        .close_reason()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let mut state = shared.lock();
+    let updates = state.registry.disconnect(id);
+    state.dispatch(updates);
+    if state
+        .conns
+        .get(&id)
+        .is_some_and(|h| h.conn.stable_id() == conn.stable_id())
+    {
+        state.conns.remove(&id);
+    }
+    drop(state);
+    info!(%remote, %reason, "site disconnected");
+}
+
+/// Forwards one relay datagram from connection `from`, if its destination
+/// is a connected mutual peer.
+fn forward(shared: &Shared, from: ConnId, datagram: Bytes) {
+    let Ok((header, payload)) = relay::parse(&datagram) else {
+        shared.lock().registry.count_malformed(from);
+        return;
+    };
+    let route = {
+        let mut state = shared.lock();
+        match state
+            .registry
+            .route(from, header.relay_id, payload.len(), header.offset == 0)
+        {
+            Ok((to, src_id)) => state.conns.get(&to).map(|h| (h.conn.clone(), src_id)),
+            Err(e) => {
+                if e == RouteError::NotAuthorized {
+                    debug!(dst = header.relay_id, "relay refused: not a mutual peer");
+                }
+                None
+            }
+        }
+    };
+    let Some((to, src_id)) = route else { return };
+    let Some(max) = to.max_datagram_size() else {
+        return;
+    };
+    match relay::readdress(header, payload, src_id, max) {
+        Ok(datagrams) => {
+            for d in datagrams {
+                if to.send_datagram(d).is_err() {
+                    break;
+                }
+            }
+        }
+        Err(e) => debug!(error = %e, "relay datagram not forwarded"),
+    }
+}

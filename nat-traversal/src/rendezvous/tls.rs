@@ -1,0 +1,137 @@
+//! QUIC/TLS configuration of both ends.
+//!
+//! The rendezvous presents a fresh self-signed certificate (rcgen) on every
+//! start. Sites do not judge the certificate: who the rendezvous is is
+//! proven in-band by its X25519 key, bound to this TLS session (see
+//! [`super::auth`]). The client still checks the TLS 1.3 CertificateVerify
+//! signature with the presented certificate, so the handshake is a normal
+//! one where the server holds the key of the certificate it shows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use super::proto::ALPN;
+
+/// The TLS server name sites ask for (SNI) and the certificate names.
+pub(crate) const SERVER_NAME: &str = "causeway-rendezvous";
+/// QUIC keep-alive sent by sites.
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A connection silent for this long is closed (on both ends).
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why the TLS configuration could not be built (never expected).
+#[derive(Debug, thiserror::Error)]
+#[error("TLS setup failed: {0}")]
+pub struct TlsError(String);
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Transport settings; `for_site`: the site's side (which sends keep-alives
+/// and accepts no streams).
+fn transport(for_site: bool) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // One control stream, opened by the site.
+    t.max_concurrent_bidi_streams(if for_site { 0u8 } else { 1u8 }.into());
+    t.max_concurrent_uni_streams(0u8.into());
+    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+        t.max_idle_timeout(Some(idle));
+    }
+    if for_site {
+        t.keep_alive_interval(Some(KEEP_ALIVE));
+    }
+    Arc::new(t)
+}
+
+/// The rendezvous' QUIC server configuration, with a new self-signed
+/// certificate.
+pub(crate) fn server_config() -> Result<quinn::ServerConfig, TlsError> {
+    let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])
+        .map_err(|e| TlsError(format!("certificate generation: {e}")))?;
+    let cert: CertificateDer<'static> = certified.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .map_err(|e| TlsError(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(transport(false));
+    Ok(config)
+}
+
+/// A site's QUIC client configuration.
+pub(crate) fn client_config() -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SignatureOnly(provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.enable_early_data = false;
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport(true));
+    Ok(config)
+}
+
+/// Accepts any certificate, but checks the handshake signature made with it.
+#[derive(Debug)]
+struct SignatureOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for SignatureOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // Identity is proven in-band (auth.rs), bound to this session.
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // QUIC is TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

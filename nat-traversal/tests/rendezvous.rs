@@ -1,0 +1,728 @@
+#![allow(clippy::unwrap_used)] // tests may panic
+//! The rendezvous over loopback: a real server and real clients on one
+//! current-thread tokio runtime, ports bound to 0.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use causeway_nat::rendezvous::{
+    ConnectError, RelayError, RendezvousClient, RendezvousEvent, RendezvousServer, ServerStats,
+    SiteEntry,
+};
+use causeway_nat::stun;
+use rand::RngCore;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+const WAIT: Duration = Duration::from_secs(5);
+/// How long "nothing happens" is watched for.
+const QUIET: Duration = Duration::from_millis(400);
+
+fn keypair() -> (StaticSecret, PublicKey) {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let secret = StaticSecret::from(bytes);
+    let public = PublicKey::from(&secret);
+    (secret, public)
+}
+
+struct Site {
+    name: &'static str,
+    secret: StaticSecret,
+    public: PublicKey,
+}
+
+fn site(name: &'static str) -> Site {
+    let (secret, public) = keypair();
+    Site {
+        name,
+        secret,
+        public,
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    stun: SocketAddr,
+    public: PublicKey,
+    stats: ServerStats,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        timeout(WAIT, self.task).await.unwrap().unwrap();
+    }
+}
+
+fn start_server_on(secret: StaticSecret, sites: &[&Site], quic: UdpSocket) -> Server {
+    let stun_socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let entries: Vec<SiteEntry> = sites
+        .iter()
+        .map(|s| SiteEntry {
+            name: s.name.into(),
+            public_key: s.public,
+        })
+        .collect();
+    let server = RendezvousServer::with_sockets(secret, &entries, quic, Some(stun_socket));
+    let addr = server.quic_addr().unwrap();
+    let stun = server.stun_addr().unwrap();
+    let public = server.public_key();
+    let stats = server.stats();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    Server {
+        addr,
+        stun,
+        public,
+        stats,
+        stop: Some(tx),
+        task,
+    }
+}
+
+fn start_server(sites: &[&Site]) -> (Server, StaticSecret) {
+    let (secret, _) = keypair();
+    let quic = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let server = start_server_on(secret.clone(), sites, quic);
+    (server, secret)
+}
+
+async fn connect(
+    server: &Server,
+    s: &Site,
+    peers: &[&Site],
+) -> Result<RendezvousClient, ConnectError> {
+    RendezvousClient::connect(
+        server.addr,
+        server.public,
+        s.secret.clone(),
+        peers.iter().map(|p| p.public).collect(),
+    )
+    .await
+}
+
+async fn next(client: &mut RendezvousClient) -> RendezvousEvent {
+    timeout(WAIT, client.next_event())
+        .await
+        .expect("an event in time")
+        .expect("the client is alive")
+}
+
+/// The next event that is not `Connected`.
+async fn next_update(client: &mut RendezvousClient) -> RendezvousEvent {
+    loop {
+        match next(client).await {
+            RendezvousEvent::Connected { .. } => continue,
+            e => return e,
+        }
+    }
+}
+
+/// The next `PeerUpdate` (skipping connection events, e.g. failed
+/// reconnection attempts).
+async fn next_peer_update(client: &mut RendezvousClient) -> RendezvousEvent {
+    loop {
+        match next(client).await {
+            RendezvousEvent::Connected { .. } | RendezvousEvent::Disconnected { .. } => continue,
+            e => return e,
+        }
+    }
+}
+
+async fn assert_quiet(client: &mut RendezvousClient) {
+    let event = timeout(QUIET, client.next_event()).await;
+    assert!(event.is_err(), "unexpected event: {event:?}");
+}
+
+async fn expect_online(client: &mut RendezvousClient, peer: &Site, candidates: &[SocketAddr]) {
+    match next_peer_update(client).await {
+        RendezvousEvent::PeerUpdate {
+            peer: p,
+            candidates: c,
+            online: true,
+        } => {
+            assert_eq!(p, peer.public, "update about {}", peer.name);
+            assert_eq!(c, candidates);
+        }
+        e => panic!("expected {} online, got {e:?}", peer.name),
+    }
+}
+
+#[tokio::test]
+async fn site_authenticates_and_learns_its_observed_address() {
+    let a = site("a");
+    let (server, _) = start_server(&[&a]);
+    let mut client = connect(&server, &a, &[]).await.unwrap();
+    match next(&mut client).await {
+        RendezvousEvent::Connected { observed } => {
+            assert_eq!(
+                observed.ip(),
+                "127.0.0.1".parse::<std::net::IpAddr>().unwrap()
+            );
+            assert_ne!(observed.port(), 0);
+            assert_ne!(observed, server.addr);
+        }
+        e => panic!("{e:?}"),
+    }
+    let handle = client.handle();
+    assert!(handle.is_connected());
+    let stats = server.stats.site("a").unwrap();
+    assert!(stats.connected);
+    assert_eq!(stats.public_key, a.public);
+    client.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_site_is_rejected() {
+    let a = site("a");
+    let stranger = site("stranger");
+    let (server, _) = start_server(&[&a]);
+    let err = connect(&server, &stranger, &[&a])
+        .await
+        .err()
+        .expect("rejected");
+    assert!(
+        matches!(err, ConnectError::UnknownSiteKey { .. }),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("unknown site key"), "{text}");
+    assert!(
+        text.contains(&causeway_nat_key(&stranger.public)),
+        "names the key: {text}"
+    );
+    assert!(!server.stats.site("a").unwrap().connected);
+    server.stop().await;
+}
+
+fn causeway_nat_key(key: &PublicKey) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(key.as_bytes())
+}
+
+#[tokio::test]
+async fn wrong_pinned_rendezvous_key_is_rejected() {
+    let a = site("a");
+    let (server, _) = start_server(&[&a]);
+    let (_, wrong) = keypair();
+    let err = RendezvousClient::connect(server.addr, wrong, a.secret.clone(), vec![])
+        .await
+        .err()
+        .expect("rejected");
+    assert!(
+        matches!(err, ConnectError::WrongRendezvousKey { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("wrong rendezvous key"), "{err}");
+    assert!(!server.stats.site("a").unwrap().connected);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn introductions_only_between_sites_that_list_each_other() {
+    let a = site("a");
+    let b = site("b");
+    let c = site("c");
+    let (server, _) = start_server(&[&a, &b, &c]);
+    let mut ca = connect(&server, &a, &[&b]).await.unwrap();
+    let mut cb = connect(&server, &b, &[&a]).await.unwrap();
+    // C lists A, but A does not list C.
+    let mut cc = connect(&server, &c, &[&a]).await.unwrap();
+
+    expect_online(&mut ca, &b, &[]).await;
+    expect_online(&mut cb, &a, &[]).await;
+    assert!(matches!(
+        next(&mut cc).await,
+        RendezvousEvent::Connected { .. }
+    ));
+    assert_quiet(&mut cc).await;
+    assert_quiet(&mut ca).await;
+
+    // Candidates flow to mutual peers only.
+    let cands: Vec<SocketAddr> = vec![
+        "192.0.2.10:51820".parse().unwrap(),
+        "[2001:db8::1]:51820".parse().unwrap(),
+    ];
+    ca.update_candidates(cands.clone());
+    expect_online(&mut cb, &a, &cands).await;
+    assert_quiet(&mut cc).await;
+    cc.update_candidates(vec!["198.51.100.1:1".parse().unwrap()]);
+    assert_quiet(&mut ca).await;
+
+    // C cannot relay to A: it never learned A's relay id.
+    assert_eq!(
+        cc.send_relay(&a.public, &[1, 2, 3]),
+        Err(RelayError::PeerUnavailable)
+    );
+
+    // B leaves: A hears it; C hears nothing.
+    cb.close().await;
+    match next_update(&mut ca).await {
+        RendezvousEvent::PeerUpdate {
+            peer,
+            online: false,
+            candidates,
+        } => {
+            assert_eq!(peer, b.public);
+            assert!(candidates.is_empty());
+        }
+        e => panic!("{e:?}"),
+    }
+    // A drops C from nothing, adds C: now mutual, both learn.
+    ca.update_peers(vec![b.public, c.public]);
+    expect_online(&mut cc, &a, &cands).await;
+    match next_update(&mut ca).await {
+        RendezvousEvent::PeerUpdate {
+            peer,
+            online: true,
+            candidates,
+        } => {
+            assert_eq!(peer, c.public);
+            assert_eq!(
+                candidates,
+                vec!["198.51.100.1:1".parse::<SocketAddr>().unwrap()]
+            );
+        }
+        e => panic!("{e:?}"),
+    }
+    ca.close().await;
+    cc.close().await;
+    server.stop().await;
+}
+
+fn packet(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Sends until the packet arrives (datagrams may be lost, even on loopback
+/// under load); returns how many sends it took.
+async fn relay_once(
+    from: &RendezvousClient,
+    to: &mut RendezvousClient,
+    from_key: &PublicKey,
+    to_key: &PublicKey,
+    pkt: &[u8],
+) -> usize {
+    for attempt in 1..=5 {
+        from.send_relay(to_key, pkt).unwrap();
+        let got = timeout(Duration::from_millis(1000), async {
+            loop {
+                match to.next_event().await {
+                    Some(RendezvousEvent::Relayed { from, packet }) => return (from, packet),
+                    Some(_) => continue,
+                    None => panic!("client gone"),
+                }
+            }
+        })
+        .await;
+        if let Ok((from, packet)) = got {
+            assert_eq!(&from, from_key);
+            assert_eq!(packet, pkt, "byte-exact");
+            return attempt;
+        }
+    }
+    panic!("packet of {} bytes never relayed", pkt.len());
+}
+
+#[tokio::test]
+async fn relay_carries_full_size_and_small_packets_both_ways() {
+    let a = site("a");
+    let b = site("b");
+    let (server, _) = start_server(&[&a, &b]);
+    let mut ca = connect(&server, &a, &[&b]).await.unwrap();
+    let mut cb = connect(&server, &b, &[&a]).await.unwrap();
+    expect_online(&mut ca, &b, &[]).await;
+    expect_online(&mut cb, &a, &[]).await;
+
+    // 1452 bytes: a full-size WireGuard packet of a 1420-MTU tunnel, larger
+    // than one QUIC datagram.
+    let mut sends = 0;
+    for (len, seed) in [(1452, 1), (60, 2), (1452, 3), (1, 4), (9000, 5)] {
+        sends += relay_once(&ca, &mut cb, &a.public, &b.public, &packet(len, seed)).await;
+        sends += relay_once(&cb, &mut ca, &b.public, &a.public, &packet(len, seed + 100)).await;
+    }
+    let sa = server.stats.site("a").unwrap();
+    let sb = server.stats.site("b").unwrap();
+    // Every send reached the rendezvous as one packet.
+    assert_eq!(sa.relayed_packets + sb.relayed_packets, sends as u64);
+    assert!(sa.relayed_bytes >= 1452 * 2 + 60 + 1 + 9000);
+    assert_eq!(sa.relay_dropped, 0);
+    let stats = ca.handle().stats();
+    assert!(stats.relay_received_packets >= 5);
+    assert_eq!(stats.relay_malformed, 0);
+    // The 1452- and 9000-byte packets were fragmented: more datagrams than
+    // packets.
+    assert!(
+        stats.relay_sent_datagrams >= stats.relay_sent_packets + 1 + 1 + 6,
+        "{stats:?}"
+    );
+
+    // Too large for the relay.
+    assert!(matches!(
+        ca.send_relay(&b.public, &vec![0; 70_000]),
+        Err(RelayError::Fragment(_))
+    ));
+    ca.close().await;
+    cb.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn clients_reconnect_and_reregister_after_a_rendezvous_restart() {
+    let a = site("a");
+    let b = site("b");
+    let (server, secret) = start_server(&[&a, &b]);
+    let addr = server.addr;
+    let mut ca = connect(&server, &a, &[&b]).await.unwrap();
+    let mut cb = connect(&server, &b, &[&a]).await.unwrap();
+    expect_online(&mut ca, &b, &[]).await;
+    expect_online(&mut cb, &a, &[]).await;
+    let cands: Vec<SocketAddr> = vec!["192.0.2.7:51820".parse().unwrap()];
+    ca.update_candidates(cands.clone());
+    expect_online(&mut cb, &a, &cands).await;
+
+    server.stop().await;
+    for (client, peer) in [(&mut ca, &b), (&mut cb, &a)] {
+        match next_update(client).await {
+            RendezvousEvent::PeerUpdate {
+                peer: p,
+                online: false,
+                ..
+            } => assert_eq!(p, peer.public),
+            e => panic!("{e:?}"),
+        }
+        assert!(matches!(
+            next(client).await,
+            RendezvousEvent::Disconnected { .. }
+        ));
+        assert!(!client.handle().is_connected());
+    }
+    assert_eq!(
+        ca.send_relay(&b.public, &[1]),
+        Err(RelayError::NotConnected)
+    );
+
+    // The same rendezvous comes back on the same port.
+    let quic = loop {
+        match UdpSocket::bind(addr) {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let server = start_server_on(secret, &[&a, &b], quic);
+    // Both reconnect (backoff from 250 ms) and re-register, with the
+    // candidates A had.
+    expect_online(&mut ca, &b, &[]).await;
+    expect_online(&mut cb, &a, &cands).await;
+    relay_once(&ca, &mut cb, &a.public, &b.public, &packet(1452, 9)).await;
+    relay_once(&cb, &mut ca, &b.public, &a.public, &packet(60, 9)).await;
+    assert_eq!(ca.handle().stats().connections, 2);
+    ca.close().await;
+    cb.close().await;
+    server.stop().await;
+}
+
+/// Decodes XOR-MAPPED-ADDRESS by hand (independently of the stun module).
+fn xor_mapped(response: &[u8], tx: &[u8; 12]) -> SocketAddr {
+    assert_eq!(&response[0..2], &[0x01, 0x01], "Binding success");
+    assert_eq!(&response[4..8], &[0x21, 0x12, 0xA4, 0x42]);
+    assert_eq!(&response[8..20], tx);
+    let mut at = 20;
+    while at + 4 <= response.len() {
+        let kind = u16::from_be_bytes([response[at], response[at + 1]]);
+        let len = usize::from(u16::from_be_bytes([response[at + 2], response[at + 3]]));
+        let value = &response[at + 4..at + 4 + len];
+        if kind == 0x0020 {
+            let port = u16::from_be_bytes([value[2], value[3]]) ^ 0x2112;
+            return match value[1] {
+                1 => {
+                    let ip =
+                        u32::from_be_bytes([value[4], value[5], value[6], value[7]]) ^ 0x2112_A442;
+                    SocketAddr::from((std::net::Ipv4Addr::from(ip), port))
+                }
+                2 => {
+                    let mut mask = [0u8; 16];
+                    mask[..4].copy_from_slice(&0x2112_A442u32.to_be_bytes());
+                    mask[4..].copy_from_slice(tx);
+                    let mut ip = [0u8; 16];
+                    for i in 0..16 {
+                        ip[i] = value[4 + i] ^ mask[i];
+                    }
+                    SocketAddr::from((std::net::Ipv6Addr::from(ip), port))
+                }
+                f => panic!("family {f}"),
+            };
+        }
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    panic!("no XOR-MAPPED-ADDRESS");
+}
+
+#[tokio::test]
+async fn stun_responder_answers_with_the_mapped_address() {
+    let a = site("a");
+    let (server, _) = start_server(&[&a]);
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = client.local_addr().unwrap();
+    let tx = stun::TransactionId([7; 12]);
+    let mut req = [0u8; stun::BINDING_REQUEST_LEN];
+    let n = stun::encode_binding_request(&tx, &mut req);
+    // Garbage first: ignored, no answer, no crash.
+    client.send_to(b"hello", server.stun).await.unwrap();
+    client.send_to(&req[..n], server.stun).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (len, from) = timeout(WAIT, client.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(from, server.stun);
+    assert_eq!(xor_mapped(&buf[..len], &tx.0), local);
+    match stun::parse(&buf[..len]).unwrap() {
+        stun::StunMessage::BindingSuccess { tx: t, mapped } => {
+            assert_eq!(t, tx);
+            assert_eq!(mapped, local);
+        }
+        m => panic!("{m:?}"),
+    }
+    assert_eq!(server.stats.stun_answered(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn stun_responder_on_ipv6_loopback() {
+    let Ok(stun_socket) = UdpSocket::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    };
+    let a = site("a");
+    let (secret, _) = keypair();
+    let quic = UdpSocket::bind("[::1]:0").unwrap();
+    let entries = [SiteEntry {
+        name: "a".into(),
+        public_key: a.public,
+    }];
+    let server = RendezvousServer::with_sockets(secret, &entries, quic, Some(stun_socket));
+    let stun_addr = server.stun_addr().unwrap();
+    let quic_addr = server.quic_addr().unwrap();
+    let pinned = server.public_key();
+    let (tx_stop, rx_stop) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = rx_stop.await;
+    }));
+    let client = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
+    let tx = stun::TransactionId([9; 12]);
+    let mut req = [0u8; stun::BINDING_REQUEST_LEN];
+    let n = stun::encode_binding_request(&tx, &mut req);
+    client.send_to(&req[..n], stun_addr).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (len, _) = timeout(WAIT, client.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(xor_mapped(&buf[..len], &tx.0), client.local_addr().unwrap());
+    // And a site over IPv6.
+    let mut c = RendezvousClient::connect(quic_addr, pinned, a.secret.clone(), vec![])
+        .await
+        .unwrap();
+    match next(&mut c).await {
+        RendezvousEvent::Connected { observed } => {
+            assert!(observed.ip().is_loopback() && observed.is_ipv6())
+        }
+        e => panic!("{e:?}"),
+    }
+    c.close().await;
+    let _ = tx_stop.send(());
+    timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+}
+
+#[test]
+fn client_runs_on_a_current_thread_runtime() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let a = site("a");
+        let b = site("b");
+        let (server, _) = start_server(&[&a, &b]);
+        let mut ca = connect(&server, &a, &[&b]).await.unwrap();
+        let mut cb = connect(&server, &b, &[&a]).await.unwrap();
+        expect_online(&mut ca, &b, &[]).await;
+        expect_online(&mut cb, &a, &[]).await;
+        relay_once(&ca, &mut cb, &a.public, &b.public, &packet(1452, 1)).await;
+        drop(ca);
+        // Dropping a client closes its connection: B hears A leave.
+        match next_update(&mut cb).await {
+            RendezvousEvent::PeerUpdate {
+                online: false,
+                peer,
+                ..
+            } => assert_eq!(peer, a.public),
+            e => panic!("{e:?}"),
+        }
+        cb.close().await;
+        server.stop().await;
+    });
+}
+
+#[test]
+fn public_types_can_move_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<RendezvousClient>();
+    send_sync::<causeway_nat::rendezvous::RendezvousHandle>();
+    send_sync::<RendezvousServer>();
+    send_sync::<ServerStats>();
+    fn send<T: Send>(_: &T) {}
+    let (secret, _) = keypair();
+    let server =
+        RendezvousServer::with_sockets(secret, &[], UdpSocket::bind("127.0.0.1:0").unwrap(), None);
+    send(&server.run(std::future::pending::<()>()));
+}
+
+/// Captures log output in memory.
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+impl Capture {
+    fn take(&self) -> Vec<String> {
+        let bytes = std::mem::take(&mut *self.0.lock().unwrap());
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[test]
+fn each_rejection_logs_one_clear_line_on_each_side() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(capture.clone())
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let a = site("a");
+        let stranger = site("stranger");
+        let (server, _) = start_server(&[&a]);
+        let key = causeway_nat_key(&stranger.public);
+
+        connect(&server, &stranger, &[]).await.err().unwrap();
+        let lines = capture.take();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        let server_line = lines
+            .iter()
+            .find(|l| l.contains("rejected a site"))
+            .unwrap();
+        assert!(server_line.contains("WARN"), "{server_line}");
+        assert!(
+            server_line.contains(&format!("unknown site key {key}")),
+            "{server_line}"
+        );
+        let client_line = lines
+            .iter()
+            .find(|l| l.contains("rejected this site"))
+            .unwrap();
+        assert!(client_line.contains("ERROR"), "{client_line}");
+        assert!(
+            client_line.contains(&format!("unknown site key {key}")),
+            "{client_line}"
+        );
+
+        let (_, wrong) = keypair();
+        RendezvousClient::connect(server.addr, wrong, a.secret.clone(), vec![])
+            .await
+            .err()
+            .unwrap();
+        let lines = capture.take();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("WARN") && l.contains("rejected a site: wrong rendezvous key")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("ERROR") && l.contains("wrong rendezvous key for")),
+            "{lines:#?}"
+        );
+        server.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn started_client_connects_once_the_rendezvous_is_up() {
+    let a = site("a");
+    let b = site("b");
+    // Reserve an address, then free it: nothing listens there yet.
+    let addr = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (secret, _) = keypair();
+    let pinned = PublicKey::from(&secret);
+    let mut ca = RendezvousClient::start(addr, pinned, a.secret.clone(), vec![b.public]).unwrap();
+    let mut cb = RendezvousClient::start(addr, pinned, b.secret.clone(), vec![a.public]).unwrap();
+    assert!(!ca.handle().is_connected());
+    assert_eq!(
+        ca.send_relay(&b.public, &[1]),
+        Err(RelayError::NotConnected)
+    );
+    // The first attempts fail (nothing answers; QUIC waits for its handshake
+    // timeout or an ICMP error) and are reported.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let server = start_server_on(secret, &[&a, &b], UdpSocket::bind(addr).unwrap());
+    let long = Duration::from_secs(30);
+    timeout(long, expect_online(&mut ca, &b, &[]))
+        .await
+        .unwrap();
+    timeout(long, expect_online(&mut cb, &a, &[]))
+        .await
+        .unwrap();
+    relay_once(&ca, &mut cb, &a.public, &b.public, &packet(1452, 3)).await;
+    ca.close().await;
+    cb.close().await;
+    server.stop().await;
+}
