@@ -1,0 +1,443 @@
+//! The Kubernetes manifests: every file is part of its kustomization, every
+//! object validates against the Kubernetes schemas (strict: unknown fields
+//! are errors) of the oldest and newest versions we support, the rendered
+//! kustomizations too, and the manifests agree with the daemon and with each
+//! other (paths, ports, keys).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use causeway_deploy_check::{Validators, both, kustomize_build, or_skip, repo_root};
+use serde_json::Value;
+
+/// The Kubernetes versions the manifests are checked against: the oldest
+/// supported (docs/deploy.md) and the newest the schemas know.
+const KUBERNETES: [&str; 2] = ["1.28.0", "1.37.0"];
+
+fn work() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("deploy-check")
+}
+
+fn kube() -> PathBuf {
+    repo_root().join("deploy/kubernetes")
+}
+
+/// Every directory under deploy/kubernetes that holds a kustomization.
+fn kustomizations() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![kube()];
+    while let Some(dir) = pending.pop() {
+        if dir.join("kustomization.yaml").is_file() {
+            found.push(dir.clone());
+        }
+        for entry in fs::read_dir(&dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    found.sort();
+    assert!(
+        found.len() >= 5,
+        "expected the two bases and three examples, found {found:?}"
+    );
+    found
+}
+
+/// The YAML files of a kustomization directory other than kustomization.yaml.
+fn manifests_in(dir: &Path) -> BTreeSet<String> {
+    fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .collect()
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn validators() -> Option<Validators> {
+    or_skip("kubernetes-validate (PyPI)", Validators::get(&work()))
+}
+
+#[test]
+fn every_manifest_is_listed_in_its_kustomization() {
+    let Some(v) = validators() else { return };
+    for dir in kustomizations() {
+        let k = &v.yaml_documents(&dir.join("kustomization.yaml"))[0];
+        let resources = strings(&k["resources"]);
+        for resource in &resources {
+            let path = dir.join(resource);
+            assert!(
+                path.is_file() || path.join("kustomization.yaml").is_file(),
+                "{}: resource {resource} does not exist",
+                dir.display()
+            );
+        }
+        let listed: BTreeSet<String> = resources
+            .iter()
+            .filter(|r| r.ends_with(".yaml"))
+            .cloned()
+            .collect();
+        assert_eq!(
+            listed,
+            manifests_in(&dir),
+            "{}: the YAML files and resources: differ",
+            dir.display()
+        );
+        for generator in k["configMapGenerator"].as_array().into_iter().flatten() {
+            for file in strings(&generator["files"]) {
+                assert!(
+                    dir.join(&file).is_file(),
+                    "{}: generator file {file} is missing",
+                    dir.display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn manifests_validate_against_the_kubernetes_schemas() {
+    let Some(v) = validators() else { return };
+    // The files as written (this needs no kustomize)...
+    let mut files: Vec<PathBuf> = kustomizations()
+        .iter()
+        .flat_map(|dir| {
+            manifests_in(dir)
+                .into_iter()
+                .map(move |name| dir.join(name))
+        })
+        .collect();
+    // ...and what `kubectl apply -k` would send, generated ConfigMaps,
+    // namespaces and images included.
+    let rendered = tempfile::tempdir().expect("tempdir");
+    let mut rendered_any = false;
+    for dir in kustomizations() {
+        match kustomize_build(&dir) {
+            Some(Ok(yaml)) => {
+                let name = dir
+                    .strip_prefix(kube())
+                    .expect("under kube")
+                    .to_string_lossy()
+                    .replace('/', "-");
+                let file = rendered.path().join(format!("{name}.rendered.yaml"));
+                fs::write(&file, yaml).expect("write rendered");
+                files.push(file);
+                rendered_any = true;
+            }
+            Some(Err(e)) => panic!("kubectl kustomize {} failed: {e}", dir.display()),
+            None => break,
+        }
+    }
+    if !rendered_any {
+        eprintln!(
+            "NOTE: kubectl is not installed, so the kustomizations were not rendered; \
+             the files were validated one by one and every_manifest_is_listed_in_its_kustomization \
+             checks that the kustomizations list them"
+        );
+    }
+    for version in KUBERNETES {
+        let out = v.kubernetes_validate(version, &files);
+        assert!(
+            out.status.success(),
+            "kubernetes-validate {version}:\n{}",
+            both(&out)
+        );
+    }
+}
+
+/// The validator must catch what it is there to catch.
+#[test]
+fn the_schema_validation_rejects_an_unknown_field() {
+    let Some(v) = validators() else { return };
+    let text = fs::read_to_string(kube().join("gateway/daemonset.yaml")).expect("read");
+    let broken = text.replacen("hostNetwork: true", "hostNetwrk: true", 1);
+    assert_ne!(text, broken);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("daemonset.yaml");
+    fs::write(&file, broken).expect("write");
+    let out = v.kubernetes_validate(KUBERNETES[1], &[file]);
+    assert!(
+        !out.status.success() && both(&out).contains("hostNetwrk"),
+        "{}",
+        both(&out)
+    );
+}
+
+fn only(v: &Validators, path: &str) -> Value {
+    let mut docs = v.yaml_documents(&kube().join(path));
+    assert_eq!(docs.len(), 1, "{path}: one object per file");
+    docs.remove(0)
+}
+
+fn container(workload: &Value) -> &Value {
+    let containers = workload["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers");
+    assert_eq!(containers.len(), 1);
+    &containers[0]
+}
+
+fn arg<'a>(container: &'a Value, flag: &str) -> &'a str {
+    container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .find_map(|a| a.as_str()?.strip_prefix(flag)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {flag}= in {}", container["args"]))
+}
+
+fn mount_path<'a>(container: &'a Value, volume: &str) -> &'a str {
+    let mount = container["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["name"] == volume)
+        .unwrap_or_else(|| panic!("no mount of {volume}"));
+    assert!(
+        mount.get("subPath").is_none(),
+        "{volume} is mounted with subPath: its updates would never arrive"
+    );
+    mount["mountPath"].as_str().expect("mountPath")
+}
+
+fn volume<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+fn port(container: &Value, name: &str) -> (i64, String) {
+    let p = container["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no port {name}"));
+    (
+        p["containerPort"].as_i64().expect("containerPort"),
+        p["protocol"].as_str().unwrap_or("TCP").to_owned(),
+    )
+}
+
+/// The directory and file name of a path such as /etc/causeway/causeway.toml.
+fn split(path: &str) -> (&str, &str) {
+    path.rsplit_once('/').expect("an absolute path")
+}
+
+fn example_site(name: &str) -> causeway::config::Config {
+    let path = kube().join("examples").join(name).join("causeway.toml");
+    let text = fs::read_to_string(&path).expect("read example");
+    causeway::config::parse(&text, &path.display().to_string()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn gateway_daemonset_fits_the_daemon() {
+    let Some(v) = validators() else { return };
+    let ds = only(&v, "gateway/daemonset.yaml");
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = container(&ds);
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["nodeSelector"]["causeway.io/gateway"], "true");
+    assert_eq!(
+        c["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN"])
+    );
+    assert_eq!(
+        c["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["privileged"], false);
+    assert_eq!(c["args"][0], "up");
+
+    // The probes and the metrics listener are the same port.
+    let (metrics, proto) = port(c, "metrics");
+    assert_eq!(proto, "TCP");
+    assert!(arg(c, "--metrics-listen").ends_with(&format!(":{metrics}")));
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(c[probe]["httpGet"]["path"], path);
+        assert_eq!(c[probe]["httpGet"]["port"], "metrics");
+    }
+    assert!(
+        c["resources"]["requests"]["cpu"].is_string()
+            && c["resources"]["limits"]["memory"].is_string()
+    );
+
+    // The config is the ConfigMap, mounted as a directory.
+    let (config_dir, config_file) = split(arg(c, "--config"));
+    assert_eq!(mount_path(c, "config"), config_dir);
+    assert_eq!(
+        volume(&ds, "config")["configMap"]["name"],
+        "causeway-config"
+    );
+    for kustomization in ["examples/pharma", "examples/hospital"] {
+        let k = only(&v, &format!("{kustomization}/kustomization.yaml"));
+        let generator = &k["configMapGenerator"][0];
+        assert_eq!(generator["name"], "causeway-config");
+        assert_eq!(strings(&generator["files"]), [config_file]);
+        assert_eq!(
+            k["generatorOptions"]["disableNameSuffixHash"], true,
+            "a hash suffix turns reloads into restarts"
+        );
+    }
+
+    // What the example configs point at is where the DaemonSet puts it.
+    let key_dir = mount_path(c, "private-key");
+    let key_volume = volume(&ds, "private-key");
+    assert_eq!(key_volume["secret"]["secretName"], "causeway-key");
+    assert_eq!(
+        key_volume["secret"]["defaultMode"], 0o400,
+        "the daemon warns about a key others can read"
+    );
+    let state = volume(&ds, "state");
+    assert_eq!(
+        state["hostPath"]["path"],
+        mount_path(c, "state"),
+        "the same path on the node and in the pod"
+    );
+    for name in ["pharma", "hospital"] {
+        let site = example_site(name).site;
+        assert_eq!(
+            site.private_key_file,
+            Path::new(key_dir).join("private.key"),
+            "{name}"
+        );
+        assert_eq!(
+            site.state_dir,
+            Path::new(mount_path(c, "state")),
+            "{name}: views.json must be on the hostPath"
+        );
+        assert_eq!(
+            site.control_socket.parent(),
+            Some(Path::new(mount_path(c, "run"))),
+            "{name}: `kubectl exec … causeway status` looks there"
+        );
+        let (wireguard, proto) = port(c, "wireguard");
+        assert_eq!(
+            (i64::from(site.listen_port), proto.as_str()),
+            (wireguard, "UDP"),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        volume(&ds, "dev-net-tun")["hostPath"],
+        serde_json::json!({"path": "/dev/net/tun", "type": "CharDevice"})
+    );
+    assert_eq!(mount_path(c, "dev-net-tun"), "/dev/net/tun");
+    assert_eq!(state["hostPath"]["type"], "DirectoryOrCreate");
+}
+
+#[test]
+fn rendezvous_fits_the_daemon_and_the_sites() {
+    let Some(v) = validators() else { return };
+    let deployment = only(&v, "rendezvous/deployment.yaml");
+    let service = only(&v, "rendezvous/service.yaml");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let c = container(&deployment);
+    assert_eq!(
+        deployment["spec"]["replicas"], 1,
+        "sites meet only on the same instance"
+    );
+    assert_eq!(c["args"][0], "rendezvous");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        c["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    assert!(c["securityContext"]["capabilities"].get("add").is_none());
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+
+    // STUN must see the sites' own addresses: no SNAT on the way in.
+    assert_eq!(service["spec"]["externalTrafficPolicy"], "Local");
+    assert_eq!(
+        service["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    let mut exposed = Vec::new();
+    for p in service["spec"]["ports"].as_array().expect("ports") {
+        let name = p["targetPort"].as_str().expect("named targetPort");
+        let (target, proto) = port(c, name);
+        assert_eq!(p["protocol"], proto.as_str());
+        assert_eq!(
+            p["port"], target,
+            "{name}: the sites dial the same port as the pod listens on"
+        );
+        exposed.push((name.to_owned(), target, proto));
+    }
+    exposed.sort();
+    assert_eq!(
+        exposed,
+        [
+            ("quic".to_owned(), 7443, "UDP".to_owned()),
+            ("stun".to_owned(), 3478, "UDP".to_owned())
+        ]
+    );
+
+    // The example rendezvous config: where the Deployment mounts things,
+    // the ports it exposes, and the sites' keys.
+    let (config_dir, config_file) = split(arg(c, "--config"));
+    assert_eq!(mount_path(c, "config"), config_dir);
+    let path = kube().join("examples/rendezvous").join(config_file);
+    let config: toml::Table =
+        toml::from_str(&fs::read_to_string(&path).expect("read")).expect("TOML");
+    assert_eq!(
+        config["private_key_file"].as_str(),
+        Some(format!("{}/private.key", mount_path(c, "private-key")).as_str())
+    );
+    assert!(
+        config["listen"]
+            .as_str()
+            .expect("listen")
+            .ends_with(":7443")
+    );
+    assert!(
+        config["stun_listen"]
+            .as_str()
+            .expect("stun_listen")
+            .ends_with(":3478")
+    );
+    let registered: BTreeSet<(String, String)> = config["site"]
+        .as_array()
+        .expect("[[site]]")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().expect("name").to_owned(),
+                s["public_key"].as_str().expect("key").to_owned(),
+            )
+        })
+        .collect();
+    // Each example site lists the other under its registered key, and
+    // both dial the same rendezvous (by its key).
+    let pharma = example_site("pharma");
+    let hospital = example_site("hospital");
+    let key = causeway::keys::encode_public;
+    let from_sites: BTreeSet<(String, String)> = [(&pharma, &hospital), (&hospital, &pharma)]
+        .iter()
+        .map(|(a, b)| {
+            let peer = &a.peers[0];
+            assert_eq!(peer.name, b.site.name);
+            (peer.name.clone(), key(&peer.public_key))
+        })
+        .collect();
+    assert_eq!(registered, from_sites);
+    assert_eq!(
+        key(&pharma.rendezvous[0].public_key),
+        key(&hospital.rendezvous[0].public_key)
+    );
+}
