@@ -10,6 +10,7 @@ CAUSEWAY_PACKAGES=(
     wireguard-go:wireguard-go
     ethtool:ethtool
     conntrack:conntrack
+    turnserver:coturn
 )
 
 ensure_root() {

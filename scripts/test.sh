@@ -16,7 +16,13 @@ else
 fi
 
 # Nothing of the tests may remain: namespaces, UAPI sockets, processes.
-leftover=$(ip netns list | awk '{print $1}' | grep -E '^cw[0-9]+x' || true)
+# A lab namespace is named cw<pid>x<n>-…; once the suite is over, one whose
+# process is gone is a leftover (a live one belongs to something else).
+leftover=""
+for ns in $(ip netns list | awk '{print $1}' | grep -E '^cw[0-9]+x' || true); do
+    pid=${ns#cw}; pid=${pid%%x*}
+    kill -0 "$pid" 2>/dev/null || leftover+="$ns"$'\n'
+done
 leftover+=$(ls /var/run/wireguard/ 2>/dev/null | grep -E '^wgt[0-9]+x' || true)
 leftover+=$(pgrep -af "$(pwd)/target/[a-z]+/causeway up" || true)
 if [ -n "$leftover" ]; then

@@ -59,7 +59,24 @@ pub struct Config {
     pub site: SiteConfig,
     /// The sites this one connects to, in file order.
     pub peers: Vec<PeerConfig>,
+    /// Rendezvous servers: peers without a static endpoint are found (and
+    /// relayed) through them. The site registers with all of them.
+    pub rendezvous: Vec<RendezvousConfig>,
 }
+
+/// A `[[rendezvous]]` table: a rendezvous server this site dials out to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RendezvousConfig {
+    /// Its QUIC address (`host:port`).
+    pub address: Endpoint,
+    /// Its public key, pinned: a server that cannot prove it is refused.
+    pub public_key: PublicKey,
+    /// Its STUN address; default: the same host, port 3478.
+    pub stun: Endpoint,
+}
+
+/// The rendezvous' default STUN port.
+pub const DEFAULT_STUN_PORT: u16 = 3478;
 
 /// The `[site]` table: this site's identity, interface and exported networks.
 #[derive(Clone)]
@@ -89,6 +106,17 @@ pub struct SiteConfig {
     pub mtu: u16,
     /// Path of the control socket used by `causeway status`.
     pub control_socket: PathBuf,
+    /// Path of the WireGuard UAPI socket that `wg show` reads.
+    pub uapi_socket: PathBuf,
+    /// Endpoints of this site's WireGuard port that the operator made
+    /// reachable (port forwards, a public address): offered to peers as
+    /// candidates through the rendezvous.
+    pub advertise_endpoints: Vec<SocketAddr>,
+    /// Extra STUN servers asked for this site's server-reflexive address
+    /// (each rendezvous answers STUN too).
+    pub stun_servers: Vec<Endpoint>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl SiteConfig {
@@ -116,6 +144,7 @@ impl fmt::Debug for SiteConfig {
             .field("state_dir", &self.state_dir)
             .field("mtu", &self.mtu)
             .field("control_socket", &self.control_socket)
+            .field("uapi_socket", &self.uapi_socket)
             .finish()
     }
 }
@@ -237,6 +266,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
         site.control_socket,
         default_control_socket(&interface),
     );
+    let uapi_socket = absolute_path(&mut p, "site.uapi_socket", site.uapi_socket, crate::uapi::default_socket(&interface));
     let listen_port = number(
         &mut p,
         "site.listen_port",
@@ -246,6 +276,70 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
     )
     .unwrap_or(DEFAULT_LISTEN_PORT);
     let mtu = number(&mut p, "site.mtu", site.mtu, MTU_RANGE, "");
+    let advertise_endpoints: Vec<SocketAddr> = site
+        .advertise_endpoints
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, spec)| match spec.parse::<SocketAddr>() {
+            Ok(addr) if addr.port() != 0 => Some(addr),
+            _ => {
+                p.add(
+                    format!("site.advertise_endpoints[{i}]"),
+                    format!("{spec:?} is not an address:port such as \"203.0.113.7:51820\" or \"[2001:db8::7]:51820\""),
+                );
+                None
+            }
+        })
+        .collect();
+    let stun_servers: Vec<Endpoint> = site
+        .stun_servers
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, spec)| {
+            parse_endpoint(&spec)
+                .map_err(|why| p.add(format!("site.stun_servers[{i}]"), format!("{spec:?} {why}")))
+                .ok()
+        })
+        .collect();
+    let metrics_listen = site.metrics_listen.and_then(|spec| match spec.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            p.add("site.metrics_listen", format!("{spec:?} is not an address:port such as \"127.0.0.1:9469\""));
+            None
+        }
+    });
+    let mut rendezvous = Vec::new();
+    for (i, r) in raw.rendezvous.into_iter().enumerate() {
+        let label = format!("rendezvous[{i}]");
+        let address = match r.address {
+            None => {
+                p.add(format!("{label}: address"), "missing; write the server's QUIC \"host:port\"");
+                None
+            }
+            Some(spec) => parse_endpoint(&spec).map_err(|why| p.add(format!("{label}: address"), format!("{spec:?} {why}"))).ok(),
+        };
+        let public_key = match r.public_key.as_deref().map(keys::decode_public) {
+            None => {
+                p.add(format!("{label}: public_key"), "missing; pin the rendezvous' public key");
+                None
+            }
+            Some(Err(e)) => {
+                p.add(format!("{label}: public_key"), e);
+                None
+            }
+            Some(Ok(key)) => Some(key),
+        };
+        let stun = match (r.stun, &address) {
+            (Some(spec), _) => parse_endpoint(&spec).map_err(|why| p.add(format!("{label}: stun"), format!("{spec:?} {why}"))).ok(),
+            (None, Some(address)) => parse_endpoint(&format!("{}:{DEFAULT_STUN_PORT}", bracket(address.host()))).ok(),
+            (None, None) => None,
+        };
+        if let (Some(address), Some(public_key), Some(stun)) = (address, public_key, stun) {
+            rendezvous.push(RendezvousConfig { address, public_key, stun });
+        }
+    }
     let pod_cidrs_given = site.pod_cidrs.as_ref().map_or(0, Vec::len);
     let pod_cidrs = cidrs(&mut p, "site.pod_cidrs", site.pod_cidrs);
     check_own_overlaps(&mut p, "site.", "pod_cidrs", &pod_cidrs);
@@ -410,8 +504,13 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
             state_dir,
             mtu,
             control_socket,
+            uapi_socket,
+            advertise_endpoints,
+            stun_servers,
+            metrics_listen,
         },
         peers,
+        rendezvous,
     })
 }
 
@@ -463,6 +562,23 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
                     endpoint.host()
                 ),
             ),
+        }
+    }
+
+    let mut to_resolve: Vec<(String, &mut Endpoint)> = Vec::new();
+    for (i, r) in config.rendezvous.iter_mut().enumerate() {
+        to_resolve.push((format!("rendezvous[{i}]: address"), &mut r.address));
+        to_resolve.push((format!("rendezvous[{i}]: stun"), &mut r.stun));
+    }
+    for (i, e) in config.site.stun_servers.iter_mut().enumerate() {
+        to_resolve.push((format!("site.stun_servers[{i}]"), e));
+    }
+    for (field, endpoint) in to_resolve {
+        if endpoint.addr.is_none() {
+            match endpoint.resolve() {
+                Ok(addr) => endpoint.addr = Some(addr),
+                Err(e) => p.add(field, format!("cannot resolve host {:?}: {e}; check the name and DNS, or write an IP address", endpoint.host())),
+            }
         }
     }
 
@@ -567,6 +683,16 @@ struct RawConfig {
     site: Option<RawSite>,
     #[serde(default)]
     peer: Vec<RawPeer>,
+    #[serde(default)]
+    rendezvous: Vec<RawRendezvous>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRendezvous {
+    address: Option<String>,
+    public_key: Option<String>,
+    stun: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -582,6 +708,10 @@ struct RawSite {
     state_dir: Option<PathBuf>,
     mtu: Option<i64>,
     control_socket: Option<PathBuf>,
+    uapi_socket: Option<PathBuf>,
+    advertise_endpoints: Option<Vec<String>>,
+    stun_servers: Option<Vec<String>>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -888,6 +1018,11 @@ fn parse_ports(value: &toml::Value) -> Result<RangeInclusive<u16>, String> {
     }
 }
 
+/// A host as it goes before `:port`: IPv6 addresses in brackets.
+fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() }
+}
+
 /// Checks an endpoint; on error, says what is wrong after the quoted spec.
 fn parse_endpoint(spec: &str) -> Result<Endpoint, String> {
     const FORMS: &str = "write \"host:port\", \"192.0.2.1:port\" or \"[2001:db8::1]:port\"";
@@ -1053,6 +1188,7 @@ endpoint = "gw.example.com:51821"
         );
         assert!(site.reserved_cidrs.is_empty());
         assert_eq!(site.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert_eq!(site.uapi_socket, Path::new("/var/run/wireguard/causeway0.sock"));
         assert_eq!(
             site.control_socket,
             Path::new("/run/causeway/causeway0.sock")
@@ -1336,7 +1472,7 @@ cidrs = ["10.0.0.0/16", "10.3.128.0/17"]
         );
         let err = parse("colour = 1\n", "c.toml").err().unwrap().to_string();
         assert!(
-            err.contains("unknown field `colour`, expected `site` or `peer`"),
+            err.contains("unknown field `colour`, expected one of `site`, `peer`, `rendezvous`"),
             "{err}"
         );
     }
@@ -1717,5 +1853,32 @@ persistent_keepalive = 0
         assert_eq!(endpoint.host(), "localhost");
         let addr = endpoint.resolve().unwrap();
         assert_eq!(addr, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9));
+    }
+
+    #[test]
+    fn rendezvous_stun_and_advertised_endpoints() {
+        let text = config_with(
+            "advertise_endpoints = [\"203.0.113.7:51820\", \"[2001:db8::7]:51820\"]\n\
+             stun_servers = [\"stun.example:3478\"]\nmetrics_listen = \"127.0.0.1:9469\"",
+            "",
+        ) + &format!(
+            "\n[[rendezvous]]\naddress = \"198.18.0.1:7443\"\npublic_key = \"{KEY_B}\"\n\
+             \n[[rendezvous]]\naddress = \"[2001:db8::1]:7443\"\npublic_key = \"{KEY_B}\"\nstun = \"[2001:db8::1]:3479\"\n"
+        );
+        let config = parse(&text.replace("KEY_A", KEY_A), "c.toml").unwrap();
+        assert_eq!(config.site.advertise_endpoints.len(), 2);
+        assert_eq!(config.site.stun_servers[0].host(), "stun.example");
+        assert_eq!(config.site.metrics_listen, Some("127.0.0.1:9469".parse().unwrap()));
+        assert_eq!(config.rendezvous.len(), 2);
+        assert_eq!(config.rendezvous[0].stun.addr, Some("198.18.0.1:3478".parse().unwrap()));
+        assert_eq!(config.rendezvous[1].stun.addr, Some("[2001:db8::1]:3479".parse().unwrap()));
+
+        let bad = config_with("advertise_endpoints = [\"nowhere\"]\nmetrics_listen = \"x\"", "")
+            + "\n[[rendezvous]]\naddress = \"198.18.0.1\"\n";
+        let err = parse(&bad.replace("KEY_A", KEY_A), "c.toml").err().unwrap();
+        let text = err.to_string();
+        for needle in ["advertise_endpoints[0]", "metrics_listen", "rendezvous[0]: address", "rendezvous[0]: public_key"] {
+            assert!(text.contains(needle), "{needle} not reported:\n{text}");
+        }
     }
 }

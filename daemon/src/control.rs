@@ -42,8 +42,20 @@ pub struct PeerStatus {
     pub name: String,
     /// Its WireGuard public key.
     pub public_key: String,
-    /// Where its packets go now (`null` until known).
+    /// How packets reach it: `static` (configured endpoint), `direct` (a
+    /// path found by probing, or roaming), `relay` (through a rendezvous),
+    /// or `none` (no endpoint, no relay).
+    pub path: String,
+    /// Where its packets go now (`null` until known, or when relayed).
     pub endpoint: Option<String>,
+    /// Its candidate addresses being probed (NAT traversal only).
+    pub candidates: Vec<String>,
+    /// Round-trip time of the direct path, from probes, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// WireGuard messages sent through the relay.
+    pub relay_tx_packets: u64,
+    /// WireGuard messages received through the relay.
+    pub relay_rx_packets: u64,
     /// The networks it owns (its real CIDRs).
     pub cidrs: Vec<String>,
     /// How this site sees each of them: local pods reach the peer's
@@ -87,14 +99,31 @@ impl Status {
                 .peers
                 .iter()
                 .map(|p| {
-                    let (endpoint, handshake) = {
+                    let (endpoint, handshake, candidates, rtt) = {
                         let state = p.lock();
-                        (state.endpoint, state.tunn.time_since_last_handshake())
+                        let candidates: Vec<String> = state
+                            .paths
+                            .as_ref()
+                            .map(|paths| paths.candidates().map(|c| c.addr.to_string()).collect())
+                            .unwrap_or_default();
+                        let rtt = state.paths.as_ref().and_then(|paths| paths.rtt());
+                        (state.endpoint, state.tunn.time_since_last_handshake(), candidates, rtt)
+                    };
+                    let path = match (endpoint, p.static_endpoint) {
+                        (Some(_), true) => "static",
+                        (Some(_), false) => "direct",
+                        (None, _) if ctx.has_relay() => "relay",
+                        (None, _) => "none",
                     };
                     PeerStatus {
                         name: p.name.clone(),
                         public_key: keys::encode_public(&p.public_key),
+                        path: path.to_owned(),
                         endpoint: endpoint.map(|e| e.to_string()),
+                        candidates,
+                        rtt_ms: rtt.map(|d| d.as_secs_f64() * 1e3),
+                        relay_tx_packets: p.counters.relay_tx_packets.load(Relaxed),
+                        relay_rx_packets: p.counters.relay_rx_packets.load(Relaxed),
                         cidrs: p.cidrs.iter().map(|c| c.to_string()).collect(),
                         views: p
                             .views
@@ -123,7 +152,16 @@ impl Status {
         }
         for p in &self.peers {
             let _ = writeln!(s, "peer {} ({})", p.name, p.public_key);
-            let _ = writeln!(s, "  endpoint:  {}", p.endpoint.as_deref().unwrap_or("(unknown)"));
+            let _ = writeln!(s, "  path:      {} {}", p.path, p.endpoint.as_deref().unwrap_or(""));
+            if let Some(rtt) = p.rtt_ms {
+                let _ = writeln!(s, "  rtt:       {rtt:.2} ms");
+            }
+            if !p.candidates.is_empty() {
+                let _ = writeln!(s, "  candidates: {}", p.candidates.join(", "));
+            }
+            if p.relay_tx_packets + p.relay_rx_packets > 0 {
+                let _ = writeln!(s, "  relayed:   {} sent, {} received", p.relay_tx_packets, p.relay_rx_packets);
+            }
             let views: Vec<String> = p
                 .views
                 .iter()

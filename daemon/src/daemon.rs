@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
 use causeway_netlink::{Link, Netlink, Tun};
@@ -40,8 +41,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
 
     let rate_limiter = Ctx::rate_limiter(&x25519_dalek::PublicKey::from(&private_key));
-    let peers = Peers::new(&config.peers, &private_key, &rate_limiter, &site.pod_cidrs);
-    let ctx = Arc::new(Ctx::new(tun, udp, peers, private_key, rate_limiter, site.mtu, site.pod_cidrs.clone()));
+    let traversal = traversal_for(&config, listen_port);
+    let peers = Peers::new(&config.peers, &private_key, &rate_limiter, &site.pod_cidrs, traversal.is_some());
+    let ctx = Arc::new(Ctx::new(tun, udp, peers, private_key, rate_limiter, site, traversal));
 
     let served = serve(&config, &netlink, &link, &ctx, listen_port, shutdown).await;
     let removed = teardown(&netlink, &link, &ctx).await;
@@ -63,6 +65,8 @@ async fn serve(
         info!(removed = ?changes.removed, "removed stale routes of a previous run");
     }
     let datapath = Datapath::start(Arc::clone(ctx)).context("starting the packet threads")?;
+    let traversal_tasks = crate::traversal::start(ctx, config);
+    let abort_traversal = || traversal_tasks.iter().for_each(|t| t.abort());
     let status_ctx = Arc::clone(datapath.ctx());
     let name = site.name.clone();
     let control = ControlSocket::serve(&site.control_socket, move || Status::collect(&status_ctx, &name, listen_port))
@@ -71,10 +75,33 @@ async fn serve(
     let control = match control {
         Ok(control) => control,
         Err(e) => {
+            abort_traversal();
             datapath.stop();
             return Err(e);
         }
     };
+    let uapi = crate::uapi::serve(&site.uapi_socket, Arc::clone(ctx), listen_port)
+        .await
+        .with_context(|| format!("WireGuard UAPI socket {} ([site] uapi_socket)", site.uapi_socket.display()));
+    let ready = Arc::new(AtomicBool::new(false));
+    let metrics = match site.metrics_listen {
+        Some(addr) => crate::metrics::serve(addr, Arc::clone(ctx), Arc::clone(&ready))
+            .await
+            .context("[site] metrics_listen")
+            .map(Some),
+        None => Ok(None),
+    };
+    let (uapi, metrics) = match (uapi, metrics) {
+        (Ok(uapi), Ok(metrics)) => (uapi, metrics),
+        (Err(e), _) | (_, Err(e)) => {
+            abort_traversal();
+            datapath.stop();
+            return Err(e);
+        }
+    };
+    // Interface up, routes reconciled, packet threads running, config
+    // applied: /readyz says so from here on.
+    ready.store(true, Ordering::Release);
     info!(
         site = site.name,
         interface = site.interface,
@@ -82,11 +109,54 @@ async fn serve(
         peers = config.peers.len(),
         "site is up"
     );
+    crate::notify::notify("READY=1");
+    let watchdog = crate::notify::watchdog_interval().map(|every| {
+        let ctx = Arc::clone(ctx);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                // Only a live data path earns the ping.
+                if ctx.alive() {
+                    crate::notify::notify("WATCHDOG=1");
+                }
+            }
+        })
+    });
     shutdown.await;
     info!("shutting down");
+    ready.store(false, Ordering::Release);
+    drop(metrics);
+    drop(uapi);
+    crate::notify::notify("STOPPING=1");
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     drop(control);
+    abort_traversal();
     datapath.stop();
     Ok(())
+}
+
+/// NAT traversal state, when the site has a rendezvous or STUN servers.
+fn traversal_for(config: &Config, listen_port: u16) -> Option<crate::traversal::Traversal> {
+    let site = &config.site;
+    let stun_servers: Vec<std::net::SocketAddr> = config
+        .rendezvous
+        .iter()
+        .filter_map(|r| r.stun.addr)
+        .chain(site.stun_servers.iter().filter_map(|s| s.addr))
+        .collect();
+    if config.rendezvous.is_empty() && stun_servers.is_empty() {
+        return None;
+    }
+    // Addresses inside the pod networks are never reachable from a peer.
+    let host = crate::candidates::host_candidates(listen_port, &site.interface)
+        .into_iter()
+        .filter(|c| !site.pod_cidrs.iter().any(|net| net.contains(&c.ip())))
+        .collect();
+    let local = crate::traversal::LocalAddrs::new(site.advertise_endpoints.clone(), host);
+    Some(crate::traversal::Traversal::new(stun_servers, local))
 }
 
 /// Removes our routes and the interface. Runs on every exit path after the

@@ -5,11 +5,16 @@
 //! batches; everything else (netlink, the control socket, boringtun's
 //! timers) runs on a small tokio runtime.
 
+pub mod candidates;
 pub mod config;
 pub mod control;
 pub mod daemon;
 mod datapath;
 pub mod keys;
+mod metrics;
+pub mod notify;
 pub mod packet;
 pub mod peer;
+mod traversal;
+mod uapi;
 pub mod views;

@@ -27,6 +27,20 @@ enum Command {
         /// The site's TOML config (see docs/config.md).
         #[arg(long, short)]
         config: PathBuf,
+        /// Serve /metrics, /healthz and /readyz here (overrides `metrics_listen`).
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_listen: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        log: LogArgs,
+    },
+    /// Run a rendezvous server in the foreground: introduces sites to each
+    /// other, answers STUN, relays WireGuard ciphertext between them.
+    Rendezvous {
+        /// The rendezvous' TOML config (see docs/rendezvous.md).
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Show the running daemon's peers and counters.
     Status {
@@ -42,6 +56,37 @@ enum Command {
     },
 }
 
+/// How the daemon logs (to stderr; journald picks it up under systemd).
+#[derive(clap::Args)]
+struct LogArgs {
+    /// `text` for people, `json` (one object per line) for log pipelines.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Level or filter (`info`, `debug`, `causeway=debug,warn`); overrides RUST_LOG [default: info].
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match &args.log_level {
+        Some(level) => EnvFilter::try_new(level).with_context(|| format!("--log-level {level:?}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -50,7 +95,8 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Pubkey => pubkey(),
-        Command::Up { config } => up(config),
+        Command::Up { config, metrics_listen, log } => up(config, metrics_listen, &log),
+        Command::Rendezvous { config, log } => rendezvous(config, &log),
         Command::Status { json, socket, interface } => status(json, socket, interface),
     };
     match result {
@@ -70,23 +116,42 @@ fn pubkey() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn up(path: PathBuf) -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let config = match config::load(&path) {
+fn up(path: PathBuf, metrics_listen: Option<std::net::SocketAddr>, log: &LogArgs) -> anyhow::Result<ExitCode> {
+    init_logging(log)?;
+    let mut config = match config::load(&path) {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("causeway: {} has problems, nothing was changed:\n{errors}", path.display());
             return Ok(ExitCode::from(2));
         }
     };
+    if metrics_listen.is_some() {
+        config.site.metrics_listen = metrics_listen;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(daemon::run(config, shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rendezvous(path: PathBuf, log: &LogArgs) -> anyhow::Result<ExitCode> {
+    use causeway_nat::rendezvous::{RendezvousConfig, RendezvousServer};
+    init_logging(log)?;
+    let config = match RendezvousConfig::load(&path) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("causeway: {} has problems:\n{errors}", path.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        // `run` logs the key and addresses it serves on.
+        let server = RendezvousServer::bind(&config)?;
+        causeway::notify::notify("READY=1");
+        server.run(shutdown_signal()).await?;
+        causeway::notify::notify("STOPPING=1");
+        anyhow::Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

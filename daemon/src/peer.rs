@@ -120,6 +120,10 @@ pub struct Counters {
     pub rx_packets: AtomicU64,
     /// Bytes of inner packets received from the peer.
     pub rx_bytes: AtomicU64,
+    /// WireGuard messages sent to the peer through the relay.
+    pub relay_tx_packets: AtomicU64,
+    /// WireGuard messages received from the peer through the relay.
+    pub relay_rx_packets: AtomicU64,
     /// Packets to or from this peer that were dropped.
     pub drops: Drops,
 }
@@ -129,8 +133,27 @@ pub struct PeerState {
     /// boringtun's WireGuard state machine.
     pub tunn: Tunn,
     /// Where the peer's packets go: the configured endpoint at start, then
-    /// the source of its latest authenticated packet (roaming).
+    /// the source of its latest authenticated packet (roaming), or the
+    /// direct path that probing found. `None`: through the relay, if any.
     pub endpoint: Option<SocketAddr>,
+    /// Candidate probing and path selection, for a peer without a static
+    /// endpoint when the site uses a rendezvous.
+    pub paths: Option<causeway_nat::path::PeerPaths>,
+}
+
+impl PeerState {
+    /// Roaming: the peer's endpoint follows the source of its latest
+    /// authenticated packet. Packets that came through the relay say
+    /// nothing about a direct path and leave it as it is.
+    pub fn roam(&mut self, source: crate::datapath::Source) {
+        if let crate::datapath::Source::Udp(from) = source {
+            self.endpoint = Some(from);
+            if let Some(paths) = self.paths.as_mut() {
+                // Authenticated traffic proves the address as well as a pong.
+                paths.notify_traffic_received(std::time::Instant::now(), from);
+            }
+        }
+    }
 }
 
 /// One configured peer.
@@ -148,6 +171,11 @@ pub struct Peer {
     pub allow: Vec<AllowRule>,
     /// Its counters.
     pub counters: Counters,
+    /// Authenticates path probes with the peer (when the site does NAT
+    /// traversal).
+    pub probe_key: Option<causeway_nat::probe::ProbeKey>,
+    /// Whether the operator configured a static endpoint.
+    pub static_endpoint: bool,
     state: Mutex<PeerState>,
 }
 
@@ -160,7 +188,9 @@ impl Peer {
         private_key: &StaticSecret,
         rate_limiter: &Arc<RateLimiter>,
         pod_cidrs: &[IpNet],
+        traversal: bool,
     ) -> Self {
+        let static_endpoint = config.endpoint.as_ref().and_then(|e| e.addr).is_some();
         let tunn = Tunn::new(
             private_key.clone(),
             config.public_key,
@@ -191,9 +221,14 @@ impl Peer {
                 config.allow.clone()
             },
             counters: Counters::default(),
+            probe_key: traversal
+                .then(|| causeway_nat::probe::ProbeKey::derive(private_key, &config.public_key).ok())
+                .flatten(),
+            static_endpoint,
             state: Mutex::new(PeerState {
                 tunn,
                 endpoint: config.endpoint.as_ref().and_then(|e| e.addr),
+                paths: (traversal && !static_endpoint).then(crate::traversal::new_paths),
             }),
         }
     }
@@ -231,11 +266,12 @@ impl Peers {
         private_key: &StaticSecret,
         rate_limiter: &Arc<RateLimiter>,
         pod_cidrs: &[IpNet],
+        traversal: bool,
     ) -> Self {
         let peers: Vec<Peer> = configs
             .iter()
             .enumerate()
-            .map(|(i, c)| Peer::new(c, i as u32, private_key, rate_limiter, pod_cidrs))
+            .map(|(i, c)| Peer::new(c, i as u32, private_key, rate_limiter, pod_cidrs, traversal))
             .collect();
         let mut routes: Vec<(IpNet, usize, usize)> = peers
             .iter()

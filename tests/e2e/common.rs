@@ -54,9 +54,13 @@ impl SiteFiles {
         let cidrs: Vec<String> = pod_cidrs.iter().map(|c| format!("{c:?}")).collect();
         let text = format!(
             "[site]\nname = {name:?}\nprivate_key_file = {key:?}\ninterface = \"causeway0\"\nlisten_port = {PORT}\n\
-             pod_cidrs = [{cidrs}]\ncontrol_socket = {sock:?}\nstate_dir = {state:?}\n\n{peers}",
+             pod_cidrs = [{cidrs}]\ncontrol_socket = {sock:?}\nuapi_socket = {uapi:?}\nstate_dir = {state:?}\n\n{peers}",
             key = self.path("private.key"),
             sock = self.socket(),
+            // Every test's interface is "causeway0", each in its own
+            // namespace, but /var/run/wireguard is host-wide: tests that
+            // run `wg` use their own interface names (e2e/uapi.rs).
+            uapi = self.path("uapi.sock"),
             state = self.dir.path(),
             cidrs = cidrs.join(", "),
         );

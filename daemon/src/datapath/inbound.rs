@@ -1,7 +1,7 @@
 //! UDP → decrypt → TUN.
 
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -10,7 +10,7 @@ use boringtun::noise::{Packet, TunnResult};
 use quinn_udp::RecvMeta;
 
 use super::udp::canonical;
-use super::{Ctx, Stop, wait_fd};
+use super::{Ctx, Source, Stop, wait_fd};
 use crate::packet::{self, Verdict};
 use crate::peer::DropReason;
 
@@ -58,22 +58,35 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
             let from = canonical(m.addr);
             let stride = m.stride.max(1);
             for datagram in buf[..m.len].chunks(stride) {
-                handle(ctx, from, datagram, &mut out, &mut cookie);
+                // One socket carries WireGuard, STUN answers and path probes.
+                if causeway_nat::probe::is_probe(datagram) {
+                    crate::traversal::on_probe(ctx, from, datagram);
+                } else if causeway_nat::stun::is_stun(datagram) {
+                    crate::traversal::on_stun(ctx, from, datagram);
+                } else {
+                    handle(ctx, Source::Udp(from), datagram, &mut out, &mut cookie);
+                }
             }
         }
     }
 }
 
-fn handle(ctx: &Ctx, from: SocketAddr, datagram: &[u8], out: &mut [u8], cookie: &mut [u8; 64]) {
-    let packet = match ctx.rate_limiter.verify_packet(Some(from.ip()), datagram, cookie) {
+/// Handles one WireGuard datagram that came over UDP from `from`, or
+/// through the relay from the peer the relay names.
+pub(crate) fn handle(ctx: &Ctx, source: Source, datagram: &[u8], out: &mut [u8], cookie: &mut [u8; 64]) {
+    let from_ip = match source {
+        Source::Udp(from) => Some(from.ip()),
+        Source::Relay(_) => None,
+    };
+    let packet = match ctx.rate_limiter.verify_packet(from_ip, datagram, cookie) {
         Ok(packet) => packet,
         Err(TunnResult::WriteToNetwork(reply)) => {
             // Under load: answer with a cookie instead of doing the DH.
-            let _ = ctx.udp.send(from, reply, None);
+            ctx.reply(source, reply);
             return;
         }
         Err(e) => {
-            ctx.drop_packet(None, DropReason::Malformed, format_args!("{} bytes from {from}: {e:?}", datagram.len()));
+            ctx.drop_packet(None, DropReason::Malformed, format_args!("{} bytes from {source}: {e:?}", datagram.len()));
             return;
         }
     };
@@ -85,47 +98,48 @@ fn handle(ctx: &Ctx, from: SocketAddr, datagram: &[u8], out: &mut [u8], cookie: 
         Packet::PacketCookieReply(p) => ctx.peers.by_receiver_index(p.receiver_idx),
         Packet::PacketData(p) => ctx.peers.by_receiver_index(p.receiver_idx),
     };
-    let Some(index) = index else {
-        ctx.drop_packet(None, DropReason::UnknownPeer, format_args!("from {from}: not one of our peers"));
-        return;
+    let index = match (index, source) {
+        (Some(index), Source::Udp(_)) => index,
+        // The relay vouches for nothing: the packet must be the claimed peer's.
+        (Some(index), Source::Relay(claimed)) if index == claimed => index,
+        _ => {
+            ctx.drop_packet(None, DropReason::UnknownPeer, format_args!("from {source}: not one of our peers"));
+            return;
+        }
     };
     let peer = ctx.peers.get(index);
     let mut state = peer.lock();
-    match state.tunn.decapsulate(Some(from.ip()), datagram, out) {
+    match state.tunn.decapsulate(from_ip, datagram, out) {
         TunnResult::WriteToNetwork(reply) => {
             let authenticated = reply.first() != Some(&COOKIE_REPLY);
             if authenticated {
-                state.endpoint = Some(from);
+                state.roam(source);
             }
-            if let Err(e) = ctx.udp.send(from, reply, None) {
-                tracing::debug!(peer = peer.name, "send to {from}: {e}");
-            }
+            ctx.reply(source, reply);
             // Packets that waited for this handshake go out now.
             while let TunnResult::WriteToNetwork(queued) = state.tunn.decapsulate(None, &[], out) {
-                if let Some(ep) = state.endpoint {
-                    let _ = ctx.udp.send(ep, queued, None);
-                }
+                ctx.send_to_peer(index, state.endpoint, queued);
             }
         }
         TunnResult::WriteToTunnelV4(inner, src) => {
-            state.endpoint = Some(from);
+            state.roam(source);
             drop(state);
             deliver(ctx, index, inner, IpAddr::V4(src));
         }
         TunnResult::WriteToTunnelV6(inner, src) => {
-            state.endpoint = Some(from);
+            state.roam(source);
             drop(state);
             deliver(ctx, index, inner, IpAddr::V6(src));
         }
         TunnResult::Done => {
             // A keepalive or a completed handshake: authenticated either way.
             if matches!(packet, Packet::PacketData(_) | Packet::HandshakeResponse(_)) {
-                state.endpoint = Some(from);
+                state.roam(source);
             }
         }
         TunnResult::Err(e) => {
             drop(state);
-            ctx.drop_packet(Some(index), DropReason::Rejected, format_args!("from {from}: {e:?}"));
+            ctx.drop_packet(Some(index), DropReason::Rejected, format_args!("from {source}: {e:?}"));
         }
     }
 }

@@ -15,6 +15,7 @@ mod outbound;
 mod udp;
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -28,6 +29,7 @@ use causeway_netlink::Tun;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::peer::{DropReason, Drops, Peers};
+pub(crate) use inbound::handle as inbound_handle;
 pub(crate) use udp::UdpPort;
 
 /// Packets read from the TUN per batch.
@@ -57,6 +59,14 @@ pub(crate) struct Ctx {
     /// The local site's exported networks: the only destinations a peer's
     /// packets may have.
     pub(crate) pod_cidrs: Vec<ipnet::IpNet>,
+    /// Where packets for peers without a direct path go, once a rendezvous
+    /// relay is set up.
+    pub(crate) relay: std::sync::OnceLock<tokio::sync::mpsc::Sender<RelayPacket>>,
+    /// NAT traversal (STUN, probes, rendezvous), when the site uses a
+    /// rendezvous or STUN servers.
+    pub(crate) traversal: Option<crate::traversal::Traversal>,
+    /// Packet threads currently running (for the watchdog).
+    threads_running: AtomicU64,
     started: Instant,
     next_log_ms: [AtomicU64; DropReason::ALL.len()],
 }
@@ -68,9 +78,10 @@ impl Ctx {
         peers: Peers,
         private_key: StaticSecret,
         rate_limiter: Arc<RateLimiter>,
-        mtu: u16,
-        pod_cidrs: Vec<ipnet::IpNet>,
+        site: &crate::config::SiteConfig,
+        traversal: Option<crate::traversal::Traversal>,
     ) -> Self {
+        let mtu = site.mtu;
         Ctx {
             tun,
             udp,
@@ -81,7 +92,10 @@ impl Ctx {
             drops: Drops::default(),
             mtu: usize::from(mtu),
             max_mss: [crate::packet::max_mss(mtu, false), crate::packet::max_mss(mtu, true)],
-            pod_cidrs,
+            pod_cidrs: site.pod_cidrs.clone(),
+            relay: std::sync::OnceLock::new(),
+            traversal,
+            threads_running: AtomicU64::new(0),
             started: Instant::now(),
             next_log_ms: Default::default(),
         }
@@ -116,6 +130,84 @@ impl Ctx {
         };
         if self.may_log(reason) {
             tracing::warn!(peer = name, reason = reason.name(), total, "dropped packet: {detail}");
+        }
+    }
+}
+
+/// Where a WireGuard datagram came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Our UDP socket, from this address.
+    Udp(SocketAddr),
+    /// The relay, which says it comes from this peer (index).
+    Relay(usize),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Udp(addr) => write!(f, "{addr}"),
+            Source::Relay(_) => f.write_str("the relay"),
+        }
+    }
+}
+
+/// A WireGuard packet for a peer, to go through the relay.
+#[derive(Debug)]
+pub(crate) struct RelayPacket {
+    /// The peer (index).
+    pub(crate) peer: usize,
+    /// The WireGuard message (ciphertext).
+    pub(crate) bytes: Vec<u8>,
+}
+
+/// Packets for the relay queue up to this depth, then are dropped.
+pub(crate) const RELAY_QUEUE: usize = 1024;
+
+impl Ctx {
+    /// Whether both packet threads are still running.
+    pub(crate) fn alive(&self) -> bool {
+        self.threads_running.load(Relaxed) == 2
+    }
+
+    /// Whether peers without a direct path can be reached through a relay.
+    pub(crate) fn has_relay(&self) -> bool {
+        self.relay.get().is_some()
+    }
+
+    /// Sends a WireGuard message to peer `index`: straight to `endpoint`
+    /// when there is one, through the relay otherwise.
+    pub(crate) fn send_to_peer(&self, index: usize, endpoint: Option<SocketAddr>, bytes: &[u8]) {
+        match endpoint {
+            Some(ep) => {
+                if let Err(e) = self.udp.send(ep, bytes, None) {
+                    self.drop_packet(Some(index), DropReason::IoError, format_args!("send to {ep}: {e}"));
+                }
+            }
+            None => self.relay(index, bytes),
+        }
+    }
+
+    /// Answers a datagram where it came from.
+    pub(crate) fn reply(&self, source: Source, bytes: &[u8]) {
+        match source {
+            Source::Udp(to) => {
+                if let Err(e) = self.udp.send(to, bytes, None) {
+                    tracing::debug!("send to {to}: {e}");
+                }
+            }
+            Source::Relay(peer) => self.relay(peer, bytes),
+        }
+    }
+
+    /// Hands a WireGuard message for peer `index` to the relay.
+    pub(crate) fn relay(&self, index: usize, bytes: &[u8]) {
+        let Some(queue) = self.relay.get() else {
+            self.drop_packet(Some(index), DropReason::NoEndpoint, format_args!("no endpoint and no relay for the peer"));
+            return;
+        };
+        if queue.try_send(RelayPacket { peer: index, bytes: bytes.to_vec() }).is_err() {
+            self.drop_packet(Some(index), DropReason::IoError, format_args!("relay queue full or closed"));
         }
     }
 }
@@ -175,7 +267,18 @@ impl Datapath {
             ("cw-inbound", inbound::run as fn(&Ctx, &Stop)),
         ] {
             let (ctx, stop) = (Arc::clone(&ctx), Arc::clone(&stop));
-            threads.push(std::thread::Builder::new().name(name.into()).spawn(move || run(&ctx, &stop))?);
+            ctx.threads_running.fetch_add(1, Relaxed);
+            threads.push(std::thread::Builder::new().name(name.into()).spawn(move || {
+                // Counted down however the thread ends, a panic included.
+                struct Running<'a>(&'a AtomicU64);
+                impl Drop for Running<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Relaxed);
+                    }
+                }
+                let _running = Running(&ctx.threads_running);
+                run(&ctx, &stop);
+            })?);
         }
         let timers = tokio::spawn(drive_timers(Arc::clone(&ctx)));
         Ok(Datapath { ctx, stop, threads, timers })
@@ -204,6 +307,7 @@ async fn drive_timers(ctx: Arc<Ctx>) {
     let mut last_reset = Instant::now();
     loop {
         tick.tick().await;
+        crate::traversal::tick(&ctx, Instant::now());
         if last_reset.elapsed() >= Duration::from_secs(1) {
             ctx.rate_limiter.reset_count();
             last_reset = Instant::now();
@@ -212,14 +316,7 @@ async fn drive_timers(ctx: Arc<Ctx>) {
             let mut state = peer.lock();
             let endpoint = state.endpoint;
             match state.tunn.update_timers(&mut buf) {
-                TunnResult::WriteToNetwork(packet) => match endpoint {
-                    Some(ep) => {
-                        if let Err(e) = ctx.udp.send(ep, packet, None) {
-                            ctx.drop_packet(Some(i), DropReason::IoError, format_args!("send to {ep}: {e}"));
-                        }
-                    }
-                    None => ctx.drop_packet(Some(i), DropReason::NoEndpoint, format_args!("timer packet, endpoint not known yet")),
-                },
+                TunnResult::WriteToNetwork(packet) => ctx.send_to_peer(i, endpoint, packet),
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}
                 TunnResult::Err(e) => tracing::debug!(peer = peer.name, "timers: {e:?}"),
                 _ => {}

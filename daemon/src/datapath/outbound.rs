@@ -173,16 +173,20 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
         packet::clamp_mss(packet, ctx.max_mss[usize::from(dst.is_ipv6())]);
     }
     let mut state = peer.lock();
-    let Some(endpoint) = state.endpoint else {
+    let endpoint = state.endpoint;
+    if endpoint.is_none() && !ctx.has_relay() {
         drop(state);
         ctx.drop_packet(Some(index), DropReason::NoEndpoint, format_args!("to {dst}: endpoint of peer not known yet"));
         return;
-    };
+    }
     match state.tunn.encapsulate(packet, queue.slot(packet.len())) {
         TunnResult::WriteToNetwork(out) => {
-            let len = out.len();
             drop(state);
-            queue.commit(endpoint, len, ctx.udp.max_segments());
+            let len = out.len();
+            match endpoint {
+                Some(endpoint) => queue.commit(endpoint, len, ctx.udp.max_segments()),
+                None => ctx.relay(index, out),
+            }
             peer.counters.tx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             peer.counters.tx_bytes.fetch_add(packet.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }

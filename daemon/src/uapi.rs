@@ -1,0 +1,679 @@
+//! The WireGuard cross-platform userspace API ("UAPI"), so that `wg show`,
+//! `wg show <interface> dump` and `wg showconf` from wireguard-tools work on
+//! a causeway interface as they do on a kernel or wireguard-go one.
+//!
+//! The socket is `/var/run/wireguard/<interface>.sock`, where `wg` looks
+//! for userspace implementations. The directory is shared with other
+//! implementations (wireguard-go, boringtun-cli): it is created 0700 when
+//! missing and never changed otherwise. The socket is 0600 and a connection
+//! from any user other than root or the daemon's own is closed unanswered,
+//! also during the instant between `bind` and `chmod`. A socket left by a
+//! crashed run is replaced; one a live process answers on is an error, and
+//! a path that is not a socket is never removed.
+//!
+//! # What is served
+//! The protocol is line based (`key=value\n`, an empty line ends a request
+//! and a response). Several requests may follow each other on one
+//! connection, as in wireguard-go.
+//!
+//! `get=1` answers with the device and every configured peer:
+//! - `private_key`: the site's key, hex. `wg show` prints it as `(hidden)`
+//!   and derives the interface's public key from it (the protocol has no
+//!   other way to tell it), `wg showconf` prints it. wireguard-go returns
+//!   it too; the socket is root only, and the key file is readable by root
+//!   anyway.
+//! - `listen_port`; no `fwmark` (the daemon sets none).
+//! - per peer: `public_key`, `protocol_version=1`, `endpoint` (where its
+//!   packets go now; absent until known), `last_handshake_time_sec` /
+//!   `_nsec` (wall clock: now minus the age of the last completed
+//!   handshake; 0 when there was none), `tx_bytes` / `rx_bytes`,
+//!   `persistent_keepalive_interval` and one `allowed_ip` per **view CIDR**.
+//!   The counters are inner (plaintext) bytes, the same numbers
+//!   `causeway status` shows (kernel WireGuard counts the encrypted
+//!   datagrams, about 32 bytes more per packet). The allowed IPs are the
+//!   views because they are what the local routing table sends into the
+//!   interface and the source addresses packets from the peer carry once
+//!   they come out of it; `causeway status` shows the real CIDR behind
+//!   each view.
+//!
+//! `set=1` is refused with EPERM, after the whole request has been read, so
+//! `wg set`, `wg setconf`, `wg syncconf` and `wg addconf` fail at once with
+//! "Operation not permitted". Peers, keys, ports and
+//! allowed IPs are managed by the config file, which stays the single source
+//! of truth across restarts and reloads; a change made through `wg` would
+//! silently disagree with it. The refusal is logged with what was asked.
+//!
+//! Anything else (an unknown operation, a `get=1` not followed by an empty
+//! line, a line that is not `key=value`, a line longer than
+//! [`MAX_LINE`] bytes or a request of more than [`MAX_REQUEST`] bytes) is
+//! answered with EINVAL and the connection is closed.
+//!
+//! Errors go on the wire negated, `errno=-1` and `errno=-22`, as
+//! wireguard-go sends them: `wg` negates the number back before printing
+//! it (`errno=1` would make it print "Unknown error -1").
+//!
+//! A client that stays silent for [`READ_TIMEOUT`] is disconnected; at most
+//! [`MAX_CONNECTIONS`] are served at once.
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{Instrument, debug, info, warn};
+use zeroize::Zeroizing;
+
+use crate::datapath::Ctx;
+
+/// Where `wg` looks for userspace WireGuard sockets.
+pub(crate) const SOCKET_DIR: &str = "/var/run/wireguard";
+/// Longest line accepted (an endpoint host name may be 4096 bytes long in
+/// `wg`'s own limits).
+pub(crate) const MAX_LINE: usize = 8192;
+/// Largest `set=1` request read before it is refused.
+pub(crate) const MAX_REQUEST: usize = 4 << 20;
+/// A client silent for this long is disconnected.
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more wait in the listen backlog.
+pub(crate) const MAX_CONNECTIONS: usize = 8;
+
+/// Length of `get=1` and `set=1`.
+const OPERATION: &str = "get=1";
+/// Errors, sent negated (see the module documentation).
+const EPERM: i32 = 1;
+const EINVAL: i32 = 22;
+
+/// `/var/run/wireguard/<interface>.sock`.
+pub(crate) fn default_socket(interface: &str) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{interface}.sock"))
+}
+
+/// What `get=1` reports: a snapshot of the site and its peers.
+pub(crate) struct Device {
+    pub(crate) private_key: Zeroizing<[u8; 32]>,
+    pub(crate) listen_port: u16,
+    pub(crate) peers: Vec<DevicePeer>,
+}
+
+/// One peer in a [`Device`].
+pub(crate) struct DevicePeer {
+    pub(crate) public_key: [u8; 32],
+    pub(crate) endpoint: Option<SocketAddr>,
+    /// Wall-clock time of the last completed handshake.
+    pub(crate) last_handshake: Option<SystemTime>,
+    pub(crate) rx_bytes: u64,
+    pub(crate) tx_bytes: u64,
+    /// Seconds; 0 is off.
+    pub(crate) persistent_keepalive: u16,
+    /// The view CIDRs (see the module documentation).
+    pub(crate) allowed_ips: Vec<IpNet>,
+}
+
+impl Device {
+    /// Takes the snapshot; `now` turns handshake ages into wall-clock times.
+    pub(crate) fn collect(ctx: &Ctx, listen_port: u16, now: SystemTime) -> Self {
+        Device {
+            private_key: Zeroizing::new(ctx.private_key.to_bytes()),
+            listen_port,
+            peers: ctx
+                .peers
+                .iter()
+                .map(|p| {
+                    let (endpoint, age, keepalive) = {
+                        let state = p.lock();
+                        (state.endpoint, state.tunn.time_since_last_handshake(), state.tunn.persistent_keepalive())
+                    };
+                    DevicePeer {
+                        public_key: *p.public_key.as_bytes(),
+                        endpoint,
+                        last_handshake: age.and_then(|age| now.checked_sub(age)),
+                        rx_bytes: p.counters.rx_bytes.load(Relaxed),
+                        tx_bytes: p.counters.tx_bytes.load(Relaxed),
+                        persistent_keepalive: keepalive.unwrap_or(0),
+                        allowed_ips: p.views.iter().map(|m| *m.view()).collect(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// The `get=1` answer, up to (not including) the `errno` line.
+    pub(crate) fn encode(&self) -> Zeroizing<String> {
+        let mut out = Zeroizing::new(String::with_capacity(256 + 256 * self.peers.len()));
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "private_key={}", Hex(&self.private_key));
+        let _ = writeln!(out, "listen_port={}", self.listen_port);
+        for p in &self.peers {
+            let _ = writeln!(out, "public_key={}", Hex(&p.public_key));
+            let _ = writeln!(out, "protocol_version=1");
+            if let Some(endpoint) = p.endpoint {
+                // `[v6%scope]:port` or `v4:port`, as `wg` parses them.
+                let _ = writeln!(out, "endpoint={endpoint}");
+            }
+            let since_epoch = p.last_handshake.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default();
+            let _ = writeln!(out, "last_handshake_time_sec={}", since_epoch.as_secs());
+            let _ = writeln!(out, "last_handshake_time_nsec={}", since_epoch.subsec_nanos());
+            let _ = writeln!(out, "tx_bytes={}", p.tx_bytes);
+            let _ = writeln!(out, "rx_bytes={}", p.rx_bytes);
+            let _ = writeln!(out, "persistent_keepalive_interval={}", p.persistent_keepalive);
+            for net in &p.allowed_ips {
+                let _ = writeln!(out, "allowed_ip={}/{}", net.network(), net.prefix_len());
+            }
+        }
+        out
+    }
+}
+
+/// Lower-case hex of a key.
+struct Hex<'a>(&'a [u8; 32]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// A request, once read in full.
+#[derive(Debug, PartialEq, Eq)]
+enum Request {
+    Get,
+    /// The keys that were given (`public_key`, `allowed_ip`, …), for the log.
+    Set { keys: Vec<String> },
+}
+
+/// Why a connection ends.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// The client closed it between requests.
+    Closed,
+    /// The client broke the protocol: answer EINVAL and close.
+    Invalid(&'static str),
+    /// The client went away mid-request, or was too slow.
+    Gone,
+}
+
+/// Reads one line, without its `\n`, refusing lines longer than `max`
+/// bytes and anything that is not UTF-8. `Ok(None)`: EOF before any byte.
+async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+    max: usize,
+    timeout: Duration,
+) -> Result<Option<()>, End> {
+    line.clear();
+    loop {
+        let chunk = match tokio::time::timeout(timeout, reader.fill_buf()).await {
+            Ok(Ok(chunk)) => chunk,
+            Ok(Err(_)) | Err(_) => return Err(End::Gone),
+        };
+        if chunk.is_empty() {
+            return if line.is_empty() { Ok(None) } else { Err(End::Gone) };
+        }
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        if line.len() + take > max + 1 {
+            return Err(End::Invalid("line too long"));
+        }
+        line.extend_from_slice(&chunk[..take]);
+        reader.consume(take);
+        if done {
+            line.pop();
+            return if std::str::from_utf8(line).is_ok() { Ok(Some(())) } else { Err(End::Invalid("not UTF-8")) };
+        }
+    }
+}
+
+/// Reads the next request. `Err(End::Closed)` when the client closed the
+/// connection cleanly between requests.
+async fn read_request<R: AsyncBufRead + Unpin>(reader: &mut R, timeout: Duration) -> Result<Request, End> {
+    let mut line = Vec::with_capacity(128);
+    // The operation line is `get=1` or `set=1`: anything longer is refused
+    // as soon as it is seen, without waiting for a newline.
+    if read_line(reader, &mut line, OPERATION.len(), timeout).await?.is_none() {
+        return Err(End::Closed);
+    }
+    match line.as_slice() {
+        b"get=1" => match read_line(reader, &mut line, MAX_LINE, timeout).await? {
+            Some(()) if line.is_empty() => Ok(Request::Get),
+            Some(()) => Err(End::Invalid("get=1 must be followed by an empty line")),
+            None => Err(End::Gone),
+        },
+        b"set=1" => {
+            let mut keys: Vec<String> = Vec::new();
+            let mut total = 0;
+            loop {
+                if read_line(reader, &mut line, MAX_LINE, timeout).await?.is_none() {
+                    return Err(End::Gone);
+                }
+                if line.is_empty() {
+                    return Ok(Request::Set { keys });
+                }
+                total += line.len() + 1;
+                if total > MAX_REQUEST {
+                    return Err(End::Invalid("set request too large"));
+                }
+                let Some(eq) = line.iter().position(|&b| b == b'=') else {
+                    return Err(End::Invalid("line is not key=value"));
+                };
+                let key = &line[..eq];
+                if key.is_empty() || !key.iter().all(|b| b.is_ascii_lowercase() || *b == b'_') {
+                    return Err(End::Invalid("bad key"));
+                }
+                // `read_line` checked UTF-8, and the key is ASCII.
+                let key = String::from_utf8_lossy(key).into_owned();
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+        _ => Err(End::Invalid("unknown operation")),
+    }
+}
+
+/// Serves one connection until it closes or breaks the protocol.
+/// A request must arrive within `timeout` of the previous one, and each
+/// of its lines within `timeout` of the last.
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, device: &(dyn Fn() -> Device + Send + Sync), timeout: Duration) {
+    let mut stream = BufReader::new(stream);
+    loop {
+        match read_request(&mut stream, timeout).await {
+            Ok(Request::Get) => {
+                let mut answer = device().encode();
+                answer.push_str("errno=0\n\n");
+                if stream.get_mut().write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Request::Set { keys }) => {
+                warn!(
+                    asked = keys.join(","),
+                    "refused a `wg set`: peers and keys are managed by the config file; edit it and reload instead"
+                );
+                if answer_errno(stream.get_mut(), EPERM).await.is_err() {
+                    return;
+                }
+            }
+            Err(End::Closed | End::Gone) => return,
+            Err(End::Invalid(why)) => {
+                debug!("invalid request ({why}); closing the connection");
+                let _ = answer_errno(stream.get_mut(), EINVAL).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn answer_errno<W: AsyncWrite + Unpin>(w: &mut W, errno: i32) -> io::Result<()> {
+    w.write_all(format!("errno=-{errno}\n\n").as_bytes()).await?;
+    w.flush().await
+}
+
+/// The listening UAPI socket. Dropping it stops serving and removes the
+/// socket file (unless another process replaced it since).
+pub(crate) struct UapiSocket {
+    path: PathBuf,
+    inode: (u64, u64),
+    task: JoinHandle<()>,
+}
+
+impl Drop for UapiSocket {
+    fn drop(&mut self) {
+        self.task.abort();
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|meta| (meta.dev(), meta.ino()) == self.inode);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Serves the UAPI for `ctx` on `path` (normally [`default_socket`]).
+/// `listen_port` is the UDP port actually bound.
+pub(crate) async fn serve(path: &Path, ctx: Arc<Ctx>, listen_port: u16) -> io::Result<UapiSocket> {
+    serve_with(path, move || Device::collect(&ctx, listen_port, SystemTime::now())).await
+}
+
+/// [`serve`] with any source of snapshots (tests).
+pub(crate) async fn serve_with(path: &Path, device: impl Fn() -> Device + Send + Sync + 'static) -> io::Result<UapiSocket> {
+    let listener = bind(path).await?;
+    let meta = std::fs::symlink_metadata(path)?;
+    let owner = meta.uid();
+    let device: Arc<dyn Fn() -> Device + Send + Sync> = Arc::new(device);
+    let span = tracing::info_span!("uapi", path = %path.display());
+    let task = tokio::spawn(accept_loop(listener, owner, device).instrument(span));
+    info!(path = %path.display(), "serving the WireGuard UAPI (`wg show`)");
+    Ok(UapiSocket { path: path.to_owned(), inode: (meta.dev(), meta.ino()), task })
+}
+
+/// Binds `path`: creates the directory if needed, refuses a socket a live
+/// process answers on and anything that is not a socket, replaces a stale
+/// socket, and makes the new one 0600.
+async fn bind(path: &Path) -> io::Result<UnixListener> {
+    let with_path = |e: io::Error, what: &str| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
+    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty() && !dir.exists());
+    if let Some(dir) = dir {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| with_path(e, "creating the directory of"))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; remove it or choose another interface name", path.display()),
+            ));
+        }
+        Ok(_) => {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{} is answered by a running process (another causeway or WireGuard on an interface of the same name?)",
+                        path.display()
+                    ),
+                ));
+            }
+            info!(path = %path.display(), "replacing the stale UAPI socket of a previous run");
+            std::fs::remove_file(path).map_err(|e| with_path(e, "removing the stale socket"))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(with_path(e, "inspecting")),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| with_path(e, "binding"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| with_path(e, "restricting"))?;
+    Ok(listener)
+}
+
+async fn accept_loop(listener: UnixListener, owner: u32, device: Arc<dyn Fn() -> Device + Send + Sync>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Connections live in the set, so that aborting this task ends them.
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == 0 || cred.uid() == owner => {}
+            Ok(cred) => {
+                warn!(uid = cred.uid(), "closed a connection from a user that is neither root nor the daemon's");
+                continue;
+            }
+            Err(e) => {
+                warn!("cannot tell who connected ({e}); closing");
+                continue;
+            }
+        }
+        let device = Arc::clone(&device);
+        connections.spawn(
+            async move {
+                handle(stream, device.as_ref(), READ_TIMEOUT).await;
+                drop(permit);
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    fn device() -> Device {
+        Device {
+            private_key: Zeroizing::new([0x11; 32]),
+            listen_port: 51820,
+            peers: vec![
+                DevicePeer {
+                    public_key: [0xab; 32],
+                    endpoint: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), 51820)),
+                    last_handshake: Some(UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789)),
+                    rx_bytes: 2224,
+                    tx_bytes: 38333,
+                    persistent_keepalive: 25,
+                    allowed_ips: vec!["100.64.1.0/24".parse().expect("net"), "fd00:1::/64".parse().expect("net")],
+                },
+                DevicePeer {
+                    public_key: [0x01; 32],
+                    endpoint: None,
+                    last_handshake: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    persistent_keepalive: 0,
+                    allowed_ips: vec![],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn get_answer_is_what_wg_parses() {
+        let text = device().encode();
+        let expected = format!(
+            "private_key={}\nlisten_port=51820\n\
+             public_key={}\nprotocol_version=1\nendpoint=192.0.2.7:51820\n\
+             last_handshake_time_sec=1700000000\nlast_handshake_time_nsec=123456789\n\
+             tx_bytes=38333\nrx_bytes=2224\npersistent_keepalive_interval=25\n\
+             allowed_ip=100.64.1.0/24\nallowed_ip=fd00:1::/64\n\
+             public_key={}\nprotocol_version=1\n\
+             last_handshake_time_sec=0\nlast_handshake_time_nsec=0\n\
+             tx_bytes=0\nrx_bytes=0\npersistent_keepalive_interval=0\n",
+            "11".repeat(32),
+            "ab".repeat(32),
+            "01".repeat(32),
+        );
+        assert_eq!(text.as_str(), expected);
+    }
+
+    #[test]
+    fn endpoints_and_networks_are_formatted_for_wg() {
+        let mut d = device();
+        d.peers.truncate(1);
+        d.peers[0].endpoint = Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7)), 4500));
+        // A host address with a prefix: the network is what is printed.
+        d.peers[0].allowed_ips = vec!["10.1.2.3/16".parse().expect("net")];
+        let text = d.encode();
+        assert!(text.contains("\nendpoint=[2001:db8::7]:4500\n"), "{}", text.as_str());
+        assert!(text.contains("\nallowed_ip=10.1.0.0/16\n"), "{}", text.as_str());
+    }
+
+    /// Runs `handle` against `input` and returns everything it answered.
+    async fn exchange(input: &[u8]) -> String {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let served = tokio::spawn(async move { handle(server, &device, Duration::from_secs(5)).await });
+        // The handler may close before it read everything (that is the point
+        // of some tests): a failed write is expected then.
+        let _ = client.write_all(input).await;
+        let mut out = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut out).await.expect("read");
+        served.await.expect("handler");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    async fn exchange_then_close(input: &[u8]) -> String {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let served = tokio::spawn(async move { handle(server, &device, Duration::from_secs(5)).await });
+        client.write_all(input).await.expect("write");
+        client.shutdown().await.expect("shutdown");
+        let mut out = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut out).await.expect("read");
+        served.await.expect("handler");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn get_then_close() {
+        let out = exchange_then_close(b"get=1\n\n").await;
+        assert!(out.starts_with("private_key="), "{out}");
+        assert!(out.ends_with("persistent_keepalive_interval=0\nerrno=0\n\n"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn several_requests_on_one_connection() {
+        let out = exchange_then_close(b"get=1\n\nget=1\n\n").await;
+        assert_eq!(out.matches("errno=0\n\n").count(), 2, "{out}");
+    }
+
+    #[tokio::test]
+    async fn set_is_refused_with_eperm_after_reading_it_all() {
+        let set = format!(
+            "set=1\nprivate_key={}\nlisten_port=1\nreplace_peers=true\npublic_key={}\nendpoint=[::1]:9\n\
+             allowed_ip=0.0.0.0/0\n\n",
+            "22".repeat(32),
+            "33".repeat(32)
+        );
+        assert_eq!(exchange_then_close(set.as_bytes()).await, "errno=-1\n\n");
+        // An empty set is refused too, and the connection stays usable.
+        let out = exchange_then_close(b"set=1\n\nget=1\n\n").await;
+        assert!(out.starts_with("errno=-1\n\nprivate_key="), "{out}");
+    }
+
+    #[tokio::test]
+    async fn garbage_gets_einval_and_the_connection_closes() {
+        for input in [
+            &b"hello\n"[..],
+            b"get=1\nx\n",
+            b"get=2\n\n",
+            b"set=1\nno equals sign\n\n",
+            b"set=1\n=value\n\n",
+            b"set=1\nKEY=value\n\n",
+            b"\n",
+            b"get=1\xff\n\n",
+            // No newline needed to tell these are not an operation.
+            &[0xff; 300],
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            // The handler closes by itself: no shutdown from this side.
+            assert_eq!(exchange(input).await, "errno=-22\n\n", "input {input:?}");
+        }
+        // The connection is closed after the error, even if more follows.
+        assert_eq!(exchange(b"bogus\nget=1\n\n").await, "errno=-22\n\n");
+    }
+
+    #[tokio::test]
+    async fn overlong_lines_and_requests_are_refused() {
+        let mut long = b"set=1\nendpoint=".to_vec();
+        long.extend(std::iter::repeat_n(b'a', MAX_LINE + 10));
+        long.extend_from_slice(b"\n\n");
+        assert_eq!(exchange(&long).await, "errno=-22\n\n");
+        let mut big = b"set=1\n".to_vec();
+        let line = format!("allowed_ip=10.0.0.0/8{}\n", " ".repeat(1000));
+        while big.len() <= MAX_REQUEST + 2000 {
+            big.extend_from_slice(line.as_bytes());
+        }
+        big.extend_from_slice(b"\n");
+        assert_eq!(exchange(&big).await, "errno=-22\n\n");
+    }
+
+    #[tokio::test]
+    async fn truncated_requests_close_quietly() {
+        assert_eq!(exchange_then_close(b"").await, "");
+        assert_eq!(exchange_then_close(b"get=1\n").await, "");
+        assert_eq!(exchange_then_close(b"set=1\npublic_key=00\n").await, "");
+        assert_eq!(exchange_then_close(b"get=").await, "");
+    }
+
+    #[tokio::test]
+    async fn silent_clients_are_dropped() {
+        let timeout = Duration::from_millis(50);
+        for input in [&b""[..], b"get=1\n", b"set=1\npublic_key=00\n", b"ge"] {
+            let (mut client, server) = tokio::io::duplex(1024);
+            client.write_all(input).await.expect("write");
+            let served = tokio::spawn(async move { handle(server, &device, timeout).await });
+            tokio::time::timeout(Duration::from_secs(5), served).await.expect("handler gave up").expect("handler");
+        }
+    }
+
+    async fn query(path: &Path, request: &[u8]) -> String {
+        let mut conn = UnixStream::connect(path).await.expect("connect");
+        conn.write_all(request).await.expect("write");
+        conn.shutdown().await.expect("shutdown");
+        let mut out = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn socket_lifecycle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wireguard").join("cw0.sock");
+
+        let served = serve_with(&path, device).await.expect("serve");
+        let meta = std::fs::metadata(dir.path().join("wireguard")).expect("dir");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        let meta = std::fs::symlink_metadata(&path).expect("socket");
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"));
+
+        // A live socket is not taken over.
+        let err = serve_with(&path, device).await.err().expect("second serve must fail");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        assert!(query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"), "the first one still answers");
+
+        // Dropping removes the file.
+        drop(served);
+        assert!(!path.exists());
+
+        // A stale socket (its process died) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
+        assert!(path.exists());
+        let served = serve_with(&path, device).await.expect("replace stale socket");
+        assert!(query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"));
+
+        // Someone else's socket at the path is not removed on drop.
+        std::fs::remove_file(&path).expect("rm");
+        let other = std::os::unix::net::UnixListener::bind(&path).expect("other");
+        drop(served);
+        assert!(path.exists(), "another process' socket was removed");
+        drop(other);
+
+        // A file that is not a socket is never removed.
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::write(&path, "not a socket").expect("write");
+        let err = serve_with(&path, device).await.err().expect("must refuse a regular file");
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(std::fs::read_to_string(&path).expect("still there"), "not a socket");
+    }
+
+    #[tokio::test]
+    async fn many_clients_and_garbage_do_not_stop_the_server() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cw1.sock");
+        let _served = serve_with(&path, device).await.expect("serve");
+        let mut tasks = JoinSet::new();
+        for i in 0..(MAX_CONNECTIONS * 3) {
+            let path = path.clone();
+            tasks.spawn(async move {
+                let request: &[u8] = if i % 2 == 0 { b"get=1\n\n" } else { b"\x00\x01garbage\n" };
+                query(&path, request).await
+            });
+        }
+        while let Some(out) = tasks.join_next().await {
+            let out = out.expect("task");
+            assert!(out.ends_with("errno=0\n\n") || out == "errno=-22\n\n", "{out}");
+        }
+        assert!(query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"));
+    }
+}

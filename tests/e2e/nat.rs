@@ -1,0 +1,285 @@
+//! No public endpoint needed: sites behind real nftables NAT routers find
+//! each other through a rendezvous in the internet namespace, punch holes
+//! where the NATs allow it and relay where they don't.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use causeway::control::PeerStatus;
+use causeway::keys;
+use causeway_testbed::{ChildGuard, Lab, LabSpec, Nat, Netns, SiteSpec};
+
+use crate::common::*;
+
+const QUIC_PORT: u16 = 7443;
+const STUN_PORT: u16 = 3478;
+
+/// A rendezvous server running in the lab's internet namespace.
+struct Rendezvous {
+    child: Option<ChildGuard>,
+    public_key: String,
+    dir: tempfile::TempDir,
+    log: std::path::PathBuf,
+}
+
+impl Rendezvous {
+    /// Writes a config serving `sites` (name, public key) and starts it.
+    fn start(ns: &Netns, ip: IpAddr, sites: &[(&str, &str)]) -> Rendezvous {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = keys::generate();
+        std::fs::write(dir.path().join("rendezvous.key"), keys::encode_private(&secret) + "\n").expect("key");
+        let public_key = keys::encode_public(&x25519_dalek::PublicKey::from(&secret));
+        let mut text = format!(
+            "private_key_file = {:?}\nlisten = \"{}\"\nstun_listen = \"{}\"\n",
+            dir.path().join("rendezvous.key"),
+            SocketAddr::new(ip, QUIC_PORT),
+            SocketAddr::new(ip, STUN_PORT)
+        );
+        for (name, key) in sites {
+            text += &format!("\n[[site]]\nname = {name:?}\npublic_key = {key:?}\n");
+        }
+        std::fs::write(dir.path().join("rendezvous.toml"), text).expect("config");
+        let log = dir.path().join("rendezvous.log");
+        let mut r = Rendezvous { child: None, public_key, dir, log };
+        r.restart(ns);
+        r
+    }
+
+    fn restart(&mut self, ns: &Netns) {
+        self.child = None;
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let mut cmd = ns.command(causeway_bin());
+        cmd.args(["rendezvous", "--config"]).arg(self.dir.path().join("rendezvous.toml")).stdout(Stdio::null()).stderr(out);
+        self.child = Some(ns.spawn(&mut cmd).expect("spawn rendezvous"));
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.stop(Duration::from_secs(5));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Two sites that know each other only by key, both registered with one
+/// rendezvous.
+struct NatPair {
+    lab: Lab,
+    rendezvous: Rendezvous,
+    /// Keeps the sites' key and config files alive.
+    _files: Vec<SiteFiles>,
+    daemons: Vec<Daemon>,
+}
+
+impl NatPair {
+    fn new(nat_a: Option<Nat>, nat_b: Option<Nat>) -> NatPair {
+        let site = |name: &str, cidr: &str, nat: Option<Nat>| {
+            let spec = SiteSpec::new(name, vec![cidr.parse().expect("cidr")]);
+            match nat {
+                Some(nat) => spec.nat(nat),
+                None => spec,
+            }
+        };
+        let lab = Lab::build(&LabSpec { sites: vec![site("a", "10.0.0.0/16", nat_a), site("b", "10.1.0.0/16", nat_b)] }).expect("lab");
+        ipv4_underlay_only(&lab);
+        let files = vec![SiteFiles::new(), SiteFiles::new()];
+        let ip = IpAddr::V4(lab.internet_addr());
+        let rendezvous = Rendezvous::start(lab.internet(), ip, &[("a", &files[0].public_key), ("b", &files[1].public_key)]);
+        let rdv = format!(
+            "[[rendezvous]]\naddress = \"{}\"\npublic_key = {:?}\n",
+            SocketAddr::new(ip, QUIC_PORT),
+            rendezvous.public_key
+        );
+        let cfg_a = files[0].write_config("a", &["10.0.0.0/16"], &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], None) + &rdv));
+        let cfg_b = files[1].write_config("b", &["10.1.0.0/16"], &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], None) + &rdv));
+        let daemons = vec![
+            Daemon::start(&lab.sites()[0].gateway, &files[0], &cfg_a),
+            Daemon::start(&lab.sites()[1].gateway, &files[1], &cfg_b),
+        ];
+        NatPair { lab, rendezvous, _files: files, daemons }
+    }
+
+    fn peer(&self, site: usize) -> PeerStatus {
+        self.daemons[site].status().peers.into_iter().next().expect("one peer")
+    }
+
+    /// Waits until site `site` sees its peer on `path`; returns the time it took.
+    fn wait_path(&self, site: usize, path: &str, within: Duration) -> Duration {
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if self.peer(site).path == path {
+                return t.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "site {site} never reached path {path}: {:#?}\n--- daemon log:\n{}\n--- rendezvous log:\n{}",
+            self.peer(site),
+            self.daemons[site].log_text(),
+            self.rendezvous.log_text()
+        );
+    }
+
+    fn pods(&self) -> [(&Netns, std::net::Ipv4Addr); 2] {
+        pods(&self.lab)
+    }
+}
+
+/// The lab routes IPv6 between sites without NAT (like most dual-stack
+/// networks), which would let every pair punch through over IPv6. These
+/// tests are about IPv4 NATs: take the gateways' IPv6 underlay away.
+fn ipv4_underlay_only(lab: &Lab) {
+    for site in lab.sites() {
+        site.gateway.ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"]).expect("flush IPv6");
+    }
+}
+
+/// The first pod of each site, and its address.
+fn pods(lab: &Lab) -> [(&Netns, std::net::Ipv4Addr); 2] {
+    let pod = |i: usize| (&lab.sites()[i].pods[0].ns, lab.sites()[i].pods[0].addr);
+    [pod(0), pod(1)]
+}
+
+#[test]
+fn port_preserving_nats_punch_a_direct_path() {
+    let pair = NatPair::new(Some(Nat::PortPreserving), Some(Nat::PortPreserving));
+    let [(pod_a, _), (pod_b, addr_b)] = pair.pods();
+    assert_ping(pod_a, addr_b.into());
+    let took = pair.wait_path(0, "direct", Duration::from_secs(15));
+    pair.wait_path(1, "direct", Duration::from_secs(15));
+    eprintln!("direct path after {took:?}");
+    let before = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
+    tcp_transfer(pod_b, addr_b, pod_a, 16 << 20);
+    let after = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
+    assert!(after - before < 20, "the relay carried {} packets of a direct transfer", after - before);
+    // The direct endpoint is the other NAT's public address.
+    let endpoint: SocketAddr = pair.peer(0).endpoint.expect("endpoint").parse().expect("addr");
+    assert_eq!(endpoint.ip(), pair.lab.sites()[1].public_addr);
+    // (No leak assertion here: the internet namespace also counts the
+    // probes sent to the peers' private host candidates, 172.16.x, which it
+    // cannot route; they carry no pod traffic.)
+}
+
+#[test]
+fn symmetric_nats_carry_everything_through_the_relay() {
+    let pair = NatPair::new(Some(Nat::Symmetric), Some(Nat::Symmetric));
+    let [(pod_a, addr_a), (pod_b, addr_b)] = pair.pods();
+    let t = Instant::now();
+    assert_ping(pod_a, addr_b.into());
+    eprintln!("first ping through the relay after {:?}", t.elapsed());
+    assert_ping(pod_b, addr_a.into());
+    tcp_transfer(pod_b, addr_b, pod_a, 64 << 20);
+    tcp_transfer(pod_a, addr_a, pod_b, 8 << 20);
+    udp_exchange(pod_b, addr_b, pod_a, 300);
+    let a = pair.peer(0);
+    assert_eq!(a.path, "relay", "{a:?}");
+    // a sent the 64 MiB (and received the 8 MiB): all of it relayed.
+    assert!(a.relay_tx_packets > 40_000 && a.relay_rx_packets > 5_000, "{a:?}");
+}
+
+#[test]
+fn symmetric_meets_cone_and_public_meets_symmetric() {
+    // A symmetric NAT against an address-and-port-filtering NAT: no hole
+    // can be punched, the relay carries it.
+    let pair = NatPair::new(Some(Nat::Symmetric), Some(Nat::PortPreserving));
+    let [(pod_a, _), (_, addr_b)] = pair.pods();
+    assert_ping(pod_a, addr_b.into());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(pair.peer(0).path, "relay");
+    drop(pair);
+
+    // A site with a public address: the symmetric side reaches it directly.
+    let pair = NatPair::new(None, Some(Nat::Symmetric));
+    let [(pod_a, _), (_, addr_b)] = pair.pods();
+    assert_ping(pod_a, addr_b.into());
+    pair.wait_path(0, "direct", Duration::from_secs(15));
+    pair.wait_path(1, "direct", Duration::from_secs(15));
+}
+
+#[test]
+fn a_conntrack_flush_mid_transfer_is_survived() {
+    let pair = NatPair::new(Some(Nat::PortPreserving), Some(Nat::PortPreserving));
+    let [(pod_a, _), (pod_b, addr_b)] = pair.pods();
+    assert_ping(pod_a, addr_b.into());
+    pair.wait_path(0, "direct", Duration::from_secs(15));
+    let _server = pod_b.spawn(pod_b.command("iperf3").args(["-s", "-1", "-B", &addr_b.to_string()]).stdout(Stdio::null()).stderr(Stdio::null())).expect("iperf3 -s");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = pod_a
+        .spawn(pod_a.command("iperf3").args(["-c", &addr_b.to_string(), "-t", "8", "-b", "50M", "--json"]).stdout(Stdio::piped()))
+        .expect("iperf3 -c");
+    std::thread::sleep(Duration::from_secs(2));
+    for site in pair.lab.sites() {
+        site.flush_nat_mappings().expect("conntrack flush");
+    }
+    let status = client.wait_timeout(Duration::from_secs(40)).expect("wait").expect("iperf3 ended");
+    let mut json = String::new();
+    std::io::Read::read_to_string(client.child().stdout.as_mut().expect("stdout"), &mut json).expect("read");
+    assert!(status.success(), "transfer broke after the conntrack flush: {json}");
+    assert_ping(pod_a, addr_b.into());
+}
+
+#[test]
+fn a_rendezvous_restart_spares_direct_paths_and_relayed_ones_come_back() {
+    // Direct: keeps working while the rendezvous is down.
+    let mut pair = NatPair::new(Some(Nat::PortPreserving), Some(Nat::PortPreserving));
+    let [(pod_a, _), (_, addr_b)] = pods(&pair.lab);
+    assert_ping(pod_a, addr_b.into());
+    pair.wait_path(0, "direct", Duration::from_secs(15));
+    pair.rendezvous.stop();
+    for _ in 0..10 {
+        assert!(pod_a.ping(addr_b.into(), Duration::from_secs(1)).expect("ping").is_some(), "direct path broke with the rendezvous");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(pair);
+
+    // Relayed: stops with the rendezvous, resumes after its restart.
+    let mut pair = NatPair::new(Some(Nat::Symmetric), Some(Nat::Symmetric));
+    let [(pod_a, _), (_, addr_b)] = pods(&pair.lab);
+    assert_ping(pod_a, addr_b.into());
+    pair.rendezvous.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(pod_a.ping(addr_b.into(), Duration::from_secs(1)).expect("ping").is_none(), "relayed without a relay?");
+    pair.rendezvous.restart(pair.lab.internet());
+    assert!(ping_until(pod_a, addr_b.into(), Duration::from_secs(45)).is_some(), "relay did not come back:\n{}", pair.daemons[0].log_text());
+}
+
+#[test]
+fn unknown_sites_and_impostor_rendezvous_are_refused() {
+    let lab = Lab::build(&LabSpec {
+        sites: vec![
+            SiteSpec::new("a", vec!["10.0.0.0/16".parse().expect("cidr")]).nat(Nat::PortPreserving),
+            SiteSpec::new("b", vec!["10.1.0.0/16".parse().expect("cidr")]).nat(Nat::PortPreserving),
+        ],
+    })
+    .expect("lab");
+    ipv4_underlay_only(&lab);
+    let files = [SiteFiles::new(), SiteFiles::new()];
+    let ip = IpAddr::V4(lab.internet_addr());
+    // The rendezvous serves only b; a is a stranger.
+    let rendezvous = Rendezvous::start(lab.internet(), ip, &[("b", &files[1].public_key)]);
+    let rdv = |key: &str| format!("[[rendezvous]]\naddress = \"{}\"\npublic_key = {key:?}\n", SocketAddr::new(ip, QUIC_PORT));
+    let cfg_a = files[0].write_config("a", &["10.0.0.0/16"], &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], None) + &rdv(&rendezvous.public_key)));
+    // b pins the wrong rendezvous key.
+    let wrong = keys::encode_public(&x25519_dalek::PublicKey::from(&keys::generate()));
+    let cfg_b = files[1].write_config("b", &["10.1.0.0/16"], &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], None) + &rdv(&wrong)));
+    let da = Daemon::start(&lab.sites()[0].gateway, &files[0], &cfg_a);
+    let db = Daemon::start(&lab.sites()[1].gateway, &files[1], &cfg_b);
+    let (pod_a, addr_b) = (&lab.sites()[0].pods[0].ns, lab.sites()[1].pods[0].addr);
+    assert!(ping_until(pod_a, addr_b.into(), Duration::from_secs(4)).is_none(), "traffic flowed without authorization");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut log_a, mut log_b) = (String::new(), String::new());
+    while Instant::now() < deadline {
+        (log_a, log_b) = (da.log_text(), db.log_text());
+        if log_a.to_lowercase().contains("unknown site") && log_b.to_lowercase().contains("rendezvous key") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(log_a.to_lowercase().contains("unknown site"), "stranger not told clearly:\n{log_a}");
+    assert!(log_b.to_lowercase().contains("rendezvous key"), "impostor rendezvous not named:\n{log_b}");
+    assert_eq!(da.status().peers[0].relay_rx_packets + db.status().peers[0].relay_rx_packets, 0);
+}
