@@ -50,7 +50,9 @@ pub struct PeerStatus {
     pub endpoint: Option<String>,
     /// Its candidate addresses being probed (NAT traversal only).
     pub candidates: Vec<String>,
-    /// Round-trip time of the direct path, from probes, in milliseconds.
+    /// Round-trip time to the peer in milliseconds: from path probes when
+    /// the peer is found through a rendezvous, else measured by the last
+    /// WireGuard handshake (`null` before one).
     pub rtt_ms: Option<f64>,
     /// WireGuard messages sent through the relay.
     pub relay_tx_packets: u64,
@@ -96,7 +98,7 @@ impl Status {
             listen_port,
             drops: drops(&ctx.drops),
             peers: ctx
-                .peers
+                .peers()
                 .iter()
                 .map(|p| {
                     let (endpoint, handshake, candidates, rtt) = {
@@ -106,7 +108,11 @@ impl Status {
                             .as_ref()
                             .map(|paths| paths.candidates().map(|c| c.addr.to_string()).collect())
                             .unwrap_or_default();
-                        let rtt = state.paths.as_ref().and_then(|paths| paths.rtt());
+                        // From path probes when there are some, else from
+                        // the last WireGuard handshake.
+                        let rtt = state.paths.as_ref().and_then(|paths| paths.rtt()).or_else(|| {
+                            state.tunn.stats().4.map(|ms| std::time::Duration::from_millis(u64::from(ms)))
+                        });
                         (state.endpoint, state.tunn.time_since_last_handshake(), candidates, rtt)
                     };
                     let path = match (endpoint, p.static_endpoint) {

@@ -1,6 +1,8 @@
 //! `causeway up`: bring a site up, run until told to stop, take it down.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -19,7 +21,10 @@ use crate::peer::Peers;
 /// Nothing on the host changes before the config, the key and the UDP port
 /// are known to be good. An interface and routes left by a run that crashed
 /// are adopted and reconciled, not reported as conflicts.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+///
+/// With `config_path`, the file is reloaded on SIGHUP and whenever its
+/// content changes (see [`reload`]).
+pub async fn run(config: Config, config_path: Option<PathBuf>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let site = &config.site;
     let private_key = site.private_key.clone().context("private key not loaded (use config::load)")?;
     let udp = UdpPort::bind(site.listen_port)
@@ -42,16 +47,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let rate_limiter = Ctx::rate_limiter(&x25519_dalek::PublicKey::from(&private_key));
     let traversal = traversal_for(&config, listen_port);
-    let peers = Peers::new(&config.peers, &private_key, &rate_limiter, &site.pod_cidrs, traversal.is_some());
+    let (peers, _) = Peers::build(&config.peers, &private_key, &rate_limiter, &site.pod_cidrs, traversal.is_some(), None);
     let ctx = Arc::new(Ctx::new(tun, udp, peers, private_key, rate_limiter, site, traversal));
 
-    let served = serve(&config, &netlink, &link, &ctx, listen_port, shutdown).await;
+    let served = serve(&config, config_path.as_deref(), &netlink, &link, &ctx, listen_port, shutdown).await;
     let removed = teardown(&netlink, &link, &ctx).await;
     served.and(removed)
 }
 
 async fn serve(
     config: &Config,
+    config_path: Option<&Path>,
     netlink: &Netlink,
     link: &Link,
     ctx: &Arc<Ctx>,
@@ -60,7 +66,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let site = &config.site;
     netlink.ensure_link_up(link, u32::from(site.mtu)).await?;
-    let changes = netlink.reconcile_routes(link, &ctx.peers.all_views()).await?;
+    let changes = netlink.reconcile_routes(link, &ctx.peers().all_views()).await?;
     if !changes.removed.is_empty() {
         info!(removed = ?changes.removed, "removed stale routes of a previous run");
     }
@@ -123,7 +129,14 @@ async fn serve(
             }
         })
     });
-    shutdown.await;
+    let mut reloader = Reloader::new(config_path, config.clone());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            trigger = reloader.next() => reloader.reload(trigger, netlink, link, ctx).await,
+        }
+    }
     info!("shutting down");
     ready.store(false, Ordering::Release);
     drop(metrics);
@@ -136,6 +149,128 @@ async fn serve(
     abort_traversal();
     datapath.stop();
     Ok(())
+}
+
+/// How often the config file is checked for changes (a Kubernetes
+/// ConfigMap update arrives as a `..data` symlink swap; reading the file
+/// through its path sees it like any other edit).
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+
+/// Why a reload runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// SIGHUP: reload even if the file looks unchanged.
+    Signal,
+    /// The file's content changed.
+    FileChanged,
+}
+
+/// Live reload: watches for SIGHUP and for changes of the config file, and
+/// applies a new config without disturbing what did not change.
+struct Reloader {
+    path: Option<PathBuf>,
+    running: Config,
+    last_text: Option<String>,
+    hangup: Option<tokio::signal::unix::Signal>,
+    poll: tokio::time::Interval,
+}
+
+impl Reloader {
+    fn new(path: Option<&Path>, running: Config) -> Self {
+        let hangup = path.and_then(|_| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok());
+        let last_text = path.and_then(|p| std::fs::read_to_string(p).ok());
+        let mut poll = tokio::time::interval(CONFIG_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Reloader { path: path.map(Path::to_owned), running, last_text, hangup, poll }
+    }
+
+    /// Waits for the next reason to reload (forever without a config path).
+    async fn next(&mut self) -> Trigger {
+        let Some(path) = self.path.clone() else { return std::future::pending().await };
+        loop {
+            let hangup = async {
+                match self.hangup.as_mut() {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = hangup => return Trigger::Signal,
+                _ = self.poll.tick() => {
+                    let text = std::fs::read_to_string(&path).ok();
+                    if text.is_some() && text != self.last_text {
+                        return Trigger::FileChanged;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Loads the file again and applies it; a bad or unappliable config is
+    /// refused with the reasons, and the running one stays.
+    async fn reload(&mut self, trigger: Trigger, netlink: &Netlink, link: &Link, ctx: &Arc<Ctx>) {
+        let Some(path) = self.path.clone() else { return };
+        self.last_text = std::fs::read_to_string(&path).ok();
+        info!(?trigger, file = %path.display(), "reloading the config");
+        let new = match crate::config::load(&path) {
+            Ok(new) => new,
+            Err(errors) => {
+                warn!("config reload refused, the running config stays:\n{errors}");
+                return;
+            }
+        };
+        if let Some(field) = needs_restart(&self.running, &new) {
+            warn!("config reload refused: changing {field} needs a restart; the running config stays");
+            return;
+        }
+        let (peers, changes) = Peers::build(
+            &new.peers,
+            &ctx.private_key,
+            &ctx.rate_limiter,
+            &new.site.pod_cidrs,
+            ctx.traversal.is_some(),
+            Some(&ctx.peers()),
+        );
+        let views = peers.all_views();
+        let keys: Vec<_> = peers.iter().map(|p| p.public_key).collect();
+        ctx.set_peers(peers);
+        if let Err(e) = netlink.reconcile_routes(link, &views).await {
+            warn!("routes after reload: {e}");
+        }
+        crate::traversal::update_peers(ctx, keys);
+        info!(
+            added = ?changes.added,
+            changed = ?changes.changed,
+            removed = ?changes.removed,
+            unchanged = changes.unchanged.len(),
+            "config reloaded"
+        );
+        self.running = new;
+    }
+}
+
+/// The first setting that differs between `old` and `new` and that only a
+/// restart can apply (it is built into sockets, the interface or the
+/// data path's site state).
+fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
+    let (a, b) = (&old.site, &new.site);
+    let public = |s: &crate::config::SiteConfig| s.public_key().map(|k| k.to_bytes());
+    [
+        ("[site] name", a.name != b.name),
+        ("the private key", public(a) != public(b)),
+        ("[site] interface", a.interface != b.interface),
+        ("[site] listen_port", a.listen_port != b.listen_port),
+        ("[site] pod_cidrs", a.pod_cidrs != b.pod_cidrs),
+        ("[site] mtu", a.mtu != b.mtu),
+        ("[site] control_socket", a.control_socket != b.control_socket),
+        ("[site] uapi_socket", a.uapi_socket != b.uapi_socket),
+        ("[site] metrics_listen", a.metrics_listen != b.metrics_listen),
+        ("[site] advertise_endpoints", a.advertise_endpoints != b.advertise_endpoints),
+        ("[site] stun_servers", a.stun_servers != b.stun_servers),
+        ("[[rendezvous]]", old.rendezvous != new.rendezvous),
+    ]
+    .into_iter()
+    .find_map(|(field, differs)| differs.then_some(field))
 }
 
 /// NAT traversal state, when the site has a rendezvous or STUN servers.
@@ -163,7 +298,7 @@ fn traversal_for(config: &Config, listen_port: u16) -> Option<crate::traversal::
 /// TUN exists.
 async fn teardown(netlink: &Netlink, link: &Link, ctx: &Ctx) -> anyhow::Result<()> {
     let mut result = Ok(());
-    for dst in ctx.peers.all_views() {
+    for dst in ctx.peers().all_views() {
         if let Err(e) = netlink.remove_route(link, dst).await {
             warn!("{e}");
             result = Err(e.into());

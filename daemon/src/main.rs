@@ -39,6 +39,9 @@ enum Command {
         /// The rendezvous' TOML config (see docs/rendezvous.md).
         #[arg(long, short)]
         config: PathBuf,
+        /// Serve /metrics, /healthz and /readyz here (see docs/status.md); off when absent.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_listen: Option<std::net::SocketAddr>,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -53,6 +56,33 @@ enum Command {
         /// Interface of the daemon to ask (its socket is /run/causeway/<interface>.sock).
         #[arg(long, short)]
         interface: Option<String>,
+    },
+    /// Print a one-line invite token for another site's `causeway join`:
+    /// this site's name, public key, pod CIDRs, endpoints and rendezvous.
+    Invite {
+        /// The site's TOML config (see docs/config.md).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Where peers can reach this site's WireGuard port, before
+        /// `advertise_endpoints`; may be repeated.
+        #[arg(long, value_name = "HOST:PORT")]
+        endpoint: Vec<String>,
+    },
+    /// Add the site of an invite token to the config as a peer (with its
+    /// rendezvous), then print this site's token to send back.
+    Join {
+        /// The site's TOML config, changed in place (see docs/config.md).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Name the new peer this instead of its site name from the token.
+        #[arg(long)]
+        name: Option<String>,
+        /// For the token printed back: where peers can reach this site's
+        /// WireGuard port, before `advertise_endpoints`; may be repeated.
+        #[arg(long, value_name = "HOST:PORT")]
+        endpoint: Vec<String>,
+        /// The token printed by `causeway invite` at the other site.
+        token: String,
     },
 }
 
@@ -96,8 +126,10 @@ fn main() -> ExitCode {
         }
         Command::Pubkey => pubkey(),
         Command::Up { config, metrics_listen, log } => up(config, metrics_listen, &log),
-        Command::Rendezvous { config, log } => rendezvous(config, &log),
+        Command::Rendezvous { config, metrics_listen, log } => rendezvous(config, metrics_listen, &log),
         Command::Status { json, socket, interface } => status(json, socket, interface),
+        Command::Invite { config, endpoint } => invite(config, &endpoint),
+        Command::Join { config, name, endpoint, token } => join(config, name, &endpoint, &token),
     };
     match result {
         Ok(code) => code,
@@ -129,11 +161,11 @@ fn up(path: PathBuf, metrics_listen: Option<std::net::SocketAddr>, log: &LogArgs
         config.site.metrics_listen = metrics_listen;
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(daemon::run(config, shutdown_signal()))?;
+    runtime.block_on(daemon::run(config, Some(path), shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn rendezvous(path: PathBuf, log: &LogArgs) -> anyhow::Result<ExitCode> {
+fn rendezvous(path: PathBuf, metrics_listen: Option<std::net::SocketAddr>, log: &LogArgs) -> anyhow::Result<ExitCode> {
     use causeway_nat::rendezvous::{RendezvousConfig, RendezvousServer};
     init_logging(log)?;
     let config = match RendezvousConfig::load(&path) {
@@ -147,8 +179,19 @@ fn rendezvous(path: PathBuf, log: &LogArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         // `run` logs the key and addresses it serves on.
         let server = RendezvousServer::bind(&config)?;
+        // /readyz: 200 from here (sockets bound, serving) until shutdown starts.
+        let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _metrics = match metrics_listen {
+            Some(addr) => Some(causeway::metrics::serve_rendezvous(addr, server.stats(), ready.clone()).await?),
+            None => None,
+        };
+        ready.store(true, std::sync::atomic::Ordering::Release);
         causeway::notify::notify("READY=1");
-        server.run(shutdown_signal()).await?;
+        let shutdown = async {
+            shutdown_signal().await;
+            ready.store(false, std::sync::atomic::Ordering::Release);
+        };
+        server.run(shutdown).await?;
         causeway::notify::notify("STOPPING=1");
         anyhow::Ok(())
     })?;
@@ -179,4 +222,39 @@ fn status(json: bool, socket: Option<PathBuf>, interface: Option<String>) -> any
         print!("{}", status.render());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn invite(path: PathBuf, endpoints: &[String]) -> anyhow::Result<ExitCode> {
+    use causeway::invite::InviteError;
+    match causeway::invite::invite(&path, endpoints) {
+        Ok(invite) => {
+            if invite.endpoints.is_empty() && invite.rendezvous.is_empty() {
+                eprintln!(
+                    "causeway: note: this token has no endpoint and no rendezvous, so the peer cannot reach this site first: give --endpoint or add a [[rendezvous]]"
+                );
+            }
+            println!("{}", invite.encode());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(InviteError::Config(errors)) => {
+            eprintln!("causeway: {} has problems:\n{errors}", path.display());
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn join(path: PathBuf, name: Option<String>, endpoints: &[String], token: &str) -> anyhow::Result<ExitCode> {
+    use causeway::invite::JoinError;
+    match causeway::invite::join(&path, token, name.as_deref(), endpoints) {
+        Ok(joined) => {
+            print!("{}", joined.report());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ (JoinError::Config(_) | JoinError::Invalid { .. })) => {
+            eprintln!("causeway: {e}");
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => Err(e.into()),
+    }
 }

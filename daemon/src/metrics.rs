@@ -1,20 +1,23 @@
-//! Prometheus metrics and health endpoints over HTTP/1.1.
+//! Prometheus metrics and health endpoints over HTTP/1.1, for the site
+//! daemon (`serve`, `causeway up`) and for the rendezvous
+//! ([`serve_rendezvous`], `causeway rendezvous --metrics-listen`).
 //!
-//! Served only when `[site] metrics_listen` is set (off by default: nothing
-//! listens unless the operator asks; `127.0.0.1:9469` for a local agent, or
-//! the node's address for a cluster's Prometheus and the kubelet's probes).
+//! Served only when `[site] metrics_listen` (or `--metrics-listen`) is set
+//! (off by default: nothing listens unless the operator asks;
+//! `127.0.0.1:9469` for a local agent, or the node's or pod's address for a
+//! cluster's Prometheus and the kubelet's probes).
 //!
 //! | path | answer |
 //! |---|---|
 //! | `/metrics` | the Prometheus text format (0.0.4) |
 //! | `/healthz` | 200 while the process runs and its runtime answers |
-//! | `/readyz` | 200 once the interface, its routes and the config are in place, 503 before |
+//! | `/readyz` | site: 200 once the interface, its routes and the config are in place; rendezvous: 200 once its sockets are bound and it serves, 503 again when it shuts down; 503 otherwise |
 //!
 //! Only `GET` and `HEAD` are accepted (405 otherwise); other paths are 404.
 //!
 //! Every value is read from the daemon's own state at scrape time (a
 //! [`Collector`]): the data path keeps its counters as it always does and
-//! pays nothing for metrics. The series:
+//! pays nothing for metrics. The site's series:
 //!
 //! | series | type | labels |
 //! |---|---|---|
@@ -33,6 +36,25 @@
 //! `rate()` and alerts work from the first scrape. A handshake older than
 //! three minutes means the peer is down:
 //! `time() - causeway_peer_last_handshake_timestamp_seconds > 180`.
+//!
+//! The rendezvous' series (with `causeway_build_info` and the `process_*`
+//! series as above):
+//!
+//! | series | type | labels |
+//! |---|---|---|
+//! | `causeway_rendezvous_sites_configured` | gauge | |
+//! | `causeway_rendezvous_site_connected` | gauge (1: connected and authenticated, 0: not) | `site` |
+//! | `causeway_rendezvous_relayed_packets_total` | counter | `site` |
+//! | `causeway_rendezvous_relayed_bytes_total` | counter | `site` |
+//! | `causeway_rendezvous_relay_dropped_total` | counter | `site` |
+//! | `causeway_rendezvous_stun_answered_total` | counter | |
+//!
+//! `site` is the name in the rendezvous' `[[site]]` table; every configured
+//! site is exported, connected or not. Relay counters count what the site
+//! sent: WireGuard packets (once however many fragments they took) and their
+//! bytes (relay headers excluded), and relay datagrams from it that were
+//! dropped (not addressed to a connected mutual peer, or malformed). A site
+//! that should be up: `causeway_rendezvous_site_connected == 0`.
 //!
 //! The `process_*` series carry the standard names of Prometheus' client
 //! libraries (no `causeway_` prefix), so that existing dashboards work.
@@ -59,6 +81,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+use causeway_nat::rendezvous::{ServerStats, SiteStats};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{Instrument, debug, info, warn};
@@ -80,7 +103,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(10);
 const N_REASONS: usize = DropReason::ALL.len();
 
 /// The running HTTP server; dropping it stops serving.
-pub(crate) struct MetricsServer {
+pub struct MetricsServer {
     task: JoinHandle<()>,
 }
 
@@ -95,6 +118,15 @@ impl Drop for MetricsServer {
 pub(crate) async fn serve(addr: SocketAddr, ctx: Arc<Ctx>, ready: Arc<AtomicBool>) -> io::Result<MetricsServer> {
     let listener = bind(addr).await?;
     serve_on(listener, registry(move || SiteSample::collect(&ctx, SystemTime::now())), ready)
+}
+
+/// Serves `/metrics` for a rendezvous (read from `stats` at each scrape),
+/// `/healthz`, and `/readyz` (200 only while `ready` is true: the caller
+/// sets it once the rendezvous' sockets are bound and clears it when it
+/// shuts down) on `addr`.
+pub async fn serve_rendezvous(addr: SocketAddr, stats: ServerStats, ready: Arc<AtomicBool>) -> io::Result<MetricsServer> {
+    let listener = bind(addr).await?;
+    serve_on(listener, rendezvous_registry(move || RendezvousSample::collect(&stats)), ready)
 }
 
 /// Binds `addr`; the error names it.
@@ -120,6 +152,17 @@ fn registry(sample: impl Fn() -> SiteSample + Send + Sync + 'static) -> Registry
     registry
         .sub_registry_with_prefix("causeway")
         .register_collector(Box::new(SiteCollector { sample: Box::new(sample) }));
+    registry
+}
+
+/// The registry of a rendezvous: process metrics, and its own under
+/// `causeway_`.
+fn rendezvous_registry(sample: impl Fn() -> RendezvousSample + Send + Sync + 'static) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ProcessCollector));
+    registry
+        .sub_registry_with_prefix("causeway")
+        .register_collector(Box::new(RendezvousCollector { sample: Box::new(sample) }));
     registry
 }
 
@@ -244,7 +287,7 @@ impl SiteSample {
         let drops = |d: &Drops| DropReason::ALL.map(|r| d.get(r));
         SiteSample {
             peers: ctx
-                .peers
+                .peers()
                 .iter()
                 .map(|p| {
                     let age = p.last_handshake();
@@ -282,8 +325,7 @@ impl fmt::Debug for SiteCollector {
 impl Collector for SiteCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let site = (self.sample)();
-        let build = Info::new([("version", env!("CARGO_PKG_VERSION"))]);
-        build.encode(encoder.encode_descriptor("build", "Causeway's version", None, build.metric_type())?)?;
+        build_info(&mut encoder)?;
         gauge(&mut encoder, "peers_configured", "Peers in the running config", site.peers.len() as i64)?;
 
         let mut info = encoder.encode_descriptor("peer_info", "A configured peer and its WireGuard public key", None, MetricType::Gauge)?;
@@ -334,6 +376,91 @@ impl Collector for SiteCollector {
         for (reason, n) in DropReason::ALL.iter().zip(site.drops) {
             ConstCounter::new(n).encode(family.encode_family(&[("reason", reason.name())])?)?;
         }
+        Ok(())
+    }
+}
+
+/// `causeway_build_info{version}` (the prefix comes from the registry).
+fn build_info(encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+    let build = Info::new([("version", env!("CARGO_PKG_VERSION"))]);
+    build.encode(encoder.encode_descriptor("build", "Causeway's version", None, build.metric_type())?)
+}
+
+/// A rendezvous' state at one scrape.
+struct RendezvousSample {
+    /// Every configured site, sorted by name.
+    sites: Vec<SiteStats>,
+    /// STUN Binding requests answered.
+    stun_answered: u64,
+}
+
+impl RendezvousSample {
+    fn collect(stats: &ServerStats) -> Self {
+        RendezvousSample { sites: stats.sites(), stun_answered: stats.stun_answered() }
+    }
+}
+
+/// The rendezvous' series, computed at each scrape.
+struct RendezvousCollector {
+    sample: Box<dyn Fn() -> RendezvousSample + Send + Sync>,
+}
+
+impl fmt::Debug for RendezvousCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RendezvousCollector")
+    }
+}
+
+impl Collector for RendezvousCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let rendezvous = (self.sample)();
+        build_info(&mut encoder)?;
+        gauge(
+            &mut encoder,
+            "rendezvous_sites_configured",
+            "Sites in the rendezvous' config",
+            rendezvous.sites.len() as i64,
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "rendezvous_site_connected",
+            "Whether the site is connected and authenticated now (1) or not (0)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &rendezvous.sites {
+            ConstGauge::new(i64::from(s.connected)).encode(family.encode_family(&[("site", s.name.as_str())])?)?;
+        }
+        type Value = fn(&SiteStats) -> u64;
+        let per_site: [(&str, &str, Value); 3] = [
+            (
+                "rendezvous_relayed_packets",
+                "WireGuard packets relayed from the site (once however many fragments they took)",
+                |s| s.relayed_packets,
+            ),
+            (
+                "rendezvous_relayed_bytes",
+                "Bytes of WireGuard packets relayed from the site (relay headers excluded)",
+                |s| s.relayed_bytes,
+            ),
+            (
+                "rendezvous_relay_dropped",
+                "Relay datagrams from the site that were dropped (no connected mutual peer, or malformed)",
+                |s| s.relay_dropped,
+            ),
+        ];
+        for (name, help, value) in per_site {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for s in &rendezvous.sites {
+                ConstCounter::new(value(s)).encode(family.encode_family(&[("site", s.name.as_str())])?)?;
+            }
+        }
+        let stun = ConstCounter::new(rendezvous.stun_answered);
+        stun.encode(encoder.encode_descriptor(
+            "rendezvous_stun_answered",
+            "STUN Binding requests answered",
+            None,
+            stun.metric_type(),
+        )?)?;
         Ok(())
     }
 }
@@ -643,6 +770,148 @@ mod tests {
         drop(server);
         tokio::task::yield_now().await;
         assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still listening after drop");
+    }
+
+    fn rendezvous_sample() -> RendezvousSample {
+        let key = |b: u8| x25519_dalek::PublicKey::from([b; 32]);
+        RendezvousSample {
+            sites: vec![
+                SiteStats {
+                    name: "a".into(),
+                    public_key: key(1),
+                    connected: true,
+                    relayed_packets: 30,
+                    relayed_bytes: 4500,
+                    relay_dropped: 2,
+                },
+                SiteStats {
+                    name: "b".into(),
+                    public_key: key(2),
+                    connected: false,
+                    relayed_packets: 0,
+                    relayed_bytes: 0,
+                    relay_dropped: 0,
+                },
+            ],
+            stun_answered: 17,
+        }
+    }
+
+    #[test]
+    fn rendezvous_exposition_has_every_series() {
+        let text = encode(&rendezvous_registry(rendezvous_sample));
+        let series = parse(&text);
+        let get = |key: &str| *series.get(key).unwrap_or_else(|| panic!("no {key} in\n{text}"));
+        assert_eq!(get(&format!("causeway_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1.0);
+        assert_eq!(get("causeway_rendezvous_sites_configured"), 2.0);
+        assert_eq!(get("causeway_rendezvous_site_connected{site=\"a\"}"), 1.0);
+        assert_eq!(get("causeway_rendezvous_site_connected{site=\"b\"}"), 0.0);
+        assert_eq!(get("causeway_rendezvous_relayed_packets_total{site=\"a\"}"), 30.0);
+        assert_eq!(get("causeway_rendezvous_relayed_bytes_total{site=\"a\"}"), 4500.0);
+        assert_eq!(get("causeway_rendezvous_relay_dropped_total{site=\"a\"}"), 2.0);
+        // Sites that never connected are exported too, zeros included.
+        assert_eq!(get("causeway_rendezvous_relayed_packets_total{site=\"b\"}"), 0.0);
+        assert_eq!(get("causeway_rendezvous_relayed_bytes_total{site=\"b\"}"), 0.0);
+        assert_eq!(get("causeway_rendezvous_relay_dropped_total{site=\"b\"}"), 0.0);
+        assert_eq!(get("causeway_rendezvous_stun_answered_total"), 17.0);
+        for (name, kind) in [
+            ("causeway_rendezvous_sites_configured", "gauge"),
+            ("causeway_rendezvous_site_connected", "gauge"),
+            ("causeway_rendezvous_relayed_packets_total", "counter"),
+            ("causeway_rendezvous_relayed_bytes_total", "counter"),
+            ("causeway_rendezvous_relay_dropped_total", "counter"),
+            ("causeway_rendezvous_stun_answered_total", "counter"),
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} {kind}\n")), "{name} is not a {kind}:\n{text}");
+        }
+        assert!(get("process_resident_memory_bytes") > 0.0);
+        assert!(get("process_open_fds") >= 1.0);
+        // Nothing of the site daemon's.
+        assert!(!series.keys().any(|k| k.starts_with("causeway_peer") || k.starts_with("causeway_site_")), "{text}");
+        // Exactly the documented causeway_ series.
+        let names: std::collections::BTreeSet<&str> =
+            series.keys().filter(|k| k.starts_with("causeway_")).filter_map(|k| k.split('{').next()).collect();
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            [
+                "causeway_build_info",
+                "causeway_rendezvous_relay_dropped_total",
+                "causeway_rendezvous_relayed_bytes_total",
+                "causeway_rendezvous_relayed_packets_total",
+                "causeway_rendezvous_site_connected",
+                "causeway_rendezvous_sites_configured",
+                "causeway_rendezvous_stun_answered_total",
+            ]
+        );
+    }
+
+    #[test]
+    fn rendezvous_without_sites() {
+        let text = encode(&rendezvous_registry(|| RendezvousSample { sites: vec![], stun_answered: 0 }));
+        let series = parse(&text);
+        assert_eq!(series.get("causeway_rendezvous_sites_configured"), Some(&0.0));
+        assert_eq!(series.get("causeway_rendezvous_stun_answered_total"), Some(&0.0));
+        assert!(!series.keys().any(|k| k.contains("{site=")), "{text}");
+    }
+
+    /// A real (running) rendezvous' counters, read through its stats handle.
+    #[tokio::test]
+    async fn rendezvous_endpoints_read_the_running_server() {
+        use causeway_nat::rendezvous::{RendezvousServer, SiteEntry};
+        use causeway_nat::stun;
+        let sites: Vec<SiteEntry> = ["east", "west"]
+            .into_iter()
+            .map(|name| SiteEntry {
+                name: name.into(),
+                public_key: x25519_dalek::PublicKey::from(&keys::generate()),
+            })
+            .collect();
+        let quic = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind quic");
+        let stun_socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind stun");
+        let server = RendezvousServer::with_sockets(keys::generate(), &sites, quic, Some(stun_socket));
+        let stun_addr = server.stun_addr().expect("stun addr");
+        let stats = server.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+
+        let ready = Arc::new(AtomicBool::new(false));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = serve_on(
+            listener,
+            rendezvous_registry(move || RendezvousSample::collect(&stats)),
+            Arc::clone(&ready),
+        )
+        .expect("serve");
+        assert_eq!(http(addr, &get("/healthz")).await.0, 200);
+        assert_eq!(http(addr, &get("/readyz")).await.0, 503);
+        ready.store(true, Ordering::Release);
+        assert_eq!(http(addr, &get("/readyz")).await.0, 200);
+
+        // One STUN Binding request, answered.
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind client");
+        let mut request = [0u8; stun::BINDING_REQUEST_LEN];
+        let len = stun::encode_binding_request(&stun::TransactionId([7; 12]), &mut request);
+        client.send_to(&request[..len], stun_addr).await.expect("send STUN");
+        let mut answer = [0u8; 512];
+        tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut answer))
+            .await
+            .expect("STUN answer in time")
+            .expect("STUN answer");
+
+        let (status, _, body) = http(addr, &get("/metrics")).await;
+        assert_eq!(status, 200);
+        let series = parse(&body);
+        assert_eq!(series.get("causeway_rendezvous_sites_configured"), Some(&2.0), "{body}");
+        assert_eq!(series.get("causeway_rendezvous_site_connected{site=\"east\"}"), Some(&0.0), "{body}");
+        assert_eq!(series.get("causeway_rendezvous_relayed_packets_total{site=\"west\"}"), Some(&0.0), "{body}");
+        assert_eq!(series.get("causeway_rendezvous_stun_answered_total"), Some(&1.0), "{body}");
+
+        let _ = stop.send(());
+        running.await.expect("join").expect("rendezvous ran");
+        drop(metrics);
     }
 
     #[tokio::test]

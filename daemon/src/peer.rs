@@ -158,6 +158,13 @@ impl PeerState {
 
 /// One configured peer.
 pub struct Peer {
+    /// Stable id for the life of this peer object: its WireGuard session
+    /// index (receiver indices carry it in their top 24 bits), and how
+    /// messages between threads name it across config reloads.
+    pub id: u32,
+    /// The configuration it was made from; a reload keeps the peer (and
+    /// its sessions and counters) while this stays the same.
+    pub config: PeerConfig,
     /// The operator's name for the peer.
     pub name: String,
     /// Its WireGuard public key.
@@ -180,11 +187,11 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// Makes the peer with WireGuard session index `index`; `pod_cidrs` are
-    /// the local site's, the default allow-list.
+    /// Makes the peer with id (and WireGuard session index) `id`;
+    /// `pod_cidrs` are the local site's, the default allow-list.
     pub fn new(
         config: &PeerConfig,
-        index: u32,
+        id: u32,
         private_key: &StaticSecret,
         rate_limiter: &Arc<RateLimiter>,
         pod_cidrs: &[IpNet],
@@ -196,10 +203,12 @@ impl Peer {
             config.public_key,
             None,
             config.persistent_keepalive,
-            index,
+            id,
             Some(Arc::clone(rate_limiter)),
         );
         Peer {
+            id,
+            config: config.clone(),
             name: config.name.clone(),
             public_key: config.public_key,
             cidrs: config.cidrs.clone(),
@@ -251,35 +260,80 @@ impl Peer {
     }
 }
 
-/// All peers, with the lookups the data path needs.
+/// All peers, with the lookups the data path needs: an immutable snapshot.
+/// A config reload builds a new one (reusing the unchanged peers) and the
+/// data path switches to it atomically.
 pub struct Peers {
-    peers: Vec<Peer>,
-    /// (view cidr, peer index, view index), longest prefix first.
+    peers: Vec<Arc<Peer>>,
+    /// (view cidr, peer position, view index), longest prefix first.
     routes: Vec<(IpNet, usize, usize)>,
+    /// (peer id, position), sorted by id.
+    ids: Vec<(u32, usize)>,
+    next_id: u32,
 }
 
+/// What a reload changed, by peer name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PeerChanges {
+    /// New peers.
+    pub added: Vec<String>,
+    /// Peers whose configuration changed (their sessions restart).
+    pub changed: Vec<String>,
+    /// Peers no longer configured.
+    pub removed: Vec<String>,
+    /// Peers kept as they were, sessions and counters included.
+    pub unchanged: Vec<String>,
+}
+
+/// Peer ids are WireGuard session indices shifted left by 8 bits.
+const MAX_PEER_ID: u32 = 1 << 24;
+
 impl Peers {
-    /// Builds the table. Peer `i` gets WireGuard index `i`, so the index in
-    /// a received packet's receiver field (shifted right by 8) finds it.
-    pub fn new(
+    /// Builds the table for `configs`. Peers of `previous` whose
+    /// configuration is unchanged are carried over as they are; everyone
+    /// else gets a fresh peer with a new id.
+    pub fn build(
         configs: &[PeerConfig],
         private_key: &StaticSecret,
         rate_limiter: &Arc<RateLimiter>,
         pod_cidrs: &[IpNet],
         traversal: bool,
-    ) -> Self {
-        let peers: Vec<Peer> = configs
-            .iter()
-            .enumerate()
-            .map(|(i, c)| Peer::new(c, i as u32, private_key, rate_limiter, pod_cidrs, traversal))
-            .collect();
+        previous: Option<&Peers>,
+    ) -> (Self, PeerChanges) {
+        let mut changes = PeerChanges::default();
+        let mut next_id = previous.map_or(0, |p| p.next_id);
+        let mut peers = Vec::with_capacity(configs.len());
+        for config in configs {
+            let old = previous.and_then(|p| p.by_key(config.public_key.as_bytes()).map(|i| p.get(i)));
+            match old {
+                Some(old) if old.config == *config => {
+                    changes.unchanged.push(config.name.clone());
+                    peers.push(Arc::clone(old));
+                    continue;
+                }
+                Some(_) => changes.changed.push(config.name.clone()),
+                None => changes.added.push(config.name.clone()),
+            }
+            let id = next_id % MAX_PEER_ID;
+            next_id = next_id.wrapping_add(1);
+            peers.push(Arc::new(Peer::new(config, id, private_key, rate_limiter, pod_cidrs, traversal)));
+        }
+        if let Some(previous) = previous {
+            for old in previous.iter() {
+                if !configs.iter().any(|c| c.public_key == old.public_key) {
+                    changes.removed.push(old.name.clone());
+                }
+            }
+        }
         let mut routes: Vec<(IpNet, usize, usize)> = peers
             .iter()
             .enumerate()
             .flat_map(|(i, p)| p.views.iter().enumerate().map(move |(k, m)| (*m.view(), i, k)))
             .collect();
         routes.sort_by_key(|(net, _, _)| std::cmp::Reverse(net.prefix_len()));
-        Peers { peers, routes }
+        let mut ids: Vec<(u32, usize)> = peers.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
+        ids.sort_unstable();
+        (Peers { peers, routes, ids, next_id }, changes)
     }
 
     /// The peer, and which of its views, that local destination `addr`
@@ -293,21 +347,35 @@ impl Peers {
         self.peers.iter().position(|p| p.public_key.as_bytes() == key)
     }
 
+    /// The peer with this id.
+    pub fn by_id(&self, id: u32) -> Option<usize> {
+        self.ids.binary_search_by_key(&id, |&(id, _)| id).ok().map(|k| self.ids[k].1)
+    }
+
     /// The peer a receiver index (from a handshake response, cookie reply or
     /// data packet) belongs to.
     pub fn by_receiver_index(&self, receiver_idx: u32) -> Option<usize> {
-        let i = (receiver_idx >> 8) as usize;
-        (i < self.peers.len()).then_some(i)
+        self.by_id(receiver_idx >> 8)
     }
 
-    /// Peer `i`.
-    pub fn get(&self, i: usize) -> &Peer {
+    /// Peer at position `i`.
+    pub fn get(&self, i: usize) -> &Arc<Peer> {
         &self.peers[i]
     }
 
     /// All peers, in config order.
-    pub fn iter(&self) -> impl Iterator<Item = &Peer> {
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Peer>> {
         self.peers.iter()
+    }
+
+    /// How many peers.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
     }
 
     /// Every view CIDR of every peer: the routes the TUN needs.

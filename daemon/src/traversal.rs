@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::datapath::{Ctx, RELAY_QUEUE, RelayPacket, Source, inbound_handle};
-use crate::peer::{DropReason, PeerState};
+use crate::peer::{DropReason, Peer, PeerState};
 
 /// How often the reflexive address is asked for again (NAT mappings change).
 const STUN_INTERVAL: Duration = Duration::from_secs(20);
@@ -109,16 +109,17 @@ pub(crate) fn on_stun(ctx: &Ctx, from: SocketAddr, datagram: &[u8]) {
 
 /// A probe arrived on the WireGuard socket.
 pub(crate) fn on_probe(ctx: &Ctx, from: SocketAddr, datagram: &[u8]) {
-    let Some(index) = probe::sender(datagram).and_then(|key| ctx.peers.by_key(&key)) else {
+    let peers = ctx.peers();
+    let Some(index) = probe::sender(datagram).and_then(|key| peers.by_key(&key)) else {
         ctx.drop_packet(None, DropReason::UnknownPeer, format_args!("probe from {from}: not one of our peers"));
         return;
     };
-    let peer = ctx.peers.get(index);
+    let peer = peers.get(index);
     let Some(key) = peer.probe_key.as_ref() else { return };
     let probe = match probe::open(key, datagram) {
         Ok(probe) => probe,
         Err(e) => {
-            ctx.drop_packet(Some(index), DropReason::Rejected, format_args!("probe from {from}: {e}"));
+            ctx.drop_packet(Some(peer), DropReason::Rejected, format_args!("probe from {from}: {e}"));
             return;
         }
     };
@@ -127,7 +128,7 @@ pub(crate) fn on_probe(ctx: &Ctx, from: SocketAddr, datagram: &[u8]) {
     match state.paths.as_mut() {
         Some(paths) => {
             paths.handle_probe(now, from, probe);
-            pump(ctx, index, &mut state);
+            pump(ctx, peer, &mut state);
         }
         None => {
             drop(state);
@@ -143,8 +144,7 @@ pub(crate) fn on_probe(ctx: &Ctx, from: SocketAddr, datagram: &[u8]) {
 }
 
 /// Sends what a peer's path machine wants sent and applies its decisions.
-fn pump(ctx: &Ctx, index: usize, state: &mut PeerState) {
-    let peer = ctx.peers.get(index);
+fn pump(ctx: &Ctx, peer: &Peer, state: &mut PeerState) {
     let (Some(paths), Some(key)) = (state.paths.as_mut(), peer.probe_key.as_ref()) else { return };
     let mut buf = [0u8; probe::MAX_PROBE_LEN];
     while let Some(t) = paths.poll_transmit() {
@@ -177,13 +177,13 @@ fn pump(ctx: &Ctx, index: usize, state: &mut PeerState) {
 /// Drives timers: path machines, STUN. Called on every data-path tick.
 pub(crate) fn tick(ctx: &Ctx, now: Instant) {
     let Some(traversal) = ctx.traversal.as_ref() else { return };
-    for (index, peer) in ctx.peers.iter().enumerate() {
+    for peer in ctx.peers().iter() {
         let mut state = peer.lock();
         if let Some(paths) = state.paths.as_mut() {
             if paths.poll_timeout().is_some_and(|(at, _)| at <= now) {
                 paths.handle_timeout(now);
             }
-            pump(ctx, index, &mut state);
+            pump(ctx, peer, &mut state);
         }
     }
     let mut local = traversal.local();
@@ -241,21 +241,28 @@ async fn drive_rendezvous(ctx: Arc<Ctx>, mut client: RendezvousClient, mut candi
                 // The client logs its own failures; this is for debugging.
                 Some(RendezvousEvent::Disconnected { reason }) => tracing::debug!("rendezvous disconnected: {reason}"),
                 Some(RendezvousEvent::PeerUpdate { peer, candidates, online }) => {
-                    let Some(index) = ctx.peers.by_key(peer.as_bytes()) else { continue };
-                    let p = ctx.peers.get(index);
+                    let peers = ctx.peers();
+                    let Some(index) = peers.by_key(peer.as_bytes()) else { continue };
+                    let p = peers.get(index);
                     info!(peer = p.name, online, candidates = ?candidates, "peer update from the rendezvous");
+                    let candidates = reachable(&ctx, candidates);
                     let mut state = p.lock();
                     if let Some(paths) = state.paths.as_mut() {
                         if online {
-                            paths.set_remote_candidates(Instant::now(), reachable(&ctx, candidates));
+                            paths.set_remote_candidates(Instant::now(), candidates);
                         }
-                        pump(&ctx, index, &mut state);
+                        pump(&ctx, p, &mut state);
                     }
                 }
                 Some(RendezvousEvent::Relayed { from, packet }) => {
-                    let Some(index) = ctx.peers.by_key(from.as_bytes()) else { continue };
-                    ctx.peers.get(index).counters.relay_rx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    inbound_handle(&ctx, Source::Relay(index), &packet, &mut out, &mut cookie);
+                    let id = {
+                        let peers = ctx.peers();
+                        let Some(index) = peers.by_key(from.as_bytes()) else { continue };
+                        let p = peers.get(index);
+                        p.counters.relay_rx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        p.id
+                    };
+                    inbound_handle(&ctx, Source::Relay(id), &packet, &mut out, &mut cookie);
                 }
             },
             changed = candidates.changed() => {
@@ -274,7 +281,7 @@ async fn drive_rendezvous(ctx: Arc<Ctx>, mut client: RendezvousClient, mut candi
 /// gateway).
 fn reachable(ctx: &Ctx, candidates: Vec<SocketAddr>) -> Vec<SocketAddr> {
     let inside_overlay = |ip: std::net::IpAddr| {
-        ctx.pod_cidrs.iter().any(|n| n.contains(&ip)) || ctx.peers.route(ip).is_some()
+        ctx.pod_cidrs.iter().any(|n| n.contains(&ip)) || ctx.peers().route(ip).is_some()
     };
     candidates.into_iter().filter(|c| !inside_overlay(c.ip())).collect()
 }
@@ -282,14 +289,13 @@ fn reachable(ctx: &Ctx, candidates: Vec<SocketAddr>) -> Vec<SocketAddr> {
 /// Sends the packets the data path hands to the relay through the first
 /// rendezvous that can reach the peer.
 async fn send_relayed(ctx: Arc<Ctx>, mut packets: mpsc::Receiver<RelayPacket>) {
-    while let Some(RelayPacket { peer, bytes }) = packets.recv().await {
-        let p = ctx.peers.get(peer);
+    while let Some(RelayPacket { peer: p, bytes }) = packets.recv().await {
         let handles = ctx.traversal.as_ref().map(|t| t.rendezvous.lock().unwrap_or_else(|e| e.into_inner()).clone()).unwrap_or_default();
         let sent = handles.iter().any(|h| h.send_relay(&p.public_key, &bytes).is_ok());
         if sent {
             p.counters.relay_tx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else {
-            ctx.drop_packet(Some(peer), DropReason::NoEndpoint, format_args!("no direct path and no rendezvous can relay to the peer"));
+            ctx.drop_packet(Some(&p), DropReason::NoEndpoint, format_args!("no direct path and no rendezvous can relay to the peer"));
         }
     }
 }
@@ -297,4 +303,13 @@ async fn send_relayed(ctx: Arc<Ctx>, mut packets: mpsc::Receiver<RelayPacket>) {
 /// A fresh path machine for a peer found through the rendezvous.
 pub(crate) fn new_paths() -> PeerPaths {
     PeerPaths::new(Default::default(), rand::thread_rng().next_u64())
+}
+
+/// Tells every rendezvous the new list of peers to be introduced to.
+pub(crate) fn update_peers(ctx: &Ctx, keys: Vec<x25519_dalek::PublicKey>) {
+    if let Some(traversal) = ctx.traversal.as_ref() {
+        for handle in traversal.rendezvous.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            handle.update_peers(keys.clone());
+        }
+    }
 }

@@ -124,7 +124,7 @@ impl Device {
             private_key: Zeroizing::new(ctx.private_key.to_bytes()),
             listen_port,
             peers: ctx
-                .peers
+                .peers()
                 .iter()
                 .map(|p| {
                     let (endpoint, age, keepalive) = {

@@ -12,7 +12,7 @@ use quinn_udp::RecvMeta;
 use super::udp::canonical;
 use super::{Ctx, Source, Stop, wait_fd};
 use crate::packet::{self, Verdict};
-use crate::peer::DropReason;
+use crate::peer::{DropReason, Peer};
 
 /// Buffers per `recvmmsg` (quinn-udp's own batch size on Linux).
 const RECV_BATCH: usize = 32;
@@ -90,24 +90,25 @@ pub(crate) fn handle(ctx: &Ctx, source: Source, datagram: &[u8], out: &mut [u8],
             return;
         }
     };
+    let peers = ctx.peers();
     let index = match &packet {
         Packet::HandshakeInit(init) => parse_handshake_anon(&ctx.private_key, &ctx.public_key, init)
             .ok()
-            .and_then(|half| ctx.peers.by_key(&half.peer_static_public)),
-        Packet::HandshakeResponse(p) => ctx.peers.by_receiver_index(p.receiver_idx),
-        Packet::PacketCookieReply(p) => ctx.peers.by_receiver_index(p.receiver_idx),
-        Packet::PacketData(p) => ctx.peers.by_receiver_index(p.receiver_idx),
+            .and_then(|half| peers.by_key(&half.peer_static_public)),
+        Packet::HandshakeResponse(p) => peers.by_receiver_index(p.receiver_idx),
+        Packet::PacketCookieReply(p) => peers.by_receiver_index(p.receiver_idx),
+        Packet::PacketData(p) => peers.by_receiver_index(p.receiver_idx),
     };
     let index = match (index, source) {
         (Some(index), Source::Udp(_)) => index,
         // The relay vouches for nothing: the packet must be the claimed peer's.
-        (Some(index), Source::Relay(claimed)) if index == claimed => index,
+        (Some(index), Source::Relay(claimed)) if peers.get(index).id == claimed => index,
         _ => {
             ctx.drop_packet(None, DropReason::UnknownPeer, format_args!("from {source}: not one of our peers"));
             return;
         }
     };
-    let peer = ctx.peers.get(index);
+    let peer = peers.get(index);
     let mut state = peer.lock();
     match state.tunn.decapsulate(from_ip, datagram, out) {
         TunnResult::WriteToNetwork(reply) => {
@@ -118,18 +119,18 @@ pub(crate) fn handle(ctx: &Ctx, source: Source, datagram: &[u8], out: &mut [u8],
             ctx.reply(source, reply);
             // Packets that waited for this handshake go out now.
             while let TunnResult::WriteToNetwork(queued) = state.tunn.decapsulate(None, &[], out) {
-                ctx.send_to_peer(index, state.endpoint, queued);
+                ctx.send_to_peer(peer, state.endpoint, queued);
             }
         }
         TunnResult::WriteToTunnelV4(inner, src) => {
             state.roam(source);
             drop(state);
-            deliver(ctx, index, inner, IpAddr::V4(src));
+            deliver(ctx, peer, inner, IpAddr::V4(src));
         }
         TunnResult::WriteToTunnelV6(inner, src) => {
             state.roam(source);
             drop(state);
-            deliver(ctx, index, inner, IpAddr::V6(src));
+            deliver(ctx, peer, inner, IpAddr::V6(src));
         }
         TunnResult::Done => {
             // A keepalive or a completed handshake: authenticated either way.
@@ -139,39 +140,38 @@ pub(crate) fn handle(ctx: &Ctx, source: Source, datagram: &[u8], out: &mut [u8],
         }
         TunnResult::Err(e) => {
             drop(state);
-            ctx.drop_packet(Some(index), DropReason::Rejected, format_args!("from {source}: {e:?}"));
+            ctx.drop_packet(Some(peer), DropReason::Rejected, format_args!("from {source}: {e:?}"));
         }
     }
 }
 
 /// Hands a decrypted packet to the kernel if its source is the peer's and
 /// the allow-list lets it in, after translating its source to our view.
-fn deliver(ctx: &Ctx, index: usize, inner: &mut [u8], src: IpAddr) {
-    let peer = ctx.peers.get(index);
+fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr) {
     let Some(mapping) = peer.view_of_source(src) else {
-        ctx.drop_packet(Some(index), DropReason::SpoofedSource, format_args!("inner source {src} is outside the peer's cidrs"));
+        ctx.drop_packet(Some(peer), DropReason::SpoofedSource, format_args!("inner source {src} is outside the peer's cidrs"));
         return;
     };
     if !mapping.is_identity()
         && let Err(e) = mapping.ingress(inner)
     {
-        ctx.drop_packet(Some(index), DropReason::Malformed, format_args!("remapping packet from {src}: {e}"));
+        ctx.drop_packet(Some(peer), DropReason::Malformed, format_args!("remapping packet from {src}: {e}"));
         return;
     }
     let summary = match packet::parse(inner) {
         Ok(summary) => summary,
         Err(e) => {
-            ctx.drop_packet(Some(index), DropReason::Malformed, format_args!("packet from {src}: {e}"));
+            ctx.drop_packet(Some(peer), DropReason::Malformed, format_args!("packet from {src}: {e}"));
             return;
         }
     };
     if !ctx.pod_cidrs.iter().any(|c| c.contains(&summary.dst)) {
-        ctx.drop_packet(Some(index), DropReason::NotExported, format_args!("from {src} to {}: not exported", summary.dst));
+        ctx.drop_packet(Some(peer), DropReason::NotExported, format_args!("from {src} to {}: not exported", summary.dst));
         return;
     }
     if let Verdict::Deny(reason) = packet::allowed(&peer.allow, &summary) {
         ctx.drop_packet(
-            Some(index),
+            Some(peer),
             DropReason::from_deny(reason),
             format_args!("{src} -> {} proto {} port {:?}: {}", summary.dst, summary.protocol, summary.dst_port, reason.label()),
         );
@@ -185,6 +185,6 @@ fn deliver(ctx: &Ctx, index: usize, inner: &mut [u8], src: IpAddr) {
             peer.counters.rx_packets.fetch_add(1, Relaxed);
             peer.counters.rx_bytes.fetch_add(inner.len() as u64, Relaxed);
         }
-        Err(e) => ctx.drop_packet(Some(index), DropReason::IoError, format_args!("write to TUN: {e}")),
+        Err(e) => ctx.drop_packet(Some(peer), DropReason::IoError, format_args!("write to TUN: {e}")),
     }
 }

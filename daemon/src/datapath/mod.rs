@@ -28,7 +28,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use causeway_netlink::Tun;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::peer::{DropReason, Drops, Peers};
+use crate::peer::{DropReason, Drops, Peer, Peers};
 pub(crate) use inbound::handle as inbound_handle;
 pub(crate) use udp::UdpPort;
 
@@ -47,7 +47,8 @@ const LOG_INTERVAL: Duration = Duration::from_secs(5);
 pub(crate) struct Ctx {
     pub(crate) tun: Tun,
     pub(crate) udp: UdpPort,
-    pub(crate) peers: Peers,
+    /// The peers; swapped as a whole on reload (see [`Ctx::peers`]).
+    peer_table: arc_swap::ArcSwap<Peers>,
     pub(crate) private_key: StaticSecret,
     pub(crate) public_key: PublicKey,
     pub(crate) rate_limiter: Arc<RateLimiter>,
@@ -85,7 +86,7 @@ impl Ctx {
         Ctx {
             tun,
             udp,
-            peers,
+            peer_table: arc_swap::ArcSwap::from_pointee(peers),
             public_key: PublicKey::from(&private_key),
             private_key,
             rate_limiter,
@@ -99,6 +100,16 @@ impl Ctx {
             started: Instant::now(),
             next_log_ms: Default::default(),
         }
+    }
+
+    /// The current peer table (a snapshot: a reload swaps in a new one).
+    pub(crate) fn peers(&self) -> arc_swap::Guard<Arc<Peers>> {
+        self.peer_table.load()
+    }
+
+    /// Switches the data path to a new peer table.
+    pub(crate) fn set_peers(&self, peers: Peers) {
+        self.peer_table.store(Arc::new(peers));
     }
 
     /// Makes the shared rate limiter for a site key.
@@ -120,12 +131,9 @@ impl Ctx {
 
     /// Counts a drop against peer `peer` (or the site) and logs it at a
     /// bounded rate.
-    pub(crate) fn drop_packet(&self, peer: Option<usize>, reason: DropReason, detail: std::fmt::Arguments<'_>) {
+    pub(crate) fn drop_packet(&self, peer: Option<&Peer>, reason: DropReason, detail: std::fmt::Arguments<'_>) {
         let (total, name) = match peer {
-            Some(i) => {
-                let p = self.peers.get(i);
-                (p.counters.drops.count(reason), p.name.as_str())
-            }
+            Some(p) => (p.counters.drops.count(reason), p.name.as_str()),
             None => (self.drops.count(reason), "-"),
         };
         if self.may_log(reason) {
@@ -139,8 +147,8 @@ impl Ctx {
 pub enum Source {
     /// Our UDP socket, from this address.
     Udp(SocketAddr),
-    /// The relay, which says it comes from this peer (index).
-    Relay(usize),
+    /// The relay, which says it comes from this peer (id).
+    Relay(u32),
 }
 
 impl std::fmt::Display for Source {
@@ -153,10 +161,9 @@ impl std::fmt::Display for Source {
 }
 
 /// A WireGuard packet for a peer, to go through the relay.
-#[derive(Debug)]
 pub(crate) struct RelayPacket {
-    /// The peer (index).
-    pub(crate) peer: usize,
+    /// The peer.
+    pub(crate) peer: Arc<Peer>,
     /// The WireGuard message (ciphertext).
     pub(crate) bytes: Vec<u8>,
 }
@@ -177,14 +184,14 @@ impl Ctx {
 
     /// Sends a WireGuard message to peer `index`: straight to `endpoint`
     /// when there is one, through the relay otherwise.
-    pub(crate) fn send_to_peer(&self, index: usize, endpoint: Option<SocketAddr>, bytes: &[u8]) {
+    pub(crate) fn send_to_peer(&self, peer: &Arc<Peer>, endpoint: Option<SocketAddr>, bytes: &[u8]) {
         match endpoint {
             Some(ep) => {
                 if let Err(e) = self.udp.send(ep, bytes, None) {
-                    self.drop_packet(Some(index), DropReason::IoError, format_args!("send to {ep}: {e}"));
+                    self.drop_packet(Some(peer), DropReason::IoError, format_args!("send to {ep}: {e}"));
                 }
             }
-            None => self.relay(index, bytes),
+            None => self.relay(peer, bytes),
         }
     }
 
@@ -196,18 +203,23 @@ impl Ctx {
                     tracing::debug!("send to {to}: {e}");
                 }
             }
-            Source::Relay(peer) => self.relay(peer, bytes),
+            Source::Relay(id) => {
+                let peers = self.peers();
+                if let Some(i) = peers.by_id(id) {
+                    self.relay(peers.get(i), bytes);
+                }
+            }
         }
     }
 
     /// Hands a WireGuard message for peer `index` to the relay.
-    pub(crate) fn relay(&self, index: usize, bytes: &[u8]) {
+    pub(crate) fn relay(&self, peer: &Arc<Peer>, bytes: &[u8]) {
         let Some(queue) = self.relay.get() else {
-            self.drop_packet(Some(index), DropReason::NoEndpoint, format_args!("no endpoint and no relay for the peer"));
+            self.drop_packet(Some(peer), DropReason::NoEndpoint, format_args!("no endpoint and no relay for the peer"));
             return;
         };
-        if queue.try_send(RelayPacket { peer: index, bytes: bytes.to_vec() }).is_err() {
-            self.drop_packet(Some(index), DropReason::IoError, format_args!("relay queue full or closed"));
+        if queue.try_send(RelayPacket { peer: Arc::clone(peer), bytes: bytes.to_vec() }).is_err() {
+            self.drop_packet(Some(peer), DropReason::IoError, format_args!("relay queue full or closed"));
         }
     }
 }
@@ -312,11 +324,11 @@ async fn drive_timers(ctx: Arc<Ctx>) {
             ctx.rate_limiter.reset_count();
             last_reset = Instant::now();
         }
-        for (i, peer) in ctx.peers.iter().enumerate() {
+        for peer in ctx.peers().iter() {
             let mut state = peer.lock();
             let endpoint = state.endpoint;
             match state.tunn.update_timers(&mut buf) {
-                TunnResult::WriteToNetwork(packet) => ctx.send_to_peer(i, endpoint, packet),
+                TunnResult::WriteToNetwork(packet) => ctx.send_to_peer(peer, endpoint, packet),
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}
                 TunnResult::Err(e) => tracing::debug!(peer = peer.name, "timers: {e:?}"),
                 _ => {}

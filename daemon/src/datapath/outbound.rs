@@ -151,7 +151,8 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
         ctx.drop_packet(None, DropReason::TooBig, format_args!("{}-byte packet to {dst} exceeds MTU {}", packet.len(), ctx.mtu));
         return;
     }
-    let Some((index, view)) = ctx.peers.route(dst) else {
+    let peers = ctx.peers();
+    let Some((index, view)) = peers.route(dst) else {
         if is_link_local_noise(dst) {
             // The kernel's own chatter on a fresh link (IPv6 router
             // solicitations, MLD): counted, not worth a warning.
@@ -161,12 +162,12 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
         }
         return;
     };
-    let peer = ctx.peers.get(index);
+    let peer = peers.get(index);
     let mapping = &peer.views[view];
     if !mapping.is_identity()
         && let Err(e) = mapping.egress(packet)
     {
-        ctx.drop_packet(Some(index), DropReason::Malformed, format_args!("remapping packet to {dst}: {e}"));
+        ctx.drop_packet(Some(peer), DropReason::Malformed, format_args!("remapping packet to {dst}: {e}"));
         return;
     }
     if summary.is_tcp_syn() {
@@ -176,7 +177,7 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
     let endpoint = state.endpoint;
     if endpoint.is_none() && !ctx.has_relay() {
         drop(state);
-        ctx.drop_packet(Some(index), DropReason::NoEndpoint, format_args!("to {dst}: endpoint of peer not known yet"));
+        ctx.drop_packet(Some(peer), DropReason::NoEndpoint, format_args!("to {dst}: endpoint of peer not known yet"));
         return;
     }
     match state.tunn.encapsulate(packet, queue.slot(packet.len())) {
@@ -185,7 +186,7 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
             let len = out.len();
             match endpoint {
                 Some(endpoint) => queue.commit(endpoint, len, ctx.udp.max_segments()),
-                None => ctx.relay(index, out),
+                None => ctx.relay(peer, out),
             }
             peer.counters.tx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             peer.counters.tx_bytes.fetch_add(packet.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -194,7 +195,7 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
         TunnResult::Done => {}
         TunnResult::Err(e) => {
             drop(state);
-            ctx.drop_packet(Some(index), DropReason::Rejected, format_args!("encapsulate: {e:?}"));
+            ctx.drop_packet(Some(peer), DropReason::Rejected, format_args!("encapsulate: {e:?}"));
         }
         TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
     }
