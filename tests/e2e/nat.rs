@@ -26,6 +26,11 @@ struct Rendezvous {
 impl Rendezvous {
     /// Writes a config serving `sites` (name, public key) and starts it.
     fn start(ns: &Netns, ip: IpAddr, sites: &[(&str, &str)]) -> Rendezvous {
+        Self::start_on(ns, ip, QUIC_PORT, STUN_PORT, sites)
+    }
+
+    /// [`Rendezvous::start`] on other ports.
+    fn start_on(ns: &Netns, ip: IpAddr, quic: u16, stun: u16, sites: &[(&str, &str)]) -> Rendezvous {
         let dir = tempfile::tempdir().expect("tempdir");
         let secret = keys::generate();
         std::fs::write(dir.path().join("rendezvous.key"), keys::encode_private(&secret) + "\n").expect("key");
@@ -33,8 +38,8 @@ impl Rendezvous {
         let mut text = format!(
             "private_key_file = {:?}\nlisten = \"{}\"\nstun_listen = \"{}\"\n",
             dir.path().join("rendezvous.key"),
-            SocketAddr::new(ip, QUIC_PORT),
-            SocketAddr::new(ip, STUN_PORT)
+            SocketAddr::new(ip, quic),
+            SocketAddr::new(ip, stun)
         );
         for (name, key) in sites {
             text += &format!("\n[[site]]\nname = {name:?}\npublic_key = {key:?}\n");
@@ -282,4 +287,39 @@ fn unknown_sites_and_impostor_rendezvous_are_refused() {
     assert!(log_a.to_lowercase().contains("unknown site"), "stranger not told clearly:\n{log_a}");
     assert!(log_b.to_lowercase().contains("rendezvous key"), "impostor rendezvous not named:\n{log_b}");
     assert_eq!(da.status().peers[0].relay_rx_packets + db.status().peers[0].relay_rx_packets, 0);
+}
+
+#[test]
+fn with_two_rendezvous_servers_either_one_is_enough() {
+    let lab = Lab::build(&LabSpec {
+        sites: vec![
+            SiteSpec::new("a", vec!["10.0.0.0/16".parse().expect("cidr")]).nat(Nat::Symmetric),
+            SiteSpec::new("b", vec!["10.1.0.0/16".parse().expect("cidr")]).nat(Nat::Symmetric),
+        ],
+    })
+    .expect("lab");
+    ipv4_underlay_only(&lab);
+    let files = [SiteFiles::new(), SiteFiles::new()];
+    let ip = IpAddr::V4(lab.internet_addr());
+    let sites = [("a", files[0].public_key.as_str()), ("b", files[1].public_key.as_str())];
+    let mut first = Rendezvous::start_on(lab.internet(), ip, QUIC_PORT, STUN_PORT, &sites);
+    let second = Rendezvous::start_on(lab.internet(), ip, QUIC_PORT + 1, STUN_PORT + 1, &sites);
+    let rdv = format!(
+        "[[rendezvous]]\naddress = \"{}\"\npublic_key = {:?}\n\n[[rendezvous]]\naddress = \"{}\"\npublic_key = {:?}\nstun = \"{}\"\n",
+        SocketAddr::new(ip, QUIC_PORT),
+        first.public_key,
+        SocketAddr::new(ip, QUIC_PORT + 1),
+        second.public_key,
+        SocketAddr::new(ip, STUN_PORT + 1),
+    );
+    let cfg_a = files[0].write_config("a", &["10.0.0.0/16"], &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], None) + &rdv));
+    let cfg_b = files[1].write_config("b", &["10.1.0.0/16"], &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], None) + &rdv));
+    let _da = Daemon::start(&lab.sites()[0].gateway, &files[0], &cfg_a);
+    let _db = Daemon::start(&lab.sites()[1].gateway, &files[1], &cfg_b);
+    let [(pod_a, _), (_, addr_b)] = pods(&lab);
+    assert_ping(pod_a, addr_b.into());
+    // Symmetric NATs: everything is relayed; losing one server is survived.
+    first.stop();
+    assert!(ping_until(pod_a, addr_b.into(), Duration::from_secs(5)).is_some(), "the second rendezvous did not take over");
+    tcp_transfer(&lab.sites()[1].pods[0].ns, addr_b, pod_a, 4 << 20);
 }
