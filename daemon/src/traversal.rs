@@ -144,20 +144,23 @@ pub(crate) fn on_probe(ctx: &Ctx, from: SocketAddr, datagram: &[u8]) {
 }
 
 /// Sends what a peer's path machine wants sent and applies its decisions.
-fn pump(ctx: &Ctx, peer: &Peer, state: &mut PeerState) {
-    let (Some(paths), Some(key)) = (state.paths.as_mut(), peer.probe_key.as_ref()) else { return };
+fn pump(ctx: &Ctx, peer: &Arc<Peer>, state: &mut PeerState) {
+    let Some(key) = peer.probe_key.as_ref() else { return };
     let mut buf = [0u8; probe::MAX_PROBE_LEN];
-    while let Some(t) = paths.poll_transmit() {
-        let n = probe::encode(key, &t.probe, &mut buf);
-        if let Err(e) = ctx.udp.send(t.dst, &buf[..n], None) {
-            tracing::debug!(peer = peer.name, "probe to {}: {e}", t.dst);
+    loop {
+        let Some(paths) = state.paths.as_mut() else { return };
+        while let Some(t) = paths.poll_transmit() {
+            let n = probe::encode(key, &t.probe, &mut buf);
+            if let Err(e) = ctx.udp.send(t.dst, &buf[..n], None) {
+                tracing::debug!(peer = peer.name, "probe to {}: {e}", t.dst);
+            }
         }
-    }
-    while let Some(Event::PathChanged(path)) = paths.poll_event() {
+        let Some(Event::PathChanged(path)) = paths.poll_event() else { return };
         match path {
             Path::Direct(addr) => {
                 info!(peer = peer.name, %addr, "direct path");
                 state.endpoint = Some(addr);
+                kick_handshake(ctx, peer, state);
             }
             Path::Relay => {
                 info!(peer = peer.name, "no direct path: using the relay");
@@ -171,6 +174,19 @@ fn pump(ctx: &Ctx, peer: &Peer, state: &mut PeerState) {
                 }
             }
         }
+    }
+}
+
+/// Starts a WireGuard handshake at once when a peer without a session just
+/// became reachable, instead of waiting out boringtun's 5-second retry of an
+/// initiation that had nowhere to go.
+fn kick_handshake(ctx: &Ctx, peer: &Arc<Peer>, state: &mut PeerState) {
+    if state.tunn.time_since_last_handshake().is_some() {
+        return;
+    }
+    let mut buf = [0u8; 256];
+    if let boringtun::noise::TunnResult::WriteToNetwork(init) = state.tunn.format_handshake_initiation(&mut buf, true) {
+        ctx.send_to_peer(peer, state.endpoint, init);
     }
 }
 
@@ -252,6 +268,10 @@ async fn drive_rendezvous(ctx: Arc<Ctx>, mut client: RendezvousClient, mut candi
                             paths.set_remote_candidates(Instant::now(), candidates);
                         }
                         pump(&ctx, p, &mut state);
+                    }
+                    if online {
+                        // Reachable through the relay from now on.
+                        kick_handshake(&ctx, p, &mut state);
                     }
                 }
                 Some(RendezvousEvent::Relayed { from, packet }) => {
