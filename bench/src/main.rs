@@ -1,15 +1,34 @@
-//! `causeway-bench`: Causeway's lab on this machine.
+//! `causeway-bench`: Causeway's benchmark.
 //!
-//! `demo` builds a two-site lab in network namespaces, joins the sites with
-//! the real `causeway` daemon, shows traffic crossing, and tears it all
-//! down. (The iperf-style benchmark will live here too.)
+//! - `server` / `client`: an iperf-style pair that measures any path, a
+//!   deployed tunnel included (TCP throughput over 1 or N streams, UDP
+//!   throughput, loss and jitter at a given rate, request/response latency
+//!   idle and under load). A control connection negotiates each test, and
+//!   everything uses one port (TCP and UDP).
+//! - `lab`: builds two-site topologies in network namespaces on this machine
+//!   and measures Causeway side by side with the raw path, wireguard-go and
+//!   boringtun-cli, interleaved run by run; writes a Markdown table, a JSON
+//!   file and an SVG chart.
+//! - `demo`: joins two sites with the real daemon and shows traffic crossing.
 
+mod client;
 mod demo;
+mod interrupt;
+mod lab;
+mod proto;
+mod server;
+mod stats;
+mod udp;
 
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{ArgGroup, Parser, Subcommand};
+
+use proto::{DEFAULT_PORT, Kind};
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -28,13 +47,164 @@ enum Command {
         /// Seconds of TCP throughput measurement.
         #[arg(long, default_value_t = 3)]
         seconds: u32,
+        /// The NAT routers in front of both sites: `port-preserving`
+        /// (masquerade: holes can be punched) or `symmetric`
+        /// (random,fully-random: everything goes through the relay).
+        #[arg(long, value_enum, default_value_t = demo::DemoNat::PortPreserving)]
+        nat: demo::DemoNat,
+    },
+    /// Answer `causeway-bench client` tests (TCP and UDP on one port).
+    Server {
+        /// Address to listen on ([::] also accepts IPv4).
+        #[arg(long, default_value_t = IpAddr::V6(Ipv6Addr::UNSPECIFIED))]
+        bind: IpAddr,
+        /// Port, for TCP and UDP.
+        #[arg(long, default_value_t = DEFAULT_PORT)]
+        port: u16,
+    },
+    /// Run one test against a `causeway-bench server`.
+    #[command(group(ArgGroup::new("kind").args(["tcp", "udp", "rr"])))]
+    Client {
+        /// The server: an address (`10.1.1.2`, `fd00::2`), `address:port`, or `host:port`.
+        server: String,
+        /// Server port when `server` has none.
+        #[arg(long, default_value_t = DEFAULT_PORT)]
+        port: u16,
+        /// TCP throughput, client → server (the default).
+        #[arg(long)]
+        tcp: bool,
+        /// UDP throughput, loss and jitter at `--bitrate`.
+        #[arg(long)]
+        udp: bool,
+        /// Request/response latency of `--len`-byte messages (p50/p99/p99.9).
+        #[arg(long)]
+        rr: bool,
+        /// Parallel TCP streams (with --tcp).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=128))]
+        streams: u32,
+        /// Bulk TCP streams that load the path while round trips are measured (with --rr).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=128))]
+        load_streams: u32,
+        /// Seconds to send.
+        #[arg(long = "time", short = 't', default_value_t = 10.0)]
+        time: f64,
+        /// UDP payload rate, e.g. 1G, 500M, 100k; 0 sends as fast as possible.
+        #[arg(long, short = 'b', default_value = "1G", value_parser = proto::parse_bitrate)]
+        bitrate: u64,
+        /// UDP datagram payload or round-trip message size, bytes [default: 1372 for UDP, 64 for --rr].
+        #[arg(long, short = 'l')]
+        len: Option<u32>,
+        /// Print a JSON report instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for each connection to the server.
+        #[arg(long, default_value_t = 5.0)]
+        connect_timeout: f64,
+    },
+    /// Write report.md, report.svg (and --doc) again from a lab's report.json.
+    Report {
+        /// The report.json of a lab run.
+        json: PathBuf,
+        /// Where to write [default: next to the JSON file].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also write the page with the method (e.g. docs/performance.md).
+        #[arg(long)]
+        doc: Option<PathBuf>,
+    },
+    /// Measure Causeway against raw, wireguard-go and boringtun-cli in local labs (needs root).
+    Lab {
+        /// Comma-separated scenarios: lan, delay<ms>, loss<percent>, or parts joined by + (delay50+loss1).
+        #[arg(long, value_delimiter = ',', default_value = lab::DEFAULT_SCENARIOS)]
+        scenario: Vec<String>,
+        /// Comma-separated systems [default: all]: raw, causeway, causeway-remap, causeway-nat, causeway-relay, wireguard-go, boringtun-cli.
+        #[arg(long, value_delimiter = ',')]
+        systems: Option<Vec<String>>,
+        /// Runs per cell (median and min–max are reported).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Seconds per test.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Where report.md, report.json and report.svg go.
+        #[arg(long, default_value = "bench-report")]
+        out: PathBuf,
+        /// Also write the report with its method as this Markdown page (e.g. docs/performance.md).
+        #[arg(long)]
+        doc: Option<PathBuf>,
+        /// The causeway binary [default: next to this one].
+        #[arg(long)]
+        causeway: Option<PathBuf>,
+        /// The boringtun-cli binary [default: on PATH or in ~/.cargo/bin].
+        #[arg(long)]
+        boringtun: Option<PathBuf>,
+        /// UDP offered rate in the lab.
+        #[arg(long, default_value = "1G", value_parser = proto::parse_bitrate)]
+        udp_bitrate: u64,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { causeway, seconds } => demo::run(causeway, seconds),
+        Command::Demo { causeway, seconds, nat } => demo::run(causeway, seconds, nat),
+        Command::Server { bind, port } => server::run(SocketAddr::new(bind, port)),
+        Command::Report { json, out, doc } => lab::rerender(&json, out, doc),
+        Command::Client {
+            server,
+            port,
+            tcp: _,
+            udp,
+            rr,
+            streams,
+            load_streams,
+            time,
+            bitrate,
+            len,
+            json,
+            connect_timeout,
+        } => {
+            let kind = if udp {
+                Kind::Udp
+            } else if rr {
+                Kind::Rr
+            } else {
+                Kind::Tcp
+            };
+            client_main(
+                &server,
+                port,
+                kind,
+                streams,
+                load_streams,
+                time,
+                bitrate,
+                len,
+                json,
+                connect_timeout,
+            )
+        }
+        Command::Lab {
+            scenario,
+            systems,
+            runs,
+            seconds,
+            out,
+            doc,
+            causeway,
+            boringtun,
+            udp_bitrate,
+        } => lab::run(lab::Args {
+            scenarios: scenario,
+            systems,
+            runs,
+            seconds,
+            out,
+            doc,
+            causeway,
+            boringtun,
+            udp_bitrate,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -43,4 +213,62 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn client_main(
+    server: &str,
+    port: u16,
+    kind: Kind,
+    streams: u32,
+    load_streams: u32,
+    time: f64,
+    bitrate: u64,
+    len: Option<u32>,
+    json: bool,
+    connect_timeout: f64,
+) -> anyhow::Result<()> {
+    let server = resolve(server, port)?;
+    anyhow::ensure!(
+        connect_timeout > 0.0 && connect_timeout.is_finite(),
+        "--connect-timeout must be positive"
+    );
+    let opts = client::Options {
+        server,
+        kind,
+        streams,
+        load_streams,
+        seconds: time,
+        bitrate,
+        len: len.unwrap_or(if kind == Kind::Rr { 64 } else { lab::UDP_LEN }),
+        connect_timeout: Duration::from_secs_f64(connect_timeout),
+        progress: !json,
+    };
+    let report = client::run(&opts)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", client::summary(&report));
+    }
+    Ok(())
+}
+
+/// `10.1.1.2`, `10.1.1.2:5211`, `[fd00::2]:5211`, `fd00::2`, `host:port`.
+fn resolve(server: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    if let Ok(addr) = server.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Ok(ip) = server.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let with_port = if server.contains(':') {
+        server.to_owned()
+    } else {
+        format!("{server}:{port}")
+    };
+    with_port
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {server}"))?
+        .next()
+        .with_context(|| format!("{server} has no address"))
 }

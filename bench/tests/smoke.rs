@@ -1,0 +1,211 @@
+//! The lab's smoke run: one run of every system in the `lan` scenario with
+//! short tests. It proves that the tool builds labs, starts every system
+//! it can, measures, tears down and writes a well-formed report; it asserts
+//! nothing about speed. Systems whose tools are missing (boringtun-cli on a
+//! fresh machine) must show up as skipped, never as numbers.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SYSTEMS: [&str; 7] = [
+    "raw",
+    "causeway",
+    "causeway-remap",
+    "causeway-nat",
+    "causeway-relay",
+    "wireguard-go",
+    "boringtun-cli",
+];
+const METRICS: [&str; 14] = [
+    "tcp1_gbps",
+    "tcp4_gbps",
+    "udp_gbps",
+    "udp_loss_percent",
+    "udp_jitter_ms",
+    "rtt_idle_p50_ms",
+    "rtt_idle_p99_ms",
+    "rtt_idle_p999_ms",
+    "rtt_loaded_p50_ms",
+    "rtt_loaded_p99_ms",
+    "cpu_seconds_per_gb",
+    "peak_rss_mib",
+    "setup_ms",
+    "wan_cpu_seconds",
+];
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn lab_smoke_writes_a_well_formed_report() {
+    if !is_root() {
+        eprintln!("skipped: the lab needs root (network namespaces)");
+        return;
+    }
+    let out = tempfile::tempdir().expect("tempdir");
+    let started = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_causeway-bench"))
+        .args([
+            "lab",
+            "--scenario",
+            "lan",
+            "--runs",
+            "1",
+            "--seconds",
+            "0.5",
+            "--udp-bitrate",
+            "200M",
+            "--out",
+        ])
+        .arg(out.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run causeway-bench lab");
+    let pid = child.id();
+    let run = child
+        .wait_with_output()
+        .expect("wait for causeway-bench lab");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "causeway-bench lab failed:\n{stdout}\n{stderr}"
+    );
+    eprintln!("{stdout}");
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "the smoke run took {:?}",
+        started.elapsed()
+    );
+
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("report.json")).expect("report.json"),
+    )
+    .expect("valid JSON");
+    assert_eq!(json["runs"], 1);
+    assert!(json["machine"]["nproc"].as_u64().is_some_and(|n| n >= 1));
+    let scenarios = json["scenarios"].as_array().expect("scenarios");
+    assert_eq!(scenarios.len(), 1);
+    let sc = &scenarios[0];
+    let cells = sc["cells"].as_array().expect("cells");
+    assert_eq!(cells.len(), SYSTEMS.len(), "one cell per system");
+    for (cell, system) in cells.iter().zip(SYSTEMS) {
+        assert_eq!(cell["system"], system);
+        match cell["status"].as_str().expect("status") {
+            "measured" => {
+                let metrics = cell["metrics"].as_object().expect("metrics");
+                for name in METRICS {
+                    check_metric(system, name, &metrics[name]);
+                }
+            }
+            "skipped" | "not_built" | "failed" => {
+                assert!(
+                    cell["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                    "{system}: a {} cell needs a reason",
+                    cell["status"]
+                );
+                assert!(
+                    cell.get("metrics").is_none(),
+                    "{system}: no numbers for a cell that was not measured"
+                );
+            }
+            other => panic!("{system}: unknown status {other}"),
+        }
+    }
+    // The systems that do not exist yet are never numbers.
+    for system in ["causeway-nat", "causeway-relay"] {
+        let cell = cells.iter().find(|c| c["system"] == system).expect("cell");
+        assert_eq!(cell["status"], "not_built", "{system}");
+    }
+
+    let summary = sc["summary"].as_array().expect("summary");
+    assert_eq!(summary.len(), SYSTEMS.len());
+    let md = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    for s in summary {
+        let name = s["system"].as_str().expect("system name");
+        let row = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no row for {name} in:\n{md}"));
+        let cells: Vec<&str> = row
+            .trim_matches('|')
+            .split('|')
+            .map(str::trim)
+            .skip(1)
+            .collect();
+        assert!(!cells.is_empty());
+        for text in cells {
+            let ok = text == "—"
+                || text == "skipped"
+                || text == "not built"
+                || text == "failed"
+                || text
+                    .split_whitespace()
+                    .next()
+                    .is_some_and(|n| n.parse::<f64>().is_ok_and(f64::is_finite));
+            assert!(ok, "{name}: cell {text:?} is neither a number nor a marker");
+        }
+        if s["status"] != "measured" {
+            assert!(
+                !row.chars().any(|c| c.is_ascii_digit()),
+                "{name} is {} but its row has numbers: {row}",
+                s["status"]
+            );
+        }
+    }
+    assert!(!md.contains("NaN") && !md.contains("| inf"), "{md}");
+    let svg = std::fs::read_to_string(out.path().join("report.svg")).expect("report.svg");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(!svg.contains("NaN"));
+    assert_no_leftovers(pid);
+}
+
+fn check_metric(system: &str, name: &str, v: &Value) {
+    match v {
+        Value::String(s) => assert_eq!(s, "not_applicable", "{system} {name}"),
+        Value::Object(o) if o.contains_key("value") => {
+            assert!(
+                o["value"].as_f64().is_some_and(f64::is_finite),
+                "{system} {name}: {v}"
+            );
+        }
+        Value::Object(o) if o.contains_key("failed") => {
+            assert!(
+                o["failed"].as_str().is_some_and(|r| !r.is_empty()),
+                "{system} {name}: {v}"
+            );
+        }
+        other => panic!("{system} {name}: {other} is neither a value nor a marker"),
+    }
+}
+
+/// The lab removed its namespaces (`cw<pid>x…`) and UAPI sockets
+/// (`cwb<pid % 100000>…`).
+fn assert_no_leftovers(pid: u32) {
+    let netns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let prefix = format!("cw{pid}x");
+    let names = String::from_utf8_lossy(&netns.stdout).into_owned();
+    let left: Vec<&str> = names.lines().filter(|l| l.starts_with(&prefix)).collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    let prefix = format!("cwb{}", pid % 100_000);
+    let sockets: Vec<String> = std::fs::read_dir(Path::new("/var/run/wireguard"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| {
+                    n.strip_prefix(&prefix)
+                        .is_some_and(|rest| rest.starts_with(['a', 'b']))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(sockets.is_empty(), "UAPI sockets left behind: {sockets:?}");
+}
