@@ -147,7 +147,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { causeway, seconds, nat } => demo::run(causeway, seconds, nat),
+        Command::Demo {
+            causeway,
+            seconds,
+            nat,
+        } => demo::run(causeway, seconds, nat),
         Command::Server { bind, port } => server::run(SocketAddr::new(bind, port)),
         Command::Report { json, out, doc } => lab::rerender(&json, out, doc),
         Command::Client {

@@ -226,10 +226,20 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
 /// `causeway-bench report`: writes the Markdown, SVG (and `--doc` page)
 /// again from a `report.json`, e.g. after the report's layout changed or a
 /// note was added to it; the numbers are those in the file.
-pub(crate) fn rerender(json: &Path, out: Option<PathBuf>, doc: Option<PathBuf>) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
-    let mut results: Results = serde_json::from_str(&text).with_context(|| format!("{} is not a lab report", json.display()))?;
-    let systems: Vec<System> = results.systems.iter().filter_map(|s| System::parse(&s.name)).collect();
+pub(crate) fn rerender(
+    json: &Path,
+    out: Option<PathBuf>,
+    doc: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let mut results: Results = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a lab report", json.display()))?;
+    let systems: Vec<System> = results
+        .systems
+        .iter()
+        .filter_map(|s| System::parse(&s.name))
+        .collect();
     for sc in &mut results.scenarios {
         sc.summarize(&systems);
     }

@@ -45,7 +45,8 @@ const METHOD: &str = "## How it is measured
 - **Tunnel CPU-s per GB**: user + system CPU time of the tunnel processes of *both* sites (all threads,
   `/proc/<pid>/stat`) during the two TCP tests, divided by the payload gigabytes (10⁹ bytes) those
   tests delivered. Kernel work that Linux does not charge to those processes (packet processing
-  in softirq context, depending on the kernel's accounting) is not included, for any system. **Peak RSS**: the larger `VmHWM` of the two sites' tunnel processes at the end of the cell.
+  in softirq context, depending on the kernel's accounting) is not included, for any system.
+  **Peak RSS**: the larger `VmHWM` of the two sites' tunnel processes at the end of the cell.
 - **Setup**: from just before both tunnel processes are spawned (then configured, for the `wg`-based
   ones) to the first answered UDP probe between the pods; probes are sent every 0.5 ms, so the
   resolution is 0.5 ms. The handshake is included. Before the clock starts, the gateways ping each
@@ -175,6 +176,8 @@ fn scenario_tables(sc: &ScenarioResults) -> String {
             let _ = write!(s, "| {} |", sys.system);
             for m in &metrics {
                 let text = match sys.metrics.get(m) {
+                    // The emulator's CPU is not the system's doing.
+                    Some(MetricSummary::Value { .. }) if *m == Metric::WanCpuSeconds => "—".into(),
                     Some(MetricSummary::Value {
                         ratio_to_wireguard_go: Some(ratio),
                         ..

@@ -74,9 +74,11 @@ impl Metric {
         !matches!(self, Metric::UdpJitterMs | Metric::RttIdleP999Ms)
     }
 
-    /// Digits after the point for a value of this size.
+    /// `v` with about three significant digits (no more than three
+    /// after the point, none for large memory and setup times).
     pub(crate) fn format(self, v: f64) -> String {
-        let a = v.abs();
+        // Decide on the rounded value, so 0.99996 is "1.00", not "1.000".
+        let a = (v.abs() * 1000.0).round() / 1000.0;
         let digits = match self {
             Metric::PeakRssMib | Metric::SetupMs if a >= 10.0 => 0,
             _ if a >= 100.0 => 0,
