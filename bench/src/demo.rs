@@ -58,7 +58,8 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
     let (pharma, hospital) = (lab.site("pharma"), lab.site("hospital"));
     // The lab routes IPv6 without NAT; this demo is about IPv4 NATs.
     for site in [pharma, hospital] {
-        site.gateway.ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"])?;
+        site.gateway
+            .ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"])?;
     }
     println!(
         "lab     two sites in network namespaces ({} ms), both with pods in {POD_CIDR}, both behind a NAT router \
@@ -81,7 +82,13 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
         .into_iter()
         .enumerate()
     {
-        let config = write_config(&runs[i], site, &runs[1 - i].public_key, &peer.name, &rendezvous)?;
+        let config = write_config(
+            &runs[i],
+            site,
+            &runs[1 - i].public_key,
+            &peer.name,
+            &rendezvous,
+        )?;
         runs[i].daemon = Some(start_daemon(&bin, site, &runs[i], &config)?);
     }
     println!(
@@ -105,7 +112,8 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
         Ok(rtt) => rtt,
         Err(e) => {
             for run in &runs {
-                let log = std::fs::read_to_string(run.dir.path().join("causeway.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(run.dir.path().join("causeway.log"))
+                    .unwrap_or_default();
                 eprintln!("--- daemon log:\n{log}");
             }
             return Err(e);
@@ -119,14 +127,23 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
         started.elapsed().as_millis(),
         rtt.as_secs_f64() * 1e3
     );
-    let within = if nat == Nat::Symmetric { Duration::from_secs(3) } else { Duration::from_secs(10) };
+    let within = if nat == Nat::Symmetric {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(10)
+    };
     let (path, endpoint) = wait_direct(&bin, &runs[0], within)?;
     let how = match path.as_str() {
         "direct" => "hole punched through both NATs; relayed until then",
-        "relay" => "no hole can be punched through these NATs: WireGuard ciphertext goes through the rendezvous",
+        "relay" => {
+            "no hole can be punched through these NATs: WireGuard ciphertext goes through the rendezvous"
+        }
         _ => "",
     };
-    println!("path    pharma -> hospital: {path} {endpoint} {} ms after start ({how})", started.elapsed().as_millis());
+    println!(
+        "path    pharma -> hospital: {path} {endpoint} {} ms after start ({how})",
+        started.elapsed().as_millis()
+    );
     let rtt = ping_until(&pod_b.ns, a_from_b.into(), Duration::from_secs(5))?;
     println!(
         "ping    hospital pod {} -> pharma pod {} (its own address: {}): rtt {:.2} ms",
@@ -184,9 +201,15 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
 
 /// `causeway pubkey` of a private key.
 fn public_key_of(bin: &Path, private_key: &[u8]) -> anyhow::Result<String> {
-    let mut child = Command::new(bin).arg("pubkey").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    let mut child = Command::new(bin)
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
     std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, private_key)?;
-    Ok(String::from_utf8(child.wait_with_output()?.stdout)?.trim().to_owned())
+    Ok(String::from_utf8(child.wait_with_output()?.stdout)?
+        .trim()
+        .to_owned())
 }
 
 fn new_site(bin: &Path) -> anyhow::Result<SiteRun> {
@@ -211,7 +234,12 @@ struct Rendezvous {
 }
 
 impl Rendezvous {
-    fn start(bin: &Path, ns: &Netns, ip: Ipv4Addr, sites: &[SiteRun; 2]) -> anyhow::Result<Rendezvous> {
+    fn start(
+        bin: &Path,
+        ns: &Netns,
+        ip: Ipv4Addr,
+        sites: &[SiteRun; 2],
+    ) -> anyhow::Result<Rendezvous> {
         let dir = tempfile::tempdir()?;
         let key = Command::new(bin).arg("genkey").output()?;
         std::fs::write(dir.path().join("rendezvous.key"), &key.stdout)?;
@@ -222,7 +250,10 @@ impl Rendezvous {
             dir.path().join("rendezvous.key")
         );
         for (name, site) in ["pharma", "hospital"].iter().zip(sites) {
-            text += &format!("\n[[site]]\nname = {name:?}\npublic_key = {:?}\n", site.public_key);
+            text += &format!(
+                "\n[[site]]\nname = {name:?}\npublic_key = {:?}\n",
+                site.public_key
+            );
         }
         std::fs::write(dir.path().join("rendezvous.toml"), text)?;
         let log = std::fs::File::create(dir.path().join("rendezvous.log"))?;
@@ -233,7 +264,12 @@ impl Rendezvous {
                 .stdout(Stdio::null())
                 .stderr(log),
         )?;
-        Ok(Rendezvous { _dir: dir, _child: child, address, public_key })
+        Ok(Rendezvous {
+            _dir: dir,
+            _child: child,
+            address,
+            public_key,
+        })
     }
 }
 
@@ -242,8 +278,12 @@ fn wait_direct(bin: &Path, run: &SiteRun, within: Duration) -> anyhow::Result<(S
     let deadline = Instant::now() + within;
     loop {
         check_interrupt()?;
-        let out = Command::new(bin).args(["status", "--json", "--socket"]).arg(run.dir.path().join("control.sock")).output()?;
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout).context("causeway status --json")?;
+        let out = Command::new(bin)
+            .args(["status", "--json", "--socket"])
+            .arg(run.dir.path().join("control.sock"))
+            .output()?;
+        let status: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("causeway status --json")?;
         let peer = &status["peers"][0];
         let path = peer["path"].as_str().unwrap_or("?").to_owned();
         if path == "direct" || Instant::now() > deadline {

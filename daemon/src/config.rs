@@ -266,7 +266,12 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
         site.control_socket,
         default_control_socket(&interface),
     );
-    let uapi_socket = absolute_path(&mut p, "site.uapi_socket", site.uapi_socket, crate::uapi::default_socket(&interface));
+    let uapi_socket = absolute_path(
+        &mut p,
+        "site.uapi_socket",
+        site.uapi_socket,
+        crate::uapi::default_socket(&interface),
+    );
     let listen_port = number(
         &mut p,
         "site.listen_port",
@@ -303,26 +308,39 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
                 .ok()
         })
         .collect();
-    let metrics_listen = site.metrics_listen.and_then(|spec| match spec.parse::<SocketAddr>() {
-        Ok(addr) => Some(addr),
-        Err(_) => {
-            p.add("site.metrics_listen", format!("{spec:?} is not an address:port such as \"127.0.0.1:9469\""));
-            None
-        }
-    });
+    let metrics_listen = site
+        .metrics_listen
+        .and_then(|spec| match spec.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                p.add(
+                    "site.metrics_listen",
+                    format!("{spec:?} is not an address:port such as \"127.0.0.1:9469\""),
+                );
+                None
+            }
+        });
     let mut rendezvous = Vec::new();
     for (i, r) in raw.rendezvous.into_iter().enumerate() {
         let label = format!("rendezvous[{i}]");
         let address = match r.address {
             None => {
-                p.add(format!("{label}: address"), "missing; write the server's QUIC \"host:port\"");
+                p.add(
+                    format!("{label}: address"),
+                    "missing; write the server's QUIC \"host:port\"",
+                );
                 None
             }
-            Some(spec) => parse_endpoint(&spec).map_err(|why| p.add(format!("{label}: address"), format!("{spec:?} {why}"))).ok(),
+            Some(spec) => parse_endpoint(&spec)
+                .map_err(|why| p.add(format!("{label}: address"), format!("{spec:?} {why}")))
+                .ok(),
         };
         let public_key = match r.public_key.as_deref().map(keys::decode_public) {
             None => {
-                p.add(format!("{label}: public_key"), "missing; pin the rendezvous' public key");
+                p.add(
+                    format!("{label}: public_key"),
+                    "missing; pin the rendezvous' public key",
+                );
                 None
             }
             Some(Err(e)) => {
@@ -332,12 +350,20 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
             Some(Ok(key)) => Some(key),
         };
         let stun = match (r.stun, &address) {
-            (Some(spec), _) => parse_endpoint(&spec).map_err(|why| p.add(format!("{label}: stun"), format!("{spec:?} {why}"))).ok(),
-            (None, Some(address)) => parse_endpoint(&format!("{}:{DEFAULT_STUN_PORT}", bracket(address.host()))).ok(),
+            (Some(spec), _) => parse_endpoint(&spec)
+                .map_err(|why| p.add(format!("{label}: stun"), format!("{spec:?} {why}")))
+                .ok(),
+            (None, Some(address)) => {
+                parse_endpoint(&format!("{}:{DEFAULT_STUN_PORT}", bracket(address.host()))).ok()
+            }
             (None, None) => None,
         };
         if let (Some(address), Some(public_key), Some(stun)) = (address, public_key, stun) {
-            rendezvous.push(RendezvousConfig { address, public_key, stun });
+            rendezvous.push(RendezvousConfig {
+                address,
+                public_key,
+                stun,
+            });
         }
     }
     let pod_cidrs_given = site.pod_cidrs.as_ref().map_or(0, Vec::len);
@@ -1020,7 +1046,11 @@ fn parse_ports(value: &toml::Value) -> Result<RangeInclusive<u16>, String> {
 
 /// A host as it goes before `:port`: IPv6 addresses in brackets.
 fn bracket(host: &str) -> String {
-    if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() }
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
 }
 
 /// Checks an endpoint; on error, says what is wrong after the quoted spec.
@@ -1188,7 +1218,10 @@ endpoint = "gw.example.com:51821"
         );
         assert!(site.reserved_cidrs.is_empty());
         assert_eq!(site.state_dir, Path::new(DEFAULT_STATE_DIR));
-        assert_eq!(site.uapi_socket, Path::new("/var/run/wireguard/causeway0.sock"));
+        assert_eq!(
+            site.uapi_socket,
+            Path::new("/var/run/wireguard/causeway0.sock")
+        );
         assert_eq!(
             site.control_socket,
             Path::new("/run/causeway/causeway0.sock")
@@ -1868,16 +1901,32 @@ persistent_keepalive = 0
         let config = parse(&text.replace("KEY_A", KEY_A), "c.toml").unwrap();
         assert_eq!(config.site.advertise_endpoints.len(), 2);
         assert_eq!(config.site.stun_servers[0].host(), "stun.example");
-        assert_eq!(config.site.metrics_listen, Some("127.0.0.1:9469".parse().unwrap()));
+        assert_eq!(
+            config.site.metrics_listen,
+            Some("127.0.0.1:9469".parse().unwrap())
+        );
         assert_eq!(config.rendezvous.len(), 2);
-        assert_eq!(config.rendezvous[0].stun.addr, Some("198.18.0.1:3478".parse().unwrap()));
-        assert_eq!(config.rendezvous[1].stun.addr, Some("[2001:db8::1]:3479".parse().unwrap()));
+        assert_eq!(
+            config.rendezvous[0].stun.addr,
+            Some("198.18.0.1:3478".parse().unwrap())
+        );
+        assert_eq!(
+            config.rendezvous[1].stun.addr,
+            Some("[2001:db8::1]:3479".parse().unwrap())
+        );
 
-        let bad = config_with("advertise_endpoints = [\"nowhere\"]\nmetrics_listen = \"x\"", "")
-            + "\n[[rendezvous]]\naddress = \"198.18.0.1\"\n";
+        let bad = config_with(
+            "advertise_endpoints = [\"nowhere\"]\nmetrics_listen = \"x\"",
+            "",
+        ) + "\n[[rendezvous]]\naddress = \"198.18.0.1\"\n";
         let err = parse(&bad.replace("KEY_A", KEY_A), "c.toml").err().unwrap();
         let text = err.to_string();
-        for needle in ["advertise_endpoints[0]", "metrics_listen", "rendezvous[0]: address", "rendezvous[0]: public_key"] {
+        for needle in [
+            "advertise_endpoints[0]",
+            "metrics_listen",
+            "rendezvous[0]: address",
+            "rendezvous[0]: public_key",
+        ] {
             assert!(text.contains(needle), "{needle} not reported:\n{text}");
         }
     }

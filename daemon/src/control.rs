@@ -89,7 +89,11 @@ pub struct ViewStatus {
 impl Status {
     pub(crate) fn collect(ctx: &Ctx, site: &str, listen_port: u16) -> Self {
         let drops = |d: &crate::peer::Drops| {
-            DropReason::ALL.iter().map(|r| (r.name().to_owned(), d.get(*r))).filter(|(_, n)| *n > 0).collect()
+            DropReason::ALL
+                .iter()
+                .map(|r| (r.name().to_owned(), d.get(*r)))
+                .filter(|(_, n)| *n > 0)
+                .collect()
         };
         Status {
             site: site.to_owned(),
@@ -110,10 +114,24 @@ impl Status {
                             .unwrap_or_default();
                         // From path probes when there are some, else from
                         // the last WireGuard handshake.
-                        let rtt = state.paths.as_ref().and_then(|paths| paths.rtt()).or_else(|| {
-                            state.tunn.stats().4.map(|ms| std::time::Duration::from_millis(u64::from(ms)))
-                        });
-                        (state.endpoint, state.tunn.time_since_last_handshake(), candidates, rtt)
+                        let rtt =
+                            state
+                                .paths
+                                .as_ref()
+                                .and_then(|paths| paths.rtt())
+                                .or_else(|| {
+                                    state
+                                        .tunn
+                                        .stats()
+                                        .4
+                                        .map(|ms| std::time::Duration::from_millis(u64::from(ms)))
+                                });
+                        (
+                            state.endpoint,
+                            state.tunn.time_since_last_handshake(),
+                            candidates,
+                            rtt,
+                        )
                     };
                     let path = match (endpoint, p.static_endpoint) {
                         (Some(_), true) => "static",
@@ -134,7 +152,10 @@ impl Status {
                         views: p
                             .views
                             .iter()
-                            .map(|m| ViewStatus { real: m.real().to_string(), view: m.view().to_string() })
+                            .map(|m| ViewStatus {
+                                real: m.real().to_string(),
+                                view: m.view().to_string(),
+                            })
                             .collect(),
                         last_handshake_secs: handshake.map(|d| d.as_secs_f64()),
                         tx_packets: p.counters.tx_packets.load(Relaxed),
@@ -152,13 +173,22 @@ impl Status {
     pub fn render(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(s, "site {} on {}, port {}, key {}", self.site, self.interface, self.listen_port, self.public_key);
+        let _ = writeln!(
+            s,
+            "site {} on {}, port {}, key {}",
+            self.site, self.interface, self.listen_port, self.public_key
+        );
         if !self.drops.is_empty() {
             let _ = writeln!(s, "  drops: {}", fmt_drops(&self.drops));
         }
         for p in &self.peers {
             let _ = writeln!(s, "peer {} ({})", p.name, p.public_key);
-            let _ = writeln!(s, "  path:      {} {}", p.path, p.endpoint.as_deref().unwrap_or(""));
+            let _ = writeln!(
+                s,
+                "  path:      {} {}",
+                p.path,
+                p.endpoint.as_deref().unwrap_or("")
+            );
             if let Some(rtt) = p.rtt_ms {
                 let _ = writeln!(s, "  rtt:       {rtt:.2} ms");
             }
@@ -166,18 +196,38 @@ impl Status {
                 let _ = writeln!(s, "  candidates: {}", p.candidates.join(", "));
             }
             if p.relay_tx_packets + p.relay_rx_packets > 0 {
-                let _ = writeln!(s, "  relayed:   {} sent, {} received", p.relay_tx_packets, p.relay_rx_packets);
+                let _ = writeln!(
+                    s,
+                    "  relayed:   {} sent, {} received",
+                    p.relay_tx_packets, p.relay_rx_packets
+                );
             }
             let views: Vec<String> = p
                 .views
                 .iter()
-                .map(|v| if v.real == v.view { v.real.clone() } else { format!("{} (seen here as {})", v.real, v.view) })
+                .map(|v| {
+                    if v.real == v.view {
+                        v.real.clone()
+                    } else {
+                        format!("{} (seen here as {})", v.real, v.view)
+                    }
+                })
                 .collect();
             let _ = writeln!(s, "  cidrs:     {}", views.join(", "));
-            let hs = p.last_handshake_secs.map_or("never".to_owned(), |t| format!("{t:.1} s ago"));
+            let hs = p
+                .last_handshake_secs
+                .map_or("never".to_owned(), |t| format!("{t:.1} s ago"));
             let _ = writeln!(s, "  handshake: {hs}");
-            let _ = writeln!(s, "  sent:      {} packets, {} bytes", p.tx_packets, p.tx_bytes);
-            let _ = writeln!(s, "  received:  {} packets, {} bytes", p.rx_packets, p.rx_bytes);
+            let _ = writeln!(
+                s,
+                "  sent:      {} packets, {} bytes",
+                p.tx_packets, p.tx_bytes
+            );
+            let _ = writeln!(
+                s,
+                "  received:  {} packets, {} bytes",
+                p.rx_packets, p.rx_bytes
+            );
             if !p.drops.is_empty() {
                 let _ = writeln!(s, "  drops:     {}", fmt_drops(&p.drops));
             }
@@ -187,7 +237,11 @@ impl Status {
 }
 
 fn fmt_drops(drops: &std::collections::BTreeMap<String, u64>) -> String {
-    drops.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+    drops
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The listening control socket; the file is removed on drop.
@@ -199,7 +253,10 @@ pub(crate) struct ControlSocket {
 impl ControlSocket {
     /// Binds `path` (replacing a stale socket a crashed run left, but never
     /// one a live daemon answers on) and serves status snapshots.
-    pub(crate) async fn serve(path: &Path, status: impl Fn() -> Status + Send + Sync + 'static) -> io::Result<Self> {
+    pub(crate) async fn serve(
+        path: &Path,
+        status: impl Fn() -> Status + Send + Sync + 'static,
+    ) -> io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -215,7 +272,9 @@ impl ControlSocket {
         let status = Arc::new(status);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut conn, _)) = listener.accept().await else { continue };
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    continue;
+                };
                 let status = Arc::clone(&status);
                 tokio::spawn(async move {
                     if let Ok(json) = serde_json::to_vec_pretty(&status()) {
@@ -224,7 +283,10 @@ impl ControlSocket {
                 });
             }
         });
-        Ok(ControlSocket { path: path.to_owned(), task })
+        Ok(ControlSocket {
+            path: path.to_owned(),
+            task,
+        })
     }
 }
 
@@ -238,9 +300,12 @@ impl Drop for ControlSocket {
 /// Asks the daemon behind `path` for its status.
 pub async fn query(path: &Path) -> anyhow::Result<Status> {
     use anyhow::Context as _;
-    let mut conn = UnixStream::connect(path)
-        .await
-        .with_context(|| format!("cannot reach the daemon at {} (is `causeway up` running, and are you root?)", path.display()))?;
+    let mut conn = UnixStream::connect(path).await.with_context(|| {
+        format!(
+            "cannot reach the daemon at {} (is `causeway up` running, and are you root?)",
+            path.display()
+        )
+    })?;
     let mut buf = Vec::new();
     conn.read_to_end(&mut buf).await.context("reading status")?;
     serde_json::from_slice(&buf).context("daemon sent a status this version does not understand")

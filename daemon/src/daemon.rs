@@ -2,9 +2,9 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use causeway_netlink::{Link, Netlink, Tun};
@@ -24,33 +24,77 @@ use crate::peer::Peers;
 ///
 /// With `config_path`, the file is reloaded on SIGHUP and whenever its
 /// content changes (see [`reload`]).
-pub async fn run(config: Config, config_path: Option<PathBuf>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let site = &config.site;
-    let private_key = site.private_key.clone().context("private key not loaded (use config::load)")?;
-    let udp = UdpPort::bind(site.listen_port)
-        .with_context(|| format!("cannot listen on UDP port {} ([site] listen_port)", site.listen_port))?;
+    let private_key = site
+        .private_key
+        .clone()
+        .context("private key not loaded (use config::load)")?;
+    let udp = UdpPort::bind(site.listen_port).with_context(|| {
+        format!(
+            "cannot listen on UDP port {} ([site] listen_port)",
+            site.listen_port
+        )
+    })?;
     let listen_port = udp.local_port()?;
 
     let netlink = Netlink::connect()?;
     match netlink.link_by_name(&site.interface).await? {
         Some(link) if link.kind != "tun" => {
-            bail!(causeway_netlink::Error::NotTun { name: link.name, kind: link.kind })
+            bail!(causeway_netlink::Error::NotTun {
+                name: link.name,
+                kind: link.kind
+            })
         }
-        Some(_) => info!(interface = site.interface, "adopting the interface a previous run left behind"),
+        Some(_) => info!(
+            interface = site.interface,
+            "adopting the interface a previous run left behind"
+        ),
         None => {}
     }
     let tun = Tun::create_or_attach(&site.interface)?;
     let link = match netlink.link_by_name(&site.interface).await? {
         Some(link) => link,
-        None => bail!("interface {} vanished right after it was created", site.interface),
+        None => bail!(
+            "interface {} vanished right after it was created",
+            site.interface
+        ),
     };
 
     let rate_limiter = Ctx::rate_limiter(&x25519_dalek::PublicKey::from(&private_key));
     let traversal = traversal_for(&config, listen_port);
-    let (peers, _) = Peers::build(&config.peers, &private_key, &rate_limiter, &site.pod_cidrs, traversal.is_some(), None);
-    let ctx = Arc::new(Ctx::new(tun, udp, peers, private_key, rate_limiter, site, traversal));
+    let (peers, _) = Peers::build(
+        &config.peers,
+        &private_key,
+        &rate_limiter,
+        &site.pod_cidrs,
+        traversal.is_some(),
+        None,
+    );
+    let ctx = Arc::new(Ctx::new(
+        tun,
+        udp,
+        peers,
+        private_key,
+        rate_limiter,
+        site,
+        traversal,
+    ));
 
-    let served = serve(&config, config_path.as_deref(), &netlink, &link, &ctx, listen_port, shutdown).await;
+    let served = serve(
+        &config,
+        config_path.as_deref(),
+        &netlink,
+        &link,
+        &ctx,
+        listen_port,
+        shutdown,
+    )
+    .await;
     let removed = teardown(&netlink, &link, &ctx).await;
     served.and(removed)
 }
@@ -66,7 +110,9 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let site = &config.site;
     netlink.ensure_link_up(link, u32::from(site.mtu)).await?;
-    let changes = netlink.reconcile_routes(link, &ctx.peers().all_views()).await?;
+    let changes = netlink
+        .reconcile_routes(link, &ctx.peers().all_views())
+        .await?;
     if !changes.removed.is_empty() {
         info!(removed = ?changes.removed, "removed stale routes of a previous run");
     }
@@ -75,9 +121,16 @@ async fn serve(
     let abort_traversal = || traversal_tasks.iter().for_each(|t| t.abort());
     let status_ctx = Arc::clone(datapath.ctx());
     let name = site.name.clone();
-    let control = ControlSocket::serve(&site.control_socket, move || Status::collect(&status_ctx, &name, listen_port))
-        .await
-        .with_context(|| format!("control socket {} ([site] control_socket)", site.control_socket.display()));
+    let control = ControlSocket::serve(&site.control_socket, move || {
+        Status::collect(&status_ctx, &name, listen_port)
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "control socket {} ([site] control_socket)",
+            site.control_socket.display()
+        )
+    });
     let control = match control {
         Ok(control) => control,
         Err(e) => {
@@ -88,7 +141,12 @@ async fn serve(
     };
     let uapi = crate::uapi::serve(&site.uapi_socket, Arc::clone(ctx), listen_port)
         .await
-        .with_context(|| format!("WireGuard UAPI socket {} ([site] uapi_socket)", site.uapi_socket.display()));
+        .with_context(|| {
+            format!(
+                "WireGuard UAPI socket {} ([site] uapi_socket)",
+                site.uapi_socket.display()
+            )
+        });
     let ready = Arc::new(AtomicBool::new(false));
     let metrics = match site.metrics_listen {
         Some(addr) => crate::metrics::serve(addr, Arc::clone(ctx), Arc::clone(&ready))
@@ -177,16 +235,26 @@ struct Reloader {
 
 impl Reloader {
     fn new(path: Option<&Path>, running: Config) -> Self {
-        let hangup = path.and_then(|_| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok());
+        let hangup = path.and_then(|_| {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+        });
         let last_text = path.and_then(|p| std::fs::read_to_string(p).ok());
         let mut poll = tokio::time::interval(CONFIG_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Reloader { path: path.map(Path::to_owned), running, last_text, hangup, poll }
+        Reloader {
+            path: path.map(Path::to_owned),
+            running,
+            last_text,
+            hangup,
+            poll,
+        }
     }
 
     /// Waits for the next reason to reload (forever without a config path).
     async fn next(&mut self) -> Trigger {
-        let Some(path) = self.path.clone() else { return std::future::pending().await };
+        let Some(path) = self.path.clone() else {
+            return std::future::pending().await;
+        };
         loop {
             let hangup = async {
                 match self.hangup.as_mut() {
@@ -209,7 +277,9 @@ impl Reloader {
     /// Loads the file again and applies it; a bad or unappliable config is
     /// refused with the reasons, and the running one stays.
     async fn reload(&mut self, trigger: Trigger, netlink: &Netlink, link: &Link, ctx: &Arc<Ctx>) {
-        let Some(path) = self.path.clone() else { return };
+        let Some(path) = self.path.clone() else {
+            return;
+        };
         self.last_text = std::fs::read_to_string(&path).ok();
         info!(?trigger, file = %path.display(), "reloading the config");
         let new = match crate::config::load(&path) {
@@ -220,7 +290,9 @@ impl Reloader {
             }
         };
         if let Some(field) = needs_restart(&self.running, &new) {
-            warn!("config reload refused: changing {field} needs a restart; the running config stays");
+            warn!(
+                "config reload refused: changing {field} needs a restart; the running config stays"
+            );
             return;
         }
         let (peers, changes) = Peers::build(
@@ -262,10 +334,19 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         ("[site] listen_port", a.listen_port != b.listen_port),
         ("[site] pod_cidrs", a.pod_cidrs != b.pod_cidrs),
         ("[site] mtu", a.mtu != b.mtu),
-        ("[site] control_socket", a.control_socket != b.control_socket),
+        (
+            "[site] control_socket",
+            a.control_socket != b.control_socket,
+        ),
         ("[site] uapi_socket", a.uapi_socket != b.uapi_socket),
-        ("[site] metrics_listen", a.metrics_listen != b.metrics_listen),
-        ("[site] advertise_endpoints", a.advertise_endpoints != b.advertise_endpoints),
+        (
+            "[site] metrics_listen",
+            a.metrics_listen != b.metrics_listen,
+        ),
+        (
+            "[site] advertise_endpoints",
+            a.advertise_endpoints != b.advertise_endpoints,
+        ),
         ("[site] stun_servers", a.stun_servers != b.stun_servers),
         ("[[rendezvous]]", old.rendezvous != new.rendezvous),
     ]

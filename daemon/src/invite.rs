@@ -133,7 +133,9 @@ pub enum TokenError {
         reason: String,
     },
     /// It decodes, but one of its values is not valid.
-    #[error("the invite token holds an invalid {field}: {reason}; ask the other site for a new token")]
+    #[error(
+        "the invite token holds an invalid {field}: {reason}; ask the other site for a new token"
+    )]
     Invalid {
         /// The token field at fault.
         field: String,
@@ -283,7 +285,11 @@ impl Invite {
     /// without repeats.
     pub fn of_site(config: &Config, public_key: PublicKey, endpoints: &[String]) -> Invite {
         let mut all: Vec<String> = Vec::new();
-        let advertised = config.site.advertise_endpoints.iter().map(SocketAddr::to_string);
+        let advertised = config
+            .site
+            .advertise_endpoints
+            .iter()
+            .map(SocketAddr::to_string);
         for endpoint in endpoints.iter().cloned().chain(advertised) {
             if !all.contains(&endpoint) {
                 all.push(endpoint);
@@ -330,7 +336,10 @@ impl Invite {
         };
         // Strings and lists of strings always serialize.
         let json = serde_json::to_string(&wire).unwrap_or_default();
-        format!("{TOKEN_PREFIX}{TOKEN_VERSION}.{}", URL_SAFE_NO_PAD.encode(json))
+        format!(
+            "{TOKEN_PREFIX}{TOKEN_VERSION}.{}",
+            URL_SAFE_NO_PAD.encode(json)
+        )
     }
 
     /// Reads a token; whitespace anywhere in it is ignored.
@@ -347,7 +356,9 @@ impl Invite {
         }
         let json = URL_SAFE_NO_PAD
             .decode(body.trim_end_matches('='))
-            .map_err(|e| TokenError::Damaged { reason: format!("not base64url: {e}") })?;
+            .map_err(|e| TokenError::Damaged {
+                reason: format!("not base64url: {e}"),
+            })?;
         let wire: Wire = serde_json::from_slice(&json).map_err(|e| TokenError::Damaged {
             reason: format!("not the expected JSON: {e}"),
         })?;
@@ -361,8 +372,8 @@ impl Invite {
         if wire.site.is_empty() {
             return Err(invalid("site", "the site name is empty".into()));
         }
-        let public_key =
-            keys::decode_public(&wire.public_key).map_err(|e| invalid("public_key", e.to_string()))?;
+        let public_key = keys::decode_public(&wire.public_key)
+            .map_err(|e| invalid("public_key", e.to_string()))?;
         if wire.pod_cidrs.is_empty() {
             return Err(invalid("pod_cidrs", "the list is empty".into()));
         }
@@ -371,13 +382,15 @@ impl Invite {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                c.parse::<IpNet>()
-                    .map_err(|_| invalid(&format!("pod_cidrs[{i}]"), format!("{c:?} is not a CIDR")))
+                c.parse::<IpNet>().map_err(|_| {
+                    invalid(&format!("pod_cidrs[{i}]"), format!("{c:?} is not a CIDR"))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         for (i, endpoint) in wire.endpoints.iter().enumerate() {
-            check_endpoint(endpoint)
-                .map_err(|why| invalid(&format!("endpoints[{i}]"), format!("{endpoint:?} {why}")))?;
+            check_endpoint(endpoint).map_err(|why| {
+                invalid(&format!("endpoints[{i}]"), format!("{endpoint:?} {why}"))
+            })?;
         }
         let rendezvous = wire
             .rendezvous
@@ -385,11 +398,15 @@ impl Invite {
             .enumerate()
             .map(|(i, r)| {
                 check_endpoint(&r.address).map_err(|why| {
-                    invalid(&format!("rendezvous[{i}].address"), format!("{:?} {why}", r.address))
+                    invalid(
+                        &format!("rendezvous[{i}].address"),
+                        format!("{:?} {why}", r.address),
+                    )
                 })?;
                 if let Some(stun) = &r.stun {
-                    check_endpoint(stun)
-                        .map_err(|why| invalid(&format!("rendezvous[{i}].stun"), format!("{stun:?} {why}")))?;
+                    check_endpoint(stun).map_err(|why| {
+                        invalid(&format!("rendezvous[{i}].stun"), format!("{stun:?} {why}"))
+                    })?;
                 }
                 let public_key = keys::decode_public(&r.public_key)
                     .map_err(|e| invalid(&format!("rendezvous[{i}].public_key"), e.to_string()))?;
@@ -426,12 +443,13 @@ pub fn invite(path: &Path, endpoints: &[String]) -> Result<Invite, InviteError> 
         source,
     })?;
     let config = config::parse(&text, &path.display().to_string()).map_err(InviteError::Config)?;
-    let key = keys::load_or_create_private_key(&config.site.private_key_file).map_err(|source| {
-        InviteError::Key {
-            path: path.to_owned(),
-            source,
-        }
-    })?;
+    let key =
+        keys::load_or_create_private_key(&config.site.private_key_file).map_err(|source| {
+            InviteError::Key {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
     Ok(Invite::of_site(&config, PublicKey::from(&key), endpoints))
 }
 
@@ -476,7 +494,10 @@ impl Joined {
             );
         }
         for r in &self.rendezvous_known {
-            out += &format!("  (rendezvous with public key {} was already there)\n", keys::encode_public(&r.public_key));
+            out += &format!(
+                "  (rendezvous with public key {} was already there)\n",
+                keys::encode_public(&r.public_key)
+            );
         }
         out += "Compare the public key above with the one the other site shows (`wg pubkey < its key file`).\n";
         if self.rendezvous_added.is_empty() {
@@ -484,7 +505,10 @@ impl Joined {
         } else {
             out += "A running daemon needs a restart for this: it reloads peers on SIGHUP or when the file changes, but refuses a reload that changes [[rendezvous]] (docs/config.md, Reloading).\n";
         }
-        if peer.endpoint.is_none() && self.invite.endpoints.is_empty() && self.invite.rendezvous.is_empty() {
+        if peer.endpoint.is_none()
+            && self.invite.endpoints.is_empty()
+            && self.invite.rendezvous.is_empty()
+        {
             out += "Warning: neither site has an endpoint nor a rendezvous, so neither can reach the other: give one of them an --endpoint (or advertise_endpoints), or add a [[rendezvous]].\n";
         }
         if !self.invite.rendezvous.is_empty() {
@@ -494,7 +518,10 @@ impl Joined {
                 keys::encode_public(&self.invite.public_key)
             );
         }
-        out += &format!("Send this token back to {:?} for `causeway join` there:\n", peer.name);
+        out += &format!(
+            "Send this token back to {:?} for `causeway join` there:\n",
+            peer.name
+        );
         out += &self.invite.encode();
         out.push('\n');
         out
@@ -505,7 +532,12 @@ impl Joined {
 /// as a peer named `name` (default: the token's site name), with its
 /// rendezvous servers, and returns what was done and this site's own
 /// invite (with `endpoints` first, as [`invite`]). See the module doc.
-pub fn join(path: &Path, token: &str, name: Option<&str>, endpoints: &[String]) -> Result<Joined, JoinError> {
+pub fn join(
+    path: &Path,
+    token: &str,
+    name: Option<&str>,
+    endpoints: &[String],
+) -> Result<Joined, JoinError> {
     let theirs = Invite::decode(token)?;
     for spec in endpoints {
         check_endpoint(spec).map_err(|reason| JoinError::Endpoint {
@@ -522,10 +554,13 @@ pub fn join(path: &Path, token: &str, name: Option<&str>, endpoints: &[String]) 
     let origin = path.display().to_string();
     let original = fs::read_to_string(&path).map_err(read_error)?;
     let current = config::parse(&original, &origin).map_err(JoinError::Config)?;
-    let key = keys::load_or_create_private_key(&current.site.private_key_file).map_err(|source| JoinError::Key {
-        path: path.clone(),
-        source,
-    })?;
+    let key =
+        keys::load_or_create_private_key(&current.site.private_key_file).map_err(|source| {
+            JoinError::Key {
+                path: path.clone(),
+                source,
+            }
+        })?;
     let own = PublicKey::from(&key);
 
     let appended = append_peer(&original, &origin, &current, &own, &theirs, name)?;
@@ -608,8 +643,15 @@ fn append_peer(
     };
     out += &format!("# Peer {name}{renamed}, added by `causeway join`.\n[[peer]]\n");
     out += &format!("name = {}\n", quote(name));
-    out += &format!("public_key = {}\n", quote(&keys::encode_public(&theirs.public_key)));
-    let cidrs: Vec<String> = theirs.pod_cidrs.iter().map(|c| quote(&c.to_string())).collect();
+    out += &format!(
+        "public_key = {}\n",
+        quote(&keys::encode_public(&theirs.public_key))
+    );
+    let cidrs: Vec<String> = theirs
+        .pod_cidrs
+        .iter()
+        .map(|c| quote(&c.to_string()))
+        .collect();
     out += &format!("cidrs = [{}]\n", cidrs.join(", "));
     if let Some(endpoint) = theirs.endpoints.first() {
         out += &format!("endpoint = {}\n", quote(endpoint));
@@ -617,15 +659,23 @@ fn append_peer(
     let mut rendezvous_added = Vec::new();
     let mut rendezvous_known = Vec::new();
     for r in &theirs.rendezvous {
-        let pinned = current.rendezvous.iter().any(|c| c.public_key == r.public_key)
-            || rendezvous_added.iter().any(|a: &InviteRendezvous| a.public_key == r.public_key);
+        let pinned = current
+            .rendezvous
+            .iter()
+            .any(|c| c.public_key == r.public_key)
+            || rendezvous_added
+                .iter()
+                .any(|a: &InviteRendezvous| a.public_key == r.public_key);
         if pinned {
             rendezvous_known.push(r.clone());
             continue;
         }
         out += &format!("\n# Rendezvous of {name}, added by `causeway join`.\n[[rendezvous]]\n");
         out += &format!("address = {}\n", quote(&r.address));
-        out += &format!("public_key = {}\n", quote(&keys::encode_public(&r.public_key)));
+        out += &format!(
+            "public_key = {}\n",
+            quote(&keys::encode_public(&r.public_key))
+        );
         if let Some(stun) = &r.stun {
             out += &format!("stun = {}\n", quote(stun));
         }
@@ -646,8 +696,16 @@ fn append_peer(
 /// The last peer of `config` (the one just added) with the views it would
 /// get now, as the daemon computes them when it loads the file; every CIDR
 /// that would get none is an error.
-fn expected_views(config: &Config, persisted: &Persisted, origin: &str) -> Result<config::PeerConfig, JoinError> {
-    let public_keys: Vec<String> = config.peers.iter().map(|p| keys::encode_public(&p.public_key)).collect();
+fn expected_views(
+    config: &Config,
+    persisted: &Persisted,
+    origin: &str,
+) -> Result<config::PeerConfig, JoinError> {
+    let public_keys: Vec<String> = config
+        .peers
+        .iter()
+        .map(|p| keys::encode_public(&p.public_key))
+        .collect();
     let peers: Vec<PeerCidrs<'_>> = config
         .peers
         .iter()
@@ -659,10 +717,20 @@ fn expected_views(config: &Config, persisted: &Persisted, origin: &str) -> Resul
         })
         .collect();
     let site = &config.site;
-    let mut peer = config.peers.last().cloned().ok_or_else(|| JoinError::Changed {
-        path: PathBuf::from(origin),
-    })?;
-    match views::assign(&site.pod_cidrs, &site.reserved_cidrs, &site.remap_pool, &peers, persisted) {
+    let mut peer = config
+        .peers
+        .last()
+        .cloned()
+        .ok_or_else(|| JoinError::Changed {
+            path: PathBuf::from(origin),
+        })?;
+    match views::assign(
+        &site.pod_cidrs,
+        &site.reserved_cidrs,
+        &site.remap_pool,
+        &peers,
+        persisted,
+    ) {
         Ok((views, _)) => {
             if let Some(views) = views.into_iter().last() {
                 peer.views = views;
@@ -674,7 +742,10 @@ fn expected_views(config: &Config, persisted: &Persisted, origin: &str) -> Resul
                 .iter()
                 .map(|e| {
                     let name = config.peers.get(e.peer).map_or("", |p| &p.name);
-                    format!("{origin}: peer[{}] {name:?}: cidrs[{}]: {e}", e.peer, e.cidr)
+                    format!(
+                        "{origin}: peer[{}] {name:?}: cidrs[{}]: {e}",
+                        e.peer, e.cidr
+                    )
                 })
                 .collect();
             Err(JoinError::Invalid {
@@ -694,12 +765,21 @@ fn replace_file(path: &Path, original: &str, text: &str) -> Result<(), JoinError
         source,
     };
     let meta = fs::metadata(path).map_err(write_error)?;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map_or_else(|| "config".into(), |n| n.to_string_lossy().into_owned());
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or_else(|| "config".into(), |n| n.to_string_lossy().into_owned());
     let temp = dir.join(format!(".{name}.join.{}.tmp", std::process::id()));
     let _ = fs::remove_file(&temp);
     let written = (|| -> io::Result<bool> {
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)?;
         let mine = file.metadata()?;
         if (mine.uid(), mine.gid()) != (meta.uid(), meta.gid()) {
             std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))?;
@@ -723,7 +803,9 @@ fn replace_file(path: &Path, original: &str, text: &str) -> Result<(), JoinError
         }
         Ok(false) => {
             let _ = fs::remove_file(&temp);
-            Err(JoinError::Changed { path: path.to_owned() })
+            Err(JoinError::Changed {
+                path: path.to_owned(),
+            })
         }
         Err(e) => {
             let _ = fs::remove_file(&temp);
@@ -748,16 +830,24 @@ fn check_endpoint(spec: &str) -> Result<(), String> {
         return Err(format!("has no port; {FORMS}"));
     };
     if !matches!(port.parse::<u16>(), Ok(1..)) {
-        return Err(format!("has an invalid port {port:?}; use a port from 1 to 65535"));
+        return Err(format!(
+            "has an invalid port {port:?}; use a port from 1 to 65535"
+        ));
     }
     let dns_name = !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
-    if dns_name { Ok(()) } else { Err(format!("has an invalid host {host:?}; {FORMS}")) }
+    if dns_name {
+        Ok(())
+    } else {
+        Err(format!("has an invalid host {host:?}; {FORMS}"))
+    }
 }
 
 /// A TOML basic string.
@@ -791,8 +881,14 @@ mod tests {
         Invite {
             site: "pharma".into(),
             public_key: key(KEY_A),
-            pod_cidrs: vec!["10.0.0.0/16".parse().unwrap(), "fd00:10::/64".parse().unwrap()],
-            endpoints: vec!["gw.pharma.example:51820".into(), "[2001:db8::7]:51820".into()],
+            pod_cidrs: vec![
+                "10.0.0.0/16".parse().unwrap(),
+                "fd00:10::/64".parse().unwrap(),
+            ],
+            endpoints: vec![
+                "gw.pharma.example:51820".into(),
+                "[2001:db8::7]:51820".into(),
+            ],
             rendezvous: vec![
                 InviteRendezvous {
                     address: "rendezvous.example.net:7443".into(),
@@ -824,7 +920,9 @@ mod tests {
         let token = invite.encode();
         assert!(token.starts_with("cw1."), "{token}");
         assert!(
-            token[4..].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            token[4..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
             "{token}"
         );
         assert!(token.len() < 600, "{} characters", token.len());
@@ -832,7 +930,10 @@ mod tests {
 
         // Whitespace (a wrapped line, a trailing newline) does not matter.
         let (a, b) = token.split_at(40);
-        assert_eq!(Invite::decode(&format!("  {a}\n  {b}\r\n")).unwrap(), invite);
+        assert_eq!(
+            Invite::decode(&format!("  {a}\n  {b}\r\n")).unwrap(),
+            invite
+        );
 
         // Nothing but the site is left out when empty.
         let bare = Invite {
@@ -859,14 +960,25 @@ mod tests {
 
     #[test]
     fn garbage_is_not_a_token() {
-        for text in ["", "hello", "cw1", "cw.abc", "cwx.abc", "xx1.abc", "cw-1.abc", "CW1.abc"] {
+        for text in [
+            "", "hello", "cw1", "cw.abc", "cwx.abc", "xx1.abc", "cw-1.abc", "CW1.abc",
+        ] {
             assert_eq!(Invite::decode(text), Err(TokenError::NotAToken), "{text:?}");
         }
         for text in ["cw1.!!!!", "cw1.a", "cw1.abc+/", "cw1.e30x"] {
             let err = Invite::decode(text).unwrap_err();
-            assert!(matches!(err, TokenError::Damaged { .. }), "{text:?}: {err:?}");
+            assert!(
+                matches!(err, TokenError::Damaged { .. }),
+                "{text:?}: {err:?}"
+            );
         }
-        for json in ["not json", "{}", "[1]", r#"{"v":1}"#, r#"{"v":1,"site":"a","public_key":1,"pod_cidrs":[]}"#] {
+        for json in [
+            "not json",
+            "{}",
+            "[1]",
+            r#"{"v":1}"#,
+            r#"{"v":1,"site":"a","public_key":1,"pod_cidrs":[]}"#,
+        ] {
             let err = Invite::decode(&token_of(json)).unwrap_err();
             assert!(matches!(err, TokenError::Damaged { .. }), "{json}: {err:?}");
             assert!(err.to_string().contains("copy the whole line"), "{err}");
@@ -892,17 +1004,33 @@ mod tests {
         let err = Invite::decode("cw99999999999999999999999.abc").unwrap_err();
         assert!(matches!(err, TokenError::Version { .. }), "{err:?}");
         // The JSON disagreeing with the prefix.
-        let json = format!(r#"{{"v":3,"site":"a","public_key":"{KEY_A}","pod_cidrs":["10.0.0.0/16"]}}"#);
-        assert_eq!(Invite::decode(&token_of(&json)), Err(TokenError::Version { found: 3 }));
+        let json =
+            format!(r#"{{"v":3,"site":"a","public_key":"{KEY_A}","pod_cidrs":["10.0.0.0/16"]}}"#);
+        assert_eq!(
+            Invite::decode(&token_of(&json)),
+            Err(TokenError::Version { found: 3 })
+        );
     }
 
     #[test]
     fn invalid_values_name_the_field() {
         let cases = [
-            (r#""site":"","public_key":"KEY","pod_cidrs":["10.0.0.0/16"]"#, "invalid site"),
-            (r#""site":"a","public_key":"short","pod_cidrs":["10.0.0.0/16"]"#, "invalid public_key"),
-            (r#""site":"a","public_key":"KEY","pod_cidrs":[]"#, "invalid pod_cidrs"),
-            (r#""site":"a","public_key":"KEY","pod_cidrs":["10.0.0.0/33"]"#, "invalid pod_cidrs[0]"),
+            (
+                r#""site":"","public_key":"KEY","pod_cidrs":["10.0.0.0/16"]"#,
+                "invalid site",
+            ),
+            (
+                r#""site":"a","public_key":"short","pod_cidrs":["10.0.0.0/16"]"#,
+                "invalid public_key",
+            ),
+            (
+                r#""site":"a","public_key":"KEY","pod_cidrs":[]"#,
+                "invalid pod_cidrs",
+            ),
+            (
+                r#""site":"a","public_key":"KEY","pod_cidrs":["10.0.0.0/33"]"#,
+                "invalid pod_cidrs[0]",
+            ),
             (
                 r#""site":"a","public_key":"KEY","pod_cidrs":["10.0.0.0/16"],"endpoints":["x y:1"]"#,
                 "invalid endpoints[0]",
@@ -922,16 +1050,32 @@ mod tests {
             assert!(err.contains(expected), "{json}: {err}");
         }
         // Unknown fields are for later releases: ignored.
-        let json = format!(r#"{{"v":1,"site":"a","public_key":"{KEY_A}","pod_cidrs":["10.0.0.0/16"],"later":true}}"#);
+        let json = format!(
+            r#"{{"v":1,"site":"a","public_key":"{KEY_A}","pod_cidrs":["10.0.0.0/16"],"later":true}}"#
+        );
         assert!(Invite::decode(&token_of(&json)).is_ok());
     }
 
     #[test]
     fn check_endpoint_takes_what_the_config_takes() {
-        for ok in ["192.0.2.1:51820", "[2001:db8::1]:51820", "gw.example.com:51820", "gw:1"] {
+        for ok in [
+            "192.0.2.1:51820",
+            "[2001:db8::1]:51820",
+            "gw.example.com:51820",
+            "gw:1",
+        ] {
             assert_eq!(check_endpoint(ok), Ok(()), "{ok}");
         }
-        for bad in ["gw", "gw:0", "gw:65536", ":51820", "2001:db8::1:51820", "a b:1", "gw..x:1", "\"x\":1"] {
+        for bad in [
+            "gw",
+            "gw:0",
+            "gw:65536",
+            ":51820",
+            "2001:db8::1:51820",
+            "a b:1",
+            "gw..x:1",
+            "\"x\":1",
+        ] {
             assert!(check_endpoint(bad).is_err(), "{bad}");
         }
     }
@@ -959,31 +1103,62 @@ mod tests {
         );
         let path = dir.path().join("causeway.toml");
         fs::write(&path, &text).unwrap();
-        let endpoints = ["gw.hospital.example:51820".to_owned(), "203.0.113.7:51820".to_owned()];
+        let endpoints = [
+            "gw.hospital.example:51820".to_owned(),
+            "203.0.113.7:51820".to_owned(),
+        ];
         let invite = invite(&path, &endpoints).unwrap();
         let private = fs::read_to_string(dir.path().join("private.key")).unwrap();
         let private_key = keys::decode_private(&private).unwrap();
         assert_eq!(invite.public_key, PublicKey::from(&private_key));
         assert_eq!(invite.site, "hospital");
-        assert_eq!(invite.endpoints, ["gw.hospital.example:51820", "203.0.113.7:51820", "[2001:db8::7]:51820"]);
-        let stuns: Vec<Option<&str>> = invite.rendezvous.iter().map(|r| r.stun.as_deref()).collect();
+        assert_eq!(
+            invite.endpoints,
+            [
+                "gw.hospital.example:51820",
+                "203.0.113.7:51820",
+                "[2001:db8::7]:51820"
+            ]
+        );
+        let stuns: Vec<Option<&str>> = invite
+            .rendezvous
+            .iter()
+            .map(|r| r.stun.as_deref())
+            .collect();
         assert_eq!(stuns, [None, Some("[2001:db8::1]:3479"), None]);
 
         let token = invite.encode();
         let json = json_of(&token).to_string();
         let private_b64 = private.trim();
-        for secret in [private_b64.to_owned(), private_b64.replace('+', "-").replace('/', "_")] {
-            assert!(!json.contains(&secret) && !token.contains(&secret[..20]), "{json}");
+        for secret in [
+            private_b64.to_owned(),
+            private_b64.replace('+', "-").replace('/', "_"),
+        ] {
+            assert!(
+                !json.contains(&secret) && !token.contains(&secret[..20]),
+                "{json}"
+            );
         }
         // Nothing about local settings or files either.
-        for local in ["private", "state", "10.9.0.0", "lab", dir.path().to_str().unwrap()] {
+        for local in [
+            "private",
+            "state",
+            "10.9.0.0",
+            "lab",
+            dir.path().to_str().unwrap(),
+        ] {
             assert!(!json.contains(local), "{local} in {json}");
         }
         // And no state was written: invite reads, it does not load views.
         assert!(!dir.path().join("state").exists());
 
-        let err = super::invite(&path, &["nowhere".to_owned()]).unwrap_err().to_string();
-        assert!(err.starts_with("--endpoint \"nowhere\" has no port"), "{err}");
+        let err = super::invite(&path, &["nowhere".to_owned()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--endpoint \"nowhere\" has no port"),
+            "{err}"
+        );
         fs::write(&path, "[site]\n").unwrap();
         let err = super::invite(&path, &[]).unwrap_err();
         assert!(matches!(err, InviteError::Config(_)), "{err:?}");
@@ -1007,8 +1182,15 @@ mod tests {
         );
         let mut theirs = sample();
         theirs.public_key = key("YIc7tjkQxy1Jrd8zt0fIbdsg+IvjgKWvmBhMP9hwVWE=");
-        let appended = append_peer(&text, "c.toml", &current(&text), &key(KEY_R), &theirs, None).unwrap();
-        assert!(appended.text.starts_with(&format!("{text}\n\n# Peer pharma")), "{}", appended.text);
+        let appended =
+            append_peer(&text, "c.toml", &current(&text), &key(KEY_R), &theirs, None).unwrap();
+        assert!(
+            appended
+                .text
+                .starts_with(&format!("{text}\n\n# Peer pharma")),
+            "{}",
+            appended.text
+        );
         let config = appended.config;
         assert_eq!(config.peers.len(), 2);
         assert_eq!(config.peers[0].allow.len(), 1, "the allow rule moved");
@@ -1017,24 +1199,47 @@ mod tests {
         assert_eq!(peer.public_key, theirs.public_key);
         assert_eq!(peer.cidrs, theirs.pod_cidrs);
         assert!(peer.allow.is_empty());
-        assert_eq!(peer.endpoint.as_ref().unwrap().spec, "gw.pharma.example:51820");
+        assert_eq!(
+            peer.endpoint.as_ref().unwrap().spec,
+            "gw.pharma.example:51820"
+        );
         assert_eq!(config.rendezvous.len(), 2);
         assert_eq!(config.rendezvous[1].stun.spec, "198.18.0.1:3479");
         assert_eq!(appended.rendezvous_added.len(), 2);
 
         // A rendezvous the file pins already is not added again, whatever
         // its address there.
-        let text = format!("{}\n[[rendezvous]]\naddress = \"10.1.1.1:7443\"\npublic_key = \"{KEY_R}\"\n", site_config(dir.path(), "", ""));
-        let appended = append_peer(&text, "c.toml", &current(&text), &key(KEY_B), &sample(), Some("pharma-eu")).unwrap();
+        let text = format!(
+            "{}\n[[rendezvous]]\naddress = \"10.1.1.1:7443\"\npublic_key = \"{KEY_R}\"\n",
+            site_config(dir.path(), "", "")
+        );
+        let appended = append_peer(
+            &text,
+            "c.toml",
+            &current(&text),
+            &key(KEY_B),
+            &sample(),
+            Some("pharma-eu"),
+        )
+        .unwrap();
         assert_eq!(appended.rendezvous_known.len(), 1);
         assert_eq!(appended.rendezvous_added.len(), 1);
         assert_eq!(appended.config.rendezvous.len(), 2);
         assert_eq!(appended.config.peers[0].name, "pharma-eu");
-        assert!(appended.text.contains("# Peer pharma-eu (site pharma)"), "{}", appended.text);
-        assert!(appended.text.ends_with("stun = \"198.18.0.1:3479\"\n"), "{}", appended.text);
+        assert!(
+            appended.text.contains("# Peer pharma-eu (site pharma)"),
+            "{}",
+            appended.text
+        );
+        assert!(
+            appended.text.ends_with("stun = \"198.18.0.1:3479\"\n"),
+            "{}",
+            appended.text
+        );
 
         // An empty file gets no leading blank line (and then fails: no site).
-        let err = append_peer("", "c.toml", &current(&text), &key(KEY_B), &sample(), None).unwrap_err();
+        let err =
+            append_peer("", "c.toml", &current(&text), &key(KEY_B), &sample(), None).unwrap_err();
         assert!(matches!(err, JoinError::Invalid { .. }), "{err:?}");
     }
 
@@ -1044,7 +1249,9 @@ mod tests {
         let text = site_config(
             dir.path(),
             "",
-            &format!("[[peer]]\nname = \"pharma\"\npublic_key = \"{KEY_B}\"\ncidrs = [\"10.9.0.0/16\"]\n"),
+            &format!(
+                "[[peer]]\nname = \"pharma\"\npublic_key = \"{KEY_B}\"\ncidrs = [\"10.9.0.0/16\"]\n"
+            ),
         );
         let config = current(&text);
         let err = append_peer(&text, "c.toml", &config, &key(KEY_A), &sample(), None).unwrap_err();
@@ -1054,22 +1261,64 @@ mod tests {
         // Same name, other key: say which peer, suggest --name.
         let mut theirs = sample();
         theirs.public_key = key(KEY_R);
-        let err = append_peer(&text, "c.toml", &config, &key(KEY_A), &theirs, None).unwrap_err().to_string();
-        assert!(err.contains("peer[0] \"pharma\" already has that name"), "{err}");
+        let err = append_peer(&text, "c.toml", &config, &key(KEY_A), &theirs, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("peer[0] \"pharma\" already has that name"),
+            "{err}"
+        );
         assert!(err.contains("--name"), "{err}");
-        assert!(append_peer(&text, "c.toml", &config, &key(KEY_A), &theirs, Some("pharma-2")).is_ok());
+        assert!(
+            append_peer(
+                &text,
+                "c.toml",
+                &config,
+                &key(KEY_A),
+                &theirs,
+                Some("pharma-2")
+            )
+            .is_ok()
+        );
 
         // Same key, whatever the name.
         theirs.public_key = key(KEY_B);
-        let err = append_peer(&text, "c.toml", &config, &key(KEY_A), &theirs, Some("other")).unwrap_err().to_string();
-        assert!(err.contains(&format!("peer[0] \"pharma\" already has public key {KEY_B}")), "{err}");
+        let err = append_peer(
+            &text,
+            "c.toml",
+            &config,
+            &key(KEY_A),
+            &theirs,
+            Some("other"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(&format!(
+                "peer[0] \"pharma\" already has public key {KEY_B}"
+            )),
+            "{err}"
+        );
 
         // A name the config does not take is reported by the config check.
         theirs.public_key = key(KEY_R);
-        let err = append_peer(&text, "c.toml", &config, &key(KEY_A), &theirs, Some("Bad Name")).unwrap_err();
-        let JoinError::Invalid { problems, .. } = err else { panic!("{err:?}") };
+        let err = append_peer(
+            &text,
+            "c.toml",
+            &config,
+            &key(KEY_A),
+            &theirs,
+            Some("Bad Name"),
+        )
+        .unwrap_err();
+        let JoinError::Invalid { problems, .. } = err else {
+            panic!("{err:?}")
+        };
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(problems[0].starts_with("c.toml: peer[1] \"Bad Name\": name:"), "{problems:?}");
+        assert!(
+            problems[0].starts_with("c.toml: peer[1] \"Bad Name\": name:"),
+            "{problems:?}"
+        );
     }
 
     #[test]
@@ -1081,10 +1330,19 @@ mod tests {
         let mut theirs = sample();
         theirs.pod_cidrs.truncate(1); // 10.0.0.0/16, ours too
         let joined = join(&path, &theirs.encode(), None, &[]).unwrap();
-        assert_eq!(joined.peer.views[0].to_string(), "10.0.0.0/16 seen as 100.64.0.0/16");
+        assert_eq!(
+            joined.peer.views[0].to_string(),
+            "10.0.0.0/16 seen as 100.64.0.0/16"
+        );
         let report = joined.report();
-        assert!(report.contains("cidrs 10.0.0.0/16 seen as 100.64.0.0/16"), "{report}");
-        assert!(report.ends_with(&format!("\n{}\n", joined.invite.encode())), "{report}");
+        assert!(
+            report.contains("cidrs 10.0.0.0/16 seen as 100.64.0.0/16"),
+            "{report}"
+        );
+        assert!(
+            report.ends_with(&format!("\n{}\n", joined.invite.encode())),
+            "{report}"
+        );
         assert!(!dir.path().join("state").exists(), "join wrote views.json");
 
         // With no room left in remap_pool, the file is left as it was.
@@ -1096,8 +1354,13 @@ mod tests {
         join(&path, &lab.encode(), None, &[]).unwrap();
         let before = fs::read_to_string(&path).unwrap();
         let err = join(&path, &theirs.encode(), None, &[]).unwrap_err();
-        let JoinError::Invalid { problems, .. } = &err else { panic!("{err:?}") };
-        assert!(problems[0].contains("peer[1] \"pharma\": cidrs[0]: 10.0.0.0/16 overlaps"), "{err}");
+        let JoinError::Invalid { problems, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            problems[0].contains("peer[1] \"pharma\": cidrs[0]: 10.0.0.0/16 overlaps"),
+            "{err}"
+        );
         assert_eq!(fs::read_to_string(&path).unwrap(), before);
     }
 
@@ -1111,9 +1374,21 @@ mod tests {
         std::os::unix::fs::symlink(&real, &link).unwrap();
         let joined = join(&link, &sample().encode(), None, &[]).unwrap();
         assert_eq!(joined.path, fs::canonicalize(&real).unwrap());
-        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
-        assert_eq!(fs::metadata(&real).unwrap().permissions().mode() & 0o777, 0o640);
-        assert!(fs::read_to_string(&real).unwrap().contains("name = \"pharma\""));
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            fs::metadata(&real).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert!(
+            fs::read_to_string(&real)
+                .unwrap()
+                .contains("name = \"pharma\"")
+        );
         let leftovers: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -1124,6 +1399,10 @@ mod tests {
         // A file changed meanwhile is not overwritten.
         let err = replace_file(&real, "something else", "new").unwrap_err();
         assert!(matches!(err, JoinError::Changed { .. }), "{err:?}");
-        assert!(fs::read_to_string(&real).unwrap().contains("name = \"pharma\""));
+        assert!(
+            fs::read_to_string(&real)
+                .unwrap()
+                .contains("name = \"pharma\"")
+        );
     }
 }

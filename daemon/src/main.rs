@@ -106,13 +106,21 @@ enum LogFormat {
 fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = match &args.log_level {
-        Some(level) => EnvFilter::try_new(level).with_context(|| format!("--log-level {level:?}"))?,
+        Some(level) => {
+            EnvFilter::try_new(level).with_context(|| format!("--log-level {level:?}"))?
+        }
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
     }
     Ok(())
 }
@@ -125,11 +133,28 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Pubkey => pubkey(),
-        Command::Up { config, metrics_listen, log } => up(config, metrics_listen, &log),
-        Command::Rendezvous { config, metrics_listen, log } => rendezvous(config, metrics_listen, &log),
-        Command::Status { json, socket, interface } => status(json, socket, interface),
+        Command::Up {
+            config,
+            metrics_listen,
+            log,
+        } => up(config, metrics_listen, &log),
+        Command::Rendezvous {
+            config,
+            metrics_listen,
+            log,
+        } => rendezvous(config, metrics_listen, &log),
+        Command::Status {
+            json,
+            socket,
+            interface,
+        } => status(json, socket, interface),
         Command::Invite { config, endpoint } => invite(config, &endpoint),
-        Command::Join { config, name, endpoint, token } => join(config, name, &endpoint, &token),
+        Command::Join {
+            config,
+            name,
+            endpoint,
+            token,
+        } => join(config, name, &endpoint, &token),
     };
     match result {
         Ok(code) => code,
@@ -142,30 +167,48 @@ fn main() -> ExitCode {
 
 fn pubkey() -> anyhow::Result<ExitCode> {
     let mut text = String::new();
-    std::io::stdin().read_to_string(&mut text).context("reading stdin")?;
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .context("reading stdin")?;
     let key = keys::decode_private(&text)?;
-    println!("{}", keys::encode_public(&x25519_dalek::PublicKey::from(&key)));
+    println!(
+        "{}",
+        keys::encode_public(&x25519_dalek::PublicKey::from(&key))
+    );
     Ok(ExitCode::SUCCESS)
 }
 
-fn up(path: PathBuf, metrics_listen: Option<std::net::SocketAddr>, log: &LogArgs) -> anyhow::Result<ExitCode> {
+fn up(
+    path: PathBuf,
+    metrics_listen: Option<std::net::SocketAddr>,
+    log: &LogArgs,
+) -> anyhow::Result<ExitCode> {
     init_logging(log)?;
     let mut config = match config::load(&path) {
         Ok(config) => config,
         Err(errors) => {
-            eprintln!("causeway: {} has problems, nothing was changed:\n{errors}", path.display());
+            eprintln!(
+                "causeway: {} has problems, nothing was changed:\n{errors}",
+                path.display()
+            );
             return Ok(ExitCode::from(2));
         }
     };
     if metrics_listen.is_some() {
         config.site.metrics_listen = metrics_listen;
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(daemon::run(config, Some(path), shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn rendezvous(path: PathBuf, metrics_listen: Option<std::net::SocketAddr>, log: &LogArgs) -> anyhow::Result<ExitCode> {
+fn rendezvous(
+    path: PathBuf,
+    metrics_listen: Option<std::net::SocketAddr>,
+    log: &LogArgs,
+) -> anyhow::Result<ExitCode> {
     use causeway_nat::rendezvous::{RendezvousConfig, RendezvousServer};
     init_logging(log)?;
     let config = match RendezvousConfig::load(&path) {
@@ -175,14 +218,18 @@ fn rendezvous(path: PathBuf, metrics_listen: Option<std::net::SocketAddr>, log: 
             return Ok(ExitCode::from(2));
         }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         // `run` logs the key and addresses it serves on.
         let server = RendezvousServer::bind(&config)?;
         // /readyz: 200 from here (sockets bound, serving) until shutdown starts.
         let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let _metrics = match metrics_listen {
-            Some(addr) => Some(causeway::metrics::serve_rendezvous(addr, server.stats(), ready.clone()).await?),
+            Some(addr) => Some(
+                causeway::metrics::serve_rendezvous(addr, server.stats(), ready.clone()).await?,
+            ),
             None => None,
         };
         ready.store(true, std::sync::atomic::Ordering::Release);
@@ -200,7 +247,10 @@ fn rendezvous(path: PathBuf, metrics_listen: Option<std::net::SocketAddr>, log: 
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
@@ -210,11 +260,17 @@ async fn shutdown_signal() {
     }
 }
 
-fn status(json: bool, socket: Option<PathBuf>, interface: Option<String>) -> anyhow::Result<ExitCode> {
+fn status(
+    json: bool,
+    socket: Option<PathBuf>,
+    interface: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let path = socket.unwrap_or_else(|| {
         config::default_control_socket(interface.as_deref().unwrap_or(config::DEFAULT_INTERFACE))
     });
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let status = runtime.block_on(control::query(&path))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -244,7 +300,12 @@ fn invite(path: PathBuf, endpoints: &[String]) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn join(path: PathBuf, name: Option<String>, endpoints: &[String], token: &str) -> anyhow::Result<ExitCode> {
+fn join(
+    path: PathBuf,
+    name: Option<String>,
+    endpoints: &[String],
+    token: &str,
+) -> anyhow::Result<ExitCode> {
     use causeway::invite::JoinError;
     match causeway::invite::join(&path, token, name.as_deref(), endpoints) {
         Ok(joined) => {

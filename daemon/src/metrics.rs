@@ -67,6 +67,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use causeway_nat::rendezvous::{ServerStats, SiteStats};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
@@ -81,7 +82,6 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
-use causeway_nat::rendezvous::{ServerStats, SiteStats};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{Instrument, debug, info, warn};
@@ -115,32 +115,57 @@ impl Drop for MetricsServer {
 
 /// Serves `/metrics` for `ctx`, `/healthz` and `/readyz` (which answers 200
 /// only while `ready` is true) on `addr`.
-pub(crate) async fn serve(addr: SocketAddr, ctx: Arc<Ctx>, ready: Arc<AtomicBool>) -> io::Result<MetricsServer> {
+pub(crate) async fn serve(
+    addr: SocketAddr,
+    ctx: Arc<Ctx>,
+    ready: Arc<AtomicBool>,
+) -> io::Result<MetricsServer> {
     let listener = bind(addr).await?;
-    serve_on(listener, registry(move || SiteSample::collect(&ctx, SystemTime::now())), ready)
+    serve_on(
+        listener,
+        registry(move || SiteSample::collect(&ctx, SystemTime::now())),
+        ready,
+    )
 }
 
 /// Serves `/metrics` for a rendezvous (read from `stats` at each scrape),
 /// `/healthz`, and `/readyz` (200 only while `ready` is true: the caller
 /// sets it once the rendezvous' sockets are bound and clears it when it
 /// shuts down) on `addr`.
-pub async fn serve_rendezvous(addr: SocketAddr, stats: ServerStats, ready: Arc<AtomicBool>) -> io::Result<MetricsServer> {
+pub async fn serve_rendezvous(
+    addr: SocketAddr,
+    stats: ServerStats,
+    ready: Arc<AtomicBool>,
+) -> io::Result<MetricsServer> {
     let listener = bind(addr).await?;
-    serve_on(listener, rendezvous_registry(move || RendezvousSample::collect(&stats)), ready)
+    serve_on(
+        listener,
+        rendezvous_registry(move || RendezvousSample::collect(&stats)),
+        ready,
+    )
 }
 
 /// Binds `addr`; the error names it.
 async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} for metrics: {e}")))
+    TcpListener::bind(addr).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr} for metrics: {e}"),
+        )
+    })
 }
 
 /// Serves `registry` on a bound `listener` (tests bind port 0).
-fn serve_on(listener: TcpListener, registry: Registry, ready: Arc<AtomicBool>) -> io::Result<MetricsServer> {
+fn serve_on(
+    listener: TcpListener,
+    registry: Registry,
+    ready: Arc<AtomicBool>,
+) -> io::Result<MetricsServer> {
     let local_addr = listener.local_addr()?;
     let state = Arc::new(State { registry, ready });
-    let task = tokio::spawn(accept_loop(listener, state).instrument(tracing::info_span!("metrics", %local_addr)));
+    let task = tokio::spawn(
+        accept_loop(listener, state).instrument(tracing::info_span!("metrics", %local_addr)),
+    );
     info!(%local_addr, "serving /metrics, /healthz and /readyz");
     Ok(MetricsServer { task })
 }
@@ -151,7 +176,9 @@ fn registry(sample: impl Fn() -> SiteSample + Send + Sync + 'static) -> Registry
     registry.register_collector(Box::new(ProcessCollector));
     registry
         .sub_registry_with_prefix("causeway")
-        .register_collector(Box::new(SiteCollector { sample: Box::new(sample) }));
+        .register_collector(Box::new(SiteCollector {
+            sample: Box::new(sample),
+        }));
     registry
 }
 
@@ -162,7 +189,9 @@ fn rendezvous_registry(sample: impl Fn() -> RendezvousSample + Send + Sync + 'st
     registry.register_collector(Box::new(ProcessCollector));
     registry
         .sub_registry_with_prefix("causeway")
-        .register_collector(Box::new(RendezvousCollector { sample: Box::new(sample) }));
+        .register_collector(Box::new(RendezvousCollector {
+            sample: Box::new(sample),
+        }));
     registry
 }
 
@@ -176,10 +205,14 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     // Connections live in the set, so that aborting this task ends them.
     let mut connections = JoinSet::new();
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
     loop {
         while connections.try_join_next().is_some() {}
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -224,7 +257,9 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
 fn respond(method: &Method, path: &str, state: &State) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
-        response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return response;
     }
     match path {
@@ -235,26 +270,35 @@ fn respond(method: &Method, path: &str, state: &State) -> Response<Full<Bytes>> 
                     let mut response = Response::new(Full::new(Bytes::from(body)));
                     response.headers_mut().insert(
                         CONTENT_TYPE,
-                        HeaderValue::from_static(prometheus_client::encoding::prometheus_text::CONTENT_TYPE),
+                        HeaderValue::from_static(
+                            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                        ),
                     );
                     response
                 }
-                Err(fmt::Error) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed\n"),
+                Err(fmt::Error) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "encoding the metrics failed\n",
+                ),
             }
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz or /readyz\n",
+        ),
     }
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -326,24 +370,52 @@ impl Collector for SiteCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let site = (self.sample)();
         build_info(&mut encoder)?;
-        gauge(&mut encoder, "peers_configured", "Peers in the running config", site.peers.len() as i64)?;
+        gauge(
+            &mut encoder,
+            "peers_configured",
+            "Peers in the running config",
+            site.peers.len() as i64,
+        )?;
 
-        let mut info = encoder.encode_descriptor("peer_info", "A configured peer and its WireGuard public key", None, MetricType::Gauge)?;
+        let mut info = encoder.encode_descriptor(
+            "peer_info",
+            "A configured peer and its WireGuard public key",
+            None,
+            MetricType::Gauge,
+        )?;
         for p in &site.peers {
-            let labels = [("peer", p.name.as_str()), ("public_key", p.public_key.as_str())];
+            let labels = [
+                ("peer", p.name.as_str()),
+                ("public_key", p.public_key.as_str()),
+            ];
             ConstGauge::new(1i64).encode(info.encode_family(&labels)?)?;
         }
         type Value = fn(&PeerSample) -> u64;
         let per_peer: [(&str, &str, Value); 4] = [
-            ("peer_tx_bytes", "Bytes of inner packets sent to the peer", |p| p.tx_bytes),
-            ("peer_rx_bytes", "Bytes of inner packets received from the peer", |p| p.rx_bytes),
-            ("peer_tx_packets", "Inner packets sent to the peer", |p| p.tx_packets),
-            ("peer_rx_packets", "Inner packets received from the peer and delivered", |p| p.rx_packets),
+            (
+                "peer_tx_bytes",
+                "Bytes of inner packets sent to the peer",
+                |p| p.tx_bytes,
+            ),
+            (
+                "peer_rx_bytes",
+                "Bytes of inner packets received from the peer",
+                |p| p.rx_bytes,
+            ),
+            ("peer_tx_packets", "Inner packets sent to the peer", |p| {
+                p.tx_packets
+            }),
+            (
+                "peer_rx_packets",
+                "Inner packets received from the peer and delivered",
+                |p| p.rx_packets,
+            ),
         ];
         for (name, help, value) in per_peer {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for p in &site.peers {
-                ConstCounter::new(value(p)).encode(family.encode_family(&[("peer", p.name.as_str())])?)?;
+                ConstCounter::new(value(p))
+                    .encode(family.encode_family(&[("peer", p.name.as_str())])?)?;
             }
         }
         let mut family = encoder.encode_descriptor(
@@ -353,7 +425,8 @@ impl Collector for SiteCollector {
             MetricType::Gauge,
         )?;
         for p in &site.peers {
-            ConstGauge::new(p.last_handshake.unwrap_or(0.0)).encode(family.encode_family(&[("peer", p.name.as_str())])?)?;
+            ConstGauge::new(p.last_handshake.unwrap_or(0.0))
+                .encode(family.encode_family(&[("peer", p.name.as_str())])?)?;
         }
         let mut family = encoder.encode_descriptor(
             "peer_drops",
@@ -383,7 +456,12 @@ impl Collector for SiteCollector {
 /// `causeway_build_info{version}` (the prefix comes from the registry).
 fn build_info(encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
     let build = Info::new([("version", env!("CARGO_PKG_VERSION"))]);
-    build.encode(encoder.encode_descriptor("build", "Causeway's version", None, build.metric_type())?)
+    build.encode(encoder.encode_descriptor(
+        "build",
+        "Causeway's version",
+        None,
+        build.metric_type(),
+    )?)
 }
 
 /// A rendezvous' state at one scrape.
@@ -396,7 +474,10 @@ struct RendezvousSample {
 
 impl RendezvousSample {
     fn collect(stats: &ServerStats) -> Self {
-        RendezvousSample { sites: stats.sites(), stun_answered: stats.stun_answered() }
+        RendezvousSample {
+            sites: stats.sites(),
+            stun_answered: stats.stun_answered(),
+        }
     }
 }
 
@@ -428,7 +509,8 @@ impl Collector for RendezvousCollector {
             MetricType::Gauge,
         )?;
         for s in &rendezvous.sites {
-            ConstGauge::new(i64::from(s.connected)).encode(family.encode_family(&[("site", s.name.as_str())])?)?;
+            ConstGauge::new(i64::from(s.connected))
+                .encode(family.encode_family(&[("site", s.name.as_str())])?)?;
         }
         type Value = fn(&SiteStats) -> u64;
         let per_site: [(&str, &str, Value); 3] = [
@@ -451,7 +533,8 @@ impl Collector for RendezvousCollector {
         for (name, help, value) in per_site {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for s in &rendezvous.sites {
-                ConstCounter::new(value(s)).encode(family.encode_family(&[("site", s.name.as_str())])?)?;
+                ConstCounter::new(value(s))
+                    .encode(family.encode_family(&[("site", s.name.as_str())])?)?;
             }
         }
         let stun = ConstCounter::new(rendezvous.stun_answered);
@@ -481,7 +564,9 @@ struct ProcessCollector;
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
-        let Some(p) = ProcessSample::read() else { return Ok(()) };
+        let Some(p) = ProcessSample::read() else {
+            return Ok(());
+        };
         let cpu = ConstCounter::new(p.cpu_seconds);
         cpu.encode(encoder.encode_descriptor(
             "process_cpu_seconds",
@@ -489,16 +574,41 @@ impl Collector for ProcessCollector {
             None,
             cpu.metric_type(),
         )?)?;
-        gauge(&mut encoder, "process_resident_memory_bytes", "Resident memory size in bytes", p.resident_bytes)?;
-        gauge(&mut encoder, "process_virtual_memory_bytes", "Virtual memory size in bytes", p.virtual_bytes)?;
+        gauge(
+            &mut encoder,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            p.resident_bytes,
+        )?;
+        gauge(
+            &mut encoder,
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes",
+            p.virtual_bytes,
+        )?;
         if let Some(start) = p.start_time {
-            gauge(&mut encoder, "process_start_time_seconds", "Start time of the process since unix epoch in seconds", start)?;
+            gauge(
+                &mut encoder,
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                start,
+            )?;
         }
         if let Some(fds) = p.open_fds {
-            gauge(&mut encoder, "process_open_fds", "Number of open file descriptors", fds)?;
+            gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Number of open file descriptors",
+                fds,
+            )?;
         }
         if let Some(max) = p.max_fds {
-            gauge(&mut encoder, "process_max_fds", "Maximum number of open file descriptors", max)?;
+            gauge(
+                &mut encoder,
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                max,
+            )?;
         }
         Ok(())
     }
@@ -530,17 +640,28 @@ impl ProcessSample {
     fn read() -> Option<Self> {
         let stat = parse_stat(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
         // SAFETY: sysconf only reads configuration values.
-        let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
         let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
         let page = if page > 0 { page as u64 } else { 4096 };
-        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| parse_boot_time(&s));
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| parse_boot_time(&s));
         Some(ProcessSample {
             cpu_seconds: stat.cpu_ticks as f64 / ticks,
             resident_bytes: stat.resident_pages * page,
             virtual_bytes: stat.virtual_bytes,
             start_time: boot.map(|boot| boot as f64 + stat.start_ticks as f64 / ticks),
-            open_fds: std::fs::read_dir("/proc/self/fd").ok().map(|dir| dir.count() as u64),
-            max_fds: std::fs::read_to_string("/proc/self/limits").ok().and_then(|s| parse_max_fds(&s)),
+            open_fds: std::fs::read_dir("/proc/self/fd")
+                .ok()
+                .map(|dir| dir.count() as u64),
+            max_fds: std::fs::read_to_string("/proc/self/limits")
+                .ok()
+                .and_then(|s| parse_max_fds(&s)),
         })
     }
 }
@@ -562,12 +683,16 @@ fn parse_stat(text: &str) -> Option<Stat> {
 
 /// `btime` of `/proc/stat`: boot time, Unix seconds.
 fn parse_boot_time(text: &str) -> Option<u64> {
-    text.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok())
+    text.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The soft "Max open files" limit of `/proc/<pid>/limits`.
 fn parse_max_fds(text: &str) -> Option<u64> {
-    let line = text.lines().find_map(|l| l.strip_prefix("Max open files"))?;
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?;
     line.split_whitespace().next()?.parse().ok()
 }
 
@@ -628,7 +753,12 @@ mod tests {
             let (key, value) = line.rsplit_once(' ').expect("sample");
             let name = key.split('{').next().expect("name");
             assert_eq!(name, typed, "sample without its TYPE line: {line}");
-            assert!(series.insert(key.to_owned(), value.parse().expect("value")).is_none(), "duplicate {key}");
+            assert!(
+                series
+                    .insert(key.to_owned(), value.parse().expect("value"))
+                    .is_none(),
+                "duplicate {key}"
+            );
         }
         series
     }
@@ -643,46 +773,104 @@ mod tests {
     fn exposition_has_every_series() {
         let text = encode(&registry(sample));
         let series = parse(&text);
-        let get = |key: &str| *series.get(key).unwrap_or_else(|| panic!("no {key} in\n{text}"));
-        assert_eq!(get(&format!("causeway_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1.0);
+        let get = |key: &str| {
+            *series
+                .get(key)
+                .unwrap_or_else(|| panic!("no {key} in\n{text}"))
+        };
+        assert_eq!(
+            get(&format!(
+                "causeway_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )),
+            1.0
+        );
         assert_eq!(get("causeway_peers_configured"), 2.0);
-        assert_eq!(get("causeway_peer_info{peer=\"b\",public_key=\"YmJi\"}"), 1.0);
+        assert_eq!(
+            get("causeway_peer_info{peer=\"b\",public_key=\"YmJi\"}"),
+            1.0
+        );
         assert_eq!(get("causeway_peer_tx_bytes_total{peer=\"b\"}"), 1000.0);
         assert_eq!(get("causeway_peer_rx_bytes_total{peer=\"b\"}"), 2000.0);
         assert_eq!(get("causeway_peer_tx_packets_total{peer=\"b\"}"), 10.0);
         assert_eq!(get("causeway_peer_rx_packets_total{peer=\"b\"}"), 20.0);
-        assert_eq!(get("causeway_peer_last_handshake_timestamp_seconds{peer=\"b\"}"), 1_700_000_000.5);
-        assert_eq!(get("causeway_peer_last_handshake_timestamp_seconds{peer=\"c-\\\"quoted\\\"\"}"), 0.0);
-        assert_eq!(get("causeway_peer_drops_total{peer=\"b\",reason=\"spoofed_source\"}"), 5.0);
-        assert_eq!(get("causeway_peer_drops_total{peer=\"b\",reason=\"policy_port\"}"), 2.0);
-        assert_eq!(get("causeway_site_drops_total{reason=\"malformed\"}"), 400.0);
+        assert_eq!(
+            get("causeway_peer_last_handshake_timestamp_seconds{peer=\"b\"}"),
+            1_700_000_000.5
+        );
+        assert_eq!(
+            get("causeway_peer_last_handshake_timestamp_seconds{peer=\"c-\\\"quoted\\\"\"}"),
+            0.0
+        );
+        assert_eq!(
+            get("causeway_peer_drops_total{peer=\"b\",reason=\"spoofed_source\"}"),
+            5.0
+        );
+        assert_eq!(
+            get("causeway_peer_drops_total{peer=\"b\",reason=\"policy_port\"}"),
+            2.0
+        );
+        assert_eq!(
+            get("causeway_site_drops_total{reason=\"malformed\"}"),
+            400.0
+        );
         // Every reason, for every peer and the site, zeros included.
         for reason in DropReason::ALL {
             for peer in ["b", "c-\\\"quoted\\\""] {
-                get(&format!("causeway_peer_drops_total{{peer=\"{peer}\",reason=\"{}\"}}", reason.name()));
+                get(&format!(
+                    "causeway_peer_drops_total{{peer=\"{peer}\",reason=\"{}\"}}",
+                    reason.name()
+                ));
             }
-            get(&format!("causeway_site_drops_total{{reason=\"{}\"}}", reason.name()));
+            get(&format!(
+                "causeway_site_drops_total{{reason=\"{}\"}}",
+                reason.name()
+            ));
         }
-        assert!(text.contains("# TYPE causeway_peer_rx_bytes_total counter\n"), "{text}");
-        assert!(text.contains("# TYPE causeway_peer_last_handshake_timestamp_seconds gauge\n"), "{text}");
+        assert!(
+            text.contains("# TYPE causeway_peer_rx_bytes_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE causeway_peer_last_handshake_timestamp_seconds gauge\n"),
+            "{text}"
+        );
         // This process' own series.
         assert!(get("process_cpu_seconds_total") >= 0.0);
         assert!(get("process_resident_memory_bytes") > 1e5);
         assert!(get("process_virtual_memory_bytes") >= get("process_resident_memory_bytes"));
         assert!(get("process_open_fds") >= 3.0);
         assert!(get("process_max_fds") >= get("process_open_fds"));
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs_f64();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64();
         let start = get("process_start_time_seconds");
-        assert!(start <= now + 1.0 && start > now - 24.0 * 3600.0, "start {start}, now {now}");
+        assert!(
+            start <= now + 1.0 && start > now - 24.0 * 3600.0,
+            "start {start}, now {now}"
+        );
     }
 
     #[test]
     fn no_peers_still_exports_the_site() {
-        let text = encode(&registry(|| SiteSample { peers: vec![], drops: [0; N_REASONS] }));
+        let text = encode(&registry(|| SiteSample {
+            peers: vec![],
+            drops: [0; N_REASONS],
+        }));
         let series = parse(&text);
         assert_eq!(series.get("causeway_peers_configured"), Some(&0.0));
-        assert_eq!(series.keys().filter(|k| k.starts_with("causeway_site_drops_total")).count(), N_REASONS);
-        assert!(!series.keys().any(|k| k.starts_with("causeway_peer_")), "{text}");
+        assert_eq!(
+            series
+                .keys()
+                .filter(|k| k.starts_with("causeway_site_drops_total"))
+                .count(),
+            N_REASONS
+        );
+        assert!(
+            !series.keys().any(|k| k.starts_with("causeway_peer_")),
+            "{text}"
+        );
     }
 
     #[test]
@@ -692,19 +880,35 @@ mod tests {
                     987654321 2500 18446744073709551615 1 1 0 0 0 0 0 4096 17475 0 0 0 17 1 0 0 0 0 0";
         assert_eq!(
             parse_stat(stat),
-            Some(Stat { cpu_ticks: 187, start_ticks: 123456, virtual_bytes: 987654321, resident_pages: 2500 })
+            Some(Stat {
+                cpu_ticks: 187,
+                start_ticks: 123456,
+                virtual_bytes: 987654321,
+                resident_pages: 2500
+            })
         );
         assert_eq!(parse_stat("garbage"), None);
         assert_eq!(parse_stat("1 (x) S 1 2"), None);
-        assert_eq!(parse_boot_time("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n"), Some(1_700_000_000));
+        assert_eq!(
+            parse_boot_time("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n"),
+            Some(1_700_000_000)
+        );
         assert_eq!(parse_boot_time("cpu 1\n"), None);
         let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
                       Max processes             95528                95528                processes \n\
                       Max open files            1024                 524288               files     \n";
         assert_eq!(parse_max_fds(limits), Some(1024));
-        assert_eq!(parse_max_fds("Max open files            unlimited            unlimited            files\n"), None);
+        assert_eq!(
+            parse_max_fds(
+                "Max open files            unlimited            unlimited            files\n"
+            ),
+            None
+        );
         let own = ProcessSample::read().expect("/proc/self");
-        assert!(own.resident_bytes > 0 && own.open_fds.is_some() && own.max_fds.is_some(), "{own:?}");
+        assert!(
+            own.resident_bytes > 0 && own.open_fds.is_some() && own.max_fds.is_some(),
+            "{own:?}"
+        );
     }
 
     /// One HTTP/1.1 exchange; returns the status code, the headers (lower
@@ -716,7 +920,12 @@ mod tests {
         conn.read_to_end(&mut raw).await.expect("read");
         let raw = String::from_utf8(raw).expect("utf-8");
         let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
-        let status = head.split(' ').nth(1).expect("status").parse().expect("code");
+        let status = head
+            .split(' ')
+            .nth(1)
+            .expect("status")
+            .parse()
+            .expect("code");
         (status, head.to_ascii_lowercase(), body.to_owned())
     }
 
@@ -733,8 +942,14 @@ mod tests {
 
         let (status, head, body) = http(addr, &get("/metrics")).await;
         assert_eq!(status, 200, "{head}");
-        assert!(head.contains("content-type: text/plain; version=0.0.4; charset=utf-8"), "{head}");
-        assert_eq!(parse(&body).get("causeway_peer_rx_bytes_total{peer=\"b\"}"), Some(&2000.0));
+        assert!(
+            head.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{head}"
+        );
+        assert_eq!(
+            parse(&body).get("causeway_peer_rx_bytes_total{peer=\"b\"}"),
+            Some(&2000.0)
+        );
 
         assert_eq!(http(addr, &get("/healthz")).await.0, 200);
         assert_eq!(http(addr, &get("/readyz")).await.0, 503);
@@ -743,9 +958,17 @@ mod tests {
         assert_eq!(http(addr, &get("/metrics?x=1")).await.0, 200);
         assert_eq!(http(addr, &get("/nope")).await.0, 404);
 
-        let (status, head, body) = http(addr, "HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let (status, head, body) = http(
+            addr,
+            "HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         assert_eq!((status, body.as_str()), (200, ""), "{head}");
-        let (status, head, _) = http(addr, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+        let (status, head, _) = http(
+            addr,
+            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         assert_eq!(status, 405);
         assert!(head.contains("allow: get, head"), "{head}");
 
@@ -760,16 +983,25 @@ mod tests {
 
         // Garbage gets a 400 or a closed connection, and the server goes on.
         let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        conn.write_all(b"\x00\x01\x02 not http at all\r\n\r\n").await.expect("send");
+        conn.write_all(b"\x00\x01\x02 not http at all\r\n\r\n")
+            .await
+            .expect("send");
         let mut out = Vec::new();
         let _ = conn.read_to_end(&mut out).await;
-        assert!(out.is_empty() || out.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&out));
+        assert!(
+            out.is_empty() || out.starts_with(b"HTTP/1.1 400"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
         assert_eq!(http(addr, &get("/healthz")).await.0, 200);
 
         // Dropping the server closes the port.
         drop(server);
         tokio::task::yield_now().await;
-        assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still listening after drop");
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "still listening after drop"
+        );
     }
 
     fn rendezvous_sample() -> RendezvousSample {
@@ -801,18 +1033,46 @@ mod tests {
     fn rendezvous_exposition_has_every_series() {
         let text = encode(&rendezvous_registry(rendezvous_sample));
         let series = parse(&text);
-        let get = |key: &str| *series.get(key).unwrap_or_else(|| panic!("no {key} in\n{text}"));
-        assert_eq!(get(&format!("causeway_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1.0);
+        let get = |key: &str| {
+            *series
+                .get(key)
+                .unwrap_or_else(|| panic!("no {key} in\n{text}"))
+        };
+        assert_eq!(
+            get(&format!(
+                "causeway_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )),
+            1.0
+        );
         assert_eq!(get("causeway_rendezvous_sites_configured"), 2.0);
         assert_eq!(get("causeway_rendezvous_site_connected{site=\"a\"}"), 1.0);
         assert_eq!(get("causeway_rendezvous_site_connected{site=\"b\"}"), 0.0);
-        assert_eq!(get("causeway_rendezvous_relayed_packets_total{site=\"a\"}"), 30.0);
-        assert_eq!(get("causeway_rendezvous_relayed_bytes_total{site=\"a\"}"), 4500.0);
-        assert_eq!(get("causeway_rendezvous_relay_dropped_total{site=\"a\"}"), 2.0);
+        assert_eq!(
+            get("causeway_rendezvous_relayed_packets_total{site=\"a\"}"),
+            30.0
+        );
+        assert_eq!(
+            get("causeway_rendezvous_relayed_bytes_total{site=\"a\"}"),
+            4500.0
+        );
+        assert_eq!(
+            get("causeway_rendezvous_relay_dropped_total{site=\"a\"}"),
+            2.0
+        );
         // Sites that never connected are exported too, zeros included.
-        assert_eq!(get("causeway_rendezvous_relayed_packets_total{site=\"b\"}"), 0.0);
-        assert_eq!(get("causeway_rendezvous_relayed_bytes_total{site=\"b\"}"), 0.0);
-        assert_eq!(get("causeway_rendezvous_relay_dropped_total{site=\"b\"}"), 0.0);
+        assert_eq!(
+            get("causeway_rendezvous_relayed_packets_total{site=\"b\"}"),
+            0.0
+        );
+        assert_eq!(
+            get("causeway_rendezvous_relayed_bytes_total{site=\"b\"}"),
+            0.0
+        );
+        assert_eq!(
+            get("causeway_rendezvous_relay_dropped_total{site=\"b\"}"),
+            0.0
+        );
         assert_eq!(get("causeway_rendezvous_stun_answered_total"), 17.0);
         for (name, kind) in [
             ("causeway_rendezvous_sites_configured", "gauge"),
@@ -822,15 +1082,26 @@ mod tests {
             ("causeway_rendezvous_relay_dropped_total", "counter"),
             ("causeway_rendezvous_stun_answered_total", "counter"),
         ] {
-            assert!(text.contains(&format!("# TYPE {name} {kind}\n")), "{name} is not a {kind}:\n{text}");
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} is not a {kind}:\n{text}"
+            );
         }
         assert!(get("process_resident_memory_bytes") > 0.0);
         assert!(get("process_open_fds") >= 1.0);
         // Nothing of the site daemon's.
-        assert!(!series.keys().any(|k| k.starts_with("causeway_peer") || k.starts_with("causeway_site_")), "{text}");
+        assert!(
+            !series
+                .keys()
+                .any(|k| k.starts_with("causeway_peer") || k.starts_with("causeway_site_")),
+            "{text}"
+        );
         // Exactly the documented causeway_ series.
-        let names: std::collections::BTreeSet<&str> =
-            series.keys().filter(|k| k.starts_with("causeway_")).filter_map(|k| k.split('{').next()).collect();
+        let names: std::collections::BTreeSet<&str> = series
+            .keys()
+            .filter(|k| k.starts_with("causeway_"))
+            .filter_map(|k| k.split('{').next())
+            .collect();
         assert_eq!(
             names.into_iter().collect::<Vec<_>>(),
             [
@@ -847,10 +1118,19 @@ mod tests {
 
     #[test]
     fn rendezvous_without_sites() {
-        let text = encode(&rendezvous_registry(|| RendezvousSample { sites: vec![], stun_answered: 0 }));
+        let text = encode(&rendezvous_registry(|| RendezvousSample {
+            sites: vec![],
+            stun_answered: 0,
+        }));
         let series = parse(&text);
-        assert_eq!(series.get("causeway_rendezvous_sites_configured"), Some(&0.0));
-        assert_eq!(series.get("causeway_rendezvous_stun_answered_total"), Some(&0.0));
+        assert_eq!(
+            series.get("causeway_rendezvous_sites_configured"),
+            Some(&0.0)
+        );
+        assert_eq!(
+            series.get("causeway_rendezvous_stun_answered_total"),
+            Some(&0.0)
+        );
         assert!(!series.keys().any(|k| k.contains("{site=")), "{text}");
     }
 
@@ -868,7 +1148,8 @@ mod tests {
             .collect();
         let quic = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind quic");
         let stun_socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind stun");
-        let server = RendezvousServer::with_sockets(keys::generate(), &sites, quic, Some(stun_socket));
+        let server =
+            RendezvousServer::with_sockets(keys::generate(), &sites, quic, Some(stun_socket));
         let stun_addr = server.stun_addr().expect("stun addr");
         let stats = server.stats();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -891,10 +1172,15 @@ mod tests {
         assert_eq!(http(addr, &get("/readyz")).await.0, 200);
 
         // One STUN Binding request, answered.
-        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind client");
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind client");
         let mut request = [0u8; stun::BINDING_REQUEST_LEN];
         let len = stun::encode_binding_request(&stun::TransactionId([7; 12]), &mut request);
-        client.send_to(&request[..len], stun_addr).await.expect("send STUN");
+        client
+            .send_to(&request[..len], stun_addr)
+            .await
+            .expect("send STUN");
         let mut answer = [0u8; 512];
         tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut answer))
             .await
@@ -904,10 +1190,26 @@ mod tests {
         let (status, _, body) = http(addr, &get("/metrics")).await;
         assert_eq!(status, 200);
         let series = parse(&body);
-        assert_eq!(series.get("causeway_rendezvous_sites_configured"), Some(&2.0), "{body}");
-        assert_eq!(series.get("causeway_rendezvous_site_connected{site=\"east\"}"), Some(&0.0), "{body}");
-        assert_eq!(series.get("causeway_rendezvous_relayed_packets_total{site=\"west\"}"), Some(&0.0), "{body}");
-        assert_eq!(series.get("causeway_rendezvous_stun_answered_total"), Some(&1.0), "{body}");
+        assert_eq!(
+            series.get("causeway_rendezvous_sites_configured"),
+            Some(&2.0),
+            "{body}"
+        );
+        assert_eq!(
+            series.get("causeway_rendezvous_site_connected{site=\"east\"}"),
+            Some(&0.0),
+            "{body}"
+        );
+        assert_eq!(
+            series.get("causeway_rendezvous_relayed_packets_total{site=\"west\"}"),
+            Some(&0.0),
+            "{body}"
+        );
+        assert_eq!(
+            series.get("causeway_rendezvous_stun_answered_total"),
+            Some(&1.0),
+            "{body}"
+        );
 
         let _ = stop.send(());
         running.await.expect("join").expect("rendezvous ran");

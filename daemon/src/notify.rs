@@ -8,7 +8,9 @@ use std::time::Duration;
 
 /// Sends `state` (e.g. `"READY=1"`) to systemd, if it is listening.
 pub fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let path = path.to_string_lossy().into_owned();
     let addr = match path.strip_prefix('@') {
         Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),

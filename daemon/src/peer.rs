@@ -221,7 +221,9 @@ impl Peer {
                     // The config layer only makes same-family, same-length
                     // views; anything else degrades to identity, which
                     // cannot fail.
-                    Mapping::new(real, view).or_else(|_| Mapping::new(real, real)).ok()
+                    Mapping::new(real, view)
+                        .or_else(|_| Mapping::new(real, real))
+                        .ok()
                 })
                 .collect(),
             allow: if config.allow.is_empty() {
@@ -231,7 +233,9 @@ impl Peer {
             },
             counters: Counters::default(),
             probe_key: traversal
-                .then(|| causeway_nat::probe::ProbeKey::derive(private_key, &config.public_key).ok())
+                .then(|| {
+                    causeway_nat::probe::ProbeKey::derive(private_key, &config.public_key).ok()
+                })
                 .flatten(),
             static_endpoint,
             state: Mutex::new(PeerState {
@@ -245,7 +249,9 @@ impl Peer {
     /// Locks the peer's WireGuard state. A panic while it was held poisons
     /// nothing we rely on, so the poison is ignored.
     pub fn lock(&self) -> MutexGuard<'_, PeerState> {
-        self.state.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// The view of the peer's real CIDR that contains `addr`, if `addr` is
@@ -304,7 +310,8 @@ impl Peers {
         let mut next_id = previous.map_or(0, |p| p.next_id);
         let mut peers = Vec::with_capacity(configs.len());
         for config in configs {
-            let old = previous.and_then(|p| p.by_key(config.public_key.as_bytes()).map(|i| p.get(i)));
+            let old =
+                previous.and_then(|p| p.by_key(config.public_key.as_bytes()).map(|i| p.get(i)));
             match old {
                 Some(old) if old.config == *config => {
                     changes.unchanged.push(config.name.clone());
@@ -316,7 +323,14 @@ impl Peers {
             }
             let id = next_id % MAX_PEER_ID;
             next_id = next_id.wrapping_add(1);
-            peers.push(Arc::new(Peer::new(config, id, private_key, rate_limiter, pod_cidrs, traversal)));
+            peers.push(Arc::new(Peer::new(
+                config,
+                id,
+                private_key,
+                rate_limiter,
+                pod_cidrs,
+                traversal,
+            )));
         }
         if let Some(previous) = previous {
             for old in previous.iter() {
@@ -328,28 +342,49 @@ impl Peers {
         let mut routes: Vec<(IpNet, usize, usize)> = peers
             .iter()
             .enumerate()
-            .flat_map(|(i, p)| p.views.iter().enumerate().map(move |(k, m)| (*m.view(), i, k)))
+            .flat_map(|(i, p)| {
+                p.views
+                    .iter()
+                    .enumerate()
+                    .map(move |(k, m)| (*m.view(), i, k))
+            })
             .collect();
         routes.sort_by_key(|(net, _, _)| std::cmp::Reverse(net.prefix_len()));
         let mut ids: Vec<(u32, usize)> = peers.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
         ids.sort_unstable();
-        (Peers { peers, routes, ids, next_id }, changes)
+        (
+            Peers {
+                peers,
+                routes,
+                ids,
+                next_id,
+            },
+            changes,
+        )
     }
 
     /// The peer, and which of its views, that local destination `addr`
     /// (a view address) belongs to: longest prefix match.
     pub fn route(&self, addr: IpAddr) -> Option<(usize, usize)> {
-        self.routes.iter().find(|(net, _, _)| net.contains(&addr)).map(|&(_, i, k)| (i, k))
+        self.routes
+            .iter()
+            .find(|(net, _, _)| net.contains(&addr))
+            .map(|&(_, i, k)| (i, k))
     }
 
     /// The peer with this public key.
     pub fn by_key(&self, key: &[u8; 32]) -> Option<usize> {
-        self.peers.iter().position(|p| p.public_key.as_bytes() == key)
+        self.peers
+            .iter()
+            .position(|p| p.public_key.as_bytes() == key)
     }
 
     /// The peer with this id.
     pub fn by_id(&self, id: u32) -> Option<usize> {
-        self.ids.binary_search_by_key(&id, |&(id, _)| id).ok().map(|k| self.ids[k].1)
+        self.ids
+            .binary_search_by_key(&id, |&(id, _)| id)
+            .ok()
+            .map(|k| self.ids[k].1)
     }
 
     /// The peer a receiver index (from a handshake response, cookie reply or
@@ -380,6 +415,9 @@ impl Peers {
 
     /// Every view CIDR of every peer: the routes the TUN needs.
     pub fn all_views(&self) -> Vec<IpNet> {
-        self.peers.iter().flat_map(|p| p.views.iter().map(|m| *m.view())).collect()
+        self.peers
+            .iter()
+            .flat_map(|p| p.views.iter().map(|m| *m.view()))
+            .collect()
     }
 }

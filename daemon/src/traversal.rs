@@ -52,7 +52,11 @@ pub(crate) struct LocalAddrs {
 impl LocalAddrs {
     /// What the site knows before asking any STUN server.
     pub(crate) fn new(advertised: Vec<SocketAddr>, host: Vec<SocketAddr>) -> Self {
-        LocalAddrs { advertised, host, ..Default::default() }
+        LocalAddrs {
+            advertised,
+            host,
+            ..Default::default()
+        }
     }
 
     /// Our candidates in the order peers should try them.
@@ -74,7 +78,12 @@ pub(crate) struct Traversal {
 impl Traversal {
     pub(crate) fn new(stun_servers: Vec<SocketAddr>, local: LocalAddrs) -> Self {
         let (candidates, _) = watch::channel(local.candidates());
-        Traversal { local: Mutex::new(local), stun_servers, candidates, rendezvous: Mutex::new(Vec::new()) }
+        Traversal {
+            local: Mutex::new(local),
+            stun_servers,
+            candidates,
+            rendezvous: Mutex::new(Vec::new()),
+        }
     }
 
     fn local(&self) -> std::sync::MutexGuard<'_, LocalAddrs> {
@@ -84,13 +93,19 @@ impl Traversal {
 
 /// A STUN message arrived on the WireGuard socket.
 pub(crate) fn on_stun(ctx: &Ctx, from: SocketAddr, datagram: &[u8]) {
-    let Some(traversal) = ctx.traversal.as_ref() else { return };
+    let Some(traversal) = ctx.traversal.as_ref() else {
+        return;
+    };
     let Ok(StunMessage::BindingSuccess { tx, mapped }) = stun::parse(datagram) else {
         ctx.drops.count(DropReason::Malformed);
         return;
     };
     let mut local = traversal.local();
-    let Some(i) = local.pending.iter().position(|(t, server, _)| t.0 == tx.0 && *server == from) else {
+    let Some(i) = local
+        .pending
+        .iter()
+        .position(|(t, server, _)| t.0 == tx.0 && *server == from)
+    else {
         ctx.drops.count(DropReason::Rejected);
         return;
     };
@@ -111,15 +126,25 @@ pub(crate) fn on_stun(ctx: &Ctx, from: SocketAddr, datagram: &[u8]) {
 pub(crate) fn on_probe(ctx: &Ctx, from: SocketAddr, datagram: &[u8]) {
     let peers = ctx.peers();
     let Some(index) = probe::sender(datagram).and_then(|key| peers.by_key(&key)) else {
-        ctx.drop_packet(None, DropReason::UnknownPeer, format_args!("probe from {from}: not one of our peers"));
+        ctx.drop_packet(
+            None,
+            DropReason::UnknownPeer,
+            format_args!("probe from {from}: not one of our peers"),
+        );
         return;
     };
     let peer = peers.get(index);
-    let Some(key) = peer.probe_key.as_ref() else { return };
+    let Some(key) = peer.probe_key.as_ref() else {
+        return;
+    };
     let probe = match probe::open(key, datagram) {
         Ok(probe) => probe,
         Err(e) => {
-            ctx.drop_packet(Some(peer), DropReason::Rejected, format_args!("probe from {from}: {e}"));
+            ctx.drop_packet(
+                Some(peer),
+                DropReason::Rejected,
+                format_args!("probe from {from}: {e}"),
+            );
             return;
         }
     };
@@ -145,17 +170,23 @@ pub(crate) fn on_probe(ctx: &Ctx, from: SocketAddr, datagram: &[u8]) {
 
 /// Sends what a peer's path machine wants sent and applies its decisions.
 fn pump(ctx: &Ctx, peer: &Arc<Peer>, state: &mut PeerState) {
-    let Some(key) = peer.probe_key.as_ref() else { return };
+    let Some(key) = peer.probe_key.as_ref() else {
+        return;
+    };
     let mut buf = [0u8; probe::MAX_PROBE_LEN];
     loop {
-        let Some(paths) = state.paths.as_mut() else { return };
+        let Some(paths) = state.paths.as_mut() else {
+            return;
+        };
         while let Some(t) = paths.poll_transmit() {
             let n = probe::encode(key, &t.probe, &mut buf);
             if let Err(e) = ctx.udp.send(t.dst, &buf[..n], None) {
                 tracing::debug!(peer = peer.name, "probe to {}: {e}", t.dst);
             }
         }
-        let Some(Event::PathChanged(path)) = paths.poll_event() else { return };
+        let Some(Event::PathChanged(path)) = paths.poll_event() else {
+            return;
+        };
         match path {
             Path::Direct(addr) => {
                 info!(peer = peer.name, %addr, "direct path");
@@ -185,14 +216,18 @@ fn kick_handshake(ctx: &Ctx, peer: &Arc<Peer>, state: &mut PeerState) {
         return;
     }
     let mut buf = [0u8; 256];
-    if let boringtun::noise::TunnResult::WriteToNetwork(init) = state.tunn.format_handshake_initiation(&mut buf, true) {
+    if let boringtun::noise::TunnResult::WriteToNetwork(init) =
+        state.tunn.format_handshake_initiation(&mut buf, true)
+    {
         ctx.send_to_peer(peer, state.endpoint, init);
     }
 }
 
 /// Drives timers: path machines, STUN. Called on every data-path tick.
 pub(crate) fn tick(ctx: &Ctx, now: Instant) {
-    let Some(traversal) = ctx.traversal.as_ref() else { return };
+    let Some(traversal) = ctx.traversal.as_ref() else {
+        return;
+    };
     for peer in ctx.peers().iter() {
         let mut state = peer.lock();
         if let Some(paths) = state.paths.as_mut() {
@@ -203,7 +238,9 @@ pub(crate) fn tick(ctx: &Ctx, now: Instant) {
         }
     }
     let mut local = traversal.local();
-    local.pending.retain(|&(_, _, at)| now.duration_since(at) < STUN_TIMEOUT);
+    local
+        .pending
+        .retain(|&(_, _, at)| now.duration_since(at) < STUN_TIMEOUT);
     if local.next_stun.is_some_and(|at| at > now) {
         return;
     }
@@ -222,12 +259,19 @@ pub(crate) fn tick(ctx: &Ctx, now: Instant) {
 /// Starts one client per configured rendezvous and the relay sender.
 /// Returns the tasks to abort on shutdown.
 pub(crate) fn start(ctx: &Arc<Ctx>, config: &Config) -> Vec<tokio::task::JoinHandle<()>> {
-    let Some(traversal) = ctx.traversal.as_ref() else { return Vec::new() };
+    let Some(traversal) = ctx.traversal.as_ref() else {
+        return Vec::new();
+    };
     let mut tasks = Vec::new();
     let keys: Vec<_> = config.peers.iter().map(|p| p.public_key).collect();
     for r in &config.rendezvous {
         let Some(addr) = r.address.addr else { continue };
-        let client = match RendezvousClient::start(addr, r.public_key, ctx.private_key.clone(), keys.clone()) {
+        let client = match RendezvousClient::start(
+            addr,
+            r.public_key,
+            ctx.private_key.clone(),
+            keys.clone(),
+        ) {
             Ok(client) => client,
             Err(e) => {
                 warn!(rendezvous = %addr, "cannot start rendezvous client: {e}");
@@ -235,8 +279,16 @@ pub(crate) fn start(ctx: &Arc<Ctx>, config: &Config) -> Vec<tokio::task::JoinHan
             }
         };
         client.update_candidates(traversal.candidates.borrow().clone());
-        traversal.rendezvous.lock().unwrap_or_else(|p| p.into_inner()).push(client.handle());
-        tasks.push(tokio::spawn(drive_rendezvous(Arc::clone(ctx), client, traversal.candidates.subscribe())));
+        traversal
+            .rendezvous
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(client.handle());
+        tasks.push(tokio::spawn(drive_rendezvous(
+            Arc::clone(ctx),
+            client,
+            traversal.candidates.subscribe(),
+        )));
     }
     let (tx, rx) = mpsc::channel(RELAY_QUEUE);
     if ctx.relay.set(tx).is_ok() {
@@ -246,7 +298,11 @@ pub(crate) fn start(ctx: &Arc<Ctx>, config: &Config) -> Vec<tokio::task::JoinHan
 }
 
 /// One rendezvous: candidates out, candidates and relayed packets in.
-async fn drive_rendezvous(ctx: Arc<Ctx>, mut client: RendezvousClient, mut candidates: watch::Receiver<Vec<SocketAddr>>) {
+async fn drive_rendezvous(
+    ctx: Arc<Ctx>,
+    mut client: RendezvousClient,
+    mut candidates: watch::Receiver<Vec<SocketAddr>>,
+) {
     let mut out = vec![0u8; 64 * 1024];
     let mut cookie = [0u8; 64];
     loop {
@@ -303,19 +359,39 @@ fn reachable(ctx: &Ctx, candidates: Vec<SocketAddr>) -> Vec<SocketAddr> {
     let inside_overlay = |ip: std::net::IpAddr| {
         ctx.pod_cidrs.iter().any(|n| n.contains(&ip)) || ctx.peers().route(ip).is_some()
     };
-    candidates.into_iter().filter(|c| !inside_overlay(c.ip())).collect()
+    candidates
+        .into_iter()
+        .filter(|c| !inside_overlay(c.ip()))
+        .collect()
 }
 
 /// Sends the packets the data path hands to the relay through the first
 /// rendezvous that can reach the peer.
 async fn send_relayed(ctx: Arc<Ctx>, mut packets: mpsc::Receiver<RelayPacket>) {
     while let Some(RelayPacket { peer: p, bytes }) = packets.recv().await {
-        let handles = ctx.traversal.as_ref().map(|t| t.rendezvous.lock().unwrap_or_else(|e| e.into_inner()).clone()).unwrap_or_default();
-        let sent = handles.iter().any(|h| h.send_relay(&p.public_key, &bytes).is_ok());
+        let handles = ctx
+            .traversal
+            .as_ref()
+            .map(|t| {
+                t.rendezvous
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+            })
+            .unwrap_or_default();
+        let sent = handles
+            .iter()
+            .any(|h| h.send_relay(&p.public_key, &bytes).is_ok());
         if sent {
-            p.counters.relay_tx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            p.counters
+                .relay_tx_packets
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else {
-            ctx.drop_packet(Some(&p), DropReason::NoEndpoint, format_args!("no direct path and no rendezvous can relay to the peer"));
+            ctx.drop_packet(
+                Some(&p),
+                DropReason::NoEndpoint,
+                format_args!("no direct path and no rendezvous can relay to the peer"),
+            );
         }
     }
 }
@@ -328,7 +404,12 @@ pub(crate) fn new_paths() -> PeerPaths {
 /// Tells every rendezvous the new list of peers to be introduced to.
 pub(crate) fn update_peers(ctx: &Ctx, keys: Vec<x25519_dalek::PublicKey>) {
     if let Some(traversal) = ctx.traversal.as_ref() {
-        for handle in traversal.rendezvous.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for handle in traversal
+            .rendezvous
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             handle.update_peers(keys.clone());
         }
     }

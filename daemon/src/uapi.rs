@@ -129,7 +129,11 @@ impl Device {
                 .map(|p| {
                     let (endpoint, age, keepalive) = {
                         let state = p.lock();
-                        (state.endpoint, state.tunn.time_since_last_handshake(), state.tunn.persistent_keepalive())
+                        (
+                            state.endpoint,
+                            state.tunn.time_since_last_handshake(),
+                            state.tunn.persistent_keepalive(),
+                        )
                     };
                     DevicePeer {
                         public_key: *p.public_key.as_bytes(),
@@ -158,12 +162,23 @@ impl Device {
                 // `[v6%scope]:port` or `v4:port`, as `wg` parses them.
                 let _ = writeln!(out, "endpoint={endpoint}");
             }
-            let since_epoch = p.last_handshake.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default();
+            let since_epoch = p
+                .last_handshake
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .unwrap_or_default();
             let _ = writeln!(out, "last_handshake_time_sec={}", since_epoch.as_secs());
-            let _ = writeln!(out, "last_handshake_time_nsec={}", since_epoch.subsec_nanos());
+            let _ = writeln!(
+                out,
+                "last_handshake_time_nsec={}",
+                since_epoch.subsec_nanos()
+            );
             let _ = writeln!(out, "tx_bytes={}", p.tx_bytes);
             let _ = writeln!(out, "rx_bytes={}", p.rx_bytes);
-            let _ = writeln!(out, "persistent_keepalive_interval={}", p.persistent_keepalive);
+            let _ = writeln!(
+                out,
+                "persistent_keepalive_interval={}",
+                p.persistent_keepalive
+            );
             for net in &p.allowed_ips {
                 let _ = writeln!(out, "allowed_ip={}/{}", net.network(), net.prefix_len());
             }
@@ -186,7 +201,9 @@ impl std::fmt::Display for Hex<'_> {
 enum Request {
     Get,
     /// The keys that were given (`public_key`, `allowed_ip`, …), for the log.
-    Set { keys: Vec<String> },
+    Set {
+        keys: Vec<String>,
+    },
 }
 
 /// Why a connection ends.
@@ -215,7 +232,11 @@ async fn read_line<R: AsyncBufRead + Unpin>(
             Ok(Err(_)) | Err(_) => return Err(End::Gone),
         };
         if chunk.is_empty() {
-            return if line.is_empty() { Ok(None) } else { Err(End::Gone) };
+            return if line.is_empty() {
+                Ok(None)
+            } else {
+                Err(End::Gone)
+            };
         }
         let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
             Some(i) => (i + 1, true),
@@ -228,18 +249,28 @@ async fn read_line<R: AsyncBufRead + Unpin>(
         reader.consume(take);
         if done {
             line.pop();
-            return if std::str::from_utf8(line).is_ok() { Ok(Some(())) } else { Err(End::Invalid("not UTF-8")) };
+            return if std::str::from_utf8(line).is_ok() {
+                Ok(Some(()))
+            } else {
+                Err(End::Invalid("not UTF-8"))
+            };
         }
     }
 }
 
 /// Reads the next request. `Err(End::Closed)` when the client closed the
 /// connection cleanly between requests.
-async fn read_request<R: AsyncBufRead + Unpin>(reader: &mut R, timeout: Duration) -> Result<Request, End> {
+async fn read_request<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    timeout: Duration,
+) -> Result<Request, End> {
     let mut line = Vec::with_capacity(128);
     // The operation line is `get=1` or `set=1`: anything longer is refused
     // as soon as it is seen, without waiting for a newline.
-    if read_line(reader, &mut line, OPERATION.len(), timeout).await?.is_none() {
+    if read_line(reader, &mut line, OPERATION.len(), timeout)
+        .await?
+        .is_none()
+    {
         return Err(End::Closed);
     }
     match line.as_slice() {
@@ -252,7 +283,10 @@ async fn read_request<R: AsyncBufRead + Unpin>(reader: &mut R, timeout: Duration
             let mut keys: Vec<String> = Vec::new();
             let mut total = 0;
             loop {
-                if read_line(reader, &mut line, MAX_LINE, timeout).await?.is_none() {
+                if read_line(reader, &mut line, MAX_LINE, timeout)
+                    .await?
+                    .is_none()
+                {
                     return Err(End::Gone);
                 }
                 if line.is_empty() {
@@ -283,7 +317,11 @@ async fn read_request<R: AsyncBufRead + Unpin>(reader: &mut R, timeout: Duration
 /// Serves one connection until it closes or breaks the protocol.
 /// A request must arrive within `timeout` of the previous one, and each
 /// of its lines within `timeout` of the last.
-async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, device: &(dyn Fn() -> Device + Send + Sync), timeout: Duration) {
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    device: &(dyn Fn() -> Device + Send + Sync),
+    timeout: Duration,
+) {
     let mut stream = BufReader::new(stream);
     loop {
         match read_request(&mut stream, timeout).await {
@@ -314,7 +352,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, device: &(dyn Fn()
 }
 
 async fn answer_errno<W: AsyncWrite + Unpin>(w: &mut W, errno: i32) -> io::Result<()> {
-    w.write_all(format!("errno=-{errno}\n\n").as_bytes()).await?;
+    w.write_all(format!("errno=-{errno}\n\n").as_bytes())
+        .await?;
     w.flush().await
 }
 
@@ -329,7 +368,8 @@ pub(crate) struct UapiSocket {
 impl Drop for UapiSocket {
     fn drop(&mut self) {
         self.task.abort();
-        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|meta| (meta.dev(), meta.ino()) == self.inode);
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.inode);
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -339,11 +379,17 @@ impl Drop for UapiSocket {
 /// Serves the UAPI for `ctx` on `path` (normally [`default_socket`]).
 /// `listen_port` is the UDP port actually bound.
 pub(crate) async fn serve(path: &Path, ctx: Arc<Ctx>, listen_port: u16) -> io::Result<UapiSocket> {
-    serve_with(path, move || Device::collect(&ctx, listen_port, SystemTime::now())).await
+    serve_with(path, move || {
+        Device::collect(&ctx, listen_port, SystemTime::now())
+    })
+    .await
 }
 
 /// [`serve`] with any source of snapshots (tests).
-pub(crate) async fn serve_with(path: &Path, device: impl Fn() -> Device + Send + Sync + 'static) -> io::Result<UapiSocket> {
+pub(crate) async fn serve_with(
+    path: &Path,
+    device: impl Fn() -> Device + Send + Sync + 'static,
+) -> io::Result<UapiSocket> {
     let listener = bind(path).await?;
     let meta = std::fs::symlink_metadata(path)?;
     let owner = meta.uid();
@@ -351,15 +397,23 @@ pub(crate) async fn serve_with(path: &Path, device: impl Fn() -> Device + Send +
     let span = tracing::info_span!("uapi", path = %path.display());
     let task = tokio::spawn(accept_loop(listener, owner, device).instrument(span));
     info!(path = %path.display(), "serving the WireGuard UAPI (`wg show`)");
-    Ok(UapiSocket { path: path.to_owned(), inode: (meta.dev(), meta.ino()), task })
+    Ok(UapiSocket {
+        path: path.to_owned(),
+        inode: (meta.dev(), meta.ino()),
+        task,
+    })
 }
 
 /// Binds `path`: creates the directory if needed, refuses a socket a live
 /// process answers on and anything that is not a socket, replaces a stale
 /// socket, and makes the new one 0600.
 async fn bind(path: &Path) -> io::Result<UnixListener> {
-    let with_path = |e: io::Error, what: &str| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
-    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty() && !dir.exists());
+    let with_path = |e: io::Error, what: &str| {
+        io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+    };
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty() && !dir.exists());
     if let Some(dir) = dir {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -371,7 +425,10 @@ async fn bind(path: &Path) -> io::Result<UnixListener> {
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket; remove it or choose another interface name", path.display()),
+                format!(
+                    "{} exists and is not a socket; remove it or choose another interface name",
+                    path.display()
+                ),
             ));
         }
         Ok(_) => {
@@ -391,17 +448,24 @@ async fn bind(path: &Path) -> io::Result<UnixListener> {
         Err(e) => return Err(with_path(e, "inspecting")),
     }
     let listener = UnixListener::bind(path).map_err(|e| with_path(e, "binding"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| with_path(e, "restricting"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| with_path(e, "restricting"))?;
     Ok(listener)
 }
 
-async fn accept_loop(listener: UnixListener, owner: u32, device: Arc<dyn Fn() -> Device + Send + Sync>) {
+async fn accept_loop(
+    listener: UnixListener,
+    owner: u32,
+    device: Arc<dyn Fn() -> Device + Send + Sync>,
+) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     // Connections live in the set, so that aborting this task ends them.
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -416,7 +480,10 @@ async fn accept_loop(listener: UnixListener, owner: u32, device: Arc<dyn Fn() ->
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == 0 || cred.uid() == owner => {}
             Ok(cred) => {
-                warn!(uid = cred.uid(), "closed a connection from a user that is neither root nor the daemon's");
+                warn!(
+                    uid = cred.uid(),
+                    "closed a connection from a user that is neither root nor the daemon's"
+                );
                 continue;
             }
             Err(e) => {
@@ -447,12 +514,18 @@ mod tests {
             peers: vec![
                 DevicePeer {
                     public_key: [0xab; 32],
-                    endpoint: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), 51820)),
+                    endpoint: Some(SocketAddr::new(
+                        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
+                        51820,
+                    )),
                     last_handshake: Some(UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789)),
                     rx_bytes: 2224,
                     tx_bytes: 38333,
                     persistent_keepalive: 25,
-                    allowed_ips: vec!["100.64.1.0/24".parse().expect("net"), "fd00:1::/64".parse().expect("net")],
+                    allowed_ips: vec![
+                        "100.64.1.0/24".parse().expect("net"),
+                        "fd00:1::/64".parse().expect("net"),
+                    ],
                 },
                 DevicePeer {
                     public_key: [0x01; 32],
@@ -490,34 +563,51 @@ mod tests {
     fn endpoints_and_networks_are_formatted_for_wg() {
         let mut d = device();
         d.peers.truncate(1);
-        d.peers[0].endpoint = Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7)), 4500));
+        d.peers[0].endpoint = Some(SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7)),
+            4500,
+        ));
         // A host address with a prefix: the network is what is printed.
         d.peers[0].allowed_ips = vec!["10.1.2.3/16".parse().expect("net")];
         let text = d.encode();
-        assert!(text.contains("\nendpoint=[2001:db8::7]:4500\n"), "{}", text.as_str());
-        assert!(text.contains("\nallowed_ip=10.1.0.0/16\n"), "{}", text.as_str());
+        assert!(
+            text.contains("\nendpoint=[2001:db8::7]:4500\n"),
+            "{}",
+            text.as_str()
+        );
+        assert!(
+            text.contains("\nallowed_ip=10.1.0.0/16\n"),
+            "{}",
+            text.as_str()
+        );
     }
 
     /// Runs `handle` against `input` and returns everything it answered.
     async fn exchange(input: &[u8]) -> String {
         let (mut client, server) = tokio::io::duplex(1 << 16);
-        let served = tokio::spawn(async move { handle(server, &device, Duration::from_secs(5)).await });
+        let served =
+            tokio::spawn(async move { handle(server, &device, Duration::from_secs(5)).await });
         // The handler may close before it read everything (that is the point
         // of some tests): a failed write is expected then.
         let _ = client.write_all(input).await;
         let mut out = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut out).await.expect("read");
+        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut out)
+            .await
+            .expect("read");
         served.await.expect("handler");
         String::from_utf8(out).expect("utf-8")
     }
 
     async fn exchange_then_close(input: &[u8]) -> String {
         let (mut client, server) = tokio::io::duplex(1 << 16);
-        let served = tokio::spawn(async move { handle(server, &device, Duration::from_secs(5)).await });
+        let served =
+            tokio::spawn(async move { handle(server, &device, Duration::from_secs(5)).await });
         client.write_all(input).await.expect("write");
         client.shutdown().await.expect("shutdown");
         let mut out = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut out).await.expect("read");
+        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut out)
+            .await
+            .expect("read");
         served.await.expect("handler");
         String::from_utf8(out).expect("utf-8")
     }
@@ -526,7 +616,10 @@ mod tests {
     async fn get_then_close() {
         let out = exchange_then_close(b"get=1\n\n").await;
         assert!(out.starts_with("private_key="), "{out}");
-        assert!(out.ends_with("persistent_keepalive_interval=0\nerrno=0\n\n"), "{out}");
+        assert!(
+            out.ends_with("persistent_keepalive_interval=0\nerrno=0\n\n"),
+            "{out}"
+        );
     }
 
     #[tokio::test]
@@ -601,7 +694,10 @@ mod tests {
             let (mut client, server) = tokio::io::duplex(1024);
             client.write_all(input).await.expect("write");
             let served = tokio::spawn(async move { handle(server, &device, timeout).await });
-            tokio::time::timeout(Duration::from_secs(5), served).await.expect("handler gave up").expect("handler");
+            tokio::time::timeout(Duration::from_secs(5), served)
+                .await
+                .expect("handler gave up")
+                .expect("handler");
         }
     }
 
@@ -610,7 +706,9 @@ mod tests {
         conn.write_all(request).await.expect("write");
         conn.shutdown().await.expect("shutdown");
         let mut out = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut out).await.expect("read");
+        tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut out)
+            .await
+            .expect("read");
         out
     }
 
@@ -628,9 +726,15 @@ mod tests {
         assert!(query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"));
 
         // A live socket is not taken over.
-        let err = serve_with(&path, device).await.err().expect("second serve must fail");
+        let err = serve_with(&path, device)
+            .await
+            .err()
+            .expect("second serve must fail");
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
-        assert!(query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"), "the first one still answers");
+        assert!(
+            query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"),
+            "the first one still answers"
+        );
 
         // Dropping removes the file.
         drop(served);
@@ -639,7 +743,9 @@ mod tests {
         // A stale socket (its process died) is replaced.
         drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
         assert!(path.exists());
-        let served = serve_with(&path, device).await.expect("replace stale socket");
+        let served = serve_with(&path, device)
+            .await
+            .expect("replace stale socket");
         assert!(query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"));
 
         // Someone else's socket at the path is not removed on drop.
@@ -652,9 +758,15 @@ mod tests {
         // A file that is not a socket is never removed.
         std::fs::remove_file(&path).expect("rm");
         std::fs::write(&path, "not a socket").expect("write");
-        let err = serve_with(&path, device).await.err().expect("must refuse a regular file");
+        let err = serve_with(&path, device)
+            .await
+            .err()
+            .expect("must refuse a regular file");
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
-        assert_eq!(std::fs::read_to_string(&path).expect("still there"), "not a socket");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("still there"),
+            "not a socket"
+        );
     }
 
     #[tokio::test]
@@ -666,13 +778,20 @@ mod tests {
         for i in 0..(MAX_CONNECTIONS * 3) {
             let path = path.clone();
             tasks.spawn(async move {
-                let request: &[u8] = if i % 2 == 0 { b"get=1\n\n" } else { b"\x00\x01garbage\n" };
+                let request: &[u8] = if i % 2 == 0 {
+                    b"get=1\n\n"
+                } else {
+                    b"\x00\x01garbage\n"
+                };
                 query(&path, request).await
             });
         }
         while let Some(out) = tasks.join_next().await {
             let out = out.expect("task");
-            assert!(out.ends_with("errno=0\n\n") || out == "errno=-22\n\n", "{out}");
+            assert!(
+                out.ends_with("errno=0\n\n") || out == "errno=-22\n\n",
+                "{out}"
+            );
         }
         assert!(query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"));
     }

@@ -42,7 +42,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn request(op: impl Into<String>, source: rtnetlink::Error) -> Self {
-        Self::Request { op: op.into(), source }
+        Self::Request {
+            op: op.into(),
+            source,
+        }
     }
 }
 

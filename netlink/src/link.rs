@@ -55,7 +55,12 @@ impl Link {
 impl Netlink {
     /// The link called `name`, or `None`.
     pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, Error> {
-        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
         match links.try_next().await {
             Ok(Some(msg)) => Ok(Some(Link::from_message(&msg))),
             Ok(None) => Ok(None),

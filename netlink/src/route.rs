@@ -5,7 +5,9 @@ use std::net::IpAddr;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+};
 use rtnetlink::RouteMessageBuilder;
 
 use crate::error::errno;
@@ -27,7 +29,10 @@ pub struct RouteChanges {
 fn message(link: &Link, dst: IpNet) -> RouteMessage {
     let mut msg = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(dst.network(), dst.prefix_len())
-        .map(|b| b.output_interface(link.index).protocol(RouteProtocol::Other(ROUTE_PROTOCOL)))
+        .map(|b| {
+            b.output_interface(link.index)
+                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+        })
         .unwrap_or_default()
         .build();
     // `destination_prefix` only fails for a prefix length the type rules out.
@@ -86,14 +91,23 @@ impl Netlink {
         msg.header.scope = RouteScope::NoWhere;
         match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(()),
-            Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT | libc::ENODEV)) => Ok(()),
-            Err(e) => Err(Error::request(format!("delete route {dst} dev {}", link.name), e)),
+            Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT | libc::ENODEV)) => {
+                Ok(())
+            }
+            Err(e) => Err(Error::request(
+                format!("delete route {dst} dev {}", link.name),
+                e,
+            )),
         }
     }
 
     /// Makes the routes of ours through `link` exactly `wanted`: adds what is
     /// missing, removes what a previous run (or an older config) left behind.
-    pub async fn reconcile_routes(&self, link: &Link, wanted: &[IpNet]) -> Result<RouteChanges, Error> {
+    pub async fn reconcile_routes(
+        &self,
+        link: &Link,
+        wanted: &[IpNet],
+    ) -> Result<RouteChanges, Error> {
         let present = self.owned_routes(link).await?;
         let mut changes = RouteChanges::default();
         for &dst in wanted {

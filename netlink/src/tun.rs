@@ -42,15 +42,27 @@ impl Tun {
             hint,
         };
         if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-            return Err(fail(io::ErrorKind::InvalidInput.into(), " (names are 1 to 15 bytes)"));
+            return Err(fail(
+                io::ErrorKind::InvalidInput.into(),
+                " (names are 1 to 15 bytes)",
+            ));
         }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
-            .map_err(|e| fail(e, " (is /dev/net/tun present, and do we have CAP_NET_ADMIN?)"))?;
-        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TUN | IFF_NO_PI, _pad: [0; 22] };
+            .map_err(|e| {
+                fail(
+                    e,
+                    " (is /dev/net/tun present, and do we have CAP_NET_ADMIN?)",
+                )
+            })?;
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TUN | IFF_NO_PI,
+            _pad: [0; 22],
+        };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `IfReq`
         // mirrors in size and layout; the fd is open.
@@ -67,7 +79,10 @@ impl Tun {
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
             return Err(fail(io::Error::last_os_error(), ""));
         }
-        Ok(Self { file, name: name.to_owned() })
+        Ok(Self {
+            file,
+            name: name.to_owned(),
+        })
     }
 
     /// The interface name.
@@ -79,21 +94,36 @@ impl Tun {
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: the buffer is valid for `buf.len()` bytes of writes.
         let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 
     /// Writes one packet.
     pub fn send(&self, packet: &[u8]) -> io::Result<usize> {
         // SAFETY: the buffer is valid for `packet.len()` bytes of reads.
         let n = unsafe { libc::write(self.file.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 
     /// Makes the device non-persistent, so that it disappears when the last
     /// descriptor closes. Used on clean shutdown before deleting the link.
     pub fn set_persistent(&self, persistent: bool) -> io::Result<()> {
         // SAFETY: TUNSETPERSIST takes an integer argument.
-        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETPERSIST, persistent as libc::c_ulong) } < 0 {
+        if unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETPERSIST,
+                persistent as libc::c_ulong,
+            )
+        } < 0
+        {
             return Err(io::Error::last_os_error());
         }
         Ok(())

@@ -13,7 +13,11 @@ fn in_fresh_netns<F: FnOnce() + Send>(f: F) {
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: unshare only affects this thread's network namespace.
-            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET) needs root");
+            assert_eq!(
+                unsafe { libc::unshare(libc::CLONE_NEWNET) },
+                0,
+                "unshare(CLONE_NEWNET) needs root"
+            );
             f()
         })
         .join()
@@ -34,38 +38,74 @@ fn nets(list: &[&str]) -> Vec<IpNet> {
 #[test]
 fn tun_routes_are_idempotent_and_reconciled() {
     in_fresh_netns(|| {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         rt.block_on(async {
             let nl = Netlink::connect().expect("netlink");
             assert!(nl.link_by_name("cwtest0").await.expect("get").is_none());
             let tun = Tun::create_or_attach("cwtest0").expect("tun");
-            let link = nl.link_by_name("cwtest0").await.expect("get").expect("link exists");
+            let link = nl
+                .link_by_name("cwtest0")
+                .await
+                .expect("get")
+                .expect("link exists");
             assert_eq!(link.kind, "tun");
             nl.ensure_link_up(&link, 1420).await.expect("up");
             nl.ensure_link_up(&link, 1420).await.expect("up again");
-            let link = nl.link_by_name("cwtest0").await.expect("get").expect("link");
+            let link = nl
+                .link_by_name("cwtest0")
+                .await
+                .expect("get")
+                .expect("link");
             assert!(link.up && link.mtu == 1420, "{link:?}");
 
             let wanted = nets(&["10.1.0.0/16", "10.2.0.0/24", "fd00:20::/64"]);
-            let changes = nl.reconcile_routes(&link, &wanted).await.expect("reconcile");
+            let changes = nl
+                .reconcile_routes(&link, &wanted)
+                .await
+                .expect("reconcile");
             assert_eq!(changes.added, wanted);
-            let again = nl.reconcile_routes(&link, &wanted).await.expect("reconcile again");
-            assert!(again.added.is_empty() && again.removed.is_empty(), "{again:?}");
+            let again = nl
+                .reconcile_routes(&link, &wanted)
+                .await
+                .expect("reconcile again");
+            assert!(
+                again.added.is_empty() && again.removed.is_empty(),
+                "{again:?}"
+            );
 
             // Somebody else's route on our interface is left alone; a stale
             // one of ours is removed.
             ip(&["route", "add", "10.9.0.0/16", "dev", "cwtest0"]);
-            ip(&["route", "add", "10.77.0.0/16", "dev", "cwtest0", "proto", &ROUTE_PROTOCOL.to_string()]);
-            let changes = nl.reconcile_routes(&link, &wanted[..2]).await.expect("reconcile");
+            ip(&[
+                "route",
+                "add",
+                "10.77.0.0/16",
+                "dev",
+                "cwtest0",
+                "proto",
+                &ROUTE_PROTOCOL.to_string(),
+            ]);
+            let changes = nl
+                .reconcile_routes(&link, &wanted[..2])
+                .await
+                .expect("reconcile");
             assert_eq!(changes.removed, nets(&["10.77.0.0/16", "fd00:20::/64"]));
             let table = ip(&["route"]);
-            assert!(table.contains("10.9.0.0/16") && !table.contains("10.77.0.0/16"), "{table}");
+            assert!(
+                table.contains("10.9.0.0/16") && !table.contains("10.77.0.0/16"),
+                "{table}"
+            );
 
             // Attach again to the persistent device while it has no owner.
             drop(tun);
             let tun = Tun::create_or_attach("cwtest0").expect("re-attach");
             nl.remove_route(&link, wanted[0]).await.expect("remove");
-            nl.remove_route(&link, wanted[0]).await.expect("remove twice");
+            nl.remove_route(&link, wanted[0])
+                .await
+                .expect("remove twice");
             tun.set_persistent(false).expect("persist off");
             nl.delete_link(&link).await.expect("delete");
             nl.delete_link(&link).await.expect("delete twice");
@@ -77,8 +117,13 @@ fn tun_routes_are_idempotent_and_reconciled() {
 #[test]
 fn a_non_tun_interface_is_not_taken_over() {
     in_fresh_netns(|| {
-        let out = ip(&["link", "add", "cwveth0", "type", "veth", "peer", "name", "cwveth1"]);
-        assert!(ip(&["link", "show", "cwveth0"]).contains("cwveth0"), "no veth: {out}");
+        let out = ip(&[
+            "link", "add", "cwveth0", "type", "veth", "peer", "name", "cwveth1",
+        ]);
+        assert!(
+            ip(&["link", "show", "cwveth0"]).contains("cwveth0"),
+            "no veth: {out}"
+        );
         let err = Tun::create_or_attach("cwveth0").expect_err("dummy is not a tun");
         assert!(err.to_string().contains("cwveth0"), "{err}");
     });

@@ -402,7 +402,10 @@ impl Emulator {
                 } else if truncated {
                     self.stats.dropped += 1;
                     self.pool.push(buf);
-                } else if self.loss > 0.0 && !is_link_control(&buf[..self.msgs[i].msg_len as usize]) && self.rng.gen_bool(self.loss) {
+                } else if self.loss > 0.0
+                    && !is_link_control(&buf[..self.msgs[i].msg_len as usize])
+                    && self.rng.gen_bool(self.loss)
+                {
                     self.stats.lost += 1;
                     self.pool.push(buf);
                 } else {
@@ -472,7 +475,9 @@ impl Emulator {
 fn is_link_control(frame: &[u8]) -> bool {
     match frame.get(12..14) {
         Some([0x08, 0x06]) => true,
-        Some([0x86, 0xdd]) => frame.get(20) == Some(&58) && matches!(frame.get(54), Some(133..=137)),
+        Some([0x86, 0xdd]) => {
+            frame.get(20) == Some(&58) && matches!(frame.get(54), Some(133..=137))
+        }
         _ => false,
     }
 }

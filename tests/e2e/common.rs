@@ -21,7 +21,10 @@ pub fn causeway_bin() -> &'static str {
 /// A two-site lab: `a` exports 10.0.0.0/16, `b` exports 10.1.0.0/16.
 pub fn two_sites() -> Lab {
     let site = |name: &str, cidr: &str| SiteSpec::new(name, vec![cidr.parse().expect("cidr")]);
-    Lab::build(&LabSpec { sites: vec![site("a", "10.0.0.0/16"), site("b", "10.1.0.0/16")] }).expect("build lab")
+    Lab::build(&LabSpec {
+        sites: vec![site("a", "10.0.0.0/16"), site("b", "10.1.0.0/16")],
+    })
+    .expect("build lab")
 }
 
 /// A site's identity and config files, in a temporary directory.
@@ -36,7 +39,8 @@ impl SiteFiles {
         let secret = keys::generate();
         let private_key = keys::encode_private(&secret);
         let public_key = keys::encode_public(&x25519_dalek::PublicKey::from(&secret));
-        std::fs::write(dir.path().join("private.key"), format!("{private_key}\n")).expect("write key");
+        std::fs::write(dir.path().join("private.key"), format!("{private_key}\n"))
+            .expect("write key");
         SiteFiles { dir, public_key }
     }
 
@@ -71,9 +75,17 @@ impl SiteFiles {
 }
 
 /// A `[[peer]]` table.
-pub fn peer_toml(name: &str, public_key: &str, cidrs: &[&str], endpoint: Option<SocketAddr>) -> String {
+pub fn peer_toml(
+    name: &str,
+    public_key: &str,
+    cidrs: &[&str],
+    endpoint: Option<SocketAddr>,
+) -> String {
     let cidrs: Vec<String> = cidrs.iter().map(|c| format!("{c:?}")).collect();
-    let mut s = format!("[[peer]]\nname = {name:?}\npublic_key = {public_key:?}\ncidrs = [{}]\n", cidrs.join(", "));
+    let mut s = format!(
+        "[[peer]]\nname = {name:?}\npublic_key = {public_key:?}\ncidrs = [{}]\n",
+        cidrs.join(", ")
+    );
     if let Some(ep) = endpoint {
         s += &format!("endpoint = \"{ep}\"\n");
     }
@@ -93,9 +105,17 @@ impl Daemon {
         let log = files.path(&format!("daemon-{}.log", now_ms()));
         let out = std::fs::File::create(&log).expect("log file");
         let mut cmd = ns.command(causeway_bin());
-        cmd.args(["up", "--config"]).arg(config).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(out);
+        cmd.args(["up", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(out);
         let child = ns.spawn(&mut cmd).expect("spawn causeway");
-        let mut daemon = Daemon { child, socket: files.socket(), log };
+        let mut daemon = Daemon {
+            child,
+            socket: files.socket(),
+            log,
+        };
         daemon.wait_ready();
         daemon
     }
@@ -126,7 +146,8 @@ impl Daemon {
     }
 
     pub fn status(&self) -> Status {
-        self.try_status().unwrap_or_else(|| panic!("no status from daemon:\n{}", self.log_text()))
+        self.try_status()
+            .unwrap_or_else(|| panic!("no status from daemon:\n{}", self.log_text()))
     }
 
     pub fn log_text(&self) -> String {
@@ -135,19 +156,33 @@ impl Daemon {
 
     /// SIGTERM, and asserts a clean exit.
     pub fn stop(mut self) {
-        let status = self.child.stop(Duration::from_secs(5)).expect("stop daemon");
-        assert!(status.success(), "causeway exited with {status}:\n{}", self.log_text());
+        let status = self
+            .child
+            .stop(Duration::from_secs(5))
+            .expect("stop daemon");
+        assert!(
+            status.success(),
+            "causeway exited with {status}:\n{}",
+            self.log_text()
+        );
     }
 
     pub fn drops(&self, peer: &str, reason: &str) -> u64 {
         let status = self.status();
-        let p = status.peers.iter().find(|p| p.name == peer).expect("peer in status");
+        let p = status
+            .peers
+            .iter()
+            .find(|p| p.name == peer)
+            .expect("peer in status");
         p.drops.get(reason).copied().unwrap_or(0)
     }
 }
 
 fn now_ms() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
 }
 
 /// One site of a [`Mesh`].
@@ -162,7 +197,12 @@ pub struct SiteDef<'a> {
 
 impl<'a> SiteDef<'a> {
     pub fn new(name: &'a str, pod_cidrs: &'a [&'a str]) -> Self {
-        SiteDef { name, pod_cidrs, allow: &[], extra: "" }
+        SiteDef {
+            name,
+            pod_cidrs,
+            allow: &[],
+            extra: "",
+        }
     }
 }
 
@@ -197,7 +237,15 @@ impl Mesh {
         let spec = LabSpec {
             sites: defs
                 .iter()
-                .map(|d| SiteSpec::new(d.name, d.pod_cidrs.iter().map(|c| c.parse().expect("cidr")).collect()))
+                .map(|d| {
+                    SiteSpec::new(
+                        d.name,
+                        d.pod_cidrs
+                            .iter()
+                            .map(|c| c.parse().expect("cidr"))
+                            .collect(),
+                    )
+                })
                 .collect(),
         };
         let lab = Lab::build(&spec).expect("build lab");
@@ -207,8 +255,17 @@ impl Mesh {
             let mut peers = String::new();
             for (k, other) in defs.iter().enumerate().filter(|(k, _)| *k != i) {
                 let site = lab.site(other.name);
-                let ip = if underlay_v6 { IpAddr::V6(site.wan_addr6) } else { site.wan_addr };
-                peers += &peer_toml(other.name, &files[k].public_key, other.pod_cidrs, Some(SocketAddr::new(ip, PORT)));
+                let ip = if underlay_v6 {
+                    IpAddr::V6(site.wan_addr6)
+                } else {
+                    site.wan_addr
+                };
+                peers += &peer_toml(
+                    other.name,
+                    &files[k].public_key,
+                    other.pod_cidrs,
+                    Some(SocketAddr::new(ip, PORT)),
+                );
                 for (_, rules) in def.allow.iter().filter(|(peer, _)| *peer == other.name) {
                     peers += rules;
                     peers += "\n";
@@ -218,9 +275,20 @@ impl Mesh {
             configs.push(files[i].write_config(def.name, def.pod_cidrs, &peers));
         }
         let daemons = (0..defs.len())
-            .map(|i| Some(Daemon::start(&lab.sites()[i].gateway, &files[i], &configs[i])))
+            .map(|i| {
+                Some(Daemon::start(
+                    &lab.sites()[i].gateway,
+                    &files[i],
+                    &configs[i],
+                ))
+            })
             .collect();
-        Mesh { lab, files, configs, daemons }
+        Mesh {
+            lab,
+            files,
+            configs,
+            daemons,
+        }
     }
 
     pub fn site(&self, i: usize) -> &Site {
@@ -241,7 +309,11 @@ impl Mesh {
         if let Some(d) = self.daemons[i].take() {
             d.stop();
         }
-        self.daemons[i] = Some(Daemon::start(&self.lab.sites()[i].gateway, &self.files[i], &self.configs[i]));
+        self.daemons[i] = Some(Daemon::start(
+            &self.lab.sites()[i].gateway,
+            &self.files[i],
+            &self.configs[i],
+        ));
     }
 }
 
@@ -258,7 +330,11 @@ pub fn ping_until(ns: &Netns, dst: IpAddr, within: Duration) -> Option<Duration>
 
 /// Asserts that `from` reaches `to` over the tunnel.
 pub fn assert_ping(from: &Netns, to: IpAddr) {
-    assert!(ping_until(from, to, Duration::from_secs(10)).is_some(), "{} cannot ping {to}", from.name());
+    assert!(
+        ping_until(from, to, Duration::from_secs(10)).is_some(),
+        "{} cannot ping {to}",
+        from.name()
+    );
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so that corruption shows.
@@ -291,7 +367,8 @@ pub fn tcp_transfer_via(server: &Netns, bind: IpAddr, client: &Netns, connect: I
     std::thread::scope(|s| {
         let receiver = s.spawn(|| {
             let (mut conn, _) = listener.accept().expect("accept");
-            conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+            conn.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 1 << 16];
             let mut total = 0usize;
@@ -306,9 +383,11 @@ pub fn tcp_transfer_via(server: &Netns, bind: IpAddr, client: &Netns, connect: I
             (total, hasher.finalize())
         });
         let mut conn = client.enter(|| {
-            TcpStream::connect_timeout(&SocketAddr::new(connect, port), Duration::from_secs(10)).expect("connect")
+            TcpStream::connect_timeout(&SocketAddr::new(connect, port), Duration::from_secs(10))
+                .expect("connect")
         });
-        conn.set_write_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        conn.set_write_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
         conn.write_all(&data).expect("send");
         drop(conn);
         let (total, digest) = receiver.join().expect("receiver");
@@ -327,19 +406,38 @@ pub fn udp_exchange(server: &Netns, server_addr: impl Into<IpAddr>, client: &Net
 /// [`udp_exchange`] with the server bound to `bind`, the client sending to
 /// `connect`, datagrams of up to `max_len` bytes, and at least `percent` %
 /// required to arrive.
-pub fn udp_exchange_via(server: &Netns, bind: IpAddr, client: &Netns, connect: IpAddr, count: usize, max_len: usize, percent: usize) {
+pub fn udp_exchange_via(
+    server: &Netns,
+    bind: IpAddr,
+    client: &Netns,
+    connect: IpAddr,
+    count: usize,
+    max_len: usize,
+    percent: usize,
+) {
     let port = 5002;
     let rx = server.enter(|| UdpSocket::bind((bind, port)).expect("bind"));
-    rx.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    rx.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
     // A roomy receive buffer, so that a receiver thread descheduled on a
     // busy machine does not count as tunnel loss.
     let size: libc::c_int = 8 << 20;
     // SAFETY: setsockopt with a valid fd and a c_int option value.
     unsafe {
         use std::os::fd::AsRawFd;
-        libc::setsockopt(rx.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&size as *const libc::c_int).cast(), 4);
+        libc::setsockopt(
+            rx.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            4,
+        );
     }
-    let unspecified: IpAddr = if connect.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
+    let unspecified: IpAddr = if connect.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
     let tx = client.enter(|| UdpSocket::bind((unspecified, 0)).expect("bind"));
     let datagram = |i: usize| {
         let len = 8 + (i * 37) % (max_len - 7);
@@ -375,5 +473,8 @@ pub fn udp_exchange_via(server: &Netns, bind: IpAddr, client: &Netns, connect: I
         receiver.join().expect("receiver")
     });
     let arrived = seen.iter().filter(|s| **s).count();
-    assert!(arrived * 100 >= count * percent, "only {arrived} of {count} datagrams arrived");
+    assert!(
+        arrived * 100 >= count * percent,
+        "only {arrived} of {count} datagrams arrived"
+    );
 }

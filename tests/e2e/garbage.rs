@@ -21,7 +21,10 @@ fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     p[9] = 17;
     p[12..16].copy_from_slice(&src.octets());
     p[16..20].copy_from_slice(&dst.octets());
-    let mut sum: u32 = p[..20].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    let mut sum: u32 = p[..20]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -46,8 +49,13 @@ fn garbage_and_replays_do_not_disturb_the_tunnel() {
     let a_key = keys::decode_public(&j.files[0].public_key).expect("a key");
     let target = SocketAddr::new(j.site(0).wan_addr, PORT);
 
-    let attacker = j.lab.internet().enter(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
-    attacker.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    let attacker = j
+        .lab
+        .internet()
+        .enter(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
+    attacker
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
 
     // 1. Random bytes of random lengths, and every message type truncated.
     let noise = pattern(1 << 20, 99);
@@ -55,7 +63,9 @@ fn garbage_and_replays_do_not_disturb_the_tunnel() {
     for i in 0..400 {
         let len = (i * 97) % 1500;
         let start = (i * 1013) % (noise.len() - 1500);
-        attacker.send_to(&noise[start..start + len], target).expect("send");
+        attacker
+            .send_to(&noise[start..start + len], target)
+            .expect("send");
         sent_garbage += 1;
     }
     for msg_type in 1u8..=4 {
@@ -83,7 +93,9 @@ fn garbage_and_replays_do_not_disturb_the_tunnel() {
     };
     attacker.send_to(&init, target).expect("send init");
     let mut reply = vec![0u8; 2048];
-    let (n, _) = attacker.recv_from(&mut reply).expect("handshake response from the daemon");
+    let (n, _) = attacker
+        .recv_from(&mut reply)
+        .expect("handshake response from the daemon");
     let mut out = vec![0u8; 2048];
     match tunn.decapsulate(Some(target.ip()), &reply[..n], &mut out) {
         TunnResult::WriteToNetwork(keepalive) => {
@@ -112,12 +124,25 @@ fn garbage_and_replays_do_not_disturb_the_tunnel() {
     // Answering on its control socket proves the daemon is alive.
     let status = daemon.status();
     let c = status.peers.iter().find(|p| p.name == "c").expect("peer c");
-    assert_eq!(c.rx_packets, 1, "the data packet is delivered exactly once: {c:?}");
+    assert_eq!(
+        c.rx_packets, 1,
+        "the data packet is delivered exactly once: {c:?}"
+    );
     let rejected = c.drops.get("rejected").copied().unwrap_or(0);
     assert!(rejected >= 5 + 3, "replays not rejected: {c:?}");
     let malformed = status.drops.get("malformed").copied().unwrap_or(0);
-    assert!(malformed >= 300, "garbage not counted ({malformed} of {sent_garbage}): {status:?}");
+    assert!(
+        malformed >= 300,
+        "garbage not counted ({malformed} of {sent_garbage}): {status:?}"
+    );
 
-    let log_lines = daemon.log_text().lines().filter(|l| l.contains("dropped packet")).count();
-    assert!(log_lines <= 20, "{log_lines} drop log lines for {sent_garbage} bad datagrams: not rate limited");
+    let log_lines = daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("dropped packet"))
+        .count();
+    assert!(
+        log_lines <= 20,
+        "{log_lines} drop log lines for {sent_garbage} bad datagrams: not rate limited"
+    );
 }

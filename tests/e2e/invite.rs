@@ -13,7 +13,12 @@ use crate::common::*;
 const RENDEZVOUS_KEY: &str = "Uxw5597LYTGBKqnK/Jz6KjYh2ZodZF4sbhwR6zaqX2E=";
 
 fn causeway(args: &[&str], config: &Path) -> Output {
-    Command::new(causeway_bin()).args(args).arg("--config").arg(config).output().expect("run causeway")
+    Command::new(causeway_bin())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run causeway")
 }
 
 fn stdout(out: &Output) -> String {
@@ -90,7 +95,10 @@ fn invite_then_join_back_peers_both_sites() {
     let b_before = std::fs::read_to_string(&b_path).expect("read");
 
     let token_a = invite(&a_path);
-    assert!(token_a.starts_with("cw1.") && token_a.len() < 600, "{token_a}");
+    assert!(
+        token_a.starts_with("cw1.") && token_a.len() < 600,
+        "{token_a}"
+    );
     assert!(!token_a.contains(char::is_whitespace));
 
     let (report, token_b) = join(&b_path, &token_a).expect("b joins a");
@@ -102,16 +110,29 @@ fn invite_then_join_back_peers_both_sites() {
     let b_after = std::fs::read_to_string(&b_path).expect("read");
     assert!(b_after.starts_with(&b_before), "{b_after}");
     let config_b = parse(&b_path);
-    let [lab, peer_a] = &config_b.peers[..] else { panic!("{:?}", config_b.peers) };
+    let [lab, peer_a] = &config_b.peers[..] else {
+        panic!("{:?}", config_b.peers)
+    };
     assert_eq!(lab.allow.len(), 1, "the allow rule moved:\n{b_after}");
     assert_eq!(peer_a.name, "a");
-    assert_eq!(causeway::keys::encode_public(&peer_a.public_key), a.public_key);
+    assert_eq!(
+        causeway::keys::encode_public(&peer_a.public_key),
+        a.public_key
+    );
     assert_eq!(peer_a.cidrs, ["10.0.0.0/16".parse().expect("cidr")]);
     assert!(peer_a.allow.is_empty());
-    assert_eq!(peer_a.endpoint.as_ref().map(|e| e.spec.as_str()), Some("192.0.2.1:51820"));
-    let [rendezvous] = &config_b.rendezvous[..] else { panic!("{:?}", config_b.rendezvous) };
+    assert_eq!(
+        peer_a.endpoint.as_ref().map(|e| e.spec.as_str()),
+        Some("192.0.2.1:51820")
+    );
+    let [rendezvous] = &config_b.rendezvous[..] else {
+        panic!("{:?}", config_b.rendezvous)
+    };
     assert_eq!(rendezvous.address.spec, "198.18.0.1:7443");
-    assert_eq!(causeway::keys::encode_public(&rendezvous.public_key), RENDEZVOUS_KEY);
+    assert_eq!(
+        causeway::keys::encode_public(&rendezvous.public_key),
+        RENDEZVOUS_KEY
+    );
     // The daemon would load it: key, views and all.
     config::load(&b_path).unwrap_or_else(|e| panic!("{e}\n{b_after}"));
 
@@ -119,9 +140,14 @@ fn invite_then_join_back_peers_both_sites() {
     let (report, _) = join(&a_path, &token_b).expect("a joins b");
     assert!(report.contains(&b.public_key), "{report}");
     let config_a = parse(&a_path);
-    let [peer_b] = &config_a.peers[..] else { panic!("{:?}", config_a.peers) };
+    let [peer_b] = &config_a.peers[..] else {
+        panic!("{:?}", config_a.peers)
+    };
     assert_eq!(peer_b.name, "b");
-    assert_eq!(causeway::keys::encode_public(&peer_b.public_key), b.public_key);
+    assert_eq!(
+        causeway::keys::encode_public(&peer_b.public_key),
+        b.public_key
+    );
     assert_eq!(peer_b.cidrs, ["10.1.0.0/16".parse().expect("cidr")]);
     assert!(peer_b.endpoint.is_none(), "b advertised no endpoint");
     assert_eq!(config_a.rendezvous.len(), 1);
@@ -143,7 +169,10 @@ fn joining_twice_or_joining_yourself_changes_nothing() {
     let after_first = std::fs::read_to_string(&b_path).expect("read");
 
     let err = join(&b_path, &token_a).expect_err("second join accepted");
-    assert!(err.contains("peer[0] \"a\" already has public key"), "{err}");
+    assert!(
+        err.contains("peer[0] \"a\" already has public key"),
+        "{err}"
+    );
     assert!(err.contains("nothing was changed"), "{err}");
     assert_eq!(std::fs::read_to_string(&b_path).expect("read"), after_first);
 
@@ -167,7 +196,13 @@ fn a_peer_whose_pod_cidrs_overlap_ours_is_joined_with_a_view() {
     let b = SiteFiles::new();
     let b_path = write_site(&b, "b", "10.0.0.0/16", "");
     let (report, _) = join(&b_path, &invite(&a_path)).expect("join");
-    assert!(report.contains("10.0.0.0/16 seen as 100.64.0.0/16"), "{report}");
+    assert!(
+        report.contains("10.0.0.0/16 seen as 100.64.0.0/16"),
+        "{report}"
+    );
     let config_b = config::load(&b_path).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(config_b.peers[0].views[0].to_string(), "10.0.0.0/16 seen as 100.64.0.0/16");
+    assert_eq!(
+        config_b.peers[0].views[0].to_string(),
+        "10.0.0.0/16 seen as 100.64.0.0/16"
+    );
 }

@@ -17,15 +17,27 @@ const METRICS: &str = "127.0.0.1:9469";
 /// `GET path` from inside `ns`; returns the status code and the body.
 fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> (u16, String) {
     let raw = ns.enter(|| {
-        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to the metrics port");
-        conn.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        write!(conn, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send");
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .expect("connect to the metrics port");
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
         let mut raw = String::new();
         conn.read_to_string(&mut raw).expect("read");
         raw
     });
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP: {raw:?}"));
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line: {head}"));
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not HTTP: {raw:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("status line: {head}"));
     (status, body.to_owned())
 }
 
@@ -34,8 +46,13 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| {
-            let (key, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("sample line: {l}"));
-            (key.to_owned(), value.parse().unwrap_or_else(|_| panic!("value of {l}")))
+            let (key, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("sample line: {l}"));
+            (
+                key.to_owned(),
+                value.parse().unwrap_or_else(|_| panic!("value of {l}")),
+            )
         })
         .collect()
 }
@@ -54,14 +71,19 @@ fn metrics_show_peer_traffic_handshakes_and_drops_and_probes_answer() {
     // Drops: b's gateway sends from an address b does not own (a counts
     // spoofed_source against peer b), and junk reaches a's WireGuard port
     // from the internet (malformed, not attributable to a peer).
-    gw_b.ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"]).expect("spoof address");
+    gw_b.ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"])
+        .expect("spoof address");
     let spoofer = gw_b.enter(|| UdpSocket::bind("10.99.0.1:0").expect("bind spoofed source"));
     for _ in 0..5 {
         spoofer.send_to(b"spoofed", (pod_a.addr, 9)).expect("send");
     }
-    let junk = p.lab.internet().enter(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
+    let junk = p
+        .lab
+        .internet()
+        .enter(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
     for i in 0..7u8 {
-        junk.send_to(&[0xee, i, 1, 2, 3], (p.lab.sites()[0].wan_addr, PORT)).expect("send junk");
+        junk.send_to(&[0xee, i, 1, 2, 3], (p.lab.sites()[0].wan_addr, PORT))
+            .expect("send junk");
     }
     std::thread::sleep(Duration::from_millis(300));
 
@@ -71,8 +93,18 @@ fn metrics_show_peer_traffic_handshakes_and_drops_and_probes_answer() {
     let get = |key: &str| *s.get(key).unwrap_or_else(|| panic!("no {key} in\n{body}"));
 
     assert_eq!(get("causeway_peers_configured"), 1.0);
-    assert_eq!(get(&format!("causeway_peer_info{{peer=\"b\",public_key=\"{}\"}}", p.files[1].public_key)), 1.0);
-    assert!(s.keys().any(|k| k.starts_with("causeway_build_info{version=")), "{body}");
+    assert_eq!(
+        get(&format!(
+            "causeway_peer_info{{peer=\"b\",public_key=\"{}\"}}",
+            p.files[1].public_key
+        )),
+        1.0
+    );
+    assert!(
+        s.keys()
+            .any(|k| k.starts_with("causeway_build_info{version=")),
+        "{body}"
+    );
     let tx = get("causeway_peer_tx_bytes_total{peer=\"b\"}");
     let rx = get("causeway_peer_rx_bytes_total{peer=\"b\"}");
     assert!(tx >= f64::from(2u32 << 20), "tx {tx}");
@@ -80,11 +112,26 @@ fn metrics_show_peer_traffic_handshakes_and_drops_and_probes_answer() {
     assert!(get("causeway_peer_tx_packets_total{peer=\"b\"}") >= 1000.0);
     assert!(get("causeway_peer_rx_packets_total{peer=\"b\"}") > 0.0);
     let handshake = get("causeway_peer_last_handshake_timestamp_seconds{peer=\"b\"}");
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs_f64();
-    assert!(handshake > now - 300.0 && handshake <= now + 1.0, "handshake {handshake}, now {now}");
-    assert!(get("causeway_peer_drops_total{peer=\"b\",reason=\"spoofed_source\"}") >= 5.0, "{body}");
-    assert_eq!(get("causeway_peer_drops_total{peer=\"b\",reason=\"policy_port\"}"), 0.0);
-    assert!(get("causeway_site_drops_total{reason=\"malformed\"}") >= 7.0, "{body}");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        handshake > now - 300.0 && handshake <= now + 1.0,
+        "handshake {handshake}, now {now}"
+    );
+    assert!(
+        get("causeway_peer_drops_total{peer=\"b\",reason=\"spoofed_source\"}") >= 5.0,
+        "{body}"
+    );
+    assert_eq!(
+        get("causeway_peer_drops_total{peer=\"b\",reason=\"policy_port\"}"),
+        0.0
+    );
+    assert!(
+        get("causeway_site_drops_total{reason=\"malformed\"}") >= 7.0,
+        "{body}"
+    );
     // The same numbers `causeway status` shows, read a moment later.
     let status = p.daemon(0).status();
     assert!(status.peers[0].tx_bytes as f64 >= tx && status.peers[0].rx_bytes as f64 >= rx);
@@ -94,7 +141,10 @@ fn metrics_show_peer_traffic_handshakes_and_drops_and_probes_answer() {
     assert!(get("process_open_fds") >= 5.0);
     assert!(get("process_cpu_seconds_total") >= 0.0);
     let started = get("process_start_time_seconds");
-    assert!(started > now - 600.0 && started <= now + 1.0, "start time {started}, now {now}");
+    assert!(
+        started > now - 600.0 && started <= now + 1.0,
+        "start time {started}, now {now}"
+    );
 
     // Probes.
     assert_eq!(http_get(gw_a, addr, "/healthz"), (200, "ok\n".to_owned()));
@@ -102,5 +152,9 @@ fn metrics_show_peer_traffic_handshakes_and_drops_and_probes_answer() {
     assert_eq!(http_get(gw_a, addr, "/favicon.ico").0, 404);
 
     // Only where asked: b has no metrics_listen, nothing listens there.
-    assert!(gw_b.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1))).is_err(), "b serves metrics unasked");
+    assert!(
+        gw_b.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+            .is_err(),
+        "b serves metrics unasked"
+    );
 }

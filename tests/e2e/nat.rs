@@ -30,10 +30,20 @@ impl Rendezvous {
     }
 
     /// [`Rendezvous::start`] on other ports.
-    fn start_on(ns: &Netns, ip: IpAddr, quic: u16, stun: u16, sites: &[(&str, &str)]) -> Rendezvous {
+    fn start_on(
+        ns: &Netns,
+        ip: IpAddr,
+        quic: u16,
+        stun: u16,
+        sites: &[(&str, &str)],
+    ) -> Rendezvous {
         let dir = tempfile::tempdir().expect("tempdir");
         let secret = keys::generate();
-        std::fs::write(dir.path().join("rendezvous.key"), keys::encode_private(&secret) + "\n").expect("key");
+        std::fs::write(
+            dir.path().join("rendezvous.key"),
+            keys::encode_private(&secret) + "\n",
+        )
+        .expect("key");
         let public_key = keys::encode_public(&x25519_dalek::PublicKey::from(&secret));
         let mut text = format!(
             "private_key_file = {:?}\nlisten = \"{}\"\nstun_listen = \"{}\"\n",
@@ -46,16 +56,28 @@ impl Rendezvous {
         }
         std::fs::write(dir.path().join("rendezvous.toml"), text).expect("config");
         let log = dir.path().join("rendezvous.log");
-        let mut r = Rendezvous { child: None, public_key, dir, log };
+        let mut r = Rendezvous {
+            child: None,
+            public_key,
+            dir,
+            log,
+        };
         r.restart(ns);
         r
     }
 
     fn restart(&mut self, ns: &Netns) {
         self.child = None;
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
         let mut cmd = ns.command(causeway_bin());
-        cmd.args(["rendezvous", "--config"]).arg(self.dir.path().join("rendezvous.toml")).stdout(Stdio::null()).stderr(out);
+        cmd.args(["rendezvous", "--config"])
+            .arg(self.dir.path().join("rendezvous.toml"))
+            .stdout(Stdio::null())
+            .stderr(out);
         self.child = Some(ns.spawn(&mut cmd).expect("spawn rendezvous"));
     }
 
@@ -89,27 +111,55 @@ impl NatPair {
                 None => spec,
             }
         };
-        let lab = Lab::build(&LabSpec { sites: vec![site("a", "10.0.0.0/16", nat_a), site("b", "10.1.0.0/16", nat_b)] }).expect("lab");
+        let lab = Lab::build(&LabSpec {
+            sites: vec![
+                site("a", "10.0.0.0/16", nat_a),
+                site("b", "10.1.0.0/16", nat_b),
+            ],
+        })
+        .expect("lab");
         ipv4_underlay_only(&lab);
         let files = vec![SiteFiles::new(), SiteFiles::new()];
         let ip = IpAddr::V4(lab.internet_addr());
-        let rendezvous = Rendezvous::start(lab.internet(), ip, &[("a", &files[0].public_key), ("b", &files[1].public_key)]);
+        let rendezvous = Rendezvous::start(
+            lab.internet(),
+            ip,
+            &[("a", &files[0].public_key), ("b", &files[1].public_key)],
+        );
         let rdv = format!(
             "[[rendezvous]]\naddress = \"{}\"\npublic_key = {:?}\n",
             SocketAddr::new(ip, QUIC_PORT),
             rendezvous.public_key
         );
-        let cfg_a = files[0].write_config("a", &["10.0.0.0/16"], &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], None) + &rdv));
-        let cfg_b = files[1].write_config("b", &["10.1.0.0/16"], &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], None) + &rdv));
+        let cfg_a = files[0].write_config(
+            "a",
+            &["10.0.0.0/16"],
+            &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], None) + &rdv),
+        );
+        let cfg_b = files[1].write_config(
+            "b",
+            &["10.1.0.0/16"],
+            &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], None) + &rdv),
+        );
         let daemons = vec![
             Daemon::start(&lab.sites()[0].gateway, &files[0], &cfg_a),
             Daemon::start(&lab.sites()[1].gateway, &files[1], &cfg_b),
         ];
-        NatPair { lab, rendezvous, _files: files, daemons }
+        NatPair {
+            lab,
+            rendezvous,
+            _files: files,
+            daemons,
+        }
     }
 
     fn peer(&self, site: usize) -> PeerStatus {
-        self.daemons[site].status().peers.into_iter().next().expect("one peer")
+        self.daemons[site]
+            .status()
+            .peers
+            .into_iter()
+            .next()
+            .expect("one peer")
     }
 
     /// Waits until site `site` sees its peer on `path`; returns the time it took.
@@ -139,7 +189,9 @@ impl NatPair {
 /// tests are about IPv4 NATs: take the gateways' IPv6 underlay away.
 fn ipv4_underlay_only(lab: &Lab) {
     for site in lab.sites() {
-        site.gateway.ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"]).expect("flush IPv6");
+        site.gateway
+            .ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"])
+            .expect("flush IPv6");
     }
 }
 
@@ -160,9 +212,18 @@ fn port_preserving_nats_punch_a_direct_path() {
     let before = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
     tcp_transfer(pod_b, addr_b, pod_a, 16 << 20);
     let after = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
-    assert!(after - before < 20, "the relay carried {} packets of a direct transfer", after - before);
+    assert!(
+        after - before < 20,
+        "the relay carried {} packets of a direct transfer",
+        after - before
+    );
     // The direct endpoint is the other NAT's public address.
-    let endpoint: SocketAddr = pair.peer(0).endpoint.expect("endpoint").parse().expect("addr");
+    let endpoint: SocketAddr = pair
+        .peer(0)
+        .endpoint
+        .expect("endpoint")
+        .parse()
+        .expect("addr");
     assert_eq!(endpoint.ip(), pair.lab.sites()[1].public_addr);
     // (No leak assertion here: the internet namespace also counts the
     // probes sent to the peers' private host candidates, 172.16.x, which it
@@ -183,7 +244,10 @@ fn symmetric_nats_carry_everything_through_the_relay() {
     let a = pair.peer(0);
     assert_eq!(a.path, "relay", "{a:?}");
     // a sent the 64 MiB (and received the 8 MiB): all of it relayed.
-    assert!(a.relay_tx_packets > 40_000 && a.relay_rx_packets > 5_000, "{a:?}");
+    assert!(
+        a.relay_tx_packets > 40_000 && a.relay_rx_packets > 5_000,
+        "{a:?}"
+    );
 }
 
 #[test]
@@ -211,19 +275,39 @@ fn a_conntrack_flush_mid_transfer_is_survived() {
     let [(pod_a, _), (pod_b, addr_b)] = pair.pods();
     assert_ping(pod_a, addr_b.into());
     pair.wait_path(0, "direct", Duration::from_secs(15));
-    let _server = pod_b.spawn(pod_b.command("iperf3").args(["-s", "-1", "-B", &addr_b.to_string()]).stdout(Stdio::null()).stderr(Stdio::null())).expect("iperf3 -s");
+    let _server = pod_b
+        .spawn(
+            pod_b
+                .command("iperf3")
+                .args(["-s", "-1", "-B", &addr_b.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("iperf3 -s");
     std::thread::sleep(Duration::from_millis(300));
     let mut client = pod_a
-        .spawn(pod_a.command("iperf3").args(["-c", &addr_b.to_string(), "-t", "8", "-b", "50M", "--json"]).stdout(Stdio::piped()))
+        .spawn(
+            pod_a
+                .command("iperf3")
+                .args(["-c", &addr_b.to_string(), "-t", "8", "-b", "50M", "--json"])
+                .stdout(Stdio::piped()),
+        )
         .expect("iperf3 -c");
     std::thread::sleep(Duration::from_secs(2));
     for site in pair.lab.sites() {
         site.flush_nat_mappings().expect("conntrack flush");
     }
-    let status = client.wait_timeout(Duration::from_secs(40)).expect("wait").expect("iperf3 ended");
+    let status = client
+        .wait_timeout(Duration::from_secs(40))
+        .expect("wait")
+        .expect("iperf3 ended");
     let mut json = String::new();
-    std::io::Read::read_to_string(client.child().stdout.as_mut().expect("stdout"), &mut json).expect("read");
-    assert!(status.success(), "transfer broke after the conntrack flush: {json}");
+    std::io::Read::read_to_string(client.child().stdout.as_mut().expect("stdout"), &mut json)
+        .expect("read");
+    assert!(
+        status.success(),
+        "transfer broke after the conntrack flush: {json}"
+    );
     assert_ping(pod_a, addr_b.into());
 }
 
@@ -236,7 +320,13 @@ fn a_rendezvous_restart_spares_direct_paths_and_relayed_ones_come_back() {
     pair.wait_path(0, "direct", Duration::from_secs(15));
     pair.rendezvous.stop();
     for _ in 0..10 {
-        assert!(pod_a.ping(addr_b.into(), Duration::from_secs(1)).expect("ping").is_some(), "direct path broke with the rendezvous");
+        assert!(
+            pod_a
+                .ping(addr_b.into(), Duration::from_secs(1))
+                .expect("ping")
+                .is_some(),
+            "direct path broke with the rendezvous"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(pair);
@@ -247,9 +337,19 @@ fn a_rendezvous_restart_spares_direct_paths_and_relayed_ones_come_back() {
     assert_ping(pod_a, addr_b.into());
     pair.rendezvous.stop();
     std::thread::sleep(Duration::from_secs(1));
-    assert!(pod_a.ping(addr_b.into(), Duration::from_secs(1)).expect("ping").is_none(), "relayed without a relay?");
+    assert!(
+        pod_a
+            .ping(addr_b.into(), Duration::from_secs(1))
+            .expect("ping")
+            .is_none(),
+        "relayed without a relay?"
+    );
     pair.rendezvous.restart(pair.lab.internet());
-    assert!(ping_until(pod_a, addr_b.into(), Duration::from_secs(45)).is_some(), "relay did not come back:\n{}", pair.daemons[0].log_text());
+    assert!(
+        ping_until(pod_a, addr_b.into(), Duration::from_secs(45)).is_some(),
+        "relay did not come back:\n{}",
+        pair.daemons[0].log_text()
+    );
 }
 
 #[test]
@@ -266,27 +366,55 @@ fn unknown_sites_and_impostor_rendezvous_are_refused() {
     let ip = IpAddr::V4(lab.internet_addr());
     // The rendezvous serves only b; a is a stranger.
     let rendezvous = Rendezvous::start(lab.internet(), ip, &[("b", &files[1].public_key)]);
-    let rdv = |key: &str| format!("[[rendezvous]]\naddress = \"{}\"\npublic_key = {key:?}\n", SocketAddr::new(ip, QUIC_PORT));
-    let cfg_a = files[0].write_config("a", &["10.0.0.0/16"], &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], None) + &rdv(&rendezvous.public_key)));
+    let rdv = |key: &str| {
+        format!(
+            "[[rendezvous]]\naddress = \"{}\"\npublic_key = {key:?}\n",
+            SocketAddr::new(ip, QUIC_PORT)
+        )
+    };
+    let cfg_a = files[0].write_config(
+        "a",
+        &["10.0.0.0/16"],
+        &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], None)
+            + &rdv(&rendezvous.public_key)),
+    );
     // b pins the wrong rendezvous key.
     let wrong = keys::encode_public(&x25519_dalek::PublicKey::from(&keys::generate()));
-    let cfg_b = files[1].write_config("b", &["10.1.0.0/16"], &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], None) + &rdv(&wrong)));
+    let cfg_b = files[1].write_config(
+        "b",
+        &["10.1.0.0/16"],
+        &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], None) + &rdv(&wrong)),
+    );
     let da = Daemon::start(&lab.sites()[0].gateway, &files[0], &cfg_a);
     let db = Daemon::start(&lab.sites()[1].gateway, &files[1], &cfg_b);
     let (pod_a, addr_b) = (&lab.sites()[0].pods[0].ns, lab.sites()[1].pods[0].addr);
-    assert!(ping_until(pod_a, addr_b.into(), Duration::from_secs(4)).is_none(), "traffic flowed without authorization");
+    assert!(
+        ping_until(pod_a, addr_b.into(), Duration::from_secs(4)).is_none(),
+        "traffic flowed without authorization"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let (mut log_a, mut log_b) = (String::new(), String::new());
     while Instant::now() < deadline {
         (log_a, log_b) = (da.log_text(), db.log_text());
-        if log_a.to_lowercase().contains("unknown site") && log_b.to_lowercase().contains("rendezvous key") {
+        if log_a.to_lowercase().contains("unknown site")
+            && log_b.to_lowercase().contains("rendezvous key")
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(log_a.to_lowercase().contains("unknown site"), "stranger not told clearly:\n{log_a}");
-    assert!(log_b.to_lowercase().contains("rendezvous key"), "impostor rendezvous not named:\n{log_b}");
-    assert_eq!(da.status().peers[0].relay_rx_packets + db.status().peers[0].relay_rx_packets, 0);
+    assert!(
+        log_a.to_lowercase().contains("unknown site"),
+        "stranger not told clearly:\n{log_a}"
+    );
+    assert!(
+        log_b.to_lowercase().contains("rendezvous key"),
+        "impostor rendezvous not named:\n{log_b}"
+    );
+    assert_eq!(
+        da.status().peers[0].relay_rx_packets + db.status().peers[0].relay_rx_packets,
+        0
+    );
 }
 
 #[test]
@@ -301,7 +429,10 @@ fn with_two_rendezvous_servers_either_one_is_enough() {
     ipv4_underlay_only(&lab);
     let files = [SiteFiles::new(), SiteFiles::new()];
     let ip = IpAddr::V4(lab.internet_addr());
-    let sites = [("a", files[0].public_key.as_str()), ("b", files[1].public_key.as_str())];
+    let sites = [
+        ("a", files[0].public_key.as_str()),
+        ("b", files[1].public_key.as_str()),
+    ];
     let mut first = Rendezvous::start_on(lab.internet(), ip, QUIC_PORT, STUN_PORT, &sites);
     let second = Rendezvous::start_on(lab.internet(), ip, QUIC_PORT + 1, STUN_PORT + 1, &sites);
     let rdv = format!(
@@ -312,14 +443,25 @@ fn with_two_rendezvous_servers_either_one_is_enough() {
         second.public_key,
         SocketAddr::new(ip, STUN_PORT + 1),
     );
-    let cfg_a = files[0].write_config("a", &["10.0.0.0/16"], &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], None) + &rdv));
-    let cfg_b = files[1].write_config("b", &["10.1.0.0/16"], &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], None) + &rdv));
+    let cfg_a = files[0].write_config(
+        "a",
+        &["10.0.0.0/16"],
+        &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], None) + &rdv),
+    );
+    let cfg_b = files[1].write_config(
+        "b",
+        &["10.1.0.0/16"],
+        &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], None) + &rdv),
+    );
     let _da = Daemon::start(&lab.sites()[0].gateway, &files[0], &cfg_a);
     let _db = Daemon::start(&lab.sites()[1].gateway, &files[1], &cfg_b);
     let [(pod_a, _), (_, addr_b)] = pods(&lab);
     assert_ping(pod_a, addr_b.into());
     // Symmetric NATs: everything is relayed; losing one server is survived.
     first.stop();
-    assert!(ping_until(pod_a, addr_b.into(), Duration::from_secs(5)).is_some(), "the second rendezvous did not take over");
+    assert!(
+        ping_until(pod_a, addr_b.into(), Duration::from_secs(5)).is_some(),
+        "the second rendezvous did not take over"
+    );
     tcp_transfer(&lab.sites()[1].pods[0].ns, addr_b, pod_a, 4 << 20);
 }

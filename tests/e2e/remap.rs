@@ -13,8 +13,16 @@ const SAME: &[&str] = &["10.0.0.0/16", "fd00:10::/64"];
 /// The view site `viewer`'s daemon gives peer `peer`'s real CIDR `real`.
 fn view(mesh: &Mesh, viewer: usize, peer: &str, real: &str) -> IpNet {
     let status = mesh.daemon(viewer).status();
-    let p = status.peers.iter().find(|p| p.name == peer).expect("peer in status");
-    let v = p.views.iter().find(|v| v.real == real).unwrap_or_else(|| panic!("no view of {real}: {p:?}"));
+    let p = status
+        .peers
+        .iter()
+        .find(|p| p.name == peer)
+        .expect("peer in status");
+    let v = p
+        .views
+        .iter()
+        .find(|v| v.real == real)
+        .unwrap_or_else(|| panic!("no view of {real}: {p:?}"));
     v.view.parse().expect("view cidr")
 }
 
@@ -37,7 +45,11 @@ fn through(addr: impl Into<IpAddr>, real: &str, view: IpNet) -> IpAddr {
 fn drops(mesh: &Mesh, site: usize, peer: &str) -> u64 {
     let status = mesh.daemon(site).status();
     let p = status.peers.iter().find(|p| p.name == peer).expect("peer");
-    p.drops.iter().filter(|(k, _)| k.starts_with("policy_") || *k == "not_exported").map(|(_, v)| v).sum()
+    p.drops
+        .iter()
+        .filter(|(k, _)| k.starts_with("policy_") || *k == "not_exported")
+        .map(|(_, v)| v)
+        .sum()
 }
 
 #[test]
@@ -76,8 +88,12 @@ fn two_sites_with_the_same_pod_cidrs_reach_each_other_v4_and_v6() {
     udp_exchange_via(&pb.ns, b6.into(), &pa.ns, pb6, 300, 1452, 90);
 
     // The remote pod sees us at our view in its site, not at our real address.
-    let listener = pb.ns.enter(|| TcpListener::bind((pb.addr, 5003)).expect("bind"));
-    let _conn = pa.ns.enter(|| TcpStream::connect_timeout(&(pb4, 5003).into(), Duration::from_secs(5)).expect("connect"));
+    let listener = pb
+        .ns
+        .enter(|| TcpListener::bind((pb.addr, 5003)).expect("bind"));
+    let _conn = pa.ns.enter(|| {
+        TcpStream::connect_timeout(&(pb4, 5003).into(), Duration::from_secs(5)).expect("connect")
+    });
     let (_, seen_from) = listener.accept().expect("accept");
     assert_eq!(seen_from.ip(), pa4, "b should see a's pod at its view");
     assert_eq!(mesh.lab.leaked_packets().expect("leaks"), 0);
@@ -85,25 +101,45 @@ fn two_sites_with_the_same_pod_cidrs_reach_each_other_v4_and_v6() {
 
 #[test]
 fn ipv6_underlay_carries_the_tunnel() {
-    let mesh = Mesh::build(&[SiteDef::new("a", &["10.0.0.0/16"]), SiteDef::new("b", &["10.1.0.0/16"])], true);
+    let mesh = Mesh::build(
+        &[
+            SiteDef::new("a", &["10.0.0.0/16"]),
+            SiteDef::new("b", &["10.1.0.0/16"]),
+        ],
+        true,
+    );
     let (pa, pb) = (&mesh.site(0).pods[0], &mesh.site(1).pods[0]);
     assert_ping(&pa.ns, pb.addr.into());
     tcp_transfer(&pb.ns, pb.addr, &pa.ns, 16 << 20);
     let status = mesh.daemon(0).status();
     let endpoint = status.peers[0].endpoint.clone().expect("endpoint");
-    assert!(endpoint.starts_with('['), "endpoint should be IPv6: {endpoint}");
+    assert!(
+        endpoint.starts_with('['),
+        "endpoint should be IPv6: {endpoint}"
+    );
 }
 
 #[test]
 fn three_sites_with_the_same_pod_cidr_each_reach_both_others() {
     let cidr: &[&str] = &["10.0.0.0/16"];
-    let mesh = Mesh::build(&[SiteDef::new("a", cidr), SiteDef::new("b", cidr), SiteDef::new("c", cidr)], false);
+    let mesh = Mesh::build(
+        &[
+            SiteDef::new("a", cidr),
+            SiteDef::new("b", cidr),
+            SiteDef::new("c", cidr),
+        ],
+        false,
+    );
     let names = ["a", "b", "c"];
     for i in 0..3 {
         let mut seen = Vec::new();
         for k in (0..3).filter(|k| *k != i) {
             let v = view(&mesh, i, names[k], "10.0.0.0/16");
-            assert!(!seen.contains(&v), "site {} gave two peers the same view {v}", names[i]);
+            assert!(
+                !seen.contains(&v),
+                "site {} gave two peers the same view {v}",
+                names[i]
+            );
             seen.push(v);
             let to = through(mesh.site(k).pods[0].addr, "10.0.0.0/16", v);
             assert_ping(&mesh.site(i).pods[0].ns, to);
@@ -116,7 +152,13 @@ fn the_allow_list_lets_in_only_what_it_names() {
     // b lets a reach only TCP 443 on its pod subnet; a allows everything.
     let rules = "[[peer.allow]]\ncidr = \"10.1.1.0/24\"\nproto = \"tcp\"\nports = \"443\"\n";
     let mesh = Mesh::build(
-        &[SiteDef::new("a", &["10.0.0.0/16"]), SiteDef { allow: &[("a", rules)], ..SiteDef::new("b", &["10.1.0.0/16"]) }],
+        &[
+            SiteDef::new("a", &["10.0.0.0/16"]),
+            SiteDef {
+                allow: &[("a", rules)],
+                ..SiteDef::new("b", &["10.1.0.0/16"])
+            },
+        ],
         false,
     );
     let (pa, pb) = (&mesh.site(0).pods[0], &mesh.site(1).pods[0]);
@@ -126,22 +168,39 @@ fn the_allow_list_lets_in_only_what_it_names() {
     let before = drops(&mesh, 1, "a");
 
     // a → b: TCP 443 works.
-    let allowed = pb.ns.enter(|| TcpListener::bind((pb.addr, 443)).expect("bind 443"));
-    let _denied_listener = pb.ns.enter(|| TcpListener::bind((pb.addr, 8080)).expect("bind 8080"));
-    let conn = pa.ns.enter(|| TcpStream::connect_timeout(&(pb.addr, 443).into(), Duration::from_secs(5)));
+    let allowed = pb
+        .ns
+        .enter(|| TcpListener::bind((pb.addr, 443)).expect("bind 443"));
+    let _denied_listener = pb
+        .ns
+        .enter(|| TcpListener::bind((pb.addr, 8080)).expect("bind 8080"));
+    let conn = pa
+        .ns
+        .enter(|| TcpStream::connect_timeout(&(pb.addr, 443).into(), Duration::from_secs(5)));
     assert!(conn.is_ok(), "TCP 443 should be allowed: {conn:?}");
     allowed.accept().expect("accept 443");
     // TCP 8080, UDP and ping are not.
-    let conn = pa.ns.enter(|| TcpStream::connect_timeout(&(pb.addr, 8080).into(), Duration::from_secs(2)));
+    let conn = pa
+        .ns
+        .enter(|| TcpStream::connect_timeout(&(pb.addr, 8080).into(), Duration::from_secs(2)));
     assert!(conn.is_err(), "TCP 8080 should be denied");
-    let rx = pb.ns.enter(|| UdpSocket::bind((pb.addr, 5353)).expect("bind"));
-    rx.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+    let rx = pb
+        .ns
+        .enter(|| UdpSocket::bind((pb.addr, 5353)).expect("bind"));
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
     let tx = pa.ns.enter(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
     for _ in 0..3 {
         tx.send_to(b"denied", (pb.addr, 5353)).expect("send");
     }
     assert!(rx.recv(&mut [0u8; 64]).is_err(), "UDP should be denied");
-    assert!(pa.ns.ping(pb.addr.into(), Duration::from_millis(500)).expect("ping").is_none(), "ping should be denied");
+    assert!(
+        pa.ns
+            .ping(pb.addr.into(), Duration::from_millis(500))
+            .expect("ping")
+            .is_none(),
+        "ping should be denied"
+    );
 
     let denied = drops(&mesh, 1, "a") - before;
     assert!(denied >= 5, "denied packets not counted: {denied}");
@@ -155,6 +214,10 @@ fn views_survive_a_restart() {
     mesh.restart(0);
     let after = mesh.daemon(0).status().peers[0].views.clone();
     assert_eq!(before, after);
-    let to = through(mesh.site(1).pods[0].addr, "10.0.0.0/16", view(&mesh, 0, "b", "10.0.0.0/16"));
+    let to = through(
+        mesh.site(1).pods[0].addr,
+        "10.0.0.0/16",
+        view(&mesh, 0, "b", "10.0.0.0/16"),
+    );
     assert_ping(&mesh.site(0).pods[0].ns, to);
 }

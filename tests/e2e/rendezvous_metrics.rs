@@ -22,13 +22,22 @@ fn try_get(ns: &Netns, addr: SocketAddr, path: &str) -> std::io::Result<(u16, St
     let raw = ns.enter(|| {
         let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(conn, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
         let mut raw = String::new();
         conn.read_to_string(&mut raw)?;
         Ok::<_, std::io::Error>(raw)
     })?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP: {raw:?}"));
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line: {head}"));
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not HTTP: {raw:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("status line: {head}"));
     Ok((status, body.to_owned()))
 }
 
@@ -41,8 +50,13 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| {
-            let (key, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("sample line: {l}"));
-            (key.to_owned(), value.parse().unwrap_or_else(|_| panic!("value of {l}")))
+            let (key, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("sample line: {l}"));
+            (
+                key.to_owned(),
+                value.parse().unwrap_or_else(|_| panic!("value of {l}")),
+            )
         })
         .collect()
 }
@@ -75,11 +89,18 @@ fn scrape_until(
 #[test]
 fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
     // Two sites behind symmetric NATs: everything goes through the relay.
-    let site = |name: &str, cidr: &str| SiteSpec::new(name, vec![cidr.parse().expect("cidr")]).nat(Nat::Symmetric);
-    let lab = Lab::build(&LabSpec { sites: vec![site("a", "10.0.0.0/16"), site("b", "10.1.0.0/16")] }).expect("lab");
+    let site = |name: &str, cidr: &str| {
+        SiteSpec::new(name, vec![cidr.parse().expect("cidr")]).nat(Nat::Symmetric)
+    };
+    let lab = Lab::build(&LabSpec {
+        sites: vec![site("a", "10.0.0.0/16"), site("b", "10.1.0.0/16")],
+    })
+    .expect("lab");
     // IPv6 crosses the lab without NAT and would give a direct path.
     for s in lab.sites() {
-        s.gateway.ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"]).expect("flush IPv6");
+        s.gateway
+            .ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"])
+            .expect("flush IPv6");
     }
     let files = [SiteFiles::new(), SiteFiles::new()];
     let internet = lab.internet();
@@ -88,7 +109,11 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
     // The rendezvous, serving a and b, with metrics on its own address.
     let dir = tempfile::tempdir().expect("tempdir");
     let secret = keys::generate();
-    std::fs::write(dir.path().join("rendezvous.key"), keys::encode_private(&secret) + "\n").expect("key");
+    std::fs::write(
+        dir.path().join("rendezvous.key"),
+        keys::encode_private(&secret) + "\n",
+    )
+    .expect("key");
     let rendezvous_key = keys::encode_public(&x25519_dalek::PublicKey::from(&secret));
     let mut text = format!(
         "private_key_file = {:?}\nlisten = \"{}\"\nstun_listen = \"{}\"\n",
@@ -97,7 +122,10 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
         SocketAddr::new(ip, STUN_PORT)
     );
     for (name, f) in [("a", &files[0]), ("b", &files[1])] {
-        text += &format!("\n[[site]]\nname = {name:?}\npublic_key = {:?}\n", f.public_key);
+        text += &format!(
+            "\n[[site]]\nname = {name:?}\npublic_key = {:?}\n",
+            f.public_key
+        );
     }
     std::fs::write(dir.path().join("rendezvous.toml"), text).expect("config");
     let log = dir.path().join("rendezvous.log");
@@ -121,38 +149,81 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
         if let Ok(Some(status)) = rendezvous.wait_timeout(Duration::from_millis(50)) {
             panic!("rendezvous exited ({status}):\n{}", log_text());
         }
-        assert!(Instant::now() < deadline, "rendezvous never ready:\n{}", log_text());
+        assert!(
+            Instant::now() < deadline,
+            "rendezvous never ready:\n{}",
+            log_text()
+        );
     }
     assert_eq!(get(internet, metrics, "/healthz"), (200, "ok\n".to_owned()));
     assert_eq!(get(internet, metrics, "/nope").0, 404);
 
     // Before any site: both configured, none connected, all zeros.
     let (s, body) = scrape(internet, metrics);
-    let value = |s: &BTreeMap<String, f64>, key: &str| s.get(key).copied().unwrap_or_else(|| panic!("no {key} in\n{body}"));
+    let value = |s: &BTreeMap<String, f64>, key: &str| {
+        s.get(key)
+            .copied()
+            .unwrap_or_else(|| panic!("no {key} in\n{body}"))
+    };
     assert_eq!(value(&s, "causeway_rendezvous_sites_configured"), 2.0);
     for site in ["a", "b"] {
-        for series in ["site_connected", "relayed_packets_total", "relayed_bytes_total", "relay_dropped_total"] {
-            assert_eq!(value(&s, &format!("causeway_rendezvous_{series}{{site=\"{site}\"}}")), 0.0, "{series}");
+        for series in [
+            "site_connected",
+            "relayed_packets_total",
+            "relayed_bytes_total",
+            "relay_dropped_total",
+        ] {
+            assert_eq!(
+                value(
+                    &s,
+                    &format!("causeway_rendezvous_{series}{{site=\"{site}\"}}")
+                ),
+                0.0,
+                "{series}"
+            );
         }
     }
     assert_eq!(value(&s, "causeway_rendezvous_stun_answered_total"), 0.0);
-    assert!(s.keys().any(|k| k.starts_with("causeway_build_info{version=")), "{body}");
+    assert!(
+        s.keys()
+            .any(|k| k.starts_with("causeway_build_info{version=")),
+        "{body}"
+    );
     assert!(value(&s, "process_resident_memory_bytes") > 1e5);
     assert!(value(&s, "process_open_fds") >= 3.0);
-    assert!(!s.keys().any(|k| k.starts_with("causeway_peer")), "site series on a rendezvous:\n{body}");
+    assert!(
+        !s.keys().any(|k| k.starts_with("causeway_peer")),
+        "site series on a rendezvous:\n{body}"
+    );
 
     // A STUN Binding request from the internet, answered and counted.
     let stun = internet.enter(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
-    stun.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    stun.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
     let mut request = [0u8; causeway_nat::stun::BINDING_REQUEST_LEN];
-    let len = causeway_nat::stun::encode_binding_request(&causeway_nat::stun::TransactionId([9; 12]), &mut request);
-    stun.send_to(&request[..len], (ip, STUN_PORT)).expect("send STUN");
+    let len = causeway_nat::stun::encode_binding_request(
+        &causeway_nat::stun::TransactionId([9; 12]),
+        &mut request,
+    );
+    stun.send_to(&request[..len], (ip, STUN_PORT))
+        .expect("send STUN");
     stun.recv(&mut [0u8; 512]).expect("STUN answer");
 
     // The sites connect and relay a ping and a transfer.
-    let rdv = format!("[[rendezvous]]\naddress = \"{}\"\npublic_key = {rendezvous_key:?}\n", SocketAddr::new(ip, QUIC_PORT));
-    let cfg_a = files[0].write_config("a", &["10.0.0.0/16"], &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], None) + &rdv));
-    let cfg_b = files[1].write_config("b", &["10.1.0.0/16"], &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], None) + &rdv));
+    let rdv = format!(
+        "[[rendezvous]]\naddress = \"{}\"\npublic_key = {rendezvous_key:?}\n",
+        SocketAddr::new(ip, QUIC_PORT)
+    );
+    let cfg_a = files[0].write_config(
+        "a",
+        &["10.0.0.0/16"],
+        &(peer_toml("b", &files[1].public_key, &["10.1.0.0/16"], None) + &rdv),
+    );
+    let cfg_b = files[1].write_config(
+        "b",
+        &["10.1.0.0/16"],
+        &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], None) + &rdv),
+    );
     let daemon_a = Daemon::start(&lab.sites()[0].gateway, &files[0], &cfg_a);
     let daemon_b = Daemon::start(&lab.sites()[1].gateway, &files[1], &cfg_b);
     let (pod_a, pod_b) = (&lab.sites()[0].pods[0], &lab.sites()[1].pods[0]);
@@ -161,34 +232,75 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
     assert_eq!(daemon_a.status().peers[0].path, "relay");
 
     let relayed = |s: &BTreeMap<String, f64>, site: &str| {
-        s.get(&format!("causeway_rendezvous_relayed_packets_total{{site=\"{site}\"}}")).copied().unwrap_or(0.0)
+        s.get(&format!(
+            "causeway_rendezvous_relayed_packets_total{{site=\"{site}\"}}"
+        ))
+        .copied()
+        .unwrap_or(0.0)
     };
-    let s = scrape_until(internet, metrics, Duration::from_secs(10), "saw both sites connected and relaying", |s| {
-        ["a", "b"].iter().all(|site| {
-            s.get(&format!("causeway_rendezvous_site_connected{{site=\"{site}\"}}")) == Some(&1.0) && relayed(s, site) > 0.0
-        })
-    });
+    let s = scrape_until(
+        internet,
+        metrics,
+        Duration::from_secs(10),
+        "saw both sites connected and relaying",
+        |s| {
+            ["a", "b"].iter().all(|site| {
+                s.get(&format!(
+                    "causeway_rendezvous_site_connected{{site=\"{site}\"}}"
+                )) == Some(&1.0)
+                    && relayed(s, site) > 0.0
+            })
+        },
+    );
     let a_relay_tx = daemon_a.status().peers[0].relay_tx_packets;
-    let (packets_a, bytes_a) = (relayed(&s, "a"), value(&s, "causeway_rendezvous_relayed_bytes_total{site=\"a\"}"));
+    let (packets_a, bytes_a) = (
+        relayed(&s, "a"),
+        value(&s, "causeway_rendezvous_relayed_bytes_total{site=\"a\"}"),
+    );
     // a sent the megabyte: at least that many bytes (plus WireGuard's
     // overhead), in at least as many packets as a counted sending.
-    assert!(bytes_a >= f64::from(1u32 << 20), "relayed bytes from a: {bytes_a}");
-    assert!(bytes_a >= packets_a * 32.0, "packets {packets_a}, bytes {bytes_a}");
-    assert!(packets_a >= 700.0 && packets_a <= a_relay_tx as f64, "relayed from a {packets_a}, a's relay_tx_packets {a_relay_tx}");
+    assert!(
+        bytes_a >= f64::from(1u32 << 20),
+        "relayed bytes from a: {bytes_a}"
+    );
+    assert!(
+        bytes_a >= packets_a * 32.0,
+        "packets {packets_a}, bytes {bytes_a}"
+    );
+    assert!(
+        packets_a >= 700.0 && packets_a <= a_relay_tx as f64,
+        "relayed from a {packets_a}, a's relay_tx_packets {a_relay_tx}"
+    );
     assert!(relayed(&s, "b") > 0.0);
     assert!(value(&s, "causeway_rendezvous_stun_answered_total") >= 1.0);
 
     // A site that goes away is no longer connected; its counters stay.
     daemon_b.stop();
-    let s = scrape_until(internet, metrics, Duration::from_secs(10), "saw b disconnect", |s| {
-        s.get("causeway_rendezvous_site_connected{site=\"b\"}") == Some(&0.0)
-    });
+    let s = scrape_until(
+        internet,
+        metrics,
+        Duration::from_secs(10),
+        "saw b disconnect",
+        |s| s.get("causeway_rendezvous_site_connected{site=\"b\"}") == Some(&0.0),
+    );
     assert!(relayed(&s, "b") > 0.0);
-    assert_eq!(value(&s, "causeway_rendezvous_site_connected{site=\"a\"}"), 1.0);
+    assert_eq!(
+        value(&s, "causeway_rendezvous_site_connected{site=\"a\"}"),
+        1.0
+    );
     drop(daemon_a);
 
     // SIGTERM: a clean exit, and the metrics port closes with it.
-    let status = rendezvous.stop(Duration::from_secs(5)).expect("stop rendezvous");
-    assert!(status.success(), "rendezvous exited with {status}:\n{}", log_text());
-    assert!(try_get(internet, metrics, "/healthz").is_err(), "metrics still served after exit");
+    let status = rendezvous
+        .stop(Duration::from_secs(5))
+        .expect("stop rendezvous");
+    assert!(
+        status.success(),
+        "rendezvous exited with {status}:\n{}",
+        log_text()
+    );
+    assert!(
+        try_get(internet, metrics, "/healthz").is_err(),
+        "metrics still served after exit"
+    );
 }

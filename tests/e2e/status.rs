@@ -79,9 +79,15 @@ impl Schema {
         let mut reasons = BTreeSet::new();
         for line in doc.lines() {
             if line.starts_with('#') {
-                section = match line.strip_prefix("### The `").and_then(|l| l.strip_suffix("` object")) {
+                section = match line
+                    .strip_prefix("### The `")
+                    .and_then(|l| l.strip_suffix("` object"))
+                {
                     Some(name) => {
-                        assert!(objects.insert(name.to_owned(), Vec::new()).is_none(), "object {name} documented twice");
+                        assert!(
+                            objects.insert(name.to_owned(), Vec::new()).is_none(),
+                            "object {name} documented twice"
+                        );
                         Section::Object(name.to_owned())
                     }
                     None if line == "### Drop reasons" => Section::Reasons,
@@ -90,14 +96,23 @@ impl Schema {
                 continue;
             }
             // Data rows only: they start with a back-quoted name.
-            let Some(row) = line.strip_prefix("| `") else { continue };
+            let Some(row) = line.strip_prefix("| `") else {
+                continue;
+            };
             let cells: Vec<&str> = row.split('|').collect();
             let name = cells[0].trim().trim_end_matches('`');
             match &section {
                 Section::Object(object) => {
-                    let ty = Type::parse(cells.get(1).unwrap_or_else(|| panic!("no type for {object}.{name}")));
+                    let ty = Type::parse(
+                        cells
+                            .get(1)
+                            .unwrap_or_else(|| panic!("no type for {object}.{name}")),
+                    );
                     let fields = objects.get_mut(object).expect("object");
-                    assert!(!fields.iter().any(|(f, _)| f == name), "{object}.{name} documented twice");
+                    assert!(
+                        !fields.iter().any(|(f, _)| f == name),
+                        "{object}.{name} documented twice"
+                    );
                     fields.push((name.to_owned(), ty));
                 }
                 Section::Reasons => {
@@ -107,7 +122,10 @@ impl Schema {
             }
         }
         let schema = Schema { objects, reasons };
-        assert!(schema.objects.contains_key("status"), "docs/status.md documents no `status` object");
+        assert!(
+            schema.objects.contains_key("status"),
+            "docs/status.md documents no `status` object"
+        );
         for (object, fields) in &schema.objects {
             assert!(!fields.is_empty(), "object {object} has no fields");
             for (field, ty) in fields {
@@ -116,7 +134,10 @@ impl Schema {
                     ty = t;
                 }
                 if let Type::Object(name) = ty {
-                    assert!(schema.objects.contains_key(name), "{object}.{field}: object {name} is not documented");
+                    assert!(
+                        schema.objects.contains_key(name),
+                        "{object}.{field}: object {name} is not documented"
+                    );
                 }
             }
         }
@@ -155,7 +176,9 @@ impl Schema {
                 None => errors.push(wrong("an object (map)")),
             },
             Type::Object(name) => {
-                let Some(map) = value.as_object() else { return errors.push(wrong(&format!("a {name} object"))) };
+                let Some(map) = value.as_object() else {
+                    return errors.push(wrong(&format!("a {name} object")));
+                };
                 let fields = &self.objects[name];
                 for (field, ty) in fields {
                     match map.get(field) {
@@ -165,7 +188,9 @@ impl Schema {
                 }
                 for key in map.keys() {
                     if !fields.iter().any(|(f, _)| f == key) {
-                        errors.push(format!("{at}.{key}: not documented in docs/status.md (`{name}` object)"));
+                        errors.push(format!(
+                            "{at}.{key}: not documented in docs/status.md (`{name}` object)"
+                        ));
                     }
                 }
             }
@@ -198,7 +223,10 @@ fn status_output(socket: &std::path::Path, json: bool) -> std::process::Output {
     if json {
         cmd.arg("--json");
     }
-    cmd.arg("--socket").arg(socket).output().expect("run causeway status")
+    cmd.arg("--socket")
+        .arg(socket)
+        .output()
+        .expect("run causeway status")
 }
 
 /// `causeway status --json` as a subprocess, parsed, and checked against
@@ -206,10 +234,19 @@ fn status_output(socket: &std::path::Path, json: bool) -> std::process::Output {
 fn status_json(schema: &Schema, socket: &std::path::Path) -> Value {
     let out = status_output(socket, true);
     let stdout = String::from_utf8(out.stdout).expect("utf-8");
-    assert!(out.status.success(), "causeway status --json failed: {}", String::from_utf8_lossy(&out.stderr));
-    let doc: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}"));
+    assert!(
+        out.status.success(),
+        "causeway status --json failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}"));
     let errors = schema.errors(&doc);
-    assert!(errors.is_empty(), "status --json does not match docs/status.md:\n{}\n\n{stdout}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "status --json does not match docs/status.md:\n{}\n\n{stdout}",
+        errors.join("\n")
+    );
     doc
 }
 
@@ -217,11 +254,20 @@ fn status_json(schema: &Schema, socket: &std::path::Path) -> Value {
 fn the_schema_checker_finds_every_kind_of_difference() {
     let schema = Schema::from_doc(DOC);
     // The reasons table is exactly the daemon's reasons.
-    let names: BTreeSet<String> = DropReason::ALL.iter().map(|r| r.name().to_owned()).collect();
-    assert_eq!(schema.reasons, names, "docs/status.md `Drop reasons` differs from DropReason::ALL");
+    let names: BTreeSet<String> = DropReason::ALL
+        .iter()
+        .map(|r| r.name().to_owned())
+        .collect();
+    assert_eq!(
+        schema.reasons, names,
+        "docs/status.md `Drop reasons` differs from DropReason::ALL"
+    );
     // Every documented path value is named in the doc.
     for path in ["static", "direct", "relay", "none"] {
-        assert!(DOC.contains(&format!("`{path}`")), "path {path} not documented");
+        assert!(
+            DOC.contains(&format!("`{path}`")),
+            "path {path} not documented"
+        );
     }
 
     // A document made from the schema passes.
@@ -232,9 +278,16 @@ fn the_schema_checker_finds_every_kind_of_difference() {
             Type::Number => Value::from(1.5),
             Type::Nullable(_) => Value::Null,
             Type::Array(inner) => Value::Array(vec![example(schema, inner)]),
-            Type::Map(inner) => Value::Object([("malformed".to_owned(), example(schema, inner))].into_iter().collect()),
+            Type::Map(inner) => Value::Object(
+                [("malformed".to_owned(), example(schema, inner))]
+                    .into_iter()
+                    .collect(),
+            ),
             Type::Object(name) => Value::Object(
-                schema.objects[name].iter().map(|(field, ty)| (field.clone(), example(schema, ty))).collect(),
+                schema.objects[name]
+                    .iter()
+                    .map(|(field, ty)| (field.clone(), example(schema, ty)))
+                    .collect(),
             ),
         }
     }
@@ -249,7 +302,10 @@ fn the_schema_checker_finds_every_kind_of_difference() {
     bad["peers"][0]["views"][0]["view"] = Value::Null;
     bad["peers"][0]["drops"]["not_a_reason"] = Value::from(1);
     bad["peers"][0]["brand_new_field"] = Value::from(1);
-    bad["peers"][0].as_object_mut().expect("peer").remove("cidrs");
+    bad["peers"][0]
+        .as_object_mut()
+        .expect("peer")
+        .remove("cidrs");
     bad.as_object_mut().expect("status").remove("interface");
     let errors = schema.errors(&bad);
     for needle in [
@@ -263,7 +319,10 @@ fn the_schema_checker_finds_every_kind_of_difference() {
         "$.peers[0].brand_new_field: not documented",
         "$.peers[0].cidrs: documented but missing",
     ] {
-        assert!(errors.iter().any(|e| e.starts_with(needle)), "{needle} not reported in {errors:#?}");
+        assert!(
+            errors.iter().any(|e| e.starts_with(needle)),
+            "{needle} not reported in {errors:#?}"
+        );
     }
     assert_eq!(errors.len(), 9, "{errors:#?}");
 }
@@ -290,16 +349,26 @@ fn status_json_matches_the_documented_schema_and_text_names_every_peer() {
     // the internet (malformed, the site), and a pod pings c, which has no
     // endpoint (no_endpoint, peer c).
     let gw_b = &j.site(1).gateway;
-    gw_b.ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"]).expect("spoof address");
+    gw_b.ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"])
+        .expect("spoof address");
     let spoofer = gw_b.enter(|| UdpSocket::bind("10.99.0.1:0").expect("bind spoofed source"));
     for _ in 0..5 {
         spoofer.send_to(b"spoofed", (j.pod(0).1, 9)).expect("send");
     }
-    let junk = j.lab.internet().enter(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
+    let junk = j
+        .lab
+        .internet()
+        .enter(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
     for i in 0..7u8 {
-        junk.send_to(&[0xee, i, 1, 2, 3], (j.site(0).wan_addr, PORT)).expect("send junk");
+        junk.send_to(&[0xee, i, 1, 2, 3], (j.site(0).wan_addr, PORT))
+            .expect("send junk");
     }
-    assert_eq!(pod_a.ping("10.2.0.1".parse().expect("ip"), Duration::from_millis(300)).expect("ping"), None);
+    assert_eq!(
+        pod_a
+            .ping("10.2.0.1".parse().expect("ip"), Duration::from_millis(300))
+            .expect("ping"),
+        None
+    );
     std::thread::sleep(Duration::from_millis(300));
 
     let doc = status_json(&schema, socket);
@@ -316,8 +385,15 @@ fn status_json_matches_the_documented_schema_and_text_names_every_peer() {
     for p in peers {
         // `endpoint` is null exactly when there is no direct or static path.
         let path = p["path"].as_str().expect("path");
-        assert!(["static", "direct", "relay", "none"].contains(&path), "{text}");
-        assert_eq!(p["endpoint"].is_null(), path == "relay" || path == "none", "{text}");
+        assert!(
+            ["static", "direct", "relay", "none"].contains(&path),
+            "{text}"
+        );
+        assert_eq!(
+            p["endpoint"].is_null(),
+            path == "relay" || path == "none",
+            "{text}"
+        );
         // One view per CIDR, in order.
         let cidrs = p["cidrs"].as_array().expect("cidrs");
         let views = p["views"].as_array().expect("views");
@@ -326,28 +402,59 @@ fn status_json_matches_the_documented_schema_and_text_names_every_peer() {
             assert_eq!(&view["real"], cidr, "{text}");
         }
         if let Some(rtt) = p["rtt_ms"].as_f64() {
-            assert!((0.0..1000.0).contains(&rtt), "rtt_ms {rtt}: not milliseconds of a lab link\n{text}");
+            assert!(
+                (0.0..1000.0).contains(&rtt),
+                "rtt_ms {rtt}: not milliseconds of a lab link\n{text}"
+            );
         }
     }
 
     let b = &peers[0];
     assert_eq!(b["public_key"], j.files[1].public_key.as_str(), "{text}");
     assert_eq!(b["path"], "static", "{text}");
-    assert_eq!(b["endpoint"], format!("{}:{PORT}", j.site(1).wan_addr), "{text}");
+    assert_eq!(
+        b["endpoint"],
+        format!("{}:{PORT}", j.site(1).wan_addr),
+        "{text}"
+    );
     assert_eq!(b["cidrs"], serde_json::json!(["10.1.0.0/16"]), "{text}");
-    assert_eq!(b["views"], serde_json::json!([{"real": "10.1.0.0/16", "view": "10.1.0.0/16"}]), "{text}");
+    assert_eq!(
+        b["views"],
+        serde_json::json!([{"real": "10.1.0.0/16", "view": "10.1.0.0/16"}]),
+        "{text}"
+    );
     let handshake = b["last_handshake_secs"].as_f64().expect("b has handshaken");
-    assert!((0.0..60.0).contains(&handshake), "last_handshake_secs {handshake}: not seconds ago\n{text}");
+    assert!(
+        (0.0..60.0).contains(&handshake),
+        "last_handshake_secs {handshake}: not seconds ago\n{text}"
+    );
     assert!(b["tx_bytes"].as_u64() >= Some(1 << 20), "{text}");
     assert!(b["tx_packets"].as_u64() >= Some(700), "{text}");
-    assert!(b["rx_bytes"].as_u64() > Some(0) && b["rx_packets"].as_u64() > Some(0), "{text}");
-    assert_eq!((b["relay_tx_packets"].as_u64(), b["relay_rx_packets"].as_u64()), (Some(0), Some(0)), "{text}");
+    assert!(
+        b["rx_bytes"].as_u64() > Some(0) && b["rx_packets"].as_u64() > Some(0),
+        "{text}"
+    );
+    assert_eq!(
+        (
+            b["relay_tx_packets"].as_u64(),
+            b["relay_rx_packets"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{text}"
+    );
     assert!(b["drops"]["spoofed_source"].as_u64() >= Some(5), "{text}");
 
     let c = &peers[1];
     assert_eq!(c["path"], "none", "{text}");
-    assert!(c["endpoint"].is_null() && c["last_handshake_secs"].is_null() && c["rtt_ms"].is_null(), "{text}");
-    assert_eq!((c["tx_packets"].as_u64(), c["rx_bytes"].as_u64()), (Some(0), Some(0)), "{text}");
+    assert!(
+        c["endpoint"].is_null() && c["last_handshake_secs"].is_null() && c["rtt_ms"].is_null(),
+        "{text}"
+    );
+    assert_eq!(
+        (c["tx_packets"].as_u64(), c["rx_bytes"].as_u64()),
+        (Some(0), Some(0)),
+        "{text}"
+    );
     assert!(c["drops"]["no_endpoint"].as_u64() >= Some(1), "{text}");
     assert_eq!(c["candidates"], serde_json::json!([]), "{text}");
 
@@ -355,13 +462,32 @@ fn status_json_matches_the_documented_schema_and_text_names_every_peer() {
     let out = status_output(socket, false);
     assert!(out.status.success());
     let human = String::from_utf8(out.stdout).expect("utf-8");
-    assert!(human.starts_with(&format!("site a on causeway0, port {PORT}, key {}", j.files[0].public_key)), "{human}");
+    assert!(
+        human.starts_with(&format!(
+            "site a on causeway0, port {PORT}, key {}",
+            j.files[0].public_key
+        )),
+        "{human}"
+    );
     for p in peers {
-        let head = format!("peer {} ({})", p["name"].as_str().expect("name"), p["public_key"].as_str().expect("key"));
-        let block = human.split_once(&head).unwrap_or_else(|| panic!("no {head:?} in\n{human}")).1;
+        let head = format!(
+            "peer {} ({})",
+            p["name"].as_str().expect("name"),
+            p["public_key"].as_str().expect("key")
+        );
+        let block = human
+            .split_once(&head)
+            .unwrap_or_else(|| panic!("no {head:?} in\n{human}"))
+            .1;
         let block = block.split("\npeer ").next().expect("block");
-        let path_line = block.lines().find(|l| l.trim_start().starts_with("path:")).unwrap_or_else(|| panic!("no path in\n{human}"));
-        assert!(path_line.contains(p["path"].as_str().expect("path")), "{path_line:?}\n{human}");
+        let path_line = block
+            .lines()
+            .find(|l| l.trim_start().starts_with("path:"))
+            .unwrap_or_else(|| panic!("no path in\n{human}"));
+        assert!(
+            path_line.contains(p["path"].as_str().expect("path")),
+            "{path_line:?}\n{human}"
+        );
         if let Some(endpoint) = p["endpoint"].as_str() {
             assert!(path_line.contains(endpoint), "{path_line:?}\n{human}");
         }

@@ -22,9 +22,18 @@ fn ping_tcp_and_udp_cross_the_tunnel_both_ways() {
     let status = j.daemon(0).status();
     let b = &status.peers[0];
     assert_eq!(b.name, "b");
-    assert!(b.last_handshake_secs.is_some(), "no handshake recorded: {status:?}");
-    assert!(b.rx_bytes >= 64 << 20 && b.tx_bytes >= 64 << 20, "counters: {b:?}");
-    assert_eq!(b.endpoint.as_deref(), Some(format!("{}:{PORT}", j.site(1).wan_addr).as_str()));
+    assert!(
+        b.last_handshake_secs.is_some(),
+        "no handshake recorded: {status:?}"
+    );
+    assert!(
+        b.rx_bytes >= 64 << 20 && b.tx_bytes >= 64 << 20,
+        "counters: {b:?}"
+    );
+    assert_eq!(
+        b.endpoint.as_deref(),
+        Some(format!("{}:{PORT}", j.site(1).wan_addr).as_str())
+    );
 
     // The underlay carried only ciphertext: the internet namespace never saw
     // a pod address.
@@ -41,7 +50,8 @@ fn spoofed_inner_source_is_dropped_and_counted() {
     // Site b's gateway sends from an address outside b's cidrs; b's daemon
     // encrypts it like anything routed to its TUN, a's must refuse it.
     let gw_b = &j.site(1).gateway;
-    gw_b.ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"]).expect("add spoof address");
+    gw_b.ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"])
+        .expect("add spoof address");
     let delivered_before = j.daemon(0).status().peers[0].rx_packets;
     let spoofer = gw_b.enter(|| UdpSocket::bind("10.99.0.1:0").expect("bind spoofed source"));
     for _ in 0..5 {
@@ -56,7 +66,11 @@ fn spoofed_inner_source_is_dropped_and_counted() {
         j.daemon(1).status()
     );
 
-    assert_eq!(j.daemon(0).status().peers[0].rx_packets, delivered_before, "spoofed packets were delivered");
+    assert_eq!(
+        j.daemon(0).status().peers[0].rx_packets,
+        delivered_before,
+        "spoofed packets were delivered"
+    );
     // The honest traffic is untouched.
     assert_ping(pod_a, IpAddr::V4(addr_b));
 }

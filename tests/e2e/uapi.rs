@@ -20,7 +20,11 @@ use crate::common::*;
 /// (/var/run/wireguard/<name>.sock) is host-wide, unlike the interface.
 pub fn unique_ifname() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("cwu{}x{}", std::process::id() % 1_000_000, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "cwu{}x{}",
+        std::process::id() % 1_000_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Sets `key = value` (value in TOML syntax) in the `[site]` table of the
@@ -74,8 +78,22 @@ impl Pair {
             }
             configs.push(config);
         }
-        let daemons = (0..2).map(|i| Some(Daemon::start(&lab.sites()[i].gateway, &files[i], &configs[i]))).collect();
-        Pair { lab, files, configs, ifnames, daemons }
+        let daemons = (0..2)
+            .map(|i| {
+                Some(Daemon::start(
+                    &lab.sites()[i].gateway,
+                    &files[i],
+                    &configs[i],
+                ))
+            })
+            .collect();
+        Pair {
+            lab,
+            files,
+            configs,
+            ifnames,
+            daemons,
+        }
     }
 
     pub fn gateway(&self, i: usize) -> &Netns {
@@ -89,14 +107,27 @@ impl Pair {
 
 /// Runs `program args…` in `ns`, giving up after `timeout`; returns
 /// (success, stdout, stderr).
-pub fn run_bounded(ns: &Netns, program: &str, args: &[&str], timeout: Duration) -> (bool, String, String) {
+pub fn run_bounded(
+    ns: &Netns,
+    program: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> (bool, String, String) {
     let mut cmd = ns.command(program);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = ns.spawn(&mut cmd).expect("spawn");
     let status = child
         .wait_timeout(timeout)
         .expect("wait")
-        .unwrap_or_else(|| panic!("`{program} {}` did not finish within {timeout:?}", args.join(" ")));
+        .unwrap_or_else(|| {
+            panic!(
+                "`{program} {}` did not finish within {timeout:?}",
+                args.join(" ")
+            )
+        });
     let mut out = String::new();
     let mut err = String::new();
     if let Some(mut s) = child.child().stdout.take() {
@@ -125,8 +156,15 @@ struct DumpPeer {
 /// key, port, fwmark), then one line per peer.
 fn parse_dump(dump: &str) -> ([String; 4], Vec<DumpPeer>) {
     let mut lines = dump.lines();
-    let iface: Vec<String> = lines.next().expect("interface line").split('\t').map(str::to_owned).collect();
-    let iface: [String; 4] = iface.try_into().unwrap_or_else(|f| panic!("interface line has not 4 fields: {f:?}"));
+    let iface: Vec<String> = lines
+        .next()
+        .expect("interface line")
+        .split('\t')
+        .map(str::to_owned)
+        .collect();
+    let iface: [String; 4] = iface
+        .try_into()
+        .unwrap_or_else(|f| panic!("interface line has not 4 fields: {f:?}"));
     let peers = lines
         .map(|l| {
             let f: Vec<&str> = l.split('\t').collect();
@@ -147,17 +185,22 @@ fn parse_dump(dump: &str) -> ([String; 4], Vec<DumpPeer>) {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
 }
 
 fn uapi_request(socket: &str, request: &[u8]) -> String {
     let mut conn = UnixStream::connect(socket).expect("connect to the UAPI socket");
-    conn.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     conn.write_all(request).expect("write");
     // Done asking; the daemon answers what it read, then closes too.
     let _ = conn.shutdown(std::net::Shutdown::Write);
     let mut out = String::new();
-    conn.read_to_string(&mut out).expect("the daemon must answer and close");
+    conn.read_to_string(&mut out)
+        .expect("the daemon must answer and close");
     out
 }
 
@@ -176,7 +219,11 @@ fn wg_show_prints_peers_endpoints_handshakes_and_counters() {
     assert!(ok, "wg show dump failed: {err}\n{}", p.daemon(0).log_text());
     let (iface, peers) = parse_dump(&dump);
     let private_key = std::fs::read_to_string(p.files[0].path("private.key")).expect("key");
-    assert_eq!(iface[0], private_key.trim(), "private key (dump shows it, as for kernel WireGuard)");
+    assert_eq!(
+        iface[0],
+        private_key.trim(),
+        "private key (dump shows it, as for kernel WireGuard)"
+    );
     assert_eq!(iface[1], p.files[0].public_key, "interface public key");
     assert_eq!(iface[2], PORT.to_string(), "listen port");
     assert_eq!(iface[3], "off", "fwmark");
@@ -187,12 +234,24 @@ fn wg_show_prints_peers_endpoints_handshakes_and_counters() {
     assert_eq!(b.endpoint, format!("{}:{PORT}", p.lab.sites()[1].wan_addr));
     assert_eq!(b.allowed_ips, "10.1.0.0/16");
     let now = now_secs();
-    assert!(b.latest_handshake > now - 300 && b.latest_handshake <= now + 1, "handshake {} vs now {now}", b.latest_handshake);
-    assert!(b.tx >= 4 << 20 && b.rx >= 1 << 20, "counters rx {} tx {}", b.rx, b.tx);
+    assert!(
+        b.latest_handshake > now - 300 && b.latest_handshake <= now + 1,
+        "handshake {} vs now {now}",
+        b.latest_handshake
+    );
+    assert!(
+        b.tx >= 4 << 20 && b.rx >= 1 << 20,
+        "counters rx {} tx {}",
+        b.rx,
+        b.tx
+    );
     assert_eq!(b.keepalive, "off");
     // The same counters as `causeway status`, read a moment earlier.
     let status = p.daemon(0).status();
-    assert!(status.peers[0].tx_bytes >= b.tx && status.peers[0].rx_bytes >= b.rx, "{status:?} vs {b:?}");
+    assert!(
+        status.peers[0].tx_bytes >= b.tx && status.peers[0].rx_bytes >= b.rx,
+        "{status:?} vs {b:?}"
+    );
 
     // The human format, as an operator reads it.
     let (ok, show, err) = run_bounded(gw_a, "wg", &["show", &ifname], wg);
@@ -208,26 +267,49 @@ fn wg_show_prints_peers_endpoints_handshakes_and_counters() {
         "latest handshake: ".to_owned(),
         "transfer: ".to_owned(),
     ] {
-        assert!(show.contains(&expected), "`wg show` lacks {expected:?}:\n{show}");
+        assert!(
+            show.contains(&expected),
+            "`wg show` lacks {expected:?}:\n{show}"
+        );
     }
     let (ok, conf, err) = run_bounded(gw_a, "wg", &["showconf", &ifname], wg);
     assert!(ok, "wg showconf failed: {err}");
-    assert!(conf.contains(&format!("PrivateKey = {}", private_key.trim())), "{conf}");
+    assert!(
+        conf.contains(&format!("PrivateKey = {}", private_key.trim())),
+        "{conf}"
+    );
     assert!(conf.contains("AllowedIPs = 10.1.0.0/16"), "{conf}");
     // `wg show` without an interface finds it among the host's sockets.
     let (ok, all, err) = run_bounded(gw_a, "wg", &["show", "interfaces"], wg);
-    assert!(ok && all.split_whitespace().any(|i| i == ifname), "{all}{err}");
+    assert!(
+        ok && all.split_whitespace().any(|i| i == ifname),
+        "{all}{err}"
+    );
 
     // `wg set` gets a clean refusal, whatever it asks, and changes nothing.
     for args in [
-        vec!["set", ifname.as_str(), "peer", p.files[1].public_key.as_str(), "remove"],
+        vec![
+            "set",
+            ifname.as_str(),
+            "peer",
+            p.files[1].public_key.as_str(),
+            "remove",
+        ],
         vec!["set", ifname.as_str(), "listen-port", "4242"],
     ] {
         let (ok, _, err) = run_bounded(gw_a, "wg", &args, wg);
         assert!(!ok, "`wg {}` succeeded", args.join(" "));
-        assert!(err.contains("Operation not permitted"), "`wg {}`: {err}", args.join(" "));
+        assert!(
+            err.contains("Operation not permitted"),
+            "`wg {}`: {err}",
+            args.join(" ")
+        );
     }
-    assert!(p.daemon(0).log_text().contains("refused a `wg set`"), "{}", p.daemon(0).log_text());
+    assert!(
+        p.daemon(0).log_text().contains("refused a `wg set`"),
+        "{}",
+        p.daemon(0).log_text()
+    );
 
     // Garbage is answered with EINVAL and the connection closed; the daemon
     // carries on.
@@ -242,8 +324,16 @@ fn wg_show_prints_peers_endpoints_handshakes_and_counters() {
     assert!(ok && parse_dump(&dump).1.len() == 1, "{dump}");
 
     // A crashed run leaves its socket; the next run replaces it.
-    p.daemons[0].as_mut().expect("daemon a").child.kill9().expect("kill -9");
-    assert!(Path::new(&socket).exists(), "the crashed run's socket should still be there");
+    p.daemons[0]
+        .as_mut()
+        .expect("daemon a")
+        .child
+        .kill9()
+        .expect("kill -9");
+    assert!(
+        Path::new(&socket).exists(),
+        "the crashed run's socket should still be there"
+    );
     p.daemons[0] = Some(Daemon::start(gw_a, &p.files[0], &p.configs[0]));
     let (ok, dump, err) = run_bounded(gw_a, "wg", &["show", &ifname, "dump"], wg);
     assert!(ok, "wg show after a restart: {err}");
@@ -251,5 +341,8 @@ fn wg_show_prints_peers_endpoints_handshakes_and_counters() {
 
     // A clean stop removes it.
     p.daemons[0].take().expect("daemon a").stop();
-    assert!(!Path::new(&socket).exists(), "socket left after a clean stop");
+    assert!(
+        !Path::new(&socket).exists(),
+        "socket left after a clean stop"
+    );
 }

@@ -24,15 +24,18 @@ const RECV_BUF: usize = 64 * 1024;
 const COOKIE_REPLY: u8 = 3;
 
 pub(super) fn run(ctx: &Ctx, stop: &Stop) {
-    let mut bufs: Vec<Box<[u8]>> = (0..RECV_BATCH).map(|_| vec![0u8; RECV_BUF].into_boxed_slice()).collect();
+    let mut bufs: Vec<Box<[u8]>> = (0..RECV_BATCH)
+        .map(|_| vec![0u8; RECV_BUF].into_boxed_slice())
+        .collect();
     let mut meta = [RecvMeta::default(); RECV_BATCH];
     let mut out = vec![0u8; RECV_BUF].into_boxed_slice();
     let mut cookie = [0u8; 64];
     loop {
         let received = {
             let mut slices = bufs.iter_mut();
-            let mut iovs: [IoSliceMut<'_>; RECV_BATCH] =
-                std::array::from_fn(|_| IoSliceMut::new(slices.next().map_or(&mut [][..], |b| &mut b[..])));
+            let mut iovs: [IoSliceMut<'_>; RECV_BATCH] = std::array::from_fn(|_| {
+                IoSliceMut::new(slices.next().map_or(&mut [][..], |b| &mut b[..]))
+            });
             ctx.udp.recv(&mut iovs, &mut meta)
         };
         let n = match received {
@@ -73,7 +76,13 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
 
 /// Handles one WireGuard datagram that came over UDP from `from`, or
 /// through the relay from the peer the relay names.
-pub(crate) fn handle(ctx: &Ctx, source: Source, datagram: &[u8], out: &mut [u8], cookie: &mut [u8; 64]) {
+pub(crate) fn handle(
+    ctx: &Ctx,
+    source: Source,
+    datagram: &[u8],
+    out: &mut [u8],
+    cookie: &mut [u8; 64],
+) {
     let from_ip = match source {
         Source::Udp(from) => Some(from.ip()),
         Source::Relay(_) => None,
@@ -86,15 +95,21 @@ pub(crate) fn handle(ctx: &Ctx, source: Source, datagram: &[u8], out: &mut [u8],
             return;
         }
         Err(e) => {
-            ctx.drop_packet(None, DropReason::Malformed, format_args!("{} bytes from {source}: {e:?}", datagram.len()));
+            ctx.drop_packet(
+                None,
+                DropReason::Malformed,
+                format_args!("{} bytes from {source}: {e:?}", datagram.len()),
+            );
             return;
         }
     };
     let peers = ctx.peers();
     let index = match &packet {
-        Packet::HandshakeInit(init) => parse_handshake_anon(&ctx.private_key, &ctx.public_key, init)
-            .ok()
-            .and_then(|half| peers.by_key(&half.peer_static_public)),
+        Packet::HandshakeInit(init) => {
+            parse_handshake_anon(&ctx.private_key, &ctx.public_key, init)
+                .ok()
+                .and_then(|half| peers.by_key(&half.peer_static_public))
+        }
         Packet::HandshakeResponse(p) => peers.by_receiver_index(p.receiver_idx),
         Packet::PacketCookieReply(p) => peers.by_receiver_index(p.receiver_idx),
         Packet::PacketData(p) => peers.by_receiver_index(p.receiver_idx),
@@ -104,7 +119,11 @@ pub(crate) fn handle(ctx: &Ctx, source: Source, datagram: &[u8], out: &mut [u8],
         // The relay vouches for nothing: the packet must be the claimed peer's.
         (Some(index), Source::Relay(claimed)) if peers.get(index).id == claimed => index,
         _ => {
-            ctx.drop_packet(None, DropReason::UnknownPeer, format_args!("from {source}: not one of our peers"));
+            ctx.drop_packet(
+                None,
+                DropReason::UnknownPeer,
+                format_args!("from {source}: not one of our peers"),
+            );
             return;
         }
     };
@@ -140,7 +159,11 @@ pub(crate) fn handle(ctx: &Ctx, source: Source, datagram: &[u8], out: &mut [u8],
         }
         TunnResult::Err(e) => {
             drop(state);
-            ctx.drop_packet(Some(peer), DropReason::Rejected, format_args!("from {source}: {e:?}"));
+            ctx.drop_packet(
+                Some(peer),
+                DropReason::Rejected,
+                format_args!("from {source}: {e:?}"),
+            );
         }
     }
 }
@@ -149,31 +172,53 @@ pub(crate) fn handle(ctx: &Ctx, source: Source, datagram: &[u8], out: &mut [u8],
 /// the allow-list lets it in, after translating its source to our view.
 fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr) {
     let Some(mapping) = peer.view_of_source(src) else {
-        ctx.drop_packet(Some(peer), DropReason::SpoofedSource, format_args!("inner source {src} is outside the peer's cidrs"));
+        ctx.drop_packet(
+            Some(peer),
+            DropReason::SpoofedSource,
+            format_args!("inner source {src} is outside the peer's cidrs"),
+        );
         return;
     };
     if !mapping.is_identity()
         && let Err(e) = mapping.ingress(inner)
     {
-        ctx.drop_packet(Some(peer), DropReason::Malformed, format_args!("remapping packet from {src}: {e}"));
+        ctx.drop_packet(
+            Some(peer),
+            DropReason::Malformed,
+            format_args!("remapping packet from {src}: {e}"),
+        );
         return;
     }
     let summary = match packet::parse(inner) {
         Ok(summary) => summary,
         Err(e) => {
-            ctx.drop_packet(Some(peer), DropReason::Malformed, format_args!("packet from {src}: {e}"));
+            ctx.drop_packet(
+                Some(peer),
+                DropReason::Malformed,
+                format_args!("packet from {src}: {e}"),
+            );
             return;
         }
     };
     if !ctx.pod_cidrs.iter().any(|c| c.contains(&summary.dst)) {
-        ctx.drop_packet(Some(peer), DropReason::NotExported, format_args!("from {src} to {}: not exported", summary.dst));
+        ctx.drop_packet(
+            Some(peer),
+            DropReason::NotExported,
+            format_args!("from {src} to {}: not exported", summary.dst),
+        );
         return;
     }
     if let Verdict::Deny(reason) = packet::allowed(&peer.allow, &summary) {
         ctx.drop_packet(
             Some(peer),
             DropReason::from_deny(reason),
-            format_args!("{src} -> {} proto {} port {:?}: {}", summary.dst, summary.protocol, summary.dst_port, reason.label()),
+            format_args!(
+                "{src} -> {} proto {} port {:?}: {}",
+                summary.dst,
+                summary.protocol,
+                summary.dst_port,
+                reason.label()
+            ),
         );
         return;
     }
@@ -183,8 +228,14 @@ fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr) {
     match ctx.tun.send(inner) {
         Ok(_) => {
             peer.counters.rx_packets.fetch_add(1, Relaxed);
-            peer.counters.rx_bytes.fetch_add(inner.len() as u64, Relaxed);
+            peer.counters
+                .rx_bytes
+                .fetch_add(inner.len() as u64, Relaxed);
         }
-        Err(e) => ctx.drop_packet(Some(peer), DropReason::IoError, format_args!("write to TUN: {e}")),
+        Err(e) => ctx.drop_packet(
+            Some(peer),
+            DropReason::IoError,
+            format_args!("write to TUN: {e}"),
+        ),
     }
 }

@@ -92,7 +92,10 @@ impl Ctx {
             rate_limiter,
             drops: Drops::default(),
             mtu: usize::from(mtu),
-            max_mss: [crate::packet::max_mss(mtu, false), crate::packet::max_mss(mtu, true)],
+            max_mss: [
+                crate::packet::max_mss(mtu, false),
+                crate::packet::max_mss(mtu, true),
+            ],
             pod_cidrs: site.pod_cidrs.clone(),
             relay: std::sync::OnceLock::new(),
             traversal,
@@ -125,19 +128,34 @@ impl Ctx {
         let next = slot.load(Relaxed);
         now >= next
             && slot
-                .compare_exchange(next, now + LOG_INTERVAL.as_millis() as u64, Relaxed, Relaxed)
+                .compare_exchange(
+                    next,
+                    now + LOG_INTERVAL.as_millis() as u64,
+                    Relaxed,
+                    Relaxed,
+                )
                 .is_ok()
     }
 
     /// Counts a drop against peer `peer` (or the site) and logs it at a
     /// bounded rate.
-    pub(crate) fn drop_packet(&self, peer: Option<&Peer>, reason: DropReason, detail: std::fmt::Arguments<'_>) {
+    pub(crate) fn drop_packet(
+        &self,
+        peer: Option<&Peer>,
+        reason: DropReason,
+        detail: std::fmt::Arguments<'_>,
+    ) {
         let (total, name) = match peer {
             Some(p) => (p.counters.drops.count(reason), p.name.as_str()),
             None => (self.drops.count(reason), "-"),
         };
         if self.may_log(reason) {
-            tracing::warn!(peer = name, reason = reason.name(), total, "dropped packet: {detail}");
+            tracing::warn!(
+                peer = name,
+                reason = reason.name(),
+                total,
+                "dropped packet: {detail}"
+            );
         }
     }
 }
@@ -184,11 +202,20 @@ impl Ctx {
 
     /// Sends a WireGuard message to peer `index`: straight to `endpoint`
     /// when there is one, through the relay otherwise.
-    pub(crate) fn send_to_peer(&self, peer: &Arc<Peer>, endpoint: Option<SocketAddr>, bytes: &[u8]) {
+    pub(crate) fn send_to_peer(
+        &self,
+        peer: &Arc<Peer>,
+        endpoint: Option<SocketAddr>,
+        bytes: &[u8],
+    ) {
         match endpoint {
             Some(ep) => {
                 if let Err(e) = self.udp.send(ep, bytes, None) {
-                    self.drop_packet(Some(peer), DropReason::IoError, format_args!("send to {ep}: {e}"));
+                    self.drop_packet(
+                        Some(peer),
+                        DropReason::IoError,
+                        format_args!("send to {ep}: {e}"),
+                    );
                 }
             }
             None => self.relay(peer, bytes),
@@ -215,11 +242,25 @@ impl Ctx {
     /// Hands a WireGuard message for peer `index` to the relay.
     pub(crate) fn relay(&self, peer: &Arc<Peer>, bytes: &[u8]) {
         let Some(queue) = self.relay.get() else {
-            self.drop_packet(Some(peer), DropReason::NoEndpoint, format_args!("no endpoint and no relay for the peer"));
+            self.drop_packet(
+                Some(peer),
+                DropReason::NoEndpoint,
+                format_args!("no endpoint and no relay for the peer"),
+            );
             return;
         };
-        if queue.try_send(RelayPacket { peer: Arc::clone(peer), bytes: bytes.to_vec() }).is_err() {
-            self.drop_packet(Some(peer), DropReason::IoError, format_args!("relay queue full or closed"));
+        if queue
+            .try_send(RelayPacket {
+                peer: Arc::clone(peer),
+                bytes: bytes.to_vec(),
+            })
+            .is_err()
+        {
+            self.drop_packet(
+                Some(peer),
+                DropReason::IoError,
+                format_args!("relay queue full or closed"),
+            );
         }
     }
 }
@@ -247,16 +288,33 @@ impl Stop {
 
 /// Waits until `fd` has `events`, `stop` fires, or `timeout_ms` passes.
 /// Returns `Ok(false)` when stopped.
-pub(crate) fn wait_fd(fd: BorrowedFd<'_>, events: libc::c_short, stop: Option<&Stop>, timeout_ms: i32) -> io::Result<bool> {
+pub(crate) fn wait_fd(
+    fd: BorrowedFd<'_>,
+    events: libc::c_short,
+    stop: Option<&Stop>,
+    timeout_ms: i32,
+) -> io::Result<bool> {
     let mut fds = [
-        libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 },
-        libc::pollfd { fd: stop.map_or(-1, |s| s.0.as_raw_fd()), events: libc::POLLIN, revents: 0 },
+        libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.map_or(-1, |s| s.0.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     // SAFETY: `fds` is a valid array of two pollfd (a negative fd is ignored).
     let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
     if n < 0 {
         let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted { Ok(true) } else { Err(e) };
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(true)
+        } else {
+            Err(e)
+        };
     }
     Ok(fds[1].revents == 0)
 }
@@ -280,20 +338,29 @@ impl Datapath {
         ] {
             let (ctx, stop) = (Arc::clone(&ctx), Arc::clone(&stop));
             ctx.threads_running.fetch_add(1, Relaxed);
-            threads.push(std::thread::Builder::new().name(name.into()).spawn(move || {
-                // Counted down however the thread ends, a panic included.
-                struct Running<'a>(&'a AtomicU64);
-                impl Drop for Running<'_> {
-                    fn drop(&mut self) {
-                        self.0.fetch_sub(1, Relaxed);
-                    }
-                }
-                let _running = Running(&ctx.threads_running);
-                run(&ctx, &stop);
-            })?);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || {
+                        // Counted down however the thread ends, a panic included.
+                        struct Running<'a>(&'a AtomicU64);
+                        impl Drop for Running<'_> {
+                            fn drop(&mut self) {
+                                self.0.fetch_sub(1, Relaxed);
+                            }
+                        }
+                        let _running = Running(&ctx.threads_running);
+                        run(&ctx, &stop);
+                    })?,
+            );
         }
         let timers = tokio::spawn(drive_timers(Arc::clone(&ctx)));
-        Ok(Datapath { ctx, stop, threads, timers })
+        Ok(Datapath {
+            ctx,
+            stop,
+            threads,
+            timers,
+        })
     }
 
     pub(crate) fn ctx(&self) -> &Arc<Ctx> {

@@ -70,7 +70,13 @@ impl SendQueue {
             None => false,
         };
         if !extend {
-            self.runs.push(Run { dst, start: self.used, segment: len, len, closed: false });
+            self.runs.push(Run {
+                dst,
+                start: self.used,
+                segment: len,
+                len,
+                closed: false,
+            });
         }
         self.used += len;
     }
@@ -82,7 +88,11 @@ impl SendQueue {
             if let Err(e) = ctx.udp.send(run.dst, bytes, segment) {
                 let n = run.len.div_ceil(run.segment);
                 for _ in 0..n {
-                    ctx.drop_packet(None, DropReason::IoError, format_args!("send to {}: {e}", run.dst));
+                    ctx.drop_packet(
+                        None,
+                        DropReason::IoError,
+                        format_args!("send to {}: {e}", run.dst),
+                    );
                 }
             }
         }
@@ -96,7 +106,9 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
     // as such instead of being silently cut.
     // Room for the largest IP packet, so that one over the MTU is seen
     // whole and can be answered with ICMP rather than cut.
-    let mut bufs: Vec<Box<[u8]>> = (0..BATCH).map(|_| vec![0u8; MAX_IP_PACKET].into_boxed_slice()).collect();
+    let mut bufs: Vec<Box<[u8]>> = (0..BATCH)
+        .map(|_| vec![0u8; MAX_IP_PACKET].into_boxed_slice())
+        .collect();
     let mut lens = [0usize; BATCH];
     let mut icmp = vec![0u8; 1280].into_boxed_slice();
     let mut queue = SendQueue::new(mtu);
@@ -139,7 +151,11 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
     let summary = match packet::parse(packet) {
         Ok(summary) => summary,
         Err(e) => {
-            ctx.drop_packet(None, DropReason::Malformed, format_args!("{}-byte packet from TUN: {e}", packet.len()));
+            ctx.drop_packet(
+                None,
+                DropReason::Malformed,
+                format_args!("{}-byte packet from TUN: {e}", packet.len()),
+            );
             return;
         }
     };
@@ -148,7 +164,15 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
         if let Some(n) = packet::too_big_reply(packet, ctx.mtu as u16, icmp) {
             let _ = ctx.tun.send(&icmp[..n]);
         }
-        ctx.drop_packet(None, DropReason::TooBig, format_args!("{}-byte packet to {dst} exceeds MTU {}", packet.len(), ctx.mtu));
+        ctx.drop_packet(
+            None,
+            DropReason::TooBig,
+            format_args!(
+                "{}-byte packet to {dst} exceeds MTU {}",
+                packet.len(),
+                ctx.mtu
+            ),
+        );
         return;
     }
     let peers = ctx.peers();
@@ -158,7 +182,11 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
             // solicitations, MLD): counted, not worth a warning.
             ctx.drops.count(DropReason::NoRoute);
         } else {
-            ctx.drop_packet(None, DropReason::NoRoute, format_args!("no peer owns {dst}"));
+            ctx.drop_packet(
+                None,
+                DropReason::NoRoute,
+                format_args!("no peer owns {dst}"),
+            );
         }
         return;
     };
@@ -167,7 +195,11 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
     if !mapping.is_identity()
         && let Err(e) = mapping.egress(packet)
     {
-        ctx.drop_packet(Some(peer), DropReason::Malformed, format_args!("remapping packet to {dst}: {e}"));
+        ctx.drop_packet(
+            Some(peer),
+            DropReason::Malformed,
+            format_args!("remapping packet to {dst}: {e}"),
+        );
         return;
     }
     if summary.is_tcp_syn() {
@@ -177,7 +209,11 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
     let endpoint = state.endpoint;
     if endpoint.is_none() && !ctx.has_relay() {
         drop(state);
-        ctx.drop_packet(Some(peer), DropReason::NoEndpoint, format_args!("to {dst}: endpoint of peer not known yet"));
+        ctx.drop_packet(
+            Some(peer),
+            DropReason::NoEndpoint,
+            format_args!("to {dst}: endpoint of peer not known yet"),
+        );
         return;
     }
     match state.tunn.encapsulate(packet, queue.slot(packet.len())) {
@@ -188,14 +224,22 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
                 Some(endpoint) => queue.commit(endpoint, len, ctx.udp.max_segments()),
                 None => ctx.relay(peer, out),
             }
-            peer.counters.tx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            peer.counters.tx_bytes.fetch_add(packet.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            peer.counters
+                .tx_packets
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            peer.counters
+                .tx_bytes
+                .fetch_add(packet.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
         // Queued inside boringtun until the handshake completes.
         TunnResult::Done => {}
         TunnResult::Err(e) => {
             drop(state);
-            ctx.drop_packet(Some(peer), DropReason::Rejected, format_args!("encapsulate: {e:?}"));
+            ctx.drop_packet(
+                Some(peer),
+                DropReason::Rejected,
+                format_args!("encapsulate: {e:?}"),
+            );
         }
         TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
     }

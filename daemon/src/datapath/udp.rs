@@ -30,7 +30,11 @@ impl UdpPort {
         // Room for bursts: the kernel caps these at net.core.[rw]mem_max.
         let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), 4 << 20);
         let _ = state.set_send_buffer_size(UdpSockRef::from(&socket), 4 << 20);
-        Ok(Self { socket, state, ipv6 })
+        Ok(Self {
+            socket,
+            state,
+            ipv6,
+        })
     }
 
     pub(crate) fn local_port(&self) -> io::Result<u16> {
@@ -45,18 +49,37 @@ impl UdpPort {
     /// Sends `contents` to `dst`; with `segment_size` the kernel splits it
     /// into datagrams of that size (the last may be shorter). Waits while
     /// the socket buffer is full rather than dropping.
-    pub(crate) fn send(&self, dst: SocketAddr, contents: &[u8], segment_size: Option<usize>) -> io::Result<()> {
+    pub(crate) fn send(
+        &self,
+        dst: SocketAddr,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> io::Result<()> {
         let destination = match dst {
-            SocketAddr::V4(v4) if self.ipv6 => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+            SocketAddr::V4(v4) if self.ipv6 => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
             other => other,
         };
-        let transmit = Transmit { destination, ecn: None, contents, segment_size, src_ip: None };
+        let transmit = Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
+        };
         loop {
-            match self.state.try_send(UdpSockRef::from(&self.socket), &transmit) {
+            match self
+                .state
+                .try_send(UdpSockRef::from(&self.socket), &transmit)
+            {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     super::wait_fd(self.socket.as_fd(), libc::POLLOUT, None, 100)?;
                 }
-                Err(e) if segment_size.is_some() && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) => {
+                Err(e)
+                    if segment_size.is_some()
+                        && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) =>
+                {
                     // No GSO on this path after all (quinn-udp has now
                     // turned it off): send the datagrams one by one.
                     for datagram in contents.chunks(segment_size.unwrap_or(contents.len()).max(1)) {
@@ -71,7 +94,11 @@ impl UdpPort {
 
     /// Receives a batch; returns how many of `bufs` were filled. Each may
     /// hold several datagrams of `meta.stride` bytes (GRO).
-    pub(crate) fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+    pub(crate) fn recv(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
         self.state.recv(UdpSockRef::from(&self.socket), bufs, meta)
     }
 }
