@@ -338,7 +338,7 @@ async fn drive_rendezvous(
                         p.counters.relay_rx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         p.id
                     };
-                    inbound_handle(&ctx, Source::Relay(id), &packet, &mut out, &mut cookie);
+                    inbound_handle(&ctx, &ctx.peers(), Source::Relay(id), &packet, &mut out, &mut cookie);
                 }
             },
             changed = candidates.changed() => {

@@ -12,7 +12,7 @@ use quinn_udp::RecvMeta;
 use super::udp::canonical;
 use super::{Ctx, Source, Stop, wait_fd};
 use crate::packet::{self, Verdict};
-use crate::peer::{DropReason, Peer};
+use crate::peer::{DropReason, Peer, Peers};
 
 /// Buffers per `recvmmsg` (quinn-udp's own batch size on Linux).
 const RECV_BATCH: usize = 32;
@@ -57,6 +57,8 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
                 continue;
             }
         };
+        // One peer-table snapshot per batch, not per datagram.
+        let peers = ctx.peers();
         for (buf, m) in bufs.iter().zip(&meta[..n]) {
             let from = canonical(m.addr);
             let stride = m.stride.max(1);
@@ -67,7 +69,14 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
                 } else if causeway_nat::stun::is_stun(datagram) {
                     crate::traversal::on_stun(ctx, from, datagram);
                 } else {
-                    handle(ctx, Source::Udp(from), datagram, &mut out, &mut cookie);
+                    handle(
+                        ctx,
+                        &peers,
+                        Source::Udp(from),
+                        datagram,
+                        &mut out,
+                        &mut cookie,
+                    );
                 }
             }
         }
@@ -78,6 +87,7 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
 /// through the relay from the peer the relay names.
 pub(crate) fn handle(
     ctx: &Ctx,
+    peers: &Peers,
     source: Source,
     datagram: &[u8],
     out: &mut [u8],
@@ -103,7 +113,6 @@ pub(crate) fn handle(
             return;
         }
     };
-    let peers = ctx.peers();
     let index = match &packet {
         Packet::HandshakeInit(init) => {
             parse_handshake_anon(&ctx.private_key, &ctx.public_key, init)

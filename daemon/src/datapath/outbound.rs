@@ -9,7 +9,7 @@ use boringtun::noise::TunnResult;
 use super::udp::MAX_GSO_BYTES;
 use super::{BATCH, Ctx, Stop, wait_fd};
 use crate::packet;
-use crate::peer::DropReason;
+use crate::peer::{DropReason, Peers};
 
 /// The largest IPv4 or IPv6 packet (without jumbograms).
 const MAX_IP_PACKET: usize = 65_535;
@@ -138,8 +138,10 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
                 }
             }
         }
+        // One peer-table snapshot per batch, not per packet.
+        let peers = ctx.peers();
         for (buf, &len) in bufs.iter_mut().zip(&lens[..n]) {
-            encrypt(ctx, &mut buf[..len], &mut queue, &mut icmp);
+            encrypt(ctx, &peers, &mut buf[..len], &mut queue, &mut icmp);
         }
         queue.flush(ctx);
     }
@@ -147,7 +149,7 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
 
 /// Prepares one packet from the TUN (remap, MSS clamp) and encrypts it
 /// into the send queue; or answers it with ICMP "too big"; or drops it.
-fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8]) {
+fn encrypt(ctx: &Ctx, peers: &Peers, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8]) {
     let summary = match packet::parse(packet) {
         Ok(summary) => summary,
         Err(e) => {
@@ -175,7 +177,6 @@ fn encrypt(ctx: &Ctx, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8])
         );
         return;
     }
-    let peers = ctx.peers();
     let Some((index, view)) = peers.route(dst) else {
         if is_link_local_noise(dst) {
             // The kernel's own chatter on a fresh link (IPv6 router
