@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::datapath::{Ctx, RELAY_QUEUE, RelayPacket, Source, inbound_handle};
+use crate::datapath::{Ctx, RELAY_QUEUE, RelayPacket, Source, TunBatch, inbound_handle};
 use crate::peer::{DropReason, Peer, PeerState};
 
 /// How often the reflexive address is asked for again (NAT mappings change).
@@ -303,7 +303,7 @@ async fn drive_rendezvous(
     mut client: RendezvousClient,
     mut candidates: watch::Receiver<Vec<SocketAddr>>,
 ) {
-    let mut out = vec![0u8; 64 * 1024];
+    let mut batch = TunBatch::new(1, ctx.mtu);
     let mut cookie = [0u8; 64];
     loop {
         tokio::select! {
@@ -338,7 +338,8 @@ async fn drive_rendezvous(
                         p.counters.relay_rx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         p.id
                     };
-                    inbound_handle(&ctx, &ctx.peers(), Source::Relay(id), &packet, &mut out, &mut cookie);
+                    inbound_handle(&ctx, &ctx.peers(), Source::Relay(id), &packet, &mut batch, &mut cookie);
+                    batch.flush(&ctx);
                 }
             },
             changed = candidates.changed() => {

@@ -19,7 +19,7 @@ mod tun;
 pub use error::Error;
 pub use link::Link;
 pub use route::{ROUTE_PROTOCOL, RouteChanges};
-pub use tun::Tun;
+pub use tun::{GroTable, MAX_SEGMENTS, RECV_SCRATCH, TUN_HEADROOM, Tun};
 
 /// A connection to the kernel's routing netlink socket.
 ///

@@ -20,6 +20,8 @@ pub struct Link {
     pub mtu: u32,
     /// Administratively up.
     pub up: bool,
+    /// The most segments the kernel puts into one offloaded packet for it.
+    pub gso_max_segs: u32,
 }
 
 impl Link {
@@ -30,11 +32,13 @@ impl Link {
             kind: String::new(),
             mtu: 0,
             up: msg.header.flags.contains(LinkFlags::Up),
+            gso_max_segs: 0,
         };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(name) => link.name = name.clone(),
                 LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+                LinkAttribute::GsoMaxSegs(segs) => link.gso_max_segs = *segs,
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(kind) = info {
@@ -69,12 +73,16 @@ impl Netlink {
         }
     }
 
-    /// Sets the MTU and brings the link up (both idempotent).
+    /// Sets the MTU, caps offloaded packets at [`crate::MAX_SEGMENTS`]
+    /// segments (what [`crate::Tun::recv_segments`] can split; the kernel
+    /// segments bigger ones itself) and brings the link up. Idempotent.
     pub async fn ensure_link_up(&self, link: &Link, mtu: u32) -> Result<(), Error> {
-        if link.up && link.mtu == mtu {
+        let segs = crate::MAX_SEGMENTS as u32;
+        if link.up && link.mtu == mtu && link.gso_max_segs == segs {
             return Ok(());
         }
-        let msg = LinkUnspec::new_with_index(link.index).mtu(mtu).up().build();
+        let mut msg = LinkUnspec::new_with_index(link.index).mtu(mtu).up().build();
+        msg.attributes.push(LinkAttribute::GsoMaxSegs(segs));
         self.handle
             .link()
             .set(msg)

@@ -1,35 +1,54 @@
-//! The TUN character device.
+//! The TUN character device, with segmentation offloads.
+//!
+//! The device is opened with `IFF_VNET_HDR` and TCP (and, where the kernel
+//! has it, UDP) segmentation offload, the way Tailscale's wireguard-go
+//! does: the kernel hands us TCP "super-packets" of up to 64 KiB that we
+//! split into MTU-size segments ([`Tun::recv_segments`]), and we hand it
+//! back runs of consecutive TCP segments coalesced into one packet
+//! ([`Tun::send_batch`]). One system call then carries tens of packets each
+//! way, and the local TCP stacks see few large packets instead of many
+//! small ones. The splitting and coalescing are tun-rs's (a port of
+//! wireguard-go's `tun/offload_linux.go`).
 
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::fs::OpenOptionsExt;
+
+use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::Error;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+pub use tun_rs::GROTable as GroTable;
+
+/// Bytes every buffer handed to [`Tun::send_batch`] must keep free before
+/// the packet (for the virtio-net header the kernel expects).
+pub const TUN_HEADROOM: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+
+/// Segments one super-packet from the kernel can split into at most
+/// (64 KiB at the smallest MSS we expect); [`Tun::recv_segments`] needs
+/// this many output buffers.
+pub const MAX_SEGMENTS: usize = tun_rs::IDEAL_BATCH_SIZE;
+
+/// Size of the scratch buffer [`Tun::recv_segments`] reads into.
+pub const RECV_SCRATCH: usize = TUN_HEADROOM + 65_535;
+
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-const IFF_TUN: libc::c_short = 0x0001;
-const IFF_NO_PI: libc::c_short = 0x1000;
 
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-/// An open, non-blocking TUN device (layer 3, no packet information header).
+/// An open, non-blocking TUN device (layer 3, offloads on).
 ///
 /// The device is made *persistent*: if the daemon dies, the interface and its
 /// routes stay, with no carrier, so traffic for peers is dropped rather than
 /// leaking out of the default route. The next start attaches to it again
 /// ([`Tun::create_or_attach`]); a clean shutdown deletes it
 /// ([`crate::Netlink::delete_link`]).
-#[derive(Debug)]
 pub struct Tun {
-    file: File,
+    dev: SyncDevice,
     name: String,
+}
+
+impl std::fmt::Debug for Tun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tun").field("name", &self.name).finish()
+    }
 }
 
 impl Tun {
@@ -47,42 +66,35 @@ impl Tun {
                 " (names are 1 to 15 bytes)",
             ));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
+        let dev = DeviceBuilder::new()
+            .name(name)
+            .offload(true)
+            .build_sync()
             .map_err(|e| {
-                fail(
-                    e,
-                    " (is /dev/net/tun present, and do we have CAP_NET_ADMIN?)",
-                )
+                let hint = match e.raw_os_error() {
+                    Some(libc::EBUSY) => {
+                        " (another process holds it: is another causeway running?)"
+                    }
+                    Some(libc::EPERM) => " (needs CAP_NET_ADMIN)",
+                    Some(libc::ENOENT | libc::ENODEV) => " (is /dev/net/tun present?)",
+                    Some(libc::EINVAL) => " (is an interface of another kind using the name?)",
+                    _ => "",
+                };
+                fail(e, hint)
             })?;
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: IFF_TUN | IFF_NO_PI,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `IfReq`
-        // mirrors in size and layout; the fd is open.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            let e = io::Error::last_os_error();
-            let hint = match e.raw_os_error() {
-                Some(libc::EBUSY) => " (another process holds it: is another causeway running?)",
-                Some(libc::EPERM) => " (needs CAP_NET_ADMIN)",
-                _ => "",
-            };
-            return Err(fail(e, hint));
+        if !dev.tcp_gso() {
+            return Err(fail(
+                io::ErrorKind::Unsupported.into(),
+                " (the kernel refused TUN offloads)",
+            ));
         }
-        // SAFETY: TUNSETPERSIST takes an integer argument.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
-            return Err(fail(io::Error::last_os_error(), ""));
-        }
-        Ok(Self {
-            file,
+        dev.set_nonblocking(true).map_err(|e| fail(e, ""))?;
+        let tun = Self {
+            dev,
             name: name.to_owned(),
-        })
+        };
+        tun.set_persistent(true).map_err(|e| fail(e, ""))?;
+        Ok(tun)
     }
 
     /// The interface name.
@@ -90,35 +102,65 @@ impl Tun {
         &self.name
     }
 
-    /// Reads one packet into `buf`; `WouldBlock` when none is waiting.
-    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: the buffer is valid for `buf.len()` bytes of writes.
-        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+    /// Reads one packet from the kernel and splits it into segments that
+    /// each fit the MTU: `bufs[i][..sizes[i]]` for `i` below the returned
+    /// count. `scratch` must hold [`RECV_SCRATCH`] bytes, `bufs` at least
+    /// [`MAX_SEGMENTS`] buffers (fewer may not hold a whole super-packet).
+    /// `WouldBlock` when nothing is waiting; `InvalidData` when the kernel
+    /// handed over something that cannot be split (the packet is gone).
+    pub fn recv_segments<B: AsRef<[u8]> + AsMut<[u8]>>(
+        &self,
+        scratch: &mut [u8],
+        bufs: &mut [B],
+        sizes: &mut [usize],
+    ) -> io::Result<usize> {
+        self.dev
+            .recv_multiple(scratch, bufs, sizes, 0)
+            .map_err(|e| match e.raw_os_error() {
+                Some(_) => e,
+                None => io::Error::new(io::ErrorKind::InvalidData, e),
+            })
+    }
+
+    /// Writes `bufs` (each a packet after [`TUN_HEADROOM`] bytes of
+    /// headroom), coalescing consecutive TCP (and UDP) segments of one flow
+    /// into one packet. `gro` is reused across calls. The buffers are
+    /// scratch afterwards: coalescing appends to some of them.
+    pub fn send_batch(&self, gro: &mut GroTable, bufs: &mut [Vec<u8>]) -> io::Result<usize> {
+        self.dev.send_multiple(gro, bufs, TUN_HEADROOM)
     }
 
     /// Writes one packet.
     pub fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        // SAFETY: the buffer is valid for `packet.len()` bytes of reads.
-        let n = unsafe { libc::write(self.file.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+        let header = [0u8; TUN_HEADROOM];
+        let iov = [
+            libc::iovec {
+                iov_base: header.as_ptr() as *mut _,
+                iov_len: header.len(),
+            },
+            libc::iovec {
+                iov_base: packet.as_ptr() as *mut _,
+                iov_len: packet.len(),
+            },
+        ];
+        // SAFETY: both iovecs point to live buffers of the given lengths,
+        // which writev only reads.
+        let n = unsafe { libc::writev(self.dev.as_raw_fd(), iov.as_ptr(), 2) };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
-            Ok(n as usize)
+            Ok((n as usize).saturating_sub(TUN_HEADROOM))
         }
     }
 
-    /// Makes the device non-persistent, so that it disappears when the last
-    /// descriptor closes. Used on clean shutdown before deleting the link.
+    /// Makes the device persistent or not; a non-persistent one disappears
+    /// when the last descriptor closes. Used on clean shutdown before
+    /// deleting the link.
     pub fn set_persistent(&self, persistent: bool) -> io::Result<()> {
         // SAFETY: TUNSETPERSIST takes an integer argument.
         if unsafe {
             libc::ioctl(
-                self.file.as_raw_fd(),
+                self.dev.as_raw_fd(),
                 TUNSETPERSIST,
                 persistent as libc::c_ulong,
             )
@@ -132,6 +174,6 @@ impl Tun {
 
 impl AsFd for Tun {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+        self.dev.as_fd()
     }
 }

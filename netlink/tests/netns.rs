@@ -60,6 +60,8 @@ fn tun_routes_are_idempotent_and_reconciled() {
                 .expect("get")
                 .expect("link");
             assert!(link.up && link.mtu == 1420, "{link:?}");
+            // Offloaded packets never carry more segments than a read can split.
+            assert_eq!(link.gso_max_segs as usize, causeway_netlink::MAX_SEGMENTS);
 
             let wanted = nets(&["10.1.0.0/16", "10.2.0.0/24", "fd00:20::/64"]);
             let changes = nl

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, TunnResult};
+use causeway_netlink::{GroTable, TUN_HEADROOM};
 use quinn_udp::RecvMeta;
 
 use super::udp::canonical;
@@ -19,6 +20,11 @@ const RECV_BATCH: usize = 32;
 /// Size of one receive buffer: a whole GRO-coalesced burst must fit, or the
 /// kernel would cut it.
 const RECV_BUF: usize = 64 * 1024;
+/// Decrypted packets written to the TUN per system call at most (before
+/// coalescing).
+const TUN_BATCH: usize = causeway_netlink::MAX_SEGMENTS;
+/// The largest IP packet: a coalesced one grows up to this.
+const MAX_IP_PACKET: usize = 65_535;
 /// Message type of a WireGuard cookie reply: the one answer boringtun gives
 /// without having authenticated the sender.
 const COOKIE_REPLY: u8 = 3;
@@ -28,7 +34,7 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
         .map(|_| vec![0u8; RECV_BUF].into_boxed_slice())
         .collect();
     let mut meta = [RecvMeta::default(); RECV_BATCH];
-    let mut out = vec![0u8; RECV_BUF].into_boxed_slice();
+    let mut batch = TunBatch::new(TUN_BATCH, ctx.mtu);
     let mut cookie = [0u8; 64];
     loop {
         let received = {
@@ -74,12 +80,81 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
                         &peers,
                         Source::Udp(from),
                         datagram,
-                        &mut out,
+                        &mut batch,
                         &mut cookie,
                     );
                 }
             }
         }
+        batch.flush(ctx);
+    }
+}
+
+/// Decrypted packets on their way to the TUN, written together so that
+/// consecutive TCP segments of a flow reach the kernel as one packet.
+///
+/// Each buffer keeps [`TUN_HEADROOM`] bytes in front of its packet and the
+/// capacity of the largest IP packet, so that coalescing never allocates.
+pub(crate) struct TunBatch {
+    bufs: Vec<Vec<u8>>,
+    used: usize,
+    /// Bytes a slot offers for decryption unless a datagram needs more.
+    slot: usize,
+    gro: GroTable,
+}
+
+impl TunBatch {
+    /// A batch of `capacity` packets; slots of `mtu` plus WireGuard's slack.
+    pub(crate) fn new(capacity: usize, mtu: usize) -> Self {
+        let slot = mtu.max(1500) + 64;
+        TunBatch {
+            bufs: (0..capacity.max(1))
+                .map(|_| {
+                    let mut buf = Vec::with_capacity(TUN_HEADROOM + MAX_IP_PACKET);
+                    buf.resize(TUN_HEADROOM + slot, 0);
+                    buf
+                })
+                .collect(),
+            used: 0,
+            slot,
+            gro: GroTable::default(),
+        }
+    }
+
+    /// Room to decrypt a datagram of `datagram` bytes into (the plaintext
+    /// is never longer).
+    fn slot(&mut self, datagram: usize) -> &mut [u8] {
+        let buf = &mut self.bufs[self.used];
+        let want = TUN_HEADROOM + datagram.clamp(self.slot, MAX_IP_PACKET);
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
+        &mut buf[TUN_HEADROOM..]
+    }
+
+    /// Takes the `len`-byte packet just decrypted into the slot; writes
+    /// the batch out once it is full.
+    fn commit(&mut self, ctx: &Ctx, len: usize) {
+        self.bufs[self.used].truncate(TUN_HEADROOM + len);
+        self.used += 1;
+        if self.used == self.bufs.len() {
+            self.flush(ctx);
+        }
+    }
+
+    /// Writes the waiting packets to the TUN.
+    pub(crate) fn flush(&mut self, ctx: &Ctx) {
+        if self.used == 0 {
+            return;
+        }
+        let bufs = &mut self.bufs[..self.used];
+        if let Err(e) = ctx.tun.send_batch(&mut self.gro, bufs) {
+            ctx.drop_packet(None, DropReason::IoError, format_args!("write to TUN: {e}"));
+        }
+        for buf in bufs {
+            buf.resize(TUN_HEADROOM + self.slot, 0);
+        }
+        self.used = 0;
     }
 }
 
@@ -90,7 +165,7 @@ pub(crate) fn handle(
     peers: &Peers,
     source: Source,
     datagram: &[u8],
-    out: &mut [u8],
+    batch: &mut TunBatch,
     cookie: &mut [u8; 64],
 ) {
     let from_ip = match source {
@@ -138,6 +213,7 @@ pub(crate) fn handle(
     };
     let peer = peers.get(index);
     let mut state = peer.lock();
+    let out = batch.slot(datagram.len());
     match state.tunn.decapsulate(from_ip, datagram, out) {
         TunnResult::WriteToNetwork(reply) => {
             let authenticated = reply.first() != Some(&COOKIE_REPLY);
@@ -153,12 +229,18 @@ pub(crate) fn handle(
         TunnResult::WriteToTunnelV4(inner, src) => {
             state.roam(source);
             drop(state);
-            deliver(ctx, peer, inner, IpAddr::V4(src));
+            if deliver(ctx, peer, inner, IpAddr::V4(src)) {
+                let len = inner.len();
+                batch.commit(ctx, len);
+            }
         }
         TunnResult::WriteToTunnelV6(inner, src) => {
             state.roam(source);
             drop(state);
-            deliver(ctx, peer, inner, IpAddr::V6(src));
+            if deliver(ctx, peer, inner, IpAddr::V6(src)) {
+                let len = inner.len();
+                batch.commit(ctx, len);
+            }
         }
         TunnResult::Done => {
             // A keepalive or a completed handshake: authenticated either way.
@@ -177,16 +259,17 @@ pub(crate) fn handle(
     }
 }
 
-/// Hands a decrypted packet to the kernel if its source is the peer's and
-/// the allow-list lets it in, after translating its source to our view.
-fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr) {
+/// Whether a decrypted packet may go to the kernel: its source is the
+/// peer's and the allow-list lets it in. Translates its source to our view
+/// and clamps the MSS of a SYN on the way; counts it as received.
+fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr) -> bool {
     let Some(mapping) = peer.view_of_source(src) else {
         ctx.drop_packet(
             Some(peer),
             DropReason::SpoofedSource,
             format_args!("inner source {src} is outside the peer's cidrs"),
         );
-        return;
+        return false;
     };
     if !mapping.is_identity()
         && let Err(e) = mapping.ingress(inner)
@@ -196,7 +279,7 @@ fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr) {
             DropReason::Malformed,
             format_args!("remapping packet from {src}: {e}"),
         );
-        return;
+        return false;
     }
     let summary = match packet::parse(inner) {
         Ok(summary) => summary,
@@ -206,7 +289,7 @@ fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr) {
                 DropReason::Malformed,
                 format_args!("packet from {src}: {e}"),
             );
-            return;
+            return false;
         }
     };
     if !ctx.pod_cidrs.iter().any(|c| c.contains(&summary.dst)) {
@@ -215,7 +298,7 @@ fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr) {
             DropReason::NotExported,
             format_args!("from {src} to {}: not exported", summary.dst),
         );
-        return;
+        return false;
     }
     if let Verdict::Deny(reason) = packet::allowed(&peer.allow, &summary) {
         ctx.drop_packet(
@@ -229,22 +312,14 @@ fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr) {
                 reason.label()
             ),
         );
-        return;
+        return false;
     }
     if summary.is_tcp_syn() {
         packet::clamp_mss(inner, ctx.max_mss[usize::from(summary.dst.is_ipv6())]);
     }
-    match ctx.tun.send(inner) {
-        Ok(_) => {
-            peer.counters.rx_packets.fetch_add(1, Relaxed);
-            peer.counters
-                .rx_bytes
-                .fetch_add(inner.len() as u64, Relaxed);
-        }
-        Err(e) => ctx.drop_packet(
-            Some(peer),
-            DropReason::IoError,
-            format_args!("write to TUN: {e}"),
-        ),
-    }
+    peer.counters.rx_packets.fetch_add(1, Relaxed);
+    peer.counters
+        .rx_bytes
+        .fetch_add(inner.len() as u64, Relaxed);
+    true
 }

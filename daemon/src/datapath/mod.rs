@@ -1,11 +1,14 @@
 //! The data path: TUN → encrypt → UDP and UDP → decrypt → TUN.
 //!
-//! Two OS threads move packets, each in batches: `outbound` reads up to
-//! [`BATCH`] packets from the TUN, encrypts them into one arena and sends
-//! them with as few system calls as possible (UDP GSO for runs of equal-size
-//! packets to one endpoint); `inbound` receives up to 32 buffers per
-//! `recvmmsg` (each possibly several GRO-coalesced datagrams), decrypts and
-//! writes to the TUN. Nothing is allocated per packet. A timer task on the
+//! Two OS threads move packets, each in batches, with segmentation offloads
+//! at both ends: `outbound` reads TCP super-packets of up to 64 KiB from
+//! the TUN (TSO), splits them into up to [`BATCH`] MTU-size segments,
+//! encrypts them into one arena and sends them with as few system calls as
+//! possible (UDP GSO for runs of equal-size packets to one endpoint);
+//! `inbound` receives up to 32 buffers per `recvmmsg` (each possibly several
+//! GRO-coalesced datagrams), decrypts them into a [`TunBatch`] and writes it
+//! to the TUN with consecutive TCP segments coalesced again (GRO), so the
+//! local stack sees a few large packets. Nothing is allocated per packet. A timer task on the
 //! control runtime drives boringtun's timers (handshake retries, rekeys,
 //! keepalives). Bad input is dropped and counted (see [`DropReason`]), and
 //! logged at a bounded rate.
@@ -29,11 +32,12 @@ use causeway_netlink::Tun;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::peer::{DropReason, Drops, Peer, Peers};
-pub(crate) use inbound::handle as inbound_handle;
+pub(crate) use inbound::{TunBatch, handle as inbound_handle};
 pub(crate) use udp::UdpPort;
 
-/// Packets read from the TUN per batch.
-pub(crate) const BATCH: usize = 64;
+/// Packets (segments) read from the TUN per batch: room for two whole
+/// super-packets.
+pub(crate) const BATCH: usize = 2 * causeway_netlink::MAX_SEGMENTS;
 /// Handshakes per second accepted before WireGuard's cookie mechanism
 /// kicks in ("under load"). Each handshake is checked twice (once to find
 /// its peer, once inside boringtun), hence the factor.

@@ -7,6 +7,8 @@ use std::os::fd::AsFd;
 use boringtun::noise::TunnResult;
 
 use super::udp::MAX_GSO_BYTES;
+use causeway_netlink::{MAX_SEGMENTS, RECV_SCRATCH};
+
 use super::{BATCH, Ctx, Stop, wait_fd};
 use crate::packet;
 use crate::peer::{DropReason, Peers};
@@ -102,26 +104,32 @@ impl SendQueue {
 
 pub(super) fn run(ctx: &Ctx, stop: &Stop) {
     let mtu = ctx.mtu;
-    // Reads are capped at the MTU plus slack, so an oversize packet is seen
-    // as such instead of being silently cut.
-    // Room for the largest IP packet, so that one over the MTU is seen
-    // whole and can be answered with ICMP rather than cut.
-    let mut bufs: Vec<Box<[u8]>> = (0..BATCH)
-        .map(|_| vec![0u8; MAX_IP_PACKET].into_boxed_slice())
-        .collect();
+    // The kernel hands over TCP super-packets of up to 64 KiB, split here
+    // into segments that each fit the MTU. A plain packet is copied whole,
+    // so that one over the MTU is seen as such and answered with ICMP
+    // rather than cut. One arena, touched only where packets land.
+    let mut arena = vec![0u8; BATCH * MAX_IP_PACKET];
+    let mut bufs: Vec<&mut [u8]> = arena.chunks_exact_mut(MAX_IP_PACKET).collect();
     let mut lens = [0usize; BATCH];
+    let mut scratch = vec![0u8; RECV_SCRATCH].into_boxed_slice();
     let mut icmp = vec![0u8; 1280].into_boxed_slice();
     let mut queue = SendQueue::new(mtu);
     loop {
         let mut n = 0;
-        while n < BATCH {
-            match ctx.tun.recv(&mut bufs[n]) {
-                Ok(len) => {
-                    lens[n] = len;
-                    n += 1;
-                }
+        // Another read only while a whole super-packet still fits.
+        while BATCH - n >= MAX_SEGMENTS {
+            match ctx
+                .tun
+                .recv_segments(&mut scratch, &mut bufs[n..], &mut lens[n..])
+            {
+                Ok(segments) => n += segments,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => ctx.drop_packet(
+                    None,
+                    DropReason::Malformed,
+                    format_args!("offloaded packet from TUN: {e}"),
+                ),
                 Err(e) => {
                     tracing::error!("reading from TUN {}: {e}", ctx.tun.name());
                     break;
