@@ -11,7 +11,7 @@ pub mod control;
 pub mod daemon;
 mod datapath;
 pub mod invite;
-pub mod keys;
+pub use causeway_nat::keys;
 pub mod metrics;
 pub mod notify;
 pub mod packet;

@@ -13,13 +13,13 @@ use tracing::{Instrument, debug, error, info, warn};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::auth::{self, AuthKey, Role};
-use super::keys;
 use super::proto::{
     CloseCode, FrameDecoder, PROTOCOL_VERSION, RendezvousMessage, SiteMessage, Wire32,
 };
 use super::relay::{self, FragmentError, Reassembler};
 use super::stream::{ReadFailure, read_frame, write_frame};
 use super::tls::{self, SERVER_NAME, TlsError};
+use crate::keys;
 
 /// How long one connection attempt (QUIC handshake plus authentication)
 /// may take.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use super::keys::{self, KeyFileError};
+use crate::keys::{self, KeyError};
 
 /// Where the rendezvous' private key lives unless `private_key_file` says otherwise.
 pub const DEFAULT_PRIVATE_KEY_FILE: &str = "/var/lib/causeway/rendezvous.key";
@@ -202,7 +202,7 @@ impl RendezvousConfig {
                     None
                 }
                 Some(Err(why)) => {
-                    p.add(format!("{label}: public_key"), format!("public {why}"));
+                    p.add(format!("{label}: public_key"), why.to_string());
                     None
                 }
                 Some(Ok(key)) if !contributory(&key) => {
@@ -248,7 +248,7 @@ impl RendezvousConfig {
     }
 
     /// Reads the private key file, creating it (mode 0600) if it is missing.
-    pub fn load_private_key(&self) -> Result<StaticSecret, KeyFileError> {
+    pub fn load_private_key(&self) -> Result<StaticSecret, KeyError> {
         keys::load_or_create_private_key(&self.private_key_file)
     }
 }

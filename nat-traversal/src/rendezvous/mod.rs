@@ -22,7 +22,6 @@
 mod auth;
 mod client;
 mod config;
-mod keys;
 mod proto;
 mod registry;
 mod relay;
@@ -32,6 +31,7 @@ mod stream;
 mod tests;
 mod tls;
 
+pub use crate::keys::KeyError;
 pub use client::{
     ClientStats, ConnectError, RelayError, RendezvousClient, RendezvousEvent, RendezvousHandle,
 };
@@ -39,7 +39,6 @@ pub use config::{
     ConfigErrors, DEFAULT_LISTEN, DEFAULT_PRIVATE_KEY_FILE, DEFAULT_STUN_LISTEN, RendezvousConfig,
     SiteEntry,
 };
-pub use keys::KeyFileError;
 pub use proto::CloseCode;
 pub use relay::FragmentError;
 pub use server::{RendezvousServer, ServeError, ServerStats, SiteStats, serve};

@@ -19,7 +19,6 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::auth::{self, AuthKey, Role};
 use super::config::{RendezvousConfig, SiteEntry};
-use super::keys::{self, KeyFileError};
 use super::proto::{
     CloseCode, FrameDecoder, PROTOCOL_VERSION, RendezvousMessage, SiteMessage, Wire32, encode_frame,
 };
@@ -27,6 +26,7 @@ use super::registry::{ConnId, Registry, RouteError, Update};
 use super::relay;
 use super::stream::{ReadFailure, read_frame, write_frame};
 use super::tls::{self, TlsError};
+use crate::keys::{self, KeyError};
 use crate::stun;
 
 /// How long a new connection has to open its control stream and prove its key.
@@ -47,7 +47,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub enum ServeError {
     /// The private key file could not be read or created.
     #[error(transparent)]
-    Key(#[from] KeyFileError),
+    Key(#[from] KeyError),
     /// A listening socket could not be bound.
     #[error("cannot bind {field} = \"{addr}\": {source}; pick a free port or another address")]
     Bind {

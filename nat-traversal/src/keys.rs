@@ -1,5 +1,5 @@
 //! WireGuard keys: generation, the `wg genkey` / `wg pubkey` text form, and
-//! the site's private key file.
+//! private key files (a site's and the rendezvous').
 //!
 //! Keys are written as standard base64 (with padding) of 32 bytes, 44
 //! characters, exactly like `wg(8)`, so keys can be moved between Causeway
@@ -107,6 +107,18 @@ pub fn encode_public(key: &PublicKey) -> String {
     STANDARD.encode(key.as_bytes())
 }
 
+/// The same base64 text form for any 32 bytes (keys in protocol messages,
+/// proofs).
+pub fn encode_bytes(bytes: &[u8; 32]) -> String {
+    STANDARD.encode(bytes)
+}
+
+/// Decodes 32 bytes of public-key-like base64 (44 characters); the error
+/// never echoes the input.
+pub fn decode_bytes(text: &str) -> Result<[u8; 32], KeyError> {
+    decode(text, KeyKind::Public)
+}
+
 /// Decodes a private key in `wg genkey` form; surrounding whitespace is ignored.
 pub fn decode_private(text: &str) -> Result<StaticSecret, KeyError> {
     decode(text, KeyKind::Private).map(StaticSecret::from)
@@ -130,7 +142,7 @@ fn decode(text: &str, kind: KeyKind) -> Result<[u8; 32], KeyError> {
     }
 }
 
-/// Reads the site's private key from `path`, or creates it there if the file
+/// Reads a private key from `path`, or creates it there if the file
 /// does not exist.
 ///
 /// A new key file is created with mode 0600 from the start (its directory,
