@@ -478,3 +478,97 @@ pub fn udp_exchange_via(
         "only {arrived} of {count} datagrams arrived"
     );
 }
+
+/// The rendezvous' QUIC port in the labs.
+pub const RENDEZVOUS_QUIC_PORT: u16 = 7443;
+/// The rendezvous' STUN port in the labs.
+pub const RENDEZVOUS_STUN_PORT: u16 = 3478;
+
+/// A rendezvous server running in the lab's internet namespace.
+pub struct Rendezvous {
+    pub child: Option<ChildGuard>,
+    pub public_key: String,
+    /// Extra command-line arguments (e.g. `--metrics-listen=…`).
+    args: Vec<String>,
+    dir: tempfile::TempDir,
+    log: std::path::PathBuf,
+}
+
+impl Rendezvous {
+    /// Writes a config serving `sites` (name, public key) and starts it.
+    pub fn start(ns: &Netns, ip: IpAddr, sites: &[(&str, &str)]) -> Rendezvous {
+        Self::start_on(
+            ns,
+            ip,
+            RENDEZVOUS_QUIC_PORT,
+            RENDEZVOUS_STUN_PORT,
+            sites,
+            &[],
+        )
+    }
+
+    /// [`Rendezvous::start`] on other ports, with extra arguments.
+    pub fn start_on(
+        ns: &Netns,
+        ip: IpAddr,
+        quic: u16,
+        stun: u16,
+        sites: &[(&str, &str)],
+        args: &[String],
+    ) -> Rendezvous {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = keys::generate();
+        std::fs::write(
+            dir.path().join("rendezvous.key"),
+            keys::encode_private(&secret) + "\n",
+        )
+        .expect("key");
+        let public_key = keys::encode_public(&x25519_dalek::PublicKey::from(&secret));
+        let mut text = format!(
+            "private_key_file = {:?}\nlisten = \"{}\"\nstun_listen = \"{}\"\n",
+            dir.path().join("rendezvous.key"),
+            SocketAddr::new(ip, quic),
+            SocketAddr::new(ip, stun)
+        );
+        for (name, key) in sites {
+            text += &format!("\n[[site]]\nname = {name:?}\npublic_key = {key:?}\n");
+        }
+        std::fs::write(dir.path().join("rendezvous.toml"), text).expect("config");
+        let log = dir.path().join("rendezvous.log");
+        let mut r = Rendezvous {
+            child: None,
+            public_key,
+            args: args.to_vec(),
+            dir,
+            log,
+        };
+        r.restart(ns);
+        r
+    }
+
+    pub fn restart(&mut self, ns: &Netns) {
+        self.child = None;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let mut cmd = ns.command(causeway_bin());
+        cmd.args(["rendezvous", "--config"])
+            .arg(self.dir.path().join("rendezvous.toml"))
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(out);
+        self.child = Some(ns.spawn(&mut cmd).expect("spawn rendezvous"));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.stop(Duration::from_secs(5));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

@@ -8,89 +8,9 @@ use std::time::{Duration, Instant};
 
 use causeway::control::PeerStatus;
 use causeway::keys;
-use causeway_testbed::{ChildGuard, Lab, LabSpec, Nat, Netns, SiteSpec};
+use causeway_testbed::{Lab, LabSpec, Nat, Netns, SiteSpec};
 
 use crate::common::*;
-
-const QUIC_PORT: u16 = 7443;
-const STUN_PORT: u16 = 3478;
-
-/// A rendezvous server running in the lab's internet namespace.
-struct Rendezvous {
-    child: Option<ChildGuard>,
-    public_key: String,
-    dir: tempfile::TempDir,
-    log: std::path::PathBuf,
-}
-
-impl Rendezvous {
-    /// Writes a config serving `sites` (name, public key) and starts it.
-    fn start(ns: &Netns, ip: IpAddr, sites: &[(&str, &str)]) -> Rendezvous {
-        Self::start_on(ns, ip, QUIC_PORT, STUN_PORT, sites)
-    }
-
-    /// [`Rendezvous::start`] on other ports.
-    fn start_on(
-        ns: &Netns,
-        ip: IpAddr,
-        quic: u16,
-        stun: u16,
-        sites: &[(&str, &str)],
-    ) -> Rendezvous {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let secret = keys::generate();
-        std::fs::write(
-            dir.path().join("rendezvous.key"),
-            keys::encode_private(&secret) + "\n",
-        )
-        .expect("key");
-        let public_key = keys::encode_public(&x25519_dalek::PublicKey::from(&secret));
-        let mut text = format!(
-            "private_key_file = {:?}\nlisten = \"{}\"\nstun_listen = \"{}\"\n",
-            dir.path().join("rendezvous.key"),
-            SocketAddr::new(ip, quic),
-            SocketAddr::new(ip, stun)
-        );
-        for (name, key) in sites {
-            text += &format!("\n[[site]]\nname = {name:?}\npublic_key = {key:?}\n");
-        }
-        std::fs::write(dir.path().join("rendezvous.toml"), text).expect("config");
-        let log = dir.path().join("rendezvous.log");
-        let mut r = Rendezvous {
-            child: None,
-            public_key,
-            dir,
-            log,
-        };
-        r.restart(ns);
-        r
-    }
-
-    fn restart(&mut self, ns: &Netns) {
-        self.child = None;
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log");
-        let mut cmd = ns.command(causeway_bin());
-        cmd.args(["rendezvous", "--config"])
-            .arg(self.dir.path().join("rendezvous.toml"))
-            .stdout(Stdio::null())
-            .stderr(out);
-        self.child = Some(ns.spawn(&mut cmd).expect("spawn rendezvous"));
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.stop(Duration::from_secs(5));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
 
 /// Two sites that know each other only by key, both registered with one
 /// rendezvous.
@@ -128,7 +48,7 @@ impl NatPair {
         );
         let rdv = format!(
             "[[rendezvous]]\naddress = \"{}\"\npublic_key = {:?}\n",
-            SocketAddr::new(ip, QUIC_PORT),
+            SocketAddr::new(ip, RENDEZVOUS_QUIC_PORT),
             rendezvous.public_key
         );
         let cfg_a = files[0].write_config(
@@ -369,7 +289,7 @@ fn unknown_sites_and_impostor_rendezvous_are_refused() {
     let rdv = |key: &str| {
         format!(
             "[[rendezvous]]\naddress = \"{}\"\npublic_key = {key:?}\n",
-            SocketAddr::new(ip, QUIC_PORT)
+            SocketAddr::new(ip, RENDEZVOUS_QUIC_PORT)
         )
     };
     let cfg_a = files[0].write_config(
@@ -433,15 +353,22 @@ fn with_two_rendezvous_servers_either_one_is_enough() {
         ("a", files[0].public_key.as_str()),
         ("b", files[1].public_key.as_str()),
     ];
-    let mut first = Rendezvous::start_on(lab.internet(), ip, QUIC_PORT, STUN_PORT, &sites);
-    let second = Rendezvous::start_on(lab.internet(), ip, QUIC_PORT + 1, STUN_PORT + 1, &sites);
+    let mut first = Rendezvous::start(lab.internet(), ip, &sites);
+    let second = Rendezvous::start_on(
+        lab.internet(),
+        ip,
+        RENDEZVOUS_QUIC_PORT + 1,
+        RENDEZVOUS_STUN_PORT + 1,
+        &sites,
+        &[],
+    );
     let rdv = format!(
         "[[rendezvous]]\naddress = \"{}\"\npublic_key = {:?}\n\n[[rendezvous]]\naddress = \"{}\"\npublic_key = {:?}\nstun = \"{}\"\n",
-        SocketAddr::new(ip, QUIC_PORT),
+        SocketAddr::new(ip, RENDEZVOUS_QUIC_PORT),
         first.public_key,
-        SocketAddr::new(ip, QUIC_PORT + 1),
+        SocketAddr::new(ip, RENDEZVOUS_QUIC_PORT + 1),
         second.public_key,
-        SocketAddr::new(ip, STUN_PORT + 1),
+        SocketAddr::new(ip, RENDEZVOUS_STUN_PORT + 1),
     );
     let cfg_a = files[0].write_config(
         "a",

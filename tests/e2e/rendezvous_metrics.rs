@@ -5,16 +5,13 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
-use std::process::Stdio;
+
 use std::time::{Duration, Instant};
 
-use causeway::keys;
-use causeway_testbed::{ChildGuard, Lab, LabSpec, Nat, Netns, SiteSpec};
+use causeway_testbed::{Lab, LabSpec, Nat, Netns, SiteSpec};
 
 use crate::common::*;
 
-const QUIC_PORT: u16 = 7443;
-const STUN_PORT: u16 = 3478;
 const METRICS_PORT: u16 = 9469;
 
 /// `GET path` from inside `ns`: the status code and the body.
@@ -107,37 +104,16 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
     let ip = IpAddr::V4(lab.internet_addr());
 
     // The rendezvous, serving a and b, with metrics on its own address.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secret = keys::generate();
-    std::fs::write(
-        dir.path().join("rendezvous.key"),
-        keys::encode_private(&secret) + "\n",
-    )
-    .expect("key");
-    let rendezvous_key = keys::encode_public(&x25519_dalek::PublicKey::from(&secret));
-    let mut text = format!(
-        "private_key_file = {:?}\nlisten = \"{}\"\nstun_listen = \"{}\"\n",
-        dir.path().join("rendezvous.key"),
-        SocketAddr::new(ip, QUIC_PORT),
-        SocketAddr::new(ip, STUN_PORT)
-    );
-    for (name, f) in [("a", &files[0]), ("b", &files[1])] {
-        text += &format!(
-            "\n[[site]]\nname = {name:?}\npublic_key = {:?}\n",
-            f.public_key
-        );
-    }
-    std::fs::write(dir.path().join("rendezvous.toml"), text).expect("config");
-    let log = dir.path().join("rendezvous.log");
     let metrics = SocketAddr::new(ip, METRICS_PORT);
-    let mut cmd = internet.command(causeway_bin());
-    cmd.args(["rendezvous", "--config"])
-        .arg(dir.path().join("rendezvous.toml"))
-        .arg(format!("--metrics-listen={metrics}"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"));
-    let mut rendezvous: ChildGuard = internet.spawn(&mut cmd).expect("spawn rendezvous");
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut rendezvous = Rendezvous::start_on(
+        internet,
+        ip,
+        RENDEZVOUS_QUIC_PORT,
+        RENDEZVOUS_STUN_PORT,
+        &[("a", &files[0].public_key), ("b", &files[1].public_key)],
+        &[format!("--metrics-listen={metrics}")],
+    );
+    let rendezvous_key = rendezvous.public_key.clone();
 
     // Ready once it serves (the probe may first find nothing listening).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -146,13 +122,14 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
             assert_eq!(answer, (200, "ready\n".to_owned()));
             break;
         }
-        if let Ok(Some(status)) = rendezvous.wait_timeout(Duration::from_millis(50)) {
-            panic!("rendezvous exited ({status}):\n{}", log_text());
+        let child = rendezvous.child.as_mut().expect("started");
+        if let Ok(Some(status)) = child.wait_timeout(Duration::from_millis(50)) {
+            panic!("rendezvous exited ({status}):\n{}", rendezvous.log_text());
         }
         assert!(
             Instant::now() < deadline,
             "rendezvous never ready:\n{}",
-            log_text()
+            rendezvous.log_text()
         );
     }
     assert_eq!(get(internet, metrics, "/healthz"), (200, "ok\n".to_owned()));
@@ -205,14 +182,14 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
         &causeway_nat::stun::TransactionId([9; 12]),
         &mut request,
     );
-    stun.send_to(&request[..len], (ip, STUN_PORT))
+    stun.send_to(&request[..len], (ip, RENDEZVOUS_STUN_PORT))
         .expect("send STUN");
     stun.recv(&mut [0u8; 512]).expect("STUN answer");
 
     // The sites connect and relay a ping and a transfer.
     let rdv = format!(
         "[[rendezvous]]\naddress = \"{}\"\npublic_key = {rendezvous_key:?}\n",
-        SocketAddr::new(ip, QUIC_PORT)
+        SocketAddr::new(ip, RENDEZVOUS_QUIC_PORT)
     );
     let cfg_a = files[0].write_config(
         "a",
@@ -292,12 +269,15 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
 
     // SIGTERM: a clean exit, and the metrics port closes with it.
     let status = rendezvous
+        .child
+        .take()
+        .expect("running")
         .stop(Duration::from_secs(5))
         .expect("stop rendezvous");
     assert!(
         status.success(),
         "rendezvous exited with {status}:\n{}",
-        log_text()
+        rendezvous.log_text()
     );
     assert!(
         try_get(internet, metrics, "/healthz").is_err(),
