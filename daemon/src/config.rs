@@ -19,6 +19,9 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub use causeway_nat::config_problems::ConfigErrors;
+use causeway_nat::config_problems::Problems;
+
 use crate::keys::{self, PublicKey, StaticSecret};
 pub use crate::packet::{AllowRule, Proto};
 use crate::views::{self, PeerCidrs, Persisted, View};
@@ -38,7 +41,7 @@ pub const MTU_RANGE: RangeInclusive<u16> = 576..=9000;
 /// The smallest tunnel MTU accepted when any CIDR is IPv6 (RFC 8200).
 pub const MIN_MTU_IPV6: u16 = 1280;
 /// Longest site or peer name.
-pub const MAX_NAME_LEN: usize = 32;
+pub use causeway_nat::config_problems::MAX_NAME_LEN;
 /// Where view CIDRs come from unless `site.remap_pool` says otherwise: the
 /// RFC 6598 shared address space for IPv4 and a fixed ULA /48 for IPv6
 /// ("cause" in ASCII after `fd`).
@@ -206,47 +209,15 @@ impl Endpoint {
     }
 }
 
-/// Every problem found in a configuration, one line each, naming the file
-/// and the field at fault.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors {
-    problems: Vec<String>,
-}
-
-impl ConfigErrors {
-    /// The problems, one message each, in file order where possible.
-    pub fn problems(&self) -> &[String] {
-        &self.problems
-    }
-
-    fn one(origin: &str, problem: impl fmt::Display) -> Self {
-        Self {
-            problems: vec![format!("{origin}: {problem}")],
-        }
-    }
-}
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.problems.join("\n"))
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
 /// Parses and validates a configuration without touching files or the
 /// network; `origin` names the file in messages. Host-name endpoints are
 /// left unresolved and the private key unread: see [`load`].
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig =
-        toml::from_str(text).map_err(|e| ConfigErrors::one(origin, toml_problem(text, &e)))?;
-    let mut p = Problems {
-        origin,
-        lines: Vec::new(),
-    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors::toml(origin, text, &e))?;
+    let mut p = Problems::new(origin);
 
     let site = raw.site.unwrap_or_default();
-    let name = check_name(&mut p, "site.name", site.name);
+    let name = p.name("site.name", site.name).unwrap_or_default();
     let interface = site.interface.unwrap_or_else(|| DEFAULT_INTERFACE.into());
     if let Err(why) = check_interface(&interface) {
         p.add(
@@ -423,7 +394,9 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
             Some(name) => format!("peer[{i}] {name:?}"),
             None => format!("peer[{i}]"),
         };
-        let name = check_name(&mut p, &format!("{label}: name"), peer.name);
+        let name = p
+            .name(format!("{label}: name"), peer.name)
+            .unwrap_or_default();
         if !name.is_empty() {
             match names.entry(name.clone()) {
                 Entry::Occupied(first) => p.add(
@@ -514,9 +487,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
         );
     }
 
-    if !p.lines.is_empty() {
-        return Err(ConfigErrors { problems: p.lines });
-    }
+    p.finish()?;
     Ok(Config {
         site: SiteConfig {
             name,
@@ -551,10 +522,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigErrors::one(&origin, format!("cannot read the config file: {e}")))?;
     let mut config = parse(&text, &origin)?;
-    let mut p = Problems {
-        origin: &origin,
-        lines: Vec::new(),
-    };
+    let mut p = Problems::new(&origin);
 
     match keys::load_or_create_private_key(&config.site.private_key_file) {
         Ok(key) => {
@@ -631,9 +599,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         },
     }
 
-    if !p.lines.is_empty() {
-        return Err(ConfigErrors { problems: p.lines });
-    }
+    p.finish()?;
     // Only a configuration that is valid as a whole changes the state.
     if let Some(next) = changed {
         next.save(&state_file)
@@ -759,54 +725,6 @@ struct RawAllow {
     proto: Option<String>,
     // A string ("443", "8000-8080") or, for a single port, an integer.
     ports: Option<toml::Value>,
-}
-
-struct Problems<'a> {
-    origin: &'a str,
-    lines: Vec<String>,
-}
-
-impl Problems<'_> {
-    fn add(&mut self, field: impl fmt::Display, problem: impl fmt::Display) {
-        self.lines
-            .push(format!("{}: {field}: {problem}", self.origin));
-    }
-}
-
-/// A syntax or type error from the TOML parser, as one line with its position.
-fn toml_problem(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim().replace('\n', "; ");
-    match e.span() {
-        Some(span) => {
-            let before = text.get(..span.start).unwrap_or(text);
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-            format!("line {line}, column {column}: {message}")
-        }
-        None => message,
-    }
-}
-
-fn check_name(p: &mut Problems<'_>, field: &str, value: Option<String>) -> String {
-    match value {
-        None => p.add(
-            field,
-            "missing; give it a name of 1 to 32 characters from a-z, 0-9 and '-'",
-        ),
-        Some(name)
-            if (1..=MAX_NAME_LEN).contains(&name.len())
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
-        {
-            return name;
-        }
-        Some(name) => p.add(
-            field,
-            format!("{name:?} is not a valid name; use 1 to 32 characters from a-z, 0-9 and '-'"),
-        ),
-    }
-    String::new()
 }
 
 /// The kernel's rules for a network interface name (`dev_valid_name`).
@@ -952,7 +870,7 @@ fn allow_rule(
     rule: RawAllow,
     exported: Option<&[IpNet]>,
 ) -> Option<AllowRule> {
-    let before = p.lines.len();
+    let before = p.count();
     let cidr = match rule.cidr.as_deref().map(parse_cidr) {
         None => {
             p.add(
@@ -1008,7 +926,7 @@ fn allow_rule(
         }
         Some(ports)
     });
-    if p.lines.len() > before {
+    if p.count() > before {
         return None;
     }
     Some(AllowRule {

@@ -18,6 +18,7 @@
 //! - [`path`]: per-peer candidate probing and path selection (`PeerPaths`):
 //!   direct path or relay, keepalives, dead-path detection.
 
+pub mod config_problems;
 pub mod keys;
 pub mod path;
 pub mod probe;

@@ -6,13 +6,14 @@
 //! format is documented in docs/rendezvous.md.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+pub use crate::config_problems::ConfigErrors;
+use crate::config_problems::{Problems, valid_name};
 use crate::keys::{self, KeyError};
 
 /// Where the rendezvous' private key lives unless `private_key_file` says otherwise.
@@ -22,8 +23,6 @@ pub const DEFAULT_PRIVATE_KEY_FILE: &str = "/var/lib/causeway/rendezvous.key";
 pub const DEFAULT_LISTEN: &str = "[::]:7443";
 /// The STUN address unless `stun_listen` says otherwise.
 pub const DEFAULT_STUN_LISTEN: &str = "[::]:3478";
-/// Longest site name.
-pub(crate) const MAX_NAME_LEN: usize = 32;
 
 /// A validated rendezvous configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,34 +48,6 @@ pub struct SiteEntry {
     pub public_key: PublicKey,
 }
 
-/// Every problem found in a configuration, one line each, naming the file
-/// and the field at fault.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors {
-    problems: Vec<String>,
-}
-
-impl ConfigErrors {
-    /// The problems, one message each, in file order.
-    pub fn problems(&self) -> &[String] {
-        &self.problems
-    }
-
-    fn one(origin: &str, problem: impl fmt::Display) -> Self {
-        Self {
-            problems: vec![format!("{origin}: {problem}")],
-        }
-    }
-}
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.problems.join("\n"))
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -94,28 +65,13 @@ struct RawSite {
     public_key: Option<String>,
 }
 
-struct Problems<'a> {
-    origin: &'a str,
-    lines: Vec<String>,
-}
-
-impl Problems<'_> {
-    fn add(&mut self, field: impl fmt::Display, problem: impl fmt::Display) {
-        self.lines
-            .push(format!("{}: {field}: {problem}", self.origin));
-    }
-}
-
 impl RendezvousConfig {
     /// Parses and validates a configuration without touching files or the
     /// network; `origin` names the file in messages.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigErrors> {
         let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigErrors::one(origin, toml_problem(text, &e)))?;
-        let mut p = Problems {
-            origin,
-            lines: Vec::new(),
-        };
+            toml::from_str(text).map_err(|e| ConfigErrors::toml(origin, text, &e))?;
+        let mut p = Problems::new(origin);
         let private_key_file = raw
             .private_key_file
             .unwrap_or_else(|| DEFAULT_PRIVATE_KEY_FILE.into());
@@ -228,9 +184,7 @@ impl RendezvousConfig {
                 sites.push(SiteEntry { name, public_key });
             }
         }
-        if !p.lines.is_empty() {
-            return Err(ConfigErrors { problems: p.lines });
-        }
+        p.finish()?;
         Ok(Self {
             private_key_file,
             listen: listen.unwrap_or_else(|| default_addr(DEFAULT_LISTEN)),
@@ -284,32 +238,12 @@ fn address(
     }
 }
 
-fn valid_name(name: &str) -> bool {
-    (1..=MAX_NAME_LEN).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 /// Whether a public key gives a contributory X25519 result (not a
 /// low-order point).
 fn contributory(key: &PublicKey) -> bool {
     StaticSecret::from([0x5a; 32])
         .diffie_hellman(key)
         .was_contributory()
-}
-
-fn toml_problem(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim().replace('\n', "; ");
-    match e.span() {
-        Some(span) => {
-            let before = text.get(..span.start).unwrap_or(text);
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-            format!("line {line}, column {column}: {message}")
-        }
-        None => message,
-    }
 }
 
 #[cfg(test)]
