@@ -1,26 +1,24 @@
 //! The lab demo: two sites, two daemons, traffic, teardown.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::IpAddr;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use causeway_testbed::{ChildGuard, Lab, LabSpec, Nat, Netns, Site, SiteSpec};
-use ipnet::Ipv4Net;
-
-/// The rendezvous' QUIC port.
-const RDV_PORT: u16 = 7443;
-/// Both sites use the same pod CIDR, as most clusters do.
-const POD_CIDR: &str = "10.0.0.0/16";
+use causeway_testbed::{Lab, LabSpec, Nat, Netns, SiteSpec};
 
 use crate::interrupt::check as check_interrupt;
+use crate::lab::daemon::{
+    self, KeyPair, PeerConfig, PeerPath, PeerStatus, RENDEZVOUS_PORT, Rendezvous, STUN_PORT,
+    SiteConfig, SiteDir, through,
+};
 
-struct SiteRun {
-    dir: tempfile::TempDir,
-    public_key: String,
-    daemon: Option<ChildGuard>,
-}
+/// Both sites use the same pod CIDR, as most clusters do.
+const POD_CIDR: &str = "10.0.0.0/16";
+/// Log level of the daemons and the rendezvous (their logs are shown when
+/// something fails).
+const LOG_LEVEL: &str = "info";
 
 /// The kind of NAT both demo sites sit behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -55,12 +53,10 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
         ],
     })
     .context("building the lab (are you root?)")?;
-    let (pharma, hospital) = (lab.site("pharma"), lab.site("hospital"));
+    let sites = [lab.site("pharma"), lab.site("hospital")];
+    let [pharma, hospital] = sites;
     // The lab routes IPv6 without NAT; this demo is about IPv4 NATs.
-    for site in [pharma, hospital] {
-        site.gateway
-            .ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"])?;
-    }
+    daemon::ipv4_only_behind_nats(&lab)?;
     println!(
         "lab     two sites in network namespaces ({} ms), both with pods in {POD_CIDR}, both behind a NAT router \
          (nftables {nat_name}, no inbound port open): pharma {} -> {}, hospital {} -> {}",
@@ -71,25 +67,51 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
         hospital.public_addr
     );
 
-    let mut runs = [new_site(&bin)?, new_site(&bin)?];
-    let rendezvous = Rendezvous::start(&bin, lab.internet(), lab.internet_addr(), &runs)?;
+    let tmp = tempfile::tempdir()?;
+    let keys = [KeyPair::generate(&bin)?, KeyPair::generate(&bin)?];
+    let rendezvous = Rendezvous::start(
+        &bin,
+        &lab,
+        &tmp.path().join("rendezvous"),
+        &[
+            ("pharma", keys[0].public.as_str()),
+            ("hospital", keys[1].public.as_str()),
+        ],
+        LOG_LEVEL,
+    )?;
     println!(
-        "rdv     causeway rendezvous on the \"internet\" at {}:{RDV_PORT} (QUIC) and :3478 (STUN); the sites dial out to it",
+        "rdv     causeway rendezvous on the \"internet\" at {}:{RENDEZVOUS_PORT} (QUIC) and :{STUN_PORT} (STUN); the sites dial out to it",
         lab.internet_addr()
     );
     let started = Instant::now();
-    for (i, (site, peer)) in [(pharma, hospital), (hospital, pharma)]
-        .into_iter()
-        .enumerate()
-    {
-        let config = write_config(
-            &runs[i],
-            site,
-            &runs[1 - i].public_key,
-            &peer.name,
-            &rendezvous,
-        )?;
-        runs[i].daemon = Some(start_daemon(&bin, site, &runs[i], &config)?);
+    let mut dirs = Vec::new();
+    let mut daemons = Vec::new();
+    for (i, site) in sites.iter().enumerate() {
+        let peer = sites[1 - i];
+        let dir = SiteDir::create(tmp.path().join(&site.name))?;
+        SiteConfig {
+            site: &site.name,
+            private_key: &keys[i].private,
+            pod_cidrs: &site.pod_cidrs,
+            listen_port: None,
+            mtu: None,
+            remap_pool: None,
+            peer: PeerConfig {
+                name: &peer.name,
+                public_key: &keys[1 - i].public,
+                cidrs: &peer.pod_cidrs,
+                endpoint: None,
+            },
+            rendezvous: Some(&rendezvous.pin),
+        }
+        .write(&dir)?;
+        let mut d = daemon::spawn_daemon(&bin, &site.gateway, &dir, LOG_LEVEL)?;
+        if let Err(e) = daemon::wait_ready(&bin, &dir.control_socket(), &mut d) {
+            let log = std::fs::read_to_string(dir.log()).unwrap_or_default();
+            bail!("causeway on {}: {e:#}:\n{log}", site.name);
+        }
+        dirs.push(dir);
+        daemons.push(d);
     }
     println!(
         "daemons causeway up on both gateways, ready in {} ms; peers know each other only by public key",
@@ -98,22 +120,26 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
 
     // Both sites number their pods alike, so each sees the other through a
     // view CIDR that its daemon allocated (and shows in its status).
-    let hospital_view = view_of(&bin, &runs[0], "hospital")?;
-    let pharma_view = view_of(&bin, &runs[1], "pharma")?;
+    let view_of = |i: usize| -> anyhow::Result<_> {
+        let status = daemon::status(&bin, &dirs[i].control_socket())?;
+        PeerStatus::of(&status, &sites[1 - i].name)?
+            .view
+            .context("the peer has no view")
+    };
+    let (hospital_view, pharma_view) = (view_of(0)?, view_of(1)?);
     println!(
         "views   pharma sees hospital's {POD_CIDR} as {hospital_view}; hospital sees pharma's as {pharma_view}"
     );
     let (pod_a, pod_b) = (&pharma.pods[0], &hospital.pods[0]);
     let (b_from_a, a_from_b) = (
-        through(pod_b.addr, hospital_view)?,
-        through(pod_a.addr, pharma_view)?,
+        through(pod_b.addr, POD_CIDR.parse()?, hospital_view)?,
+        through(pod_a.addr, POD_CIDR.parse()?, pharma_view)?,
     );
     let rtt = match ping_until(&pod_a.ns, b_from_a.into(), Duration::from_secs(15)) {
         Ok(rtt) => rtt,
         Err(e) => {
-            for run in &runs {
-                let log = std::fs::read_to_string(run.dir.path().join("causeway.log"))
-                    .unwrap_or_default();
+            for dir in &dirs {
+                let log = std::fs::read_to_string(dir.log()).unwrap_or_default();
                 eprintln!("--- daemon log:\n{log}");
             }
             return Err(e);
@@ -132,16 +158,24 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
     } else {
         Duration::from_secs(10)
     };
-    let (path, endpoint) = wait_direct(&bin, &runs[0], within)?;
-    let how = match path.as_str() {
-        "direct" => "hole punched through both NATs; relayed until then",
-        "relay" => {
-            "no hole can be punched through these NATs: WireGuard ciphertext goes through the rendezvous"
-        }
-        _ => "",
+    let peer = daemon::wait_path(
+        &bin,
+        &dirs[0].control_socket(),
+        "hospital",
+        PeerPath::Direct,
+        within,
+    )?;
+    let how = if peer.is_on(PeerPath::Direct) {
+        "hole punched through both NATs; relayed until then"
+    } else if peer.is_on(PeerPath::Relay) {
+        "no hole can be punched through these NATs: WireGuard ciphertext goes through the rendezvous"
+    } else {
+        ""
     };
     println!(
-        "path    pharma -> hospital: {path} {endpoint} {} ms after start ({how})",
+        "path    pharma -> hospital: {} {} {} ms after start ({how})",
+        peer.path,
+        peer.endpoint.as_deref().unwrap_or(""),
         started.elapsed().as_millis()
     );
     let rtt = ping_until(&pod_b.ns, a_from_b.into(), Duration::from_secs(5))?;
@@ -170,22 +204,20 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
 
     let status = Command::new(&bin)
         .args(["status", "--socket"])
-        .arg(runs[0].dir.path().join("control.sock"))
+        .arg(dirs[0].control_socket())
         .output()?;
     println!("status  of pharma's daemon (`causeway status`):");
     for line in String::from_utf8_lossy(&status.stdout).lines() {
         println!("          {line}");
     }
 
-    for (run, site) in runs.iter_mut().zip([pharma, hospital]) {
-        if let Some(mut daemon) = run.daemon.take() {
-            let exit = daemon.stop(Duration::from_secs(5))?;
-            ensure!(
-                exit.success(),
-                "causeway on {} exited with {exit}",
-                site.name
-            );
-        }
+    for (mut daemon, site) in daemons.into_iter().zip(sites) {
+        let exit = daemon.stop(Duration::from_secs(5))?;
+        ensure!(
+            exit.success(),
+            "causeway on {} exited with {exit}",
+            site.name
+        );
         let left = site.gateway.ip(&["route", "show", "proto", "201"])?;
         ensure!(
             left.is_empty() && site.gateway.ip(&["link", "show", "causeway0"]).is_err(),
@@ -194,168 +226,13 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
         );
     }
     println!("stop    daemons stopped; their interfaces and routes are gone");
+    drop(rendezvous);
     drop(lab);
     println!("done    lab torn down");
     Ok(())
 }
 
-/// `causeway pubkey` of a private key.
-fn public_key_of(bin: &Path, private_key: &[u8]) -> anyhow::Result<String> {
-    let mut child = Command::new(bin)
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, private_key)?;
-    Ok(String::from_utf8(child.wait_with_output()?.stdout)?
-        .trim()
-        .to_owned())
-}
-
-fn new_site(bin: &Path) -> anyhow::Result<SiteRun> {
-    let dir = tempfile::tempdir()?;
-    let key = Command::new(bin).arg("genkey").output()?;
-    ensure!(key.status.success(), "causeway genkey failed");
-    std::fs::write(dir.path().join("private.key"), &key.stdout)?;
-    let public_key = public_key_of(bin, &key.stdout)?;
-    Ok(SiteRun {
-        dir,
-        public_key,
-        daemon: None,
-    })
-}
-
-/// The demo's rendezvous, in the lab's internet namespace.
-struct Rendezvous {
-    _dir: tempfile::TempDir,
-    _child: ChildGuard,
-    address: SocketAddr,
-    public_key: String,
-}
-
-impl Rendezvous {
-    fn start(
-        bin: &Path,
-        ns: &Netns,
-        ip: Ipv4Addr,
-        sites: &[SiteRun; 2],
-    ) -> anyhow::Result<Rendezvous> {
-        let dir = tempfile::tempdir()?;
-        let key = Command::new(bin).arg("genkey").output()?;
-        std::fs::write(dir.path().join("rendezvous.key"), &key.stdout)?;
-        let public_key = public_key_of(bin, &key.stdout)?;
-        let address = SocketAddr::new(ip.into(), RDV_PORT);
-        let mut text = format!(
-            "private_key_file = {:?}\nlisten = \"{address}\"\nstun_listen = \"{ip}:3478\"\n",
-            dir.path().join("rendezvous.key")
-        );
-        for (name, site) in ["pharma", "hospital"].iter().zip(sites) {
-            text += &format!(
-                "\n[[site]]\nname = {name:?}\npublic_key = {:?}\n",
-                site.public_key
-            );
-        }
-        std::fs::write(dir.path().join("rendezvous.toml"), text)?;
-        let log = std::fs::File::create(dir.path().join("rendezvous.log"))?;
-        let child = ns.spawn(
-            ns.command(bin.to_str().context("path")?)
-                .args(["rendezvous", "--config"])
-                .arg(dir.path().join("rendezvous.toml"))
-                .stdout(Stdio::null())
-                .stderr(log),
-        )?;
-        Ok(Rendezvous {
-            _dir: dir,
-            _child: child,
-            address,
-            public_key,
-        })
-    }
-}
-
-/// Waits until site `run`'s peer is on a direct path; returns (path, endpoint).
-fn wait_direct(bin: &Path, run: &SiteRun, within: Duration) -> anyhow::Result<(String, String)> {
-    let deadline = Instant::now() + within;
-    loop {
-        check_interrupt()?;
-        let out = Command::new(bin)
-            .args(["status", "--json", "--socket"])
-            .arg(run.dir.path().join("control.sock"))
-            .output()?;
-        let status: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("causeway status --json")?;
-        let peer = &status["peers"][0];
-        let path = peer["path"].as_str().unwrap_or("?").to_owned();
-        if path == "direct" || Instant::now() > deadline {
-            return Ok((path, peer["endpoint"].as_str().unwrap_or("").to_owned()));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn write_config(
-    run: &SiteRun,
-    site: &Site,
-    peer_key: &str,
-    peer_name: &str,
-    rendezvous: &Rendezvous,
-) -> anyhow::Result<PathBuf> {
-    let dir = run.dir.path();
-    let text = format!(
-        "[site]\nname = {name:?}\nprivate_key_file = {key:?}\npod_cidrs = [{POD_CIDR:?}]\ncontrol_socket = {sock:?}\nuapi_socket = {uapi:?}\nstate_dir = {dir:?}\n\n\
-         [[peer]]\nname = {peer_name:?}\npublic_key = {peer_key:?}\ncidrs = [{POD_CIDR:?}]\n\n\
-         [[rendezvous]]\naddress = \"{address}\"\npublic_key = {rdv_key:?}\n",
-        address = rendezvous.address,
-        rdv_key = rendezvous.public_key,
-        name = site.name,
-        key = dir.join("private.key"),
-        sock = dir.join("control.sock"),
-        // Both gateways name their interface causeway0, each in its own
-        // namespace, but the default UAPI socket directory is host-wide.
-        uapi = dir.join("uapi.sock"),
-    );
-    let path = dir.join("causeway.toml");
-    std::fs::write(&path, text)?;
-    Ok(path)
-}
-
-fn start_daemon(
-    bin: &Path,
-    site: &Site,
-    run: &SiteRun,
-    config: &Path,
-) -> anyhow::Result<ChildGuard> {
-    let log = std::fs::File::create(run.dir.path().join("causeway.log"))?;
-    let mut daemon = site.gateway.spawn(
-        site.gateway
-            .command(bin.to_str().context("path")?)
-            .args(["up", "--config"])
-            .arg(config)
-            .stderr(log),
-    )?;
-    let socket = run.dir.path().join("control.sock");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        check_interrupt()?;
-        let ok = Command::new(bin)
-            .args(["status", "--socket"])
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        if ok.success() {
-            return Ok(daemon);
-        }
-        if let Some(exit) = daemon.wait_timeout(Duration::from_millis(50))? {
-            let log =
-                std::fs::read_to_string(run.dir.path().join("causeway.log")).unwrap_or_default();
-            bail!("causeway on {} exited with {exit}:\n{log}", site.name);
-        }
-    }
-    bail!("causeway on {} did not become ready", site.name)
-}
-
-fn ping_until(ns: &Netns, dst: std::net::IpAddr, within: Duration) -> anyhow::Result<Duration> {
+fn ping_until(ns: &Netns, dst: IpAddr, within: Duration) -> anyhow::Result<Duration> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         check_interrupt()?;
@@ -364,30 +241,6 @@ fn ping_until(ns: &Netns, dst: std::net::IpAddr, within: Duration) -> anyhow::Re
         }
     }
     bail!("{dst} did not answer from {}", ns.name())
-}
-
-/// The view CIDR a site's daemon gave its peer's pod CIDR.
-fn view_of(bin: &Path, run: &SiteRun, peer: &str) -> anyhow::Result<Ipv4Net> {
-    let out = Command::new(bin)
-        .args(["status", "--json", "--socket"])
-        .arg(run.dir.path().join("control.sock"))
-        .output()?;
-    let status: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("causeway status --json")?;
-    let peers = status["peers"].as_array().context("status has no peers")?;
-    let p = peers
-        .iter()
-        .find(|p| p["name"] == peer)
-        .context("peer missing from status")?;
-    let view = p["views"][0]["view"].as_str().context("peer has no view")?;
-    Ok(view.parse()?)
-}
-
-/// `addr` of a site's pod as the other site sees it through `view`.
-fn through(addr: Ipv4Addr, view: Ipv4Net) -> anyhow::Result<Ipv4Addr> {
-    let real: Ipv4Net = POD_CIDR.parse()?;
-    let host = u32::from(addr) & !u32::from(real.netmask());
-    Ok(Ipv4Addr::from(u32::from(view.network()) | host))
 }
 
 /// Runs iperf3 from `client` to the server already listening at

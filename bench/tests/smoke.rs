@@ -2,7 +2,10 @@
 //! short tests. It proves that the tool builds labs, starts every system
 //! it can, measures, tears down and writes a well-formed report; it asserts
 //! nothing about speed. Systems whose tools are missing (boringtun-cli on a
-//! fresh machine) must show up as skipped, never as numbers.
+//! fresh machine, causeway when its binary was not built next to this
+//! one) must show up as skipped, never as numbers. Causeway through NATs
+//! and through the relay must be measured wherever plain causeway is: their
+//! cells fail unless the daemons report the expected path.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -118,10 +121,21 @@ fn lab_smoke_writes_a_well_formed_report() {
             other => panic!("{system}: unknown status {other}"),
         }
     }
-    // The systems that do not exist yet are never numbers.
+    let causeway = cells
+        .iter()
+        .find(|c| c["system"] == "causeway")
+        .expect("cell");
     for system in ["causeway-nat", "causeway-relay"] {
         let cell = cells.iter().find(|c| c["system"] == system).expect("cell");
-        assert_eq!(cell["status"], "not_built", "{system}");
+        assert_ne!(cell["status"], "not_built", "{system}");
+        if causeway["status"] == "measured" {
+            assert_eq!(cell["status"], "measured", "{system}: {}", cell["reason"]);
+            let setup = &cell["metrics"]["setup_ms"]["value"];
+            assert!(
+                setup.as_f64().is_some_and(|ms| ms > 0.0),
+                "{system}: setup {setup}"
+            );
+        }
     }
 
     let summary = sc["summary"].as_array().expect("summary");

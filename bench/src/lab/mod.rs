@@ -3,6 +3,7 @@
 //! alike; then a Markdown table, a JSON file and an SVG chart.
 
 mod cell;
+pub(crate) mod daemon;
 mod procfs;
 mod report;
 mod results;

@@ -1,5 +1,7 @@
 //! What /proc says about processes and the machine.
 
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +29,34 @@ pub(crate) fn peak_rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The UDP ports bound in the network namespace of process `pid`:
+/// `/proc/<pid>/net/udp` and `udp6` list every socket of that namespace,
+/// whichever process holds it.
+pub(crate) fn udp_ports(pid: u32) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for table in ["udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        // `  sl  local_address rem_address ...`, then `0: 0100007F:1D13 ...`.
+        ports.extend(text.lines().skip(1).filter_map(|line| {
+            let local = line.split_whitespace().nth(1)?;
+            u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()
+        }));
+    }
+    ports
+}
+
+/// Whether process `pid` is in the network namespace bound at `ns`
+/// (`/run/netns/<name>`): the same nsfs inode, as `ip netns identify` checks.
+pub(crate) fn in_netns(pid: u32, ns: &Path) -> bool {
+    match (
+        std::fs::metadata(format!("/proc/{pid}/ns/net")),
+        std::fs::metadata(ns),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// The machine a report was measured on.
@@ -111,5 +141,15 @@ mod tests {
         assert!(cpu_seconds(me).is_some());
         assert!(peak_rss_kib(me).is_some_and(|k| k > 0));
         assert!(Machine::this().nproc >= 1);
+    }
+
+    #[test]
+    fn sees_a_bound_udp_port() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let port = socket.local_addr().expect("addr").port();
+        assert!(udp_ports(std::process::id()).contains(&port));
+        let own = format!("/proc/{}/ns/net", std::process::id());
+        assert!(in_netns(std::process::id(), Path::new(&own)));
+        assert!(!in_netns(std::process::id(), Path::new("/nonexistent")));
     }
 }

@@ -32,8 +32,15 @@ const METHOD: &str = "## How it is measured
   endpoints and distinct pod CIDRs; *causeway-remap* has both sites on `10.0.0.0/16`, and site `a`'s
   pod reaches site `b`'s pod through the view CIDR read from `causeway status --json`.
   *wireguard-go* (Debian) and *boringtun-cli* (`cargo install boringtun-cli --locked`, 4 threads)
-  are configured with `wg` exactly like each other. NAT traversal and the relay are not built yet:
-  their cells say so instead of showing numbers.
+  are configured with `wg` exactly like each other. *causeway-nat* puts both gateways behind
+  port-preserving NATs (nftables `masquerade`), *causeway-relay* behind symmetric ones
+  (`masquerade random,fully-random`); their peers have no endpoints, only a `[[rendezvous]]`: a
+  `causeway rendezvous` on the internet router, started before the cell's clock, introduces the
+  sites, which then punch a direct path (nat) or send through its relay (relay). Those labs take the
+  gateways' IPv6 addresses away (the testbed routes IPv6 without NAT). Before and after the tests
+  both daemons must show their peer on the system's path (`static`, `direct` or `relay` in
+  `causeway status --json`), and on a `direct` path at most 1 % of the tests' traffic may have
+  gone through the relay; otherwise the cell fails.
 - **Interleaving**: run 1 measures every system in turn, then run 2, and so on, so that the drift of a
   shared, noisy 2-core machine hits every system alike. Cells show the **median (min–max)** over
   the runs; the ratio table divides each run's value by wireguard-go's value *in the same run* and
@@ -43,13 +50,15 @@ const METHOD: &str = "## How it is measured
   sequence number); RTT = round trips of 64-byte messages over one TCP connection (`TCP_NODELAY`),
   back to back, p50/p99, idle and beside one bulk TCP stream (\"loaded\").
 - **Tunnel CPU-s per GB**: user + system CPU time of the tunnel processes of *both* sites (all threads,
-  `/proc/<pid>/stat`) during the two TCP tests, divided by the payload gigabytes (10⁹ bytes) those
+  `/proc/<pid>/stat`; for causeway-relay also the rendezvous, which carries the traffic, but not for
+  causeway-nat, where it only introduces the sites) during the two TCP tests, divided by the payload gigabytes (10⁹ bytes) those
   tests delivered. Kernel work that Linux does not charge to those processes (packet processing
   in softirq context, depending on the kernel's accounting) is not included, for any system.
-  **Peak RSS**: the larger `VmHWM` of the two sites' tunnel processes at the end of the cell.
+  **Peak RSS**: the largest `VmHWM` of those processes at the end of the cell.
 - **Setup**: from just before both tunnel processes are spawned (then configured, for the `wg`-based
-  ones) to the first answered UDP probe between the pods; probes are sent every 0.5 ms, so the
-  resolution is 0.5 ms. The handshake is included. Before the clock starts, the gateways ping each
+  ones) to the first answered UDP probe between the pods, whichever path it took (for causeway-nat
+  usually still the relay: the direct path is awaited after that, before the tests); probes are
+  sent every 0.5 ms, so the resolution is 0.5 ms. The handshake is included. Before the clock starts, the gateways ping each
   other over the underlay, so that neighbour resolution (ARP) across the emulated WAN is not counted.
 - **WAN scenarios**: the testbed's user-space WAN emulator on site `a`'s access link, each direction
   (so `delay20` adds 40 ms to the RTT). Its own CPU time over the cell is always reported next to
@@ -133,10 +142,11 @@ pub(crate) fn tables(r: &Results) -> String {
 fn scenario_tables(sc: &ScenarioResults) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "## Scenario `{}`: {}\n", sc.name, sc.description);
-    // Columns that say something for at least one system.
-    let metrics: Vec<Metric> = Metric::ALL
-        .into_iter()
-        .filter(|m| m.in_table())
+    // Columns that say something for at least one system; all of them when
+    // none does (nothing measured), so that every row still says why.
+    let all = Metric::ALL.into_iter().filter(|m| m.in_table());
+    let mut metrics: Vec<Metric> = all
+        .clone()
         .filter(|m| {
             sc.summary.iter().any(|sys| {
                 sys.metrics
@@ -145,6 +155,9 @@ fn scenario_tables(sc: &ScenarioResults) -> String {
             })
         })
         .collect();
+    if metrics.is_empty() {
+        metrics = all.collect();
+    }
     let header = |s: &mut String| {
         s.push_str("| system |");
         for m in &metrics {

@@ -101,7 +101,9 @@ pub(crate) enum MetricValue {
     Failed(String),
 }
 
-/// One cell: a system in a scenario, one run.
+/// One cell: a system in a scenario, one run. `NotBuilt` (a system Causeway
+/// did not have yet) is only in reports written before NAT traversal
+/// existed; it stays so that `causeway-bench report` reads them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub(crate) enum Outcome {

@@ -1,9 +1,8 @@
 //! The systems the lab compares, and how each one joins two sites.
 //!
-//! Adding a system (say, Causeway through NATs once NAT traversal exists)
-//! means: a [`System`] variant, its lab shape ([`System::lab_spec`]), its
-//! [`Readiness`], and a [`Prepared`] that starts it. The measurement code
-//! only sees [`Tunnel`]s.
+//! Adding a system means: a [`System`] variant, its lab shape
+//! ([`System::lab_spec`]), its [`Readiness`], and a [`Prepared`] that
+//! starts it. The measurement code only sees [`Tunnel`]s.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,9 +11,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use causeway_testbed::{ChildGuard, IpNet, Lab, LabSpec, Nat, Netns, Site, SiteSpec, Wan};
 use ipnet::Ipv4Net;
+
+use super::daemon::{
+    self, KeyPair, PeerConfig, PeerPath, PeerStatus, Rendezvous, SiteConfig, SiteDir, path_str,
+    through,
+};
 
 /// WireGuard port on every gateway.
 const WG_PORT: u16 = 51820;
@@ -26,6 +30,8 @@ const CIDR_B: &str = "10.1.0.0/16";
 /// The view pool given to Causeway with remapping, one /16: site `a` sees
 /// `b`'s 10.0.0.0/16 as exactly this.
 const REMAP_POOL: &str = "100.64.0.0/16";
+/// Log level of Causeway's daemons and rendezvous in the lab.
+const CAUSEWAY_LOG_LEVEL: &str = "warn";
 
 /// A system under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -50,8 +56,6 @@ pub(crate) enum System {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Readiness {
     Ready,
-    /// Causeway does not have this yet.
-    NotBuilt(String),
     /// A tool is missing; the reason says how to get it.
     Skipped(String),
 }
@@ -92,10 +96,10 @@ impl System {
                 "causeway, both sites on 10.0.0.0/16, each reaching the other through its view CIDR"
             }
             System::CausewayNat => {
-                "causeway, both gateways behind port-preserving NATs (hole punching via the rendezvous)"
+                "causeway, both gateways behind port-preserving NATs, peers without endpoints: a rendezvous on the internet router introduces them and they punch a direct path (checked before and after the tests); CPU and RSS are the two daemons' (the rendezvous carries no traffic then)"
             }
             System::CausewayRelay => {
-                "causeway through the rendezvous relay (symmetric NATs on both sides)"
+                "causeway, both gateways behind symmetric NATs: no hole can be punched, the traffic goes through the rendezvous' relay (checked before and after the tests); CPU and RSS count the two daemons and the rendezvous, which carries the traffic"
             }
             System::WireguardGo => "wireguard-go from Debian, configured with wg",
             System::BoringtunCli => {
@@ -120,13 +124,10 @@ impl System {
         };
         match self {
             System::Raw => Readiness::Ready,
-            System::Causeway | System::CausewayRemap => need(&tools.causeway),
-            System::CausewayNat => Readiness::NotBuilt(
-                "NAT traversal (rendezvous, hole punching) is not built yet".into(),
-            ),
-            System::CausewayRelay => {
-                Readiness::NotBuilt("the rendezvous relay is not built yet".into())
-            }
+            System::Causeway
+            | System::CausewayRemap
+            | System::CausewayNat
+            | System::CausewayRelay => need(&tools.causeway),
             System::WireguardGo => match (&tools.wireguard_go, &tools.wg) {
                 (Err(how), _) | (_, Err(how)) => Readiness::Skipped(how.clone()),
                 _ => Readiness::Ready,
@@ -167,15 +168,30 @@ impl System {
         }
     }
 
+    /// The path each Causeway site must see its peer on (`path` in
+    /// `causeway status --json`) before and after the tests.
+    pub(crate) fn peer_path(self) -> Option<PeerPath> {
+        match self {
+            System::Causeway | System::CausewayRemap => Some(PeerPath::Static),
+            System::CausewayNat => Some(PeerPath::Direct),
+            System::CausewayRelay => Some(PeerPath::Relay),
+            System::Raw | System::WireguardGo | System::BoringtunCli => None,
+        }
+    }
+
     /// Everything that may be done before the clock of establishment
-    /// starts: keys, config files.
+    /// starts: keys, config files, and the rendezvous that the sites behind
+    /// NATs dial (it runs before they come up, as it would in real life).
     pub(crate) fn prepare(self, tools: &Tools, lab: &Lab, dir: &Path) -> anyhow::Result<Prepared> {
         let sites = [&lab.sites()[0], &lab.sites()[1]];
         match self {
             System::Raw => Ok(Prepared::Raw),
-            System::Causeway | System::CausewayRemap => {
+            System::Causeway
+            | System::CausewayRemap
+            | System::CausewayNat
+            | System::CausewayRelay => {
                 let bin = tools.causeway.clone().map_err(anyhow::Error::msg)?;
-                prepare_causeway(&bin, sites, dir)
+                prepare_causeway(self, &bin, lab, dir)
             }
             System::WireguardGo | System::BoringtunCli => {
                 let wg = tools.wg.clone().map_err(anyhow::Error::msg)?;
@@ -184,9 +200,6 @@ impl System {
                     _ => (Flavour::Boringtun, tools.boringtun.clone()),
                 };
                 prepare_wireguard(flavour, bin.map_err(anyhow::Error::msg)?, wg, sites, dir)
-            }
-            System::CausewayNat | System::CausewayRelay => {
-                bail!("{} is not built yet", self.name())
             }
         }
     }
@@ -276,16 +289,6 @@ fn which(cmd: &str) -> Option<PathBuf> {
     })
 }
 
-/// `addr` of a network `real` as seen through `view`.
-fn through(addr: Ipv4Addr, real: Ipv4Net, view: Ipv4Net) -> anyhow::Result<Ipv4Addr> {
-    ensure!(
-        real.contains(&addr) && real.prefix_len() == view.prefix_len(),
-        "{addr} is not in {real}, or {view} is not the same size"
-    );
-    let host = u32::from(addr) & !u32::from(real.netmask());
-    Ok(Ipv4Addr::from(u32::from(view.network()) | host))
-}
-
 /// A system ready to start.
 pub(crate) enum Prepared {
     Raw,
@@ -295,20 +298,35 @@ pub(crate) enum Prepared {
 
 /// A running system. Dropping it stops its processes.
 pub(crate) struct Tunnel {
-    /// The tunnel processes of both sites (empty for raw).
+    /// The processes whose CPU time and memory are measured: the tunnel
+    /// processes of both sites (empty for raw), Causeway's daemons first
+    /// (site `a`, then `b`), then for causeway-relay the rendezvous, which
+    /// carries the traffic.
     pub(crate) processes: Vec<ChildGuard>,
+    /// Processes the system needs that are not measured: the rendezvous of
+    /// causeway-nat, which only introduces the sites. Stopped last.
+    services: Vec<ChildGuard>,
     /// Stops after the processes (removes leftover UAPI sockets).
     pub(crate) cleanup: Vec<PathBuf>,
     /// Log files, quoted when something fails.
     pub(crate) logs: Vec<PathBuf>,
-    /// Causeway control sockets (to wait for and read the views).
-    sockets: Vec<PathBuf>,
-    causeway: Option<PathBuf>,
+    causeway: Option<Control>,
+}
+
+/// What the lab checks of a Causeway pair through its control sockets.
+struct Control {
+    bin: PathBuf,
+    /// Per site (`a`, `b`): its name, its peer's name, its control socket.
+    sites: Vec<(String, String, PathBuf)>,
+    /// The path both sites must see their peer on.
+    path: PeerPath,
+    /// Each site's peer once the path was reached, before the tests.
+    before: Vec<PeerStatus>,
 }
 
 impl Drop for Tunnel {
     fn drop(&mut self) {
-        for mut p in self.processes.drain(..) {
+        for mut p in self.processes.drain(..).chain(self.services.drain(..)) {
             let _ = p.stop(Duration::from_secs(3));
         }
         for path in &self.cleanup {
@@ -324,13 +342,7 @@ impl Prepared {
         match self {
             Prepared::Raw => {
                 route_raw(lab)?;
-                Ok(Tunnel {
-                    processes: Vec::new(),
-                    cleanup: Vec::new(),
-                    logs: Vec::new(),
-                    sockets: Vec::new(),
-                    causeway: None,
-                })
+                Ok(Tunnel::new(Vec::new(), None))
             }
             Prepared::Causeway(pair) => pair.start(lab),
             Prepared::Wireguard(pair) => pair.start(lab),
@@ -339,60 +351,91 @@ impl Prepared {
 }
 
 impl Tunnel {
-    /// After the first packet went through: waits until a Causeway
-    /// daemon's control socket answers, and checks that site `a` sees site
+    fn new(logs: Vec<PathBuf>, causeway: Option<Control>) -> Tunnel {
+        Tunnel {
+            processes: Vec::new(),
+            services: Vec::new(),
+            cleanup: Vec::new(),
+            logs,
+            causeway,
+        }
+    }
+
+    /// After the first packet went through: waits until both Causeway
+    /// daemons' control sockets answer, checks that site `a` sees site
     /// `b`'s pods where the measurement expects them (the view in `causeway
-    /// status --json`). Nothing to do for other systems.
+    /// status --json`), and waits up to `within` until both sites see
+    /// their peer on the system's path (a hole punched through the NATs
+    /// takes a few round trips). Nothing to do for other systems.
     pub(crate) fn settle(
         &mut self,
         pod_b: Ipv4Addr,
         real_b: Ipv4Net,
         expected: Ipv4Addr,
+        within: Duration,
     ) -> anyhow::Result<()> {
-        let Some(bin) = self.causeway.clone() else {
+        let Some(control) = self.causeway.as_mut() else {
             return Ok(());
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
         let mut statuses = Vec::new();
-        for socket in &self.sockets {
-            loop {
-                let out = Command::new(&bin)
-                    .args(["status", "--json", "--socket"])
-                    .arg(socket)
-                    .stderr(Stdio::null())
-                    .output()?;
-                if out.status.success() {
-                    statuses.push(
-                        serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                            .context("causeway status --json")?,
-                    );
-                    break;
-                }
-                ensure!(
-                    Instant::now() < deadline,
-                    "causeway's control socket {} did not answer",
-                    socket.display()
-                );
-                thread::sleep(Duration::from_millis(10));
-            }
+        for ((_, _, socket), daemon) in control.sites.iter().zip(&mut self.processes) {
+            statuses.push(daemon::wait_ready(&control.bin, socket, daemon)?);
         }
+        let (_, peer_of_a, _) = &control.sites[0];
         let status = statuses.first().context("no causeway status")?;
-        let peer = status["peers"]
-            .as_array()
-            .and_then(|p| p.first())
-            .context("site a's status lists no peer")?;
-        let view: Ipv4Net = match peer["views"].as_array().and_then(|v| v.first()) {
-            Some(v) => v["view"]
-                .as_str()
-                .context("a view without a view CIDR")?
-                .parse()?,
-            None => real_b,
-        };
+        let view = PeerStatus::of(status, peer_of_a)?.view.unwrap_or(real_b);
         let seen = through(pod_b, real_b, view)?;
         ensure!(
             seen == expected,
             "site a sees site b's pod {pod_b} at {seen} (view {view}), but the probes went to {expected}"
         );
+        let mut before = Vec::new();
+        for (site, peer, socket) in &control.sites {
+            let seen = daemon::wait_path(&control.bin, socket, peer, control.path, within)?;
+            ensure!(
+                seen.is_on(control.path),
+                "site {site} sees its peer {peer} on path {}{}, not {}, {within:?} after the first packet went through",
+                seen.path,
+                seen.endpoint.map(|e| format!(" {e}")).unwrap_or_default(),
+                control.path.name(),
+            );
+            before.push(seen);
+        }
+        control.before = before;
+        Ok(())
+    }
+
+    /// After the tests: both sites still see their peer on the system's
+    /// path, and the traffic of the tests took it (through the relay for
+    /// relay, hardly any through it otherwise). Nothing to do for other
+    /// systems.
+    pub(crate) fn check_path_kept(&self) -> anyhow::Result<()> {
+        let Some(control) = &self.causeway else {
+            return Ok(());
+        };
+        for ((site, peer, socket), before) in control.sites.iter().zip(&control.before) {
+            let now = PeerStatus::of(&daemon::status(&control.bin, socket)?, peer)?;
+            let want = control.path.name();
+            ensure!(
+                now.is_on(control.path),
+                "site {site} saw its peer {peer} on path {want} before the tests and on {} after",
+                now.path
+            );
+            let packets = now.packets.saturating_sub(before.packets);
+            let relayed = now.relayed.saturating_sub(before.relayed);
+            if control.path == PeerPath::Relay {
+                ensure!(
+                    packets == 0 || relayed > 0,
+                    "site {site}: none of the {packets} packets to and from {peer} during the tests went through the relay"
+                );
+            } else {
+                ensure!(
+                    relayed * 100 <= packets,
+                    "site {site}: {relayed} WireGuard messages to and from {peer} went through the relay during the tests, \
+                     for {packets} packets through the tunnel: not only the {want} path"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -400,9 +443,9 @@ impl Tunnel {
     /// an error message.
     pub(crate) fn log_tails(&mut self) -> String {
         let mut s = String::new();
-        for p in &mut self.processes {
+        for p in self.processes.iter_mut().chain(&mut self.services) {
             if let Ok(Some(status)) = p.wait_timeout(Duration::ZERO) {
-                s += &format!("; tunnel process {} exited with {status}", p.pid());
+                s += &format!("; process {} exited with {status}", p.pid());
             }
         }
         for log in &self.logs {
@@ -471,88 +514,118 @@ fn route_raw(lab: &Lab) -> anyhow::Result<()> {
 
 pub(crate) struct CausewayPair {
     bin: PathBuf,
-    configs: [PathBuf; 2],
-    sockets: [PathBuf; 2],
-    logs: [PathBuf; 2],
+    /// Sites `a` and `b`, in lab order.
+    dirs: [SiteDir; 2],
+    /// Per site: its name and its peer's.
+    names: [(String, String); 2],
+    /// The rendezvous of the systems behind NATs, already running.
+    rendezvous: Option<Rendezvous>,
+    path: PeerPath,
 }
 
-fn prepare_causeway(bin: &Path, sites: [&Site; 2], dir: &Path) -> anyhow::Result<Prepared> {
-    let mut keys = Vec::new();
-    for _ in 0..2 {
-        let private = run_ok(Command::new(bin).arg("genkey"), None)?;
-        let public = run_ok(Command::new(bin).arg("pubkey"), Some(&private))?;
-        keys.push((private.trim().to_owned(), public.trim().to_owned()));
-    }
-    let mut configs = Vec::new();
-    let mut sockets = Vec::new();
-    let mut logs = Vec::new();
+/// Keys and configs of both sites; for the systems behind NATs also the
+/// rendezvous, started (and IPv6 taken off the gateways' underlay link, so
+/// that the sites meet through their IPv4 NATs).
+fn prepare_causeway(system: System, bin: &Path, lab: &Lab, dir: &Path) -> anyhow::Result<Prepared> {
+    let sites = [&lab.sites()[0], &lab.sites()[1]];
+    let path = system
+        .peer_path()
+        .with_context(|| format!("{} is not a causeway system", system.name()))?;
+    let keys = [KeyPair::generate(bin)?, KeyPair::generate(bin)?];
+    let rendezvous = match path {
+        PeerPath::Static => None,
+        PeerPath::Direct | PeerPath::Relay => {
+            daemon::ipv4_only_behind_nats(lab)?;
+            let served = [
+                (sites[0].name.as_str(), keys[0].public.as_str()),
+                (sites[1].name.as_str(), keys[1].public.as_str()),
+            ];
+            Some(Rendezvous::start(
+                bin,
+                lab,
+                &dir.join("rendezvous"),
+                &served,
+                CAUSEWAY_LOG_LEVEL,
+            )?)
+        }
+    };
+    let mut dirs = Vec::new();
     for (i, site) in sites.iter().enumerate() {
         let peer = sites[1 - i];
-        let d = dir.join(format!("causeway-{}", site.name));
-        std::fs::create_dir_all(&d)?;
-        let key = d.join("private.key");
-        std::fs::write(&key, format!("{}\n", keys[i].0))?;
-        let cidrs = |s: &Site| {
-            s.pod_cidrs
-                .iter()
-                .map(|c| format!("{:?}", c.to_string()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let socket = d.join("control.sock");
-        let text = format!(
-            "[site]\nname = {name:?}\nprivate_key_file = {key:?}\nlisten_port = {WG_PORT}\nmtu = {MTU}\npod_cidrs = [{own}]\n\
-             remap_pool = [{REMAP_POOL:?}]\ncontrol_socket = {socket:?}\nuapi_socket = {uapi:?}\nstate_dir = {d:?}\n\n\
-             [[peer]]\nname = {peer_name:?}\npublic_key = {peer_key:?}\ncidrs = [{peer_cidrs}]\nendpoint = \"{endpoint}\"\n",
-            name = site.name,
-            own = cidrs(site),
-            peer_name = peer.name,
-            peer_key = keys[1 - i].1,
-            peer_cidrs = cidrs(peer),
-            endpoint = SocketAddr::new(peer.wan_addr, WG_PORT),
-            // /var/run/wireguard is host-wide; both gateways use causeway0.
-            uapi = d.join("uapi.sock"),
-        );
-        let config = d.join("causeway.toml");
-        std::fs::write(&config, text)?;
-        configs.push(config);
-        sockets.push(socket);
-        logs.push(d.join("causeway.log"));
+        let d = SiteDir::create(dir.join(format!("causeway-{}", site.name)))?;
+        SiteConfig {
+            site: &site.name,
+            private_key: &keys[i].private,
+            pod_cidrs: &site.pod_cidrs,
+            listen_port: Some(WG_PORT),
+            mtu: Some(MTU),
+            remap_pool: Some(REMAP_POOL),
+            peer: PeerConfig {
+                name: &peer.name,
+                public_key: &keys[1 - i].public,
+                cidrs: &peer.pod_cidrs,
+                endpoint: rendezvous
+                    .is_none()
+                    .then(|| SocketAddr::new(peer.wan_addr, WG_PORT)),
+            },
+            rendezvous: rendezvous.as_ref().map(|r| &r.pin),
+        }
+        .write(&d)?;
+        dirs.push(d);
     }
-    let arr = |v: Vec<PathBuf>| -> anyhow::Result<[PathBuf; 2]> {
-        v.try_into()
-            .map_err(|_| anyhow::anyhow!("two sites expected"))
-    };
     Ok(Prepared::Causeway(Box::new(CausewayPair {
         bin: bin.to_owned(),
-        configs: arr(configs)?,
-        sockets: arr(sockets)?,
-        logs: arr(logs)?,
+        dirs: two(dirs)?,
+        names: [
+            (sites[0].name.clone(), sites[1].name.clone()),
+            (sites[1].name.clone(), sites[0].name.clone()),
+        ],
+        rendezvous,
+        path,
     })))
 }
 
 impl CausewayPair {
     fn start(self, lab: &Lab) -> anyhow::Result<Tunnel> {
-        let mut tunnel = Tunnel {
-            processes: Vec::new(),
-            cleanup: Vec::new(),
-            logs: self.logs.to_vec(),
-            sockets: self.sockets.to_vec(),
-            causeway: Some(self.bin.clone()),
-        };
-        for (i, site) in lab.sites().iter().take(2).enumerate() {
-            let log = std::fs::File::create(&self.logs[i])?;
-            let mut cmd = site.gateway.command(path_str(&self.bin)?);
-            cmd.args(["up", "--config"])
-                .arg(&self.configs[i])
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log);
-            tunnel.processes.push(site.gateway.spawn(&mut cmd)?);
+        let mut logs: Vec<PathBuf> = self.dirs.iter().map(SiteDir::log).collect();
+        logs.extend(self.rendezvous.as_ref().map(|r| r.log.clone()));
+        let sites = self
+            .names
+            .iter()
+            .zip(&self.dirs)
+            .map(|((site, peer), d)| (site.clone(), peer.clone(), d.control_socket()))
+            .collect();
+        let mut tunnel = Tunnel::new(
+            logs,
+            Some(Control {
+                bin: self.bin.clone(),
+                sites,
+                path: self.path,
+                before: Vec::new(),
+            }),
+        );
+        let rendezvous = self.rendezvous.map(|r| r.process);
+        for (site, d) in lab.sites().iter().zip(&self.dirs) {
+            tunnel.processes.push(daemon::spawn_daemon(
+                &self.bin,
+                &site.gateway,
+                d,
+                CAUSEWAY_LOG_LEVEL,
+            )?);
+        }
+        match rendezvous {
+            // The relay carries the traffic: its work is the tunnel's.
+            Some(r) if self.path == PeerPath::Relay => tunnel.processes.push(r),
+            Some(r) => tunnel.services.push(r),
+            None => {}
         }
         Ok(tunnel)
     }
+}
+
+fn two<T>(v: Vec<T>) -> anyhow::Result<[T; 2]> {
+    v.try_into()
+        .map_err(|_| anyhow::anyhow!("two sites expected"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -594,12 +667,11 @@ fn prepare_wireguard(
     let mut publics = Vec::new();
     let mut logs = Vec::new();
     for site in sites {
-        let private = run_ok(Command::new(&wg).arg("genkey"), None)?;
-        let public = run_ok(Command::new(&wg).arg("pubkey"), Some(&private))?;
+        let pair = KeyPair::generate(&wg)?;
         let path = dir.join(format!("wg-{}.key", site.name));
-        std::fs::write(&path, private)?;
+        daemon::write_private_key(&path, &pair.private)?;
         keys.push(path);
-        publics.push(public.trim().to_owned());
+        publics.push(pair.public);
         logs.push(dir.join(format!(
             "{}-{}.log",
             if flavour == Flavour::WireguardGo {
@@ -619,10 +691,6 @@ fn prepare_wireguard(
             sock.display()
         );
     }
-    fn two<T>(v: Vec<T>) -> anyhow::Result<[T; 2]> {
-        v.try_into()
-            .map_err(|_| anyhow::anyhow!("two sites expected"))
-    }
     Ok(Prepared::Wireguard(Box::new(WireguardPair {
         flavour,
         bin,
@@ -641,13 +709,8 @@ fn uapi_socket(ifname: &str) -> PathBuf {
 impl WireguardPair {
     fn start(self, lab: &Lab) -> anyhow::Result<Tunnel> {
         let sites = lab.sites();
-        let mut tunnel = Tunnel {
-            processes: Vec::new(),
-            cleanup: self.ifnames.iter().map(|n| uapi_socket(n)).collect(),
-            logs: self.logs.to_vec(),
-            sockets: Vec::new(),
-            causeway: None,
-        };
+        let mut tunnel = Tunnel::new(self.logs.to_vec(), None);
+        tunnel.cleanup = self.ifnames.iter().map(|n| uapi_socket(n)).collect();
         for (i, site) in sites.iter().take(2).enumerate() {
             let log = std::fs::File::create(&self.logs[i])?;
             let ns = &site.gateway;
@@ -742,36 +805,6 @@ impl WireguardPair {
     }
 }
 
-fn path_str(p: &Path) -> anyhow::Result<&str> {
-    p.to_str()
-        .with_context(|| format!("{} is not UTF-8", p.display()))
-}
-
-/// Runs a local command (key generation) and returns its stdout.
-fn run_ok(cmd: &mut Command, input: Option<&str>) -> anyhow::Result<String> {
-    cmd.stdin(if input.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-        std::io::Write::write_all(&mut stdin, input.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "{:?} failed: {}",
-        cmd.get_program(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
-
 /// The IPv4 pod CIDR of site `b`.
 pub(crate) fn real_cidr_b(lab: &Lab) -> anyhow::Result<Ipv4Net> {
     lab.sites()[1]
@@ -797,24 +830,6 @@ mod tests {
     }
 
     #[test]
-    fn views_keep_host_bits() {
-        let got = through(
-            Ipv4Addr::new(10, 0, 1, 2),
-            "10.0.0.0/16".parse().expect("cidr"),
-            "100.64.0.0/16".parse().expect("cidr"),
-        );
-        assert_eq!(got.ok(), Some(Ipv4Addr::new(100, 64, 1, 2)));
-        assert!(
-            through(
-                Ipv4Addr::new(10, 9, 1, 2),
-                "10.0.0.0/16".parse().expect("cidr"),
-                "100.64.0.0/16".parse().expect("cidr")
-            )
-            .is_err()
-        );
-    }
-
-    #[test]
     fn interface_names_fit_linux() {
         for _ in 0..3 {
             let name = ifname('a');
@@ -823,21 +838,36 @@ mod tests {
     }
 
     #[test]
-    fn unbuilt_systems_say_so() {
+    fn readiness_follows_the_tools() {
         let tools = Tools {
             causeway: Ok("/bin/true".into()),
             wireguard_go: Ok("/bin/true".into()),
             wg: Ok("/bin/true".into()),
             boringtun: Err("install it".into()),
         };
-        assert!(matches!(
-            System::CausewayNat.readiness(&tools),
-            Readiness::NotBuilt(_)
-        ));
-        assert!(matches!(
-            System::CausewayRelay.readiness(&tools),
-            Readiness::NotBuilt(_)
-        ));
+        for system in [
+            System::Causeway,
+            System::CausewayRemap,
+            System::CausewayNat,
+            System::CausewayRelay,
+        ] {
+            assert_eq!(
+                system.readiness(&tools),
+                Readiness::Ready,
+                "{}",
+                system.name()
+            );
+        }
+        let without_causeway = Tools {
+            causeway: Err("build it".into()),
+            ..tools.clone()
+        };
+        for system in [System::CausewayNat, System::CausewayRelay] {
+            assert_eq!(
+                system.readiness(&without_causeway),
+                Readiness::Skipped("build it".into())
+            );
+        }
         assert_eq!(
             System::BoringtunCli.readiness(&tools),
             Readiness::Skipped("install it".into())
