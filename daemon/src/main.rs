@@ -111,8 +111,13 @@ fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
         }
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    // Colours only for a person at a terminal: not in files, the journal
+    // or a container log, and never when NO_COLOR is set (no-color.org).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => builder.init(),

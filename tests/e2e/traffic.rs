@@ -22,6 +22,9 @@ fn ping_tcp_and_udp_cross_the_tunnel_both_ways() {
     let status = j.daemon(0).status();
     let b = &status.peers[0];
     assert_eq!(b.name, "b");
+    // A log written to a file carries no terminal colour codes.
+    let log = j.daemon(0).log_text();
+    assert!(log.contains("INFO") && !log.contains('\x1b'), "log:\n{log}");
     assert!(
         b.last_handshake_secs.is_some(),
         "no handshake recorded: {status:?}"
