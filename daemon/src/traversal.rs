@@ -382,7 +382,12 @@ async fn send_relayed(ctx: Arc<Ctx>, mut packets: mpsc::Receiver<RelayPacket>) {
             .unwrap_or_default();
         let sent = handles
             .iter()
-            .any(|h| h.send_relay(&p.public_key, &bytes).is_ok());
+            .find(|h| h.send_relay(&p.public_key, &bytes).is_ok());
+        if let Some(size) = sent.and_then(|h| h.max_unfragmented()) {
+            ctx.relay_unfragmented
+                .store(size, std::sync::atomic::Ordering::Relaxed);
+        }
+        let sent = sent.is_some();
         if sent {
             p.counters
                 .relay_tx_packets

@@ -396,6 +396,34 @@ pub fn tcp_transfer_via(server: &Netns, bind: IpAddr, client: &Netns, connect: I
     });
 }
 
+/// The MSS a TCP connection from `client` to `connect` settles on, as the
+/// client's kernel reports it (`TCP_MAXSEG`): what the server's SYN-ACK
+/// advertised, after any clamping on the way.
+pub fn tcp_mss(server: &Netns, bind: IpAddr, client: &Netns, connect: IpAddr) -> u32 {
+    use std::os::fd::AsRawFd;
+    let port = 5002;
+    let listener = server.enter(|| TcpListener::bind((bind, port)).expect("bind"));
+    let conn = client.enter(|| {
+        TcpStream::connect_timeout(&SocketAddr::new(connect, port), Duration::from_secs(10))
+            .expect("connect")
+    });
+    let _accepted = listener.accept().expect("accept");
+    let mut mss: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: TCP_MAXSEG writes one int into `mss`, whose size `len` gives.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&mut mss as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
+    mss as u32
+}
+
 /// Sends `count` UDP datagrams of varied sizes and asserts every one that
 /// arrived is intact and that nearly all arrived.
 pub fn udp_exchange(server: &Netns, server_addr: impl Into<IpAddr>, client: &Netns, count: usize) {

@@ -137,6 +137,10 @@ fn port_preserving_nats_punch_a_direct_path() {
         "the relay carried {} packets of a direct transfer",
         after - before
     );
+    // A direct path gets the tunnel's whole MSS (1420 - 40; TCP_MAXSEG
+    // reports it less the 12 bytes of the timestamp option, on by default).
+    let mss = tcp_mss(pod_b, addr_b.into(), pod_a, addr_b.into());
+    assert!(mss == 1380 || mss == 1368, "MSS on the direct path: {mss}");
     // The direct endpoint is the other NAT's public address.
     let endpoint: SocketAddr = pair
         .peer(0)
@@ -168,6 +172,12 @@ fn symmetric_nats_carry_everything_through_the_relay() {
         a.relay_tx_packets > 40_000 && a.relay_rx_packets > 5_000,
         "{a:?}"
     );
+    // Connections set up through the relay get an MSS whose packets fit
+    // one relay datagram (below the tunnel's, see above), so that the relay
+    // does not carry every full-size packet as two fragments.
+    let mss = tcp_mss(pod_b, addr_b.into(), pod_a, addr_b.into());
+    eprintln!("MSS through the relay: {mss}");
+    assert!((524..1368).contains(&mss), "MSS through the relay: {mss}");
 }
 
 #[test]

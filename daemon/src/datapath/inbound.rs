@@ -172,6 +172,7 @@ pub(crate) fn handle(
         Source::Udp(from) => Some(from.ip()),
         Source::Relay(_) => None,
     };
+    let relayed = from_ip.is_none();
     let packet = match ctx.rate_limiter.verify_packet(from_ip, datagram, cookie) {
         Ok(packet) => packet,
         Err(TunnResult::WriteToNetwork(reply)) => {
@@ -229,7 +230,7 @@ pub(crate) fn handle(
         TunnResult::WriteToTunnelV4(inner, src) => {
             state.roam(source);
             drop(state);
-            if deliver(ctx, peer, inner, IpAddr::V4(src)) {
+            if deliver(ctx, peer, inner, IpAddr::V4(src), relayed) {
                 let len = inner.len();
                 batch.commit(ctx, len);
             }
@@ -237,7 +238,7 @@ pub(crate) fn handle(
         TunnResult::WriteToTunnelV6(inner, src) => {
             state.roam(source);
             drop(state);
-            if deliver(ctx, peer, inner, IpAddr::V6(src)) {
+            if deliver(ctx, peer, inner, IpAddr::V6(src), relayed) {
                 let len = inner.len();
                 batch.commit(ctx, len);
             }
@@ -262,7 +263,7 @@ pub(crate) fn handle(
 /// Whether a decrypted packet may go to the kernel: its source is the
 /// peer's and the allow-list lets it in. Translates its source to our view
 /// and clamps the MSS of a SYN on the way; counts it as received.
-fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr) -> bool {
+fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr, relayed: bool) -> bool {
     let Some(mapping) = peer.view_of_source(src) else {
         ctx.drop_packet(
             Some(peer),
@@ -315,7 +316,7 @@ fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr) -> bool {
         return false;
     }
     if summary.is_tcp_syn() {
-        packet::clamp_mss(inner, ctx.max_mss[usize::from(summary.dst.is_ipv6())]);
+        packet::clamp_mss(inner, ctx.mss(summary.dst.is_ipv6(), relayed));
     }
     peer.counters.rx_packets.fetch_add(1, Relaxed);
     peer.counters

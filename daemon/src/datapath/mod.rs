@@ -42,6 +42,11 @@ pub(crate) const BATCH: usize = 2 * causeway_netlink::MAX_SEGMENTS;
 /// kicks in ("under load"). Each handshake is checked twice (once to find
 /// its peer, once inside boringtun), hence the factor.
 const HANDSHAKE_RATE_LIMIT: u64 = 2 * 100;
+/// Bytes WireGuard adds to an inner packet (header, counter, tag).
+const WIREGUARD_DATA_OVERHEAD: usize = 32;
+/// No relay MSS below TCP's default (RFC 9293): a relay datagram smaller
+/// than that gets fragmented rather than starving TCP.
+const MIN_RELAY_MSS: u16 = 536;
 /// How often boringtun's timers are driven.
 const TIMER_TICK: Duration = Duration::from_millis(100);
 /// At most one log line per drop reason in this interval.
@@ -61,6 +66,10 @@ pub(crate) struct Ctx {
     pub(crate) mtu: usize,
     /// Largest TCP MSS that fits the tunnel, for IPv4 and IPv6.
     pub(crate) max_mss: [u16; 2],
+    /// Largest WireGuard packet the relay carries in one datagram (0 until
+    /// known); connections set up through the relay get an MSS that fits
+    /// it, so that their packets are not fragmented (see [`Ctx::mss`]).
+    pub(crate) relay_unfragmented: std::sync::atomic::AtomicUsize,
     /// The local site's exported networks: the only destinations a peer's
     /// packets may have.
     pub(crate) pod_cidrs: Vec<ipnet::IpNet>,
@@ -100,6 +109,7 @@ impl Ctx {
                 crate::packet::max_mss(mtu, false),
                 crate::packet::max_mss(mtu, true),
             ],
+            relay_unfragmented: std::sync::atomic::AtomicUsize::new(0),
             pod_cidrs: site.pod_cidrs.clone(),
             relay: std::sync::OnceLock::new(),
             traversal,
@@ -117,6 +127,20 @@ impl Ctx {
     /// Switches the data path to a new peer table.
     pub(crate) fn set_peers(&self, peers: Peers) {
         self.peer_table.store(Arc::new(peers));
+    }
+
+    /// The MSS to clamp a SYN to: what fits the tunnel, or, for one that
+    /// goes through the relay, what fits one relay datagram (a full-size
+    /// WireGuard packet would take two, doubling the relay's work).
+    pub(crate) fn mss(&self, ipv6: bool, relayed: bool) -> u16 {
+        let tunnel = self.max_mss[usize::from(ipv6)];
+        let relay = self.relay_unfragmented.load(Relaxed);
+        if !relayed || relay == 0 {
+            return tunnel;
+        }
+        let inner = relay.saturating_sub(WIREGUARD_DATA_OVERHEAD);
+        let inner = u16::try_from(inner).unwrap_or(u16::MAX);
+        tunnel.min(crate::packet::max_mss(inner, ipv6).max(MIN_RELAY_MSS))
     }
 
     /// Makes the shared rate limiter for a site key.

@@ -211,11 +211,11 @@ fn encrypt(ctx: &Ctx, peers: &Peers, packet: &mut [u8], queue: &mut SendQueue, i
         );
         return;
     }
-    if summary.is_tcp_syn() {
-        packet::clamp_mss(packet, ctx.max_mss[usize::from(dst.is_ipv6())]);
-    }
     let mut state = peer.lock();
     let endpoint = state.endpoint;
+    if summary.is_tcp_syn() {
+        packet::clamp_mss(packet, ctx.mss(dst.is_ipv6(), endpoint.is_none()));
+    }
     if endpoint.is_none() && !ctx.has_relay() {
         drop(state);
         ctx.drop_packet(

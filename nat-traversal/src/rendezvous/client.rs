@@ -415,6 +415,15 @@ impl RendezvousHandle {
         Ok(())
     }
 
+    /// The largest WireGuard packet that goes through the relay in one
+    /// datagram, unfragmented, at the connection's current datagram size
+    /// (it grows as QUIC discovers the path MTU); `None` when not connected.
+    pub fn max_unfragmented(&self) -> Option<usize> {
+        let conn = self.inner.lock().conn.clone()?;
+        conn.max_datagram_size()
+            .map(|max| max.saturating_sub(relay::HEADER_LEN))
+    }
+
     /// Replaces this site's candidates and re-registers (now if connected,
     /// else on the next connection).
     pub fn update_candidates(&self, candidates: Vec<SocketAddr>) {
