@@ -91,7 +91,7 @@ mod wire;
 
 pub use error::Error;
 pub use lab::{Lab, LabSpec, Nat, Pod, Site, SiteSpec, Wan, WanStats};
-pub use netns::{ChildGuard, Netns, sweep_stale_namespaces};
+pub use netns::{ChildGuard, Netns, run_command, sweep_stale_namespaces};
 
 /// The CIDR type used for pod networks (re-exported from `ipnet`).
 pub use ipnet::IpNet;

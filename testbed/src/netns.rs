@@ -323,8 +323,9 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Runs a command to completion; its stdout on success.
-pub(crate) fn run_command(cmd: &mut Command, input: Option<&str>) -> Result<String, Error> {
+/// Runs a command to completion, with `input` on its stdin; its stdout on
+/// success, its stderr in the error otherwise.
+pub fn run_command(cmd: &mut Command, input: Option<&str>) -> Result<String, Error> {
     let command = command_line(cmd);
     let spawn_error = |source| Error::Spawn {
         command: command.clone(),

@@ -33,8 +33,9 @@ pub(crate) struct KeyPair {
 
 impl KeyPair {
     pub(crate) fn generate(tool: &Path) -> anyhow::Result<KeyPair> {
-        let private = run_ok(Command::new(tool).arg("genkey"), None)?;
-        let public = run_ok(Command::new(tool).arg("pubkey"), Some(&private))?;
+        let private = causeway_testbed::run_command(Command::new(tool).arg("genkey"), None)?;
+        let public =
+            causeway_testbed::run_command(Command::new(tool).arg("pubkey"), Some(&private))?;
         Ok(KeyPair {
             private: private.trim().to_owned(),
             public: public.trim().to_owned(),
@@ -428,31 +429,6 @@ pub(crate) fn write_private_key(path: &Path, key: &str) -> anyhow::Result<()> {
 pub(crate) fn path_str(p: &Path) -> anyhow::Result<&str> {
     p.to_str()
         .with_context(|| format!("{} is not UTF-8", p.display()))
-}
-
-/// Runs a local command (key generation) and returns its stdout.
-fn run_ok(cmd: &mut Command, input: Option<&str>) -> anyhow::Result<String> {
-    cmd.stdin(if input.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-        std::io::Write::write_all(&mut stdin, input.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "{:?} failed: {}",
-        cmd.get_program(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8(out.stdout)?)
 }
 
 #[cfg(test)]
