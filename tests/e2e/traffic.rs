@@ -153,7 +153,7 @@ fn udp_segmentation_offload_from_a_pod_arrives_as_separate_datagrams() {
         handed < (SENDS * PER_SEND / 2) as u64,
         "the TUN got {handed} packets for {SENDS} sends"
     );
-    let mut seen = vec![false; SENDS * PER_SEND];
+    let mut seen = [false; SENDS * PER_SEND];
     let mut buf = vec![0u8; 65536];
     while let Ok(n) = rx.recv(&mut buf) {
         let (send, i) = (usize::from(buf[0]), usize::from(buf[1]));
