@@ -297,51 +297,30 @@ pub(crate) fn start(ctx: &Arc<Ctx>, config: &Config) -> Vec<tokio::task::JoinHan
     tasks
 }
 
+/// Relayed packets written to the TUN together at most.
+const RELAY_BATCH: usize = 64;
+
 /// One rendezvous: candidates out, candidates and relayed packets in.
 async fn drive_rendezvous(
     ctx: Arc<Ctx>,
     mut client: RendezvousClient,
     mut candidates: watch::Receiver<Vec<SocketAddr>>,
 ) {
-    let mut batch = TunBatch::new(1, ctx.mtu);
+    let mut batch = TunBatch::new(RELAY_BATCH, ctx.mtu);
     let mut cookie = [0u8; 64];
     loop {
         tokio::select! {
-            event = client.next_event() => match event {
-                None => return,
-                Some(RendezvousEvent::Connected { observed }) => info!(%observed, "registered with the rendezvous"),
-                // The client logs its own failures; this is for debugging.
-                Some(RendezvousEvent::Disconnected { reason }) => tracing::debug!("rendezvous disconnected: {reason}"),
-                Some(RendezvousEvent::PeerUpdate { peer, candidates, online }) => {
-                    let peers = ctx.peers();
-                    let Some(index) = peers.by_key(peer.as_bytes()) else { continue };
-                    let p = peers.get(index);
-                    info!(peer = p.name, online, candidates = ?candidates, "peer update from the rendezvous");
-                    let candidates = reachable(&ctx, candidates);
-                    let mut state = p.lock();
-                    if let Some(paths) = state.paths.as_mut() {
-                        if online {
-                            paths.set_remote_candidates(Instant::now(), candidates);
-                        }
-                        pump(&ctx, p, &mut state);
-                    }
-                    if online {
-                        // Reachable through the relay from now on.
-                        kick_handshake(&ctx, p, &mut state);
-                    }
+            event = client.next_event() => {
+                let Some(event) = event else { return };
+                on_event(&ctx, event, &mut batch, &mut cookie);
+                // Relayed packets come in bursts: take what is already
+                // waiting, so that they reach the TUN in one coalesced batch.
+                for _ in 1..RELAY_BATCH {
+                    let Some(event) = client.try_next_event() else { break };
+                    on_event(&ctx, event, &mut batch, &mut cookie);
                 }
-                Some(RendezvousEvent::Relayed { from, packet }) => {
-                    let id = {
-                        let peers = ctx.peers();
-                        let Some(index) = peers.by_key(from.as_bytes()) else { continue };
-                        let p = peers.get(index);
-                        p.counters.relay_rx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        p.id
-                    };
-                    inbound_handle(&ctx, &ctx.peers(), Source::Relay(id), &packet, &mut batch, &mut cookie);
-                    batch.flush(&ctx);
-                }
-            },
+                batch.flush(&ctx);
+            }
             changed = candidates.changed() => {
                 if changed.is_err() {
                     return;
@@ -349,6 +328,56 @@ async fn drive_rendezvous(
                 let list = candidates.borrow_and_update().clone();
                 client.update_candidates(list);
             }
+        }
+    }
+}
+
+/// Acts on one event from a rendezvous; relayed packets go into `batch`
+/// (written out by the caller).
+fn on_event(ctx: &Ctx, event: RendezvousEvent, batch: &mut TunBatch, cookie: &mut [u8; 64]) {
+    match event {
+        RendezvousEvent::Connected { observed } => {
+            info!(%observed, "registered with the rendezvous")
+        }
+        // The client logs its own failures; this is for debugging.
+        RendezvousEvent::Disconnected { reason } => {
+            tracing::debug!("rendezvous disconnected: {reason}")
+        }
+        RendezvousEvent::PeerUpdate {
+            peer,
+            candidates,
+            online,
+        } => {
+            let peers = ctx.peers();
+            let Some(index) = peers.by_key(peer.as_bytes()) else {
+                return;
+            };
+            let p = peers.get(index);
+            info!(peer = p.name, online, candidates = ?candidates, "peer update from the rendezvous");
+            let candidates = reachable(ctx, candidates);
+            let mut state = p.lock();
+            if let Some(paths) = state.paths.as_mut() {
+                if online {
+                    paths.set_remote_candidates(Instant::now(), candidates);
+                }
+                pump(ctx, p, &mut state);
+            }
+            if online {
+                // Reachable through the relay from now on.
+                kick_handshake(ctx, p, &mut state);
+            }
+        }
+        RendezvousEvent::Relayed { from, packet } => {
+            let peers = ctx.peers();
+            let Some(index) = peers.by_key(from.as_bytes()) else {
+                return;
+            };
+            let p = peers.get(index);
+            p.counters
+                .relay_rx_packets
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let id = p.id;
+            inbound_handle(ctx, &peers, Source::Relay(id), &packet, batch, cookie);
         }
     }
 }

@@ -342,6 +342,11 @@ impl RendezvousClient {
         self.events.recv().await
     }
 
+    /// The next event if one is waiting, without waiting.
+    pub fn try_next_event(&mut self) -> Option<RendezvousEvent> {
+        self.events.try_recv().ok()
+    }
+
     /// A cloneable handle for sending relay packets and updating the
     /// registration from elsewhere.
     pub fn handle(&self) -> RendezvousHandle {
