@@ -151,9 +151,7 @@ impl TunBatch {
         if let Err(e) = ctx.tun.send_batch(&mut self.gro, bufs) {
             ctx.drop_packet(None, DropReason::IoError, format_args!("write to TUN: {e}"));
         }
-        for buf in bufs {
-            buf.resize(TUN_HEADROOM + self.slot, 0);
-        }
+        // Buffers keep their lengths: `slot` grows one again when reused.
         self.used = 0;
     }
 }
@@ -272,16 +270,8 @@ fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr, relayed: bool)
         );
         return false;
     };
-    if !mapping.is_identity()
-        && let Err(e) = mapping.ingress(inner)
-    {
-        ctx.drop_packet(
-            Some(peer),
-            DropReason::Malformed,
-            format_args!("remapping packet from {src}: {e}"),
-        );
-        return false;
-    }
+    // Parsed once, before the source is translated: the checks below look
+    // at the destination, protocol and ports, which translation keeps.
     let summary = match packet::parse(inner) {
         Ok(summary) => summary,
         Err(e) => {
@@ -293,6 +283,16 @@ fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr, relayed: bool)
             return false;
         }
     };
+    if !mapping.is_identity()
+        && let Err(e) = mapping.ingress_parsed(inner, &summary)
+    {
+        ctx.drop_packet(
+            Some(peer),
+            DropReason::Malformed,
+            format_args!("remapping packet from {src}: {e}"),
+        );
+        return false;
+    }
     if !ctx.pod_cidrs.iter().any(|c| c.contains(&summary.dst)) {
         ctx.drop_packet(
             Some(peer),

@@ -202,7 +202,7 @@ fn encrypt(ctx: &Ctx, peers: &Peers, packet: &mut [u8], queue: &mut SendQueue, i
     let peer = peers.get(index);
     let mapping = &peer.views[view];
     if !mapping.is_identity()
-        && let Err(e) = mapping.egress(packet)
+        && let Err(e) = mapping.egress_parsed(packet, &summary)
     {
         ctx.drop_packet(
             Some(peer),

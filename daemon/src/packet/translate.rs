@@ -82,6 +82,22 @@ impl Mapping {
     pub fn ingress(&self, packet: &mut [u8]) -> Result<bool, PacketError> {
         translate_src(packet, &self.real, &self.view)
     }
+
+    /// [`Mapping::egress`] of a packet the caller already parsed into
+    /// `summary` (the data path does, for its own checks).
+    pub fn egress_parsed(&self, packet: &mut [u8], summary: &Summary) -> Result<bool, PacketError> {
+        translate_parsed(packet, summary, &self.view, &self.real, Side::Dst)
+    }
+
+    /// [`Mapping::ingress`] of a packet the caller already parsed into
+    /// `summary`.
+    pub fn ingress_parsed(
+        &self,
+        packet: &mut [u8],
+        summary: &Summary,
+    ) -> Result<bool, PacketError> {
+        translate_parsed(packet, summary, &self.real, &self.view, Side::Src)
+    }
 }
 
 /// Which address of a header is rewritten.
@@ -207,6 +223,18 @@ fn addr_len(version: IpVersion) -> usize {
 fn translate(packet: &mut [u8], from: &IpNet, to: &IpNet, side: Side) -> Result<bool, PacketError> {
     check_prefixes(from, to)?;
     let summary = parse(packet)?;
+    translate_parsed(packet, &summary, from, to, side)
+}
+
+/// [`translate`] of a packet already parsed into `summary`, with prefixes
+/// already known to match (a [`Mapping`]'s always do).
+fn translate_parsed(
+    packet: &mut [u8],
+    summary: &Summary,
+    from: &IpNet,
+    to: &IpNet,
+    side: Side,
+) -> Result<bool, PacketError> {
     let family_matches = matches!(
         (summary.version, from),
         (IpVersion::V4, IpNet::V4(_)) | (IpVersion::V6, IpNet::V6(_))
@@ -233,7 +261,7 @@ fn translate(packet: &mut [u8], from: &IpNet, to: &IpNet, side: Side) -> Result<
         adjust(packet, 10, addr_delta, false);
     }
     if let Some(l4) = summary.l4_offset {
-        translate_transport(packet, &summary, l4, addr_delta, from, to, side);
+        translate_transport(packet, summary, l4, addr_delta, from, to, side);
     }
     Ok(true)
 }
