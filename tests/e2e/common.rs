@@ -600,3 +600,15 @@ impl Rendezvous {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+/// An interface name no other test in this run uses: `prefix`, this
+/// process' id and a counter (the leftover check in scripts/test.sh knows
+/// the `wgt` prefix of wireguard-go's).
+pub fn unique_ifname(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 1_000_000,
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}

@@ -3,23 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+
 use std::time::{Duration, Instant};
 
 use causeway_testbed::{ChildGuard, Netns};
 
 use crate::common::*;
-
-/// An interface name no other test uses: wireguard-go's UAPI socket lives
-/// in the host-wide /var/run/wireguard/<name>.sock.
-fn unique_ifname() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "wgt{}x{}",
-        std::process::id() % 1_000_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// Starts wireguard-go on `ns` and configures it with `wg` and `ip`.
 fn start_wireguard_go(
@@ -88,7 +77,7 @@ fn causeway_and_wireguard_go_are_peers_both_ways() {
         ),
     );
     let daemon = Daemon::start(&a.gateway, &files_a, &config);
-    let ifname = unique_ifname();
+    let ifname = unique_ifname("wgt");
     let a_endpoint = SocketAddr::new(a.wan_addr, PORT);
     let (pod_a, pod_b) = (&a.pods[0], &b.pods[0]);
 

@@ -9,23 +9,12 @@ use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use causeway_testbed::{Lab, Netns};
 
 use crate::common::*;
-
-/// An interface name no other test uses: the UAPI socket
-/// (/var/run/wireguard/<name>.sock) is host-wide, unlike the interface.
-pub fn unique_ifname() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "cwu{}x{}",
-        std::process::id() % 1_000_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// Sets `key = value` (value in TOML syntax) in the `[site]` table of the
 /// config at `path`, replacing the key's line if there is one; `None`
@@ -59,7 +48,7 @@ impl Pair {
     pub fn start(site_keys: [&[(&str, &str)]; 2]) -> Pair {
         let lab = two_sites();
         let files = vec![SiteFiles::new(), SiteFiles::new()];
-        let ifnames = vec![unique_ifname(), unique_ifname()];
+        let ifnames = vec![unique_ifname("cwu"), unique_ifname("cwu")];
         let defs = [("a", "10.0.0.0/16"), ("b", "10.1.0.0/16")];
         let mut configs = Vec::new();
         for i in 0..2 {

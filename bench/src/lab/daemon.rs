@@ -353,11 +353,16 @@ impl Rendezvous {
         let deadline = Instant::now() + START_TIMEOUT;
         // `ip netns exec` enters the namespace, then execs the rendezvous,
         // which binds both ports before it serves.
-        while !(procfs::in_netns(process.pid(), &ns.path())
-            && [RENDEZVOUS_PORT, STUN_PORT]
-                .iter()
-                .all(|p| procfs::udp_ports(process.pid()).contains(p)))
-        {
+        let netns = ns.path();
+        let ready = |pid| {
+            procfs::in_netns(pid, &netns) && {
+                let bound = procfs::udp_ports(pid);
+                [RENDEZVOUS_PORT, STUN_PORT]
+                    .iter()
+                    .all(|p| bound.contains(p))
+            }
+        };
+        while !ready(process.pid()) {
             interrupt::check()?;
             if let Some(exit) = process.wait_timeout(Duration::from_millis(5))? {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
