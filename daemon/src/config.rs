@@ -79,7 +79,7 @@ pub struct RendezvousConfig {
 }
 
 /// The rendezvous' default STUN port.
-pub const DEFAULT_STUN_PORT: u16 = 3478;
+pub use causeway_nat::rendezvous::DEFAULT_STUN_PORT;
 
 /// The `[site]` table: this site's identity, interface and exported networks.
 #[derive(Clone)]
@@ -324,9 +324,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
             (Some(spec), _) => parse_endpoint(&spec)
                 .map_err(|why| p.add(format!("{label}: stun"), format!("{spec:?} {why}")))
                 .ok(),
-            (None, Some(address)) => {
-                parse_endpoint(&format!("{}:{DEFAULT_STUN_PORT}", bracket(address.host()))).ok()
-            }
+            (None, Some(address)) => parse_endpoint(&default_stun(address)).ok(),
             (None, None) => None,
         };
         if let (Some(address), Some(public_key), Some(stun)) = (address, public_key, stun) {
@@ -963,6 +961,12 @@ fn parse_ports(value: &toml::Value) -> Result<RangeInclusive<u16>, String> {
 }
 
 /// A host as it goes before `:port`: IPv6 addresses in brackets.
+/// The STUN address of a rendezvous whose config names none: its host, on
+/// [`DEFAULT_STUN_PORT`].
+pub(crate) fn default_stun(rendezvous: &Endpoint) -> String {
+    format!("{}:{DEFAULT_STUN_PORT}", bracket(rendezvous.host()))
+}
+
 fn bracket(host: &str) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]")
@@ -972,7 +976,7 @@ fn bracket(host: &str) -> String {
 }
 
 /// Checks an endpoint; on error, says what is wrong after the quoted spec.
-fn parse_endpoint(spec: &str) -> Result<Endpoint, String> {
+pub(crate) fn parse_endpoint(spec: &str) -> Result<Endpoint, String> {
     const FORMS: &str = "write \"host:port\", \"192.0.2.1:port\" or \"[2001:db8::1]:port\"";
     if let Ok(addr) = spec.parse::<SocketAddr>() {
         if addr.port() == 0 {

@@ -71,7 +71,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{self, Config, ConfigErrors, DEFAULT_STUN_PORT};
+use crate::config::{self, Config, ConfigErrors};
 use crate::keys::{self, KeyError, PublicKey};
 use crate::views::{self, PeerCidrs, Persisted, View};
 
@@ -299,7 +299,7 @@ impl Invite {
             .rendezvous
             .iter()
             .map(|r| {
-                let default_stun = format!("{}:{DEFAULT_STUN_PORT}", bracket(r.address.host()));
+                let default_stun = config::default_stun(&r.address);
                 InviteRendezvous {
                     address: r.address.spec.clone(),
                     public_key: r.public_key,
@@ -818,50 +818,12 @@ fn replace_file(path: &Path, original: &str, text: &str) -> Result<(), JoinError
 /// brackets) or a DNS name, and a port from 1 to 65535. On error, says
 /// what is wrong after the quoted endpoint.
 fn check_endpoint(spec: &str) -> Result<(), String> {
-    const FORMS: &str = "write \"host:port\", \"192.0.2.1:port\" or \"[2001:db8::1]:port\"";
-    if let Ok(addr) = spec.parse::<SocketAddr>() {
-        return if addr.port() == 0 {
-            Err("has port 0; use a port from 1 to 65535".into())
-        } else {
-            Ok(())
-        };
-    }
-    let Some((host, port)) = spec.rsplit_once(':') else {
-        return Err(format!("has no port; {FORMS}"));
-    };
-    if !matches!(port.parse::<u16>(), Ok(1..)) {
-        return Err(format!(
-            "has an invalid port {port:?}; use a port from 1 to 65535"
-        ));
-    }
-    let dns_name = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    if dns_name {
-        Ok(())
-    } else {
-        Err(format!("has an invalid host {host:?}; {FORMS}"))
-    }
+    config::parse_endpoint(spec).map(drop)
 }
 
 /// A TOML basic string.
 fn quote(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
-}
-
-/// An IPv6 host in brackets, as in `host:port`.
-fn bracket(host: &str) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host.to_owned()
-    }
 }
 
 #[cfg(test)]
