@@ -10,7 +10,6 @@ use causeway_nat::rendezvous::{
     SiteEntry,
 };
 use causeway_nat::stun;
-use rand::RngCore;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -21,9 +20,7 @@ const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(400);
 
 fn keypair() -> (StaticSecret, PublicKey) {
-    let mut bytes = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let secret = StaticSecret::from(bytes);
+    let secret = causeway_nat::keys::generate();
     let public = PublicKey::from(&secret);
     (secret, public)
 }
@@ -203,16 +200,11 @@ async fn unknown_site_is_rejected() {
     let text = err.to_string();
     assert!(text.contains("unknown site key"), "{text}");
     assert!(
-        text.contains(&causeway_nat_key(&stranger.public)),
+        text.contains(&causeway_nat::keys::encode_public(&stranger.public)),
         "names the key: {text}"
     );
     assert!(!server.stats.site("a").unwrap().connected);
     server.stop().await;
-}
-
-fn causeway_nat_key(key: &PublicKey) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(key.as_bytes())
 }
 
 #[tokio::test]
@@ -645,7 +637,7 @@ fn each_rejection_logs_one_clear_line_on_each_side() {
         let a = site("a");
         let stranger = site("stranger");
         let (server, _) = start_server(&[&a]);
-        let key = causeway_nat_key(&stranger.public);
+        let key = causeway_nat::keys::encode_public(&stranger.public);
 
         connect(&server, &stranger, &[]).await.err().unwrap();
         let lines = capture.take();

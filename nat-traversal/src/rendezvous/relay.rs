@@ -28,8 +28,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub(crate) const KIND_RELAY_V1: u8 = 0x01;
 /// Length of the relay header.
 pub(crate) const HEADER_LEN: usize = 13;
-/// Largest packet the relay carries.
-pub(crate) const MAX_PACKET_LEN: usize = u16::MAX as usize;
 /// How long a partly received packet waits for its other fragments.
 pub(crate) const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most packets being reassembled at once (per connection).
@@ -153,9 +151,7 @@ pub(crate) fn fragment(
     if packet.is_empty() {
         return Err(FragmentError::Empty);
     }
-    if packet.len() > MAX_PACKET_LEN {
-        return Err(FragmentError::TooLarge(packet.len()));
-    }
+    // The largest packet the relay carries is what the header's u16 length holds.
     let total_len =
         u16::try_from(packet.len()).map_err(|_| FragmentError::TooLarge(packet.len()))?;
     let header = RelayHeader {

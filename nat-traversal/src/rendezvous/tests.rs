@@ -5,7 +5,6 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::RngCore;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -19,9 +18,7 @@ use super::{ConnectError, RendezvousClient, RendezvousEvent, RendezvousServer, S
 const WAIT: Duration = Duration::from_secs(5);
 
 fn keypair() -> (StaticSecret, PublicKey) {
-    let mut bytes = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let secret = StaticSecret::from(bytes);
+    let secret = crate::keys::generate();
     let public = PublicKey::from(&secret);
     (secret, public)
 }
