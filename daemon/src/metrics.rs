@@ -172,26 +172,26 @@ fn serve_on(
 
 /// The registry: process metrics, and the site's under `causeway_`.
 fn registry(sample: impl Fn() -> SiteSample + Send + Sync + 'static) -> Registry {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(ProcessCollector));
-    registry
-        .sub_registry_with_prefix("causeway")
-        .register_collector(Box::new(SiteCollector {
-            sample: Box::new(sample),
-        }));
-    registry
+    registry_of(SiteCollector {
+        sample: Box::new(sample),
+    })
 }
 
 /// The registry of a rendezvous: process metrics, and its own under
 /// `causeway_`.
 fn rendezvous_registry(sample: impl Fn() -> RendezvousSample + Send + Sync + 'static) -> Registry {
+    registry_of(RendezvousCollector {
+        sample: Box::new(sample),
+    })
+}
+
+/// Process metrics, and `collector`'s series under `causeway_`.
+fn registry_of(collector: impl Collector + 'static) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(ProcessCollector));
     registry
         .sub_registry_with_prefix("causeway")
-        .register_collector(Box::new(RendezvousCollector {
-            sample: Box::new(sample),
-        }));
+        .register_collector(Box::new(collector));
     registry
 }
 
