@@ -451,18 +451,23 @@ impl PeerPaths {
     /// Tells the state machine that an authenticated WireGuard packet from
     /// the peer arrived from `from`. Traffic from the direct path proves it
     /// alive as well as a pong does (pongs can be lost under load).
+    ///
+    /// Called for every packet: one scan of the candidates, and a random
+    /// draw only when a keepalive is rescheduled.
     pub fn notify_traffic_received(&mut self, now: Instant, from: SocketAddr) {
-        self.mark_seen(now, from);
+        let Some(i) = self.candidates.iter().position(|c| c.addr == from) else {
+            return;
+        };
+        self.candidates[i].seen_from = Some(now);
         if self.active != Some(from) {
             return;
         }
-        let keepalive = self.jitter(self.config.keepalive_interval);
-        if let Some(c) = self.candidates.iter_mut().find(|c| c.addr == from) {
-            c.missed = 0;
-            if c.awaiting {
-                c.awaiting = false;
-                c.keepalive_due = c.last_ping.unwrap_or(now) + keepalive;
-            }
+        self.candidates[i].missed = 0;
+        if self.candidates[i].awaiting {
+            let keepalive = self.jitter(self.config.keepalive_interval);
+            let c = &mut self.candidates[i];
+            c.awaiting = false;
+            c.keepalive_due = c.last_ping.unwrap_or(now) + keepalive;
         }
     }
 
