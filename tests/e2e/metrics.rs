@@ -2,60 +2,13 @@
 //! per-peer series and drop counters; `/healthz` and `/readyz` answer the
 //! way Kubernetes probes expect.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use causeway_testbed::Netns;
 
 use crate::common::*;
 use crate::uapi::Pair;
 
 const METRICS: &str = "127.0.0.1:9469";
-
-/// `GET path` from inside `ns`; returns the status code and the body.
-fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> (u16, String) {
-    let raw = ns.enter(|| {
-        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .expect("connect to the metrics port");
-        conn.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        write!(
-            conn,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .expect("send");
-        let mut raw = String::new();
-        conn.read_to_string(&mut raw).expect("read");
-        raw
-    });
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("not HTTP: {raw:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("status line: {head}"));
-    (status, body.to_owned())
-}
-
-/// The samples of a text exposition: `name{labels}` → value.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (key, value) = l
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("sample line: {l}"));
-            (
-                key.to_owned(),
-                value.parse().unwrap_or_else(|_| panic!("value of {l}")),
-            )
-        })
-        .collect()
-}
 
 #[test]
 fn metrics_show_peer_traffic_handshakes_and_drops_and_probes_answer() {
@@ -87,14 +40,14 @@ fn metrics_show_peer_traffic_handshakes_and_drops_and_probes_answer() {
     }
     std::thread::sleep(Duration::from_millis(300));
 
-    let (status, body) = http_get(gw_a, addr, "/metrics");
+    let (status, body) = get(gw_a, addr, "/metrics");
     assert_eq!(status, 200, "{body}");
     let s = samples(&body);
-    let get = |key: &str| *s.get(key).unwrap_or_else(|| panic!("no {key} in\n{body}"));
+    let sample = |key: &str| *s.get(key).unwrap_or_else(|| panic!("no {key} in\n{body}"));
 
-    assert_eq!(get("causeway_peers_configured"), 1.0);
+    assert_eq!(sample("causeway_peers_configured"), 1.0);
     assert_eq!(
-        get(&format!(
+        sample(&format!(
             "causeway_peer_info{{peer=\"b\",public_key=\"{}\"}}",
             p.files[1].public_key
         )),
@@ -105,13 +58,13 @@ fn metrics_show_peer_traffic_handshakes_and_drops_and_probes_answer() {
             .any(|k| k.starts_with("causeway_build_info{version=")),
         "{body}"
     );
-    let tx = get("causeway_peer_tx_bytes_total{peer=\"b\"}");
-    let rx = get("causeway_peer_rx_bytes_total{peer=\"b\"}");
+    let tx = sample("causeway_peer_tx_bytes_total{peer=\"b\"}");
+    let rx = sample("causeway_peer_rx_bytes_total{peer=\"b\"}");
     assert!(tx >= f64::from(2u32 << 20), "tx {tx}");
     assert!(rx > 0.0, "rx {rx}");
-    assert!(get("causeway_peer_tx_packets_total{peer=\"b\"}") >= 1000.0);
-    assert!(get("causeway_peer_rx_packets_total{peer=\"b\"}") > 0.0);
-    let handshake = get("causeway_peer_last_handshake_timestamp_seconds{peer=\"b\"}");
+    assert!(sample("causeway_peer_tx_packets_total{peer=\"b\"}") >= 1000.0);
+    assert!(sample("causeway_peer_rx_packets_total{peer=\"b\"}") > 0.0);
+    let handshake = sample("causeway_peer_last_handshake_timestamp_seconds{peer=\"b\"}");
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock")
@@ -121,15 +74,15 @@ fn metrics_show_peer_traffic_handshakes_and_drops_and_probes_answer() {
         "handshake {handshake}, now {now}"
     );
     assert!(
-        get("causeway_peer_drops_total{peer=\"b\",reason=\"spoofed_source\"}") >= 5.0,
+        sample("causeway_peer_drops_total{peer=\"b\",reason=\"spoofed_source\"}") >= 5.0,
         "{body}"
     );
     assert_eq!(
-        get("causeway_peer_drops_total{peer=\"b\",reason=\"policy_port\"}"),
+        sample("causeway_peer_drops_total{peer=\"b\",reason=\"policy_port\"}"),
         0.0
     );
     assert!(
-        get("causeway_site_drops_total{reason=\"malformed\"}") >= 7.0,
+        sample("causeway_site_drops_total{reason=\"malformed\"}") >= 7.0,
         "{body}"
     );
     // The same numbers `causeway status` shows, read a moment later.
@@ -137,19 +90,19 @@ fn metrics_show_peer_traffic_handshakes_and_drops_and_probes_answer() {
     assert!(status.peers[0].tx_bytes as f64 >= tx && status.peers[0].rx_bytes as f64 >= rx);
 
     // The daemon's own process.
-    assert!(get("process_resident_memory_bytes") > 1e6);
-    assert!(get("process_open_fds") >= 5.0);
-    assert!(get("process_cpu_seconds_total") >= 0.0);
-    let started = get("process_start_time_seconds");
+    assert!(sample("process_resident_memory_bytes") > 1e6);
+    assert!(sample("process_open_fds") >= 5.0);
+    assert!(sample("process_cpu_seconds_total") >= 0.0);
+    let started = sample("process_start_time_seconds");
     assert!(
         started > now - 600.0 && started <= now + 1.0,
         "start time {started}, now {now}"
     );
 
     // Probes.
-    assert_eq!(http_get(gw_a, addr, "/healthz"), (200, "ok\n".to_owned()));
-    assert_eq!(http_get(gw_a, addr, "/readyz"), (200, "ready\n".to_owned()));
-    assert_eq!(http_get(gw_a, addr, "/favicon.ico").0, 404);
+    assert_eq!(get(gw_a, addr, "/healthz"), (200, "ok\n".to_owned()));
+    assert_eq!(get(gw_a, addr, "/readyz"), (200, "ready\n".to_owned()));
+    assert_eq!(get(gw_a, addr, "/favicon.ico").0, 404);
 
     // Only where asked: b has no metrics_listen, nothing listens there.
     assert!(

@@ -3,8 +3,7 @@
 //! once it serves, and see sites connect and their relayed traffic.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 
 use std::time::{Duration, Instant};
 
@@ -13,50 +12,6 @@ use causeway_testbed::{Lab, LabSpec, Nat, Netns, SiteSpec};
 use crate::common::*;
 
 const METRICS_PORT: u16 = 9469;
-
-/// `GET path` from inside `ns`: the status code and the body.
-fn try_get(ns: &Netns, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let raw = ns.enter(|| {
-        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            conn,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut raw = String::new();
-        conn.read_to_string(&mut raw)?;
-        Ok::<_, std::io::Error>(raw)
-    })?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("not HTTP: {raw:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("status line: {head}"));
-    Ok((status, body.to_owned()))
-}
-
-fn get(ns: &Netns, addr: SocketAddr, path: &str) -> (u16, String) {
-    try_get(ns, addr, path).unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
-}
-
-/// The samples of a text exposition: `name{labels}` → value.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (key, value) = l
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("sample line: {l}"));
-            (
-                key.to_owned(),
-                value.parse().unwrap_or_else(|_| panic!("value of {l}")),
-            )
-        })
-        .collect()
-}
 
 fn scrape(ns: &Netns, addr: SocketAddr) -> (BTreeMap<String, f64>, String) {
     let (status, body) = get(ns, addr, "/metrics");
