@@ -466,6 +466,16 @@ impl Drop for Lab {
 }
 
 impl Site {
+    /// Removes the global IPv6 addresses of the gateway's underlay link
+    /// (`wan0`). The lab routes IPv6 between sites and never translates it,
+    /// NAT or not, so a test or benchmark about IPv4 NATs takes it away
+    /// lest every pair meet directly over IPv6.
+    pub fn remove_ipv6_underlay(&self) -> Result<(), Error> {
+        self.gateway
+            .ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"])
+            .map(drop)
+    }
+
     /// Forgets every NAT mapping of the site's NAT router (like `conntrack
     /// -F`, over ctnetlink), as if the router had rebooted or its mappings had
     /// timed out. Does nothing for a site without NAT.

@@ -109,9 +109,7 @@ impl NatPair {
 /// tests are about IPv4 NATs: take the gateways' IPv6 underlay away.
 fn ipv4_underlay_only(lab: &Lab) {
     for site in lab.sites() {
-        site.gateway
-            .ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"])
-            .expect("flush IPv6");
+        site.remove_ipv6_underlay().expect("flush IPv6");
     }
 }
 

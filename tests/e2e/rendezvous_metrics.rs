@@ -50,9 +50,7 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
     .expect("lab");
     // IPv6 crosses the lab without NAT and would give a direct path.
     for s in lab.sites() {
-        s.gateway
-            .ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"])
-            .expect("flush IPv6");
+        s.remove_ipv6_underlay().expect("flush IPv6");
     }
     let files = [SiteFiles::new(), SiteFiles::new()];
     let internet = lab.internet();

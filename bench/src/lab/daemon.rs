@@ -399,8 +399,7 @@ fn rendezvous_toml(key: &Path, ip: Ipv4Addr, sites: &[(&str, &str)]) -> String {
 /// removes the global IPv6 addresses of their gateways' underlay link.
 pub(crate) fn ipv4_only_behind_nats(lab: &Lab) -> anyhow::Result<()> {
     for site in lab.sites().iter().filter(|s| s.nat_router.is_some()) {
-        site.gateway
-            .ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"])?;
+        site.remove_ipv6_underlay()?;
     }
     Ok(())
 }
