@@ -635,7 +635,7 @@ fn log_view_changes(peer: &PeerConfig, views: &[View], persisted: &Persisted) {
 }
 
 /// The views of every peer CIDR given the recorded ones (see [`views::assign`]).
-fn assign_views(
+pub(crate) fn assign_views(
     config: &Config,
     persisted: &Persisted,
 ) -> Result<(Vec<Vec<View>>, Persisted), Vec<views::AssignError>> {

@@ -73,7 +73,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{self, Config, ConfigErrors};
 use crate::keys::{self, KeyError, PublicKey};
-use crate::views::{self, PeerCidrs, Persisted, View};
+use crate::views::{self, Persisted, View};
 
 /// The version of the token format this release writes and reads.
 pub const TOKEN_VERSION: u32 = 1;
@@ -701,22 +701,6 @@ fn expected_views(
     persisted: &Persisted,
     origin: &str,
 ) -> Result<config::PeerConfig, JoinError> {
-    let public_keys: Vec<String> = config
-        .peers
-        .iter()
-        .map(|p| keys::encode_public(&p.public_key))
-        .collect();
-    let peers: Vec<PeerCidrs<'_>> = config
-        .peers
-        .iter()
-        .zip(&public_keys)
-        .map(|(p, public_key)| PeerCidrs {
-            name: &p.name,
-            public_key,
-            cidrs: &p.cidrs,
-        })
-        .collect();
-    let site = &config.site;
     let mut peer = config
         .peers
         .last()
@@ -724,13 +708,7 @@ fn expected_views(
         .ok_or_else(|| JoinError::Changed {
             path: PathBuf::from(origin),
         })?;
-    match views::assign(
-        &site.pod_cidrs,
-        &site.reserved_cidrs,
-        &site.remap_pool,
-        &peers,
-        persisted,
-    ) {
+    match config::assign_views(config, persisted) {
         Ok((views, _)) => {
             if let Some(views) = views.into_iter().last() {
                 peer.views = views;
