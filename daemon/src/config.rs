@@ -541,23 +541,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         Err(e) => p.add("site.private_key_file", e),
     }
 
+    // Host names are resolved once, here; IP literals were parsed already.
+    let mut to_resolve: Vec<(String, &mut Endpoint)> = Vec::new();
     for (i, peer) in config.peers.iter_mut().enumerate() {
-        let Some(endpoint) = peer.endpoint.as_mut() else {
-            continue;
-        };
-        match endpoint.resolve() {
-            Ok(addr) => endpoint.addr = Some(addr),
-            Err(e) => p.add(
-                format!("peer[{i}] {:?}: endpoint", peer.name),
-                format!(
-                    "cannot resolve host {:?}: {e}; check the name and DNS, or write an IP address",
-                    endpoint.host()
-                ),
-            ),
+        if let Some(endpoint) = peer.endpoint.as_mut() {
+            to_resolve.push((format!("peer[{i}] {:?}: endpoint", peer.name), endpoint));
         }
     }
-
-    let mut to_resolve: Vec<(String, &mut Endpoint)> = Vec::new();
     for (i, r) in config.rendezvous.iter_mut().enumerate() {
         to_resolve.push((format!("rendezvous[{i}]: address"), &mut r.address));
         to_resolve.push((format!("rendezvous[{i}]: stun"), &mut r.stun));
