@@ -5,7 +5,7 @@
 //!   `Tunn` on an established session, per IPv4 packet of 64, 512 and 1420
 //!   bytes;
 //! - `packet/*`: `causeway::packet` on one TCP packet: `parse`, remap
-//!   (`Mapping::egress`, `Mapping::ingress`), `clamp_mss` on a SYN, and the
+//!   (`View::egress`, `View::ingress`), `clamp_mss` on a SYN, and the
 //!   allow-list check;
 //! - `batch/*`: what the daemon's threads do to a batch of 64 full-size
 //!   packets, without the system calls: outbound (parse ▸ remap ▸ MSS clamp ▸
@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use causeway::packet::{self, AllowRule, Mapping};
+use causeway::packet::{self, AllowRule, View};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ipnet::IpNet;
 
@@ -150,7 +150,7 @@ fn wireguard(c: &mut Criterion) {
 
 fn packet_ops(c: &mut Criterion) {
     let mut g = c.benchmark_group("packet");
-    let mapping = Mapping::new(net("10.0.0.0/16"), net("100.64.0.0/16")).expect("mapping");
+    let mapping = View::new(net("10.0.0.0/16"), net("100.64.0.0/16")).expect("mapping");
     let rules = [AllowRule::any(net("10.0.0.0/16"))];
     for size in SIZES {
         g.throughput(Throughput::Elements(1));
@@ -201,7 +201,7 @@ fn packet_ops(c: &mut Criterion) {
 fn batch(c: &mut Criterion) {
     let mut g = c.benchmark_group("batch");
     g.throughput(Throughput::Bytes((BATCH * 1420) as u64));
-    let mapping = Mapping::new(net("10.0.0.0/16"), net("100.64.0.0/16")).expect("mapping");
+    let mapping = View::new(net("10.0.0.0/16"), net("100.64.0.0/16")).expect("mapping");
     let rules = [AllowRule::any(net("10.0.0.0/16"))];
     let max = packet::max_mss(1420, false);
     let batch_in: Vec<Vec<u8>> = (0..BATCH)

@@ -23,8 +23,9 @@ pub use causeway_nat::config_problems::ConfigErrors;
 use causeway_nat::config_problems::Problems;
 
 use crate::keys::{self, PublicKey, StaticSecret};
+use crate::packet::View;
 pub use crate::packet::{AllowRule, Proto};
-use crate::views::{self, PeerCidrs, Persisted, View};
+use crate::views::{self, PeerCidrs, Persisted, overlaps};
 
 /// Where the site's private key lives unless `site.private_key_file` says otherwise.
 pub const DEFAULT_PRIVATE_KEY_FILE: &str = "/var/lib/causeway/private.key";
@@ -604,19 +605,19 @@ fn log_view_changes(peer: &PeerConfig, views: &[View], persisted: &Persisted) {
         let recorded = persisted
             .views
             .iter()
-            .find(|e| e.public_key == public_key && e.real == view.real);
+            .find(|e| e.public_key == public_key && e.real == *view.real());
         match recorded {
-            Some(e) if e.view != view.view => tracing::warn!(
+            Some(e) if e.view != *view.view() => tracing::warn!(
                 peer = peer.name,
-                real = %view.real,
+                real = %view.real(),
                 old_view = %e.view,
-                view = %view.view,
+                view = %view.view(),
                 "the recorded view CIDR is no longer usable (it collides with a local, reserved or other view CIDR, or left remap_pool); the peer is now seen elsewhere"
             ),
             None if view.is_remapped() => tracing::info!(
                 peer = peer.name,
-                real = %view.real,
-                view = %view.view,
+                real = %view.real(),
+                view = %view.view(),
                 "allocated a view CIDR"
             ),
             _ => {}
@@ -828,11 +829,6 @@ fn parse_cidr(text: &str) -> Result<IpNet, String> {
         )),
         Ok(net) => Ok(net),
     }
-}
-
-/// Whether two networks share an address.
-fn overlaps(a: &IpNet, b: &IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 /// Reports every entry of one list that overlaps an earlier entry, as
@@ -1401,7 +1397,7 @@ cidrs = ["10.0.0.0/16", "10.3.128.0/17"]
         );
         let config = parse(&text, "causeway.toml").unwrap();
         for peer in &config.peers {
-            let real: Vec<IpNet> = peer.views.iter().map(|v| v.real).collect();
+            let real: Vec<IpNet> = peer.views.iter().map(|v| *v.real()).collect();
             assert_eq!(real, peer.cidrs);
             assert!(peer.views.iter().all(|v| !v.is_remapped()));
         }
@@ -1747,10 +1743,7 @@ persistent_keepalive = 0
             0,
             (
                 "edge".into(),
-                vec![View {
-                    real: net("10.1.0.0/16"),
-                    view: net("100.66.0.0/16"),
-                }],
+                vec![View::new(net("10.1.0.0/16"), net("100.66.0.0/16")).unwrap()],
             ),
         );
         assert_eq!(views_by_peer(&grown), expected);

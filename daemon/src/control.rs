@@ -133,24 +133,24 @@ impl Status {
                             rtt,
                         )
                     };
-                    let path = match (endpoint, p.static_endpoint) {
+                    let path = match (endpoint, p.has_static_endpoint()) {
                         (Some(_), true) => "static",
                         (Some(_), false) => "direct",
                         (None, _) if ctx.has_relay() => "relay",
                         (None, _) => "none",
                     };
                     PeerStatus {
-                        name: p.name.clone(),
-                        public_key: keys::encode_public(&p.public_key),
+                        name: p.name().to_owned(),
+                        public_key: keys::encode_public(p.public_key()),
                         path: path.to_owned(),
                         endpoint: endpoint.map(|e| e.to_string()),
                         candidates,
                         rtt_ms: rtt.map(|d| d.as_secs_f64() * 1e3),
                         relay_tx_packets: p.counters.relay_tx_packets.load(Relaxed),
                         relay_rx_packets: p.counters.relay_rx_packets.load(Relaxed),
-                        cidrs: p.cidrs.iter().map(|c| c.to_string()).collect(),
+                        cidrs: p.config.cidrs.iter().map(|c| c.to_string()).collect(),
                         views: p
-                            .views
+                            .views()
                             .iter()
                             .map(|m| ViewStatus {
                                 real: m.real().to_string(),

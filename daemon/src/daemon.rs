@@ -304,7 +304,7 @@ impl Reloader {
             Some(&ctx.peers()),
         );
         let views = peers.all_views();
-        let keys: Vec<_> = peers.iter().map(|p| p.public_key).collect();
+        let keys: Vec<_> = peers.iter().map(|p| *p.public_key()).collect();
         ctx.set_peers(peers);
         if let Err(e) = netlink.reconcile_routes(link, &views).await {
             warn!("routes after reload: {e}");

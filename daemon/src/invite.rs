@@ -73,7 +73,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{self, Config, ConfigErrors};
 use crate::keys::{self, KeyError, PublicKey};
-use crate::views::{self, Persisted, View};
+use crate::packet::View;
+use crate::views::{self, Persisted};
 
 /// The version of the token format this release writes and reads.
 pub const TOKEN_VERSION: u32 = 1;

@@ -214,9 +214,9 @@ fn rendezvous(
     metrics_listen: Option<std::net::SocketAddr>,
     log: &LogArgs,
 ) -> anyhow::Result<ExitCode> {
-    use causeway_nat::rendezvous::{RendezvousConfig, RendezvousServer};
+    use causeway_nat::rendezvous::{RendezvousServer, ServerConfig};
     init_logging(log)?;
-    let config = match RendezvousConfig::load(&path) {
+    let config = match ServerConfig::load(&path) {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("causeway: {} has problems:\n{errors}", path.display());

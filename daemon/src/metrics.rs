@@ -336,8 +336,8 @@ impl SiteSample {
                 .map(|p| {
                     let age = p.last_handshake();
                     PeerSample {
-                        name: p.name.clone(),
-                        public_key: keys::encode_public(&p.public_key),
+                        name: p.name().to_owned(),
+                        public_key: keys::encode_public(p.public_key()),
                         tx_bytes: p.counters.tx_bytes.load(Relaxed),
                         tx_packets: p.counters.tx_packets.load(Relaxed),
                         rx_bytes: p.counters.rx_bytes.load(Relaxed),

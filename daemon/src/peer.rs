@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::config::PeerConfig;
-use crate::packet::{AllowRule, DenyReason, Mapping};
+use crate::packet::{AllowRule, DenyReason, View};
 
 /// Why a packet was dropped. The names are the ones `causeway status` and
 /// the logs use.
@@ -162,17 +162,10 @@ pub struct Peer {
     /// index (receiver indices carry it in their top 24 bits), and how
     /// messages between threads name it across config reloads.
     pub id: u32,
-    /// The configuration it was made from; a reload keeps the peer (and
-    /// its sessions and counters) while this stays the same.
+    /// The configuration it was made from (name, key, real CIDRs and their
+    /// views, endpoint); a reload keeps the peer (and its sessions and
+    /// counters) while this stays the same.
     pub config: PeerConfig,
-    /// The operator's name for the peer.
-    pub name: String,
-    /// Its WireGuard public key.
-    pub public_key: PublicKey,
-    /// The inner networks it owns (and may send from): its real CIDRs.
-    pub cidrs: Vec<IpNet>,
-    /// How this site sees each real CIDR (index-aligned with `cidrs`).
-    pub views: Vec<Mapping>,
     /// What it may reach here (never empty: the default is every local pod
     /// CIDR, any protocol).
     pub allow: Vec<AllowRule>,
@@ -181,8 +174,6 @@ pub struct Peer {
     /// Authenticates path probes with the peer (when the site does NAT
     /// traversal).
     pub probe_key: Option<causeway_nat::probe::ProbeKey>,
-    /// Whether the operator configured a static endpoint.
-    pub static_endpoint: bool,
     state: Mutex<PeerState>,
 }
 
@@ -209,23 +200,6 @@ impl Peer {
         Peer {
             id,
             config: config.clone(),
-            name: config.name.clone(),
-            public_key: config.public_key,
-            cidrs: config.cidrs.clone(),
-            views: config
-                .cidrs
-                .iter()
-                .enumerate()
-                .filter_map(|(i, &real)| {
-                    let view = config.views.get(i).map_or(real, |v| v.view);
-                    // The config layer only makes same-family, same-length
-                    // views; anything else degrades to identity, which
-                    // cannot fail.
-                    Mapping::new(real, view)
-                        .or_else(|_| Mapping::new(real, real))
-                        .ok()
-                })
-                .collect(),
             allow: if config.allow.is_empty() {
                 pod_cidrs.iter().map(|&c| AllowRule::any(c)).collect()
             } else {
@@ -237,13 +211,35 @@ impl Peer {
                     causeway_nat::probe::ProbeKey::derive(private_key, &config.public_key).ok()
                 })
                 .flatten(),
-            static_endpoint,
             state: Mutex::new(PeerState {
                 tunn,
                 endpoint: config.endpoint.as_ref().and_then(|e| e.addr),
                 paths: (traversal && !static_endpoint).then(crate::traversal::new_paths),
             }),
         }
+    }
+
+    /// The operator's name for the peer.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Its WireGuard public key.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.config.public_key
+    }
+
+    /// How this site sees each of its real CIDRs.
+    pub fn views(&self) -> &[View] {
+        &self.config.views
+    }
+
+    /// Whether the operator configured a static endpoint.
+    pub fn has_static_endpoint(&self) -> bool {
+        self.config
+            .endpoint
+            .as_ref()
+            .is_some_and(|e| e.addr.is_some())
     }
 
     /// Locks the peer's WireGuard state. A panic while it was held poisons
@@ -256,8 +252,8 @@ impl Peer {
 
     /// The view of the peer's real CIDR that contains `addr`, if `addr` is
     /// the peer's at all.
-    pub fn view_of_source(&self, addr: IpAddr) -> Option<&Mapping> {
-        self.views.iter().find(|m| m.real().contains(&addr))
+    pub fn view_of_source(&self, addr: IpAddr) -> Option<&View> {
+        self.views().iter().find(|m| m.real().contains(&addr))
     }
 
     /// Time since the last completed handshake, if any.
@@ -334,8 +330,8 @@ impl Peers {
         }
         if let Some(previous) = previous {
             for old in previous.iter() {
-                if !configs.iter().any(|c| c.public_key == old.public_key) {
-                    changes.removed.push(old.name.clone());
+                if !configs.iter().any(|c| c.public_key == *old.public_key()) {
+                    changes.removed.push(old.name().to_owned());
                 }
             }
         }
@@ -343,7 +339,7 @@ impl Peers {
             .iter()
             .enumerate()
             .flat_map(|(i, p)| {
-                p.views
+                p.views()
                     .iter()
                     .enumerate()
                     .map(move |(k, m)| (*m.view(), i, k))
@@ -376,7 +372,7 @@ impl Peers {
     pub fn by_key(&self, key: &[u8; 32]) -> Option<usize> {
         self.peers
             .iter()
-            .position(|p| p.public_key.as_bytes() == key)
+            .position(|p| p.public_key().as_bytes() == key)
     }
 
     /// The peer with this id.
@@ -417,7 +413,7 @@ impl Peers {
     pub fn all_views(&self) -> Vec<IpNet> {
         self.peers
             .iter()
-            .flat_map(|p| p.views.iter().map(|m| *m.view()))
+            .flat_map(|p| p.views().iter().map(|m| *m.view()))
             .collect()
     }
 }

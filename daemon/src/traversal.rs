@@ -181,7 +181,7 @@ fn pump(ctx: &Ctx, peer: &Arc<Peer>, state: &mut PeerState) {
         while let Some(t) = paths.poll_transmit() {
             let n = probe::encode(key, &t.probe, &mut buf);
             if let Err(e) = ctx.udp.send(t.dst, &buf[..n], None) {
-                tracing::debug!(peer = peer.name, "probe to {}: {e}", t.dst);
+                tracing::debug!(peer = peer.name(), "probe to {}: {e}", t.dst);
             }
         }
         let Some(Event::PathChanged(path)) = paths.poll_event() else {
@@ -189,12 +189,12 @@ fn pump(ctx: &Ctx, peer: &Arc<Peer>, state: &mut PeerState) {
         };
         match path {
             Path::Direct(addr) => {
-                info!(peer = peer.name, %addr, "direct path");
+                info!(peer = peer.name(), %addr, "direct path");
                 state.endpoint = Some(addr);
                 kick_handshake(ctx, peer, state);
             }
             Path::Relay => {
-                info!(peer = peer.name, "no direct path: using the relay");
+                info!(peer = peer.name(), "no direct path: using the relay");
                 state.endpoint = None;
                 // Our mapping may have changed: ask STUN again and tell
                 // the peer (through the rendezvous) even if nothing changed,
@@ -353,7 +353,7 @@ fn on_event(ctx: &Ctx, event: RendezvousEvent, batch: &mut TunBatch, cookie: &mu
                 return;
             };
             let p = peers.get(index);
-            info!(peer = p.name, online, candidates = ?candidates, "peer update from the rendezvous");
+            info!(peer = p.name(), online, candidates = ?candidates, "peer update from the rendezvous");
             let candidates = reachable(ctx, candidates);
             let mut state = p.lock();
             if let Some(paths) = state.paths.as_mut() {
@@ -411,7 +411,7 @@ async fn send_relayed(ctx: Arc<Ctx>, mut packets: mpsc::Receiver<RelayPacket>) {
             .unwrap_or_default();
         let sent = handles
             .iter()
-            .find(|h| h.send_relay(&p.public_key, &bytes).is_ok());
+            .find(|h| h.send_relay(p.public_key(), &bytes).is_ok());
         if let Some(size) = sent.and_then(|h| h.max_unfragmented()) {
             ctx.relay_unfragmented
                 .store(size, std::sync::atomic::Ordering::Relaxed);

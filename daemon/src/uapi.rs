@@ -136,13 +136,13 @@ impl Device {
                         )
                     };
                     DevicePeer {
-                        public_key: *p.public_key.as_bytes(),
+                        public_key: *p.public_key().as_bytes(),
                         endpoint,
                         last_handshake: age.and_then(|age| now.checked_sub(age)),
                         rx_bytes: p.counters.rx_bytes.load(Relaxed),
                         tx_bytes: p.counters.tx_bytes.load(Relaxed),
                         persistent_keepalive: keepalive.unwrap_or(0),
-                        allowed_ips: p.views.iter().map(|m| *m.view()).collect(),
+                        allowed_ips: p.views().iter().map(|m| *m.view()).collect(),
                     }
                 })
                 .collect(),

@@ -30,43 +30,12 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::packet::View;
+
 /// The name of the state file inside the site's `state_dir`.
 pub const STATE_FILE: &str = "views.json";
 /// The format version written to (and required in) the state file.
 pub const STATE_VERSION: u32 = 1;
-
-/// How this site sees one real CIDR of a peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct View {
-    /// The peer's own network, as the peer numbers it.
-    pub real: IpNet,
-    /// The network local pods use to reach it: `real` itself, or a CIDR of
-    /// the same size from `remap_pool`.
-    pub view: IpNet,
-}
-
-impl View {
-    /// The view that leaves the real CIDR as it is.
-    pub fn identity(real: IpNet) -> View {
-        View { real, view: real }
-    }
-
-    /// Whether the view differs from the real CIDR, so that the data path
-    /// has to rewrite addresses.
-    pub fn is_remapped(&self) -> bool {
-        self.real != self.view
-    }
-}
-
-impl fmt::Display for View {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_remapped() {
-            write!(f, "{} seen as {}", self.real, self.view)
-        } else {
-            write!(f, "{}", self.real)
-        }
-    }
-}
 
 /// One peer as [`assign`] needs it.
 #[derive(Debug, Clone, Copy)]
@@ -314,7 +283,7 @@ pub fn assign(
     peers: &[PeerCidrs<'_>],
     persisted: &Persisted,
 ) -> Result<(Vec<Vec<View>>, Persisted), Vec<AssignError>> {
-    let mut views: Vec<Vec<Option<IpNet>>> =
+    let mut views: Vec<Vec<Option<View>>> =
         peers.iter().map(|p| vec![None; p.cidrs.len()]).collect();
     // Every view given so far, with the index of its peer.
     let mut given: Vec<(IpNet, usize)> = Vec::new();
@@ -341,15 +310,17 @@ pub fn assign(
         let Some(c) = peers[p].cidrs.iter().position(|c| *c == entry.real) else {
             continue;
         };
-        let view = entry.view;
+        let Ok(view) = View::new(entry.real, entry.view) else {
+            continue;
+        };
+        let net = *view.view();
         let valid = views[p][c].is_none()
-            && same_shape(&entry.real, &view)
-            && local_conflict(&view).is_none()
-            && !given.iter().any(|(g, _)| overlaps(g, &view))
-            && (view == entry.real || pool.iter().any(|pool| pool.contains(&view)));
+            && local_conflict(&net).is_none()
+            && !given.iter().any(|(g, _)| overlaps(g, &net))
+            && (!view.is_remapped() || pool.iter().any(|pool| pool.contains(&net)));
         if valid {
             views[p][c] = Some(view);
-            given.push((view, p));
+            given.push((net, p));
         }
     }
 
@@ -368,7 +339,7 @@ pub fn assign(
             });
             match conflict {
                 None => {
-                    views[p][c] = Some(*real);
+                    views[p][c] = Some(View::identity(*real));
                     given.push((*real, p));
                 }
                 Some(conflict) => pending.push((p, c, *real, conflict)),
@@ -385,10 +356,13 @@ pub fn assign(
             .copied()
             .chain(given.iter().map(|(g, _)| *g))
             .collect();
-        match allocate(&real, pool, &taken) {
+        // `allocate` only returns blocks of the real CIDR's shape.
+        let view = allocate(&real, pool, &taken)
+            .and_then(|net| View::new(real, net).map_err(|_| Shortage::Exhausted));
+        match view {
             Ok(view) => {
                 views[p][c] = Some(view);
-                given.push((view, p));
+                given.push((*view.view(), p));
             }
             Err(shortage) => errors.push(AssignError {
                 peer: p,
@@ -410,10 +384,7 @@ pub fn assign(
             peer.cidrs
                 .iter()
                 .zip(views)
-                .map(|(&real, view)| View {
-                    real,
-                    view: view.unwrap_or(real),
-                })
+                .map(|(&real, view)| view.unwrap_or(View::identity(real)))
                 .collect()
         })
         .collect();
@@ -424,8 +395,8 @@ pub fn assign(
             views.iter().map(|v| PersistedView {
                 peer: peer.name.to_owned(),
                 public_key: peer.public_key.to_owned(),
-                real: v.real,
-                view: v.view,
+                real: *v.real(),
+                view: *v.view(),
             })
         })
         .collect();
@@ -434,16 +405,8 @@ pub fn assign(
 }
 
 /// Whether two networks share an address.
-fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+pub(crate) fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
-}
-
-/// Same family and prefix length.
-fn same_shape(a: &IpNet, b: &IpNet) -> bool {
-    matches!(
-        (a, b),
-        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
-    ) && a.prefix_len() == b.prefix_len()
 }
 
 /// The first and last address of a network as numbers.
@@ -562,7 +525,7 @@ mod tests {
             .iter()
             .map(|v| {
                 v.iter()
-                    .map(|v| v.view.to_string())
+                    .map(|v| v.view().to_string())
                     .collect::<Vec<_>>()
                     .join(" ")
             })
@@ -646,11 +609,11 @@ fd00::1/128 |              | fd00::1/128                         | fd63:6175:736
         let all: Vec<View> = views.into_iter().flatten().collect();
         for (i, v) in all.iter().enumerate() {
             assert!(v.is_remapped(), "{v}");
-            assert_eq!(v.view.prefix_len(), v.real.prefix_len(), "{v}");
-            assert_eq!(v.view, v.view.trunc(), "aligned: {v}");
-            assert!(pool[0].contains(&v.view), "{v}");
+            assert_eq!(v.view().prefix_len(), v.real().prefix_len(), "{v}");
+            assert_eq!(*v.view(), v.view().trunc(), "aligned: {v}");
+            assert!(pool[0].contains(v.view()), "{v}");
             for w in &all[..i] {
-                assert!(!overlaps(&v.view, &w.view), "{v} and {w}");
+                assert!(!overlaps(v.view(), w.view()), "{v} and {w}");
             }
         }
         assert_eq!(state.views.len(), cidrs.len());
@@ -670,7 +633,12 @@ fd00::1/128 |              | fd00::1/128                         | fd63:6175:736
                 .collect();
             let (views, _) = run("10.0.0.0/16", "", &pool, &peers, &Persisted::default()).unwrap();
             assert_eq!(shown(&views), ["100.64.0.0/16", "100.65.0.0/16"]);
-            assert!(views.iter().flatten().all(|v| v.real == net("10.0.0.0/16")));
+            assert!(
+                views
+                    .iter()
+                    .flatten()
+                    .all(|v| *v.real() == net("10.0.0.0/16"))
+            );
         }
     }
 

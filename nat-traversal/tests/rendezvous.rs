@@ -357,12 +357,12 @@ async fn relay_carries_full_size_and_small_packets_both_ways() {
     assert!(sa.relayed_bytes >= 1452 * 2 + 60 + 1 + 9000);
     assert_eq!(sa.relay_dropped, 0);
     let stats = ca.handle().stats();
-    assert!(stats.relay_received_packets >= 5);
+    assert!(stats.relay_rx_packets >= 5);
     assert_eq!(stats.relay_malformed, 0);
     // The 1452- and 9000-byte packets were fragmented: more datagrams than
     // packets.
     assert!(
-        stats.relay_sent_datagrams >= stats.relay_sent_packets + 1 + 1 + 6,
+        stats.relay_tx_datagrams >= stats.relay_tx_packets + 1 + 1 + 6,
         "{stats:?}"
     );
 

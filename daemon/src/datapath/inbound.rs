@@ -283,7 +283,7 @@ fn deliver(ctx: &Ctx, peer: &Peer, inner: &mut [u8], src: IpAddr, relayed: bool)
             return false;
         }
     };
-    if !mapping.is_identity()
+    if mapping.is_remapped()
         && let Err(e) = mapping.ingress_parsed(inner, &summary)
     {
         ctx.drop_packet(

@@ -174,7 +174,7 @@ impl Ctx {
         detail: std::fmt::Arguments<'_>,
     ) {
         let (total, name) = match peer {
-            Some(p) => (p.counters.drops.count(reason), p.name.as_str()),
+            Some(p) => (p.counters.drops.count(reason), p.name()),
             None => (self.drops.count(reason), "-"),
         };
         if self.may_log(reason) {
@@ -425,7 +425,7 @@ async fn drive_timers(ctx: Arc<Ctx>) {
             match state.tunn.update_timers(&mut buf) {
                 TunnResult::WriteToNetwork(packet) => ctx.send_to_peer(peer, endpoint, packet),
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}
-                TunnResult::Err(e) => tracing::debug!(peer = peer.name, "timers: {e:?}"),
+                TunnResult::Err(e) => tracing::debug!(peer = peer.name(), "timers: {e:?}"),
                 _ => {}
             }
         }

@@ -200,8 +200,8 @@ fn encrypt(ctx: &Ctx, peers: &Peers, packet: &mut [u8], queue: &mut SendQueue, i
         return;
     };
     let peer = peers.get(index);
-    let mapping = &peer.views[view];
-    if !mapping.is_identity()
+    let mapping = &peer.views()[view];
+    if mapping.is_remapped()
         && let Err(e) = mapping.egress_parsed(packet, &summary)
     {
         ctx.drop_packet(

@@ -9,7 +9,7 @@
 //!
 //! # Remapping
 //!
-//! [`Mapping`] holds a peer's real CIDR and this site's view of it. Egress
+//! [`View`] holds a peer's real CIDR and this site's view of it. Egress
 //! to the peer rewrites the destination `view → real` ([`translate_dst`]),
 //! ingress from the peer rewrites the source `real → view`
 //! ([`translate_src`]): the prefix bits are replaced, the host bits kept
@@ -86,7 +86,7 @@ pub use parse::{
     Fragment, IpVersion, MAX_EXTENSION_HEADERS, PacketError, Summary, parse, tcp_flags,
 };
 pub use policy::{AllowReason, AllowRule, DenyReason, Proto, Verdict, allowed};
-pub use translate::{Mapping, MappingError, translate_dst, translate_src};
+pub use translate::{View, ViewError, translate_dst, translate_src};
 
 #[cfg(test)]
 mod tests;

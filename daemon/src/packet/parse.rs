@@ -80,7 +80,7 @@ pub enum PacketError {
     #[error("fragment overlaps the TCP header")]
     TinyFragment,
     /// The two prefixes of a translation differ in address family or prefix
-    /// length (a caller bug; [`super::Mapping`] rules it out).
+    /// length (a caller bug; [`super::View`] rules it out).
     #[error("translation prefixes differ in family or length")]
     MismatchedPrefixes,
 }

@@ -7,9 +7,9 @@ use super::parse::{
     Fragment, IpVersion, PacketError, Summary, icmp_protocol, parse, proto, walk_ipv6,
 };
 
-/// Why a [`Mapping`] could not be built.
+/// Why a [`View`] could not be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum MappingError {
+pub enum ViewError {
     /// One prefix is IPv4 and the other IPv6.
     #[error("real CIDR {real} and view CIDR {view} are not the same address family")]
     FamilyMismatch {
@@ -34,27 +34,27 @@ pub enum MappingError {
 /// needed).
 ///
 /// Egress to the peer rewrites the destination `view → real`
-/// ([`Mapping::egress`]); ingress from the peer rewrites the source
-/// `real → view` ([`Mapping::ingress`]).
+/// ([`View::egress`]); ingress from the peer rewrites the source
+/// `real → view` ([`View::ingress`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Mapping {
+pub struct View {
     real: IpNet,
     view: IpNet,
 }
 
-impl Mapping {
+impl View {
     /// Builds a mapping. Host bits in either CIDR are ignored (the networks
     /// are truncated).
-    pub fn new(real: IpNet, view: IpNet) -> Result<Mapping, MappingError> {
+    pub fn new(real: IpNet, view: IpNet) -> Result<View, ViewError> {
         let (real, view) = (real.trunc(), view.trunc());
         match (real, view) {
             (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_)) => {}
-            _ => return Err(MappingError::FamilyMismatch { real, view }),
+            _ => return Err(ViewError::FamilyMismatch { real, view }),
         }
         if real.prefix_len() != view.prefix_len() {
-            return Err(MappingError::PrefixLengthMismatch { real, view });
+            return Err(ViewError::PrefixLengthMismatch { real, view });
         }
-        Ok(Mapping { real, view })
+        Ok(View { real, view })
     }
 
     /// The peer's real CIDR.
@@ -67,9 +67,16 @@ impl Mapping {
         &self.view
     }
 
-    /// Whether the mapping changes nothing (`real == view`).
-    pub fn is_identity(&self) -> bool {
-        self.real == self.view
+    /// The view that leaves the real CIDR as it is.
+    pub fn identity(real: IpNet) -> View {
+        let real = real.trunc();
+        View { real, view: real }
+    }
+
+    /// Whether the view differs from the real CIDR, so that the data path
+    /// has to rewrite addresses.
+    pub fn is_remapped(&self) -> bool {
+        self.real != self.view
     }
 
     /// Egress towards the peer: destination `view → real`. See
@@ -83,13 +90,13 @@ impl Mapping {
         translate_src(packet, &self.real, &self.view)
     }
 
-    /// [`Mapping::egress`] of a packet the caller already parsed into
+    /// [`View::egress`] of a packet the caller already parsed into
     /// `summary` (the data path does, for its own checks).
     pub fn egress_parsed(&self, packet: &mut [u8], summary: &Summary) -> Result<bool, PacketError> {
         translate_parsed(packet, summary, &self.view, &self.real, Side::Dst)
     }
 
-    /// [`Mapping::ingress`] of a packet the caller already parsed into
+    /// [`View::ingress`] of a packet the caller already parsed into
     /// `summary`.
     pub fn ingress_parsed(
         &self,
@@ -97,6 +104,16 @@ impl Mapping {
         summary: &Summary,
     ) -> Result<bool, PacketError> {
         translate_parsed(packet, summary, &self.real, &self.view, Side::Src)
+    }
+}
+
+impl std::fmt::Display for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_remapped() {
+            write!(f, "{} seen as {}", self.real, self.view)
+        } else {
+            write!(f, "{}", self.real)
+        }
     }
 }
 
@@ -227,7 +244,7 @@ fn translate(packet: &mut [u8], from: &IpNet, to: &IpNet, side: Side) -> Result<
 }
 
 /// [`translate`] of a packet already parsed into `summary`, with prefixes
-/// already known to match (a [`Mapping`]'s always do).
+/// already known to match (a [`View`]'s always do).
 fn translate_parsed(
     packet: &mut [u8],
     summary: &Summary,

@@ -193,15 +193,15 @@ pub enum RelayError {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ClientStats {
     /// Packets handed to the relay.
-    pub relay_sent_packets: u64,
+    pub relay_tx_packets: u64,
     /// Bytes of those packets.
-    pub relay_sent_bytes: u64,
+    pub relay_tx_bytes: u64,
     /// Datagrams those packets took (more than packets when fragmented).
-    pub relay_sent_datagrams: u64,
+    pub relay_tx_datagrams: u64,
     /// Relayed packets received whole.
-    pub relay_received_packets: u64,
+    pub relay_rx_packets: u64,
     /// Bytes of those packets.
-    pub relay_received_bytes: u64,
+    pub relay_rx_bytes: u64,
     /// Partly received packets dropped (fragments missing after 1 s, or the
     /// reassembly table full).
     pub relay_incomplete: u64,
@@ -216,11 +216,11 @@ pub struct ClientStats {
 
 #[derive(Default)]
 struct Counters {
-    relay_sent_packets: AtomicU64,
-    relay_sent_bytes: AtomicU64,
-    relay_sent_datagrams: AtomicU64,
-    relay_received_packets: AtomicU64,
-    relay_received_bytes: AtomicU64,
+    relay_tx_packets: AtomicU64,
+    relay_tx_bytes: AtomicU64,
+    relay_tx_datagrams: AtomicU64,
+    relay_rx_packets: AtomicU64,
+    relay_rx_bytes: AtomicU64,
     relay_incomplete: AtomicU64,
     relay_malformed: AtomicU64,
     events_dropped: AtomicU64,
@@ -414,9 +414,9 @@ impl RendezvousHandle {
             conn.send_datagram(datagram)
                 .map_err(|e| RelayError::Send(e.to_string()))?;
         }
-        bump(&self.inner.counters.relay_sent_datagrams, count);
-        bump(&self.inner.counters.relay_sent_packets, 1);
-        bump(&self.inner.counters.relay_sent_bytes, packet.len() as u64);
+        bump(&self.inner.counters.relay_tx_datagrams, count);
+        bump(&self.inner.counters.relay_tx_packets, 1);
+        bump(&self.inner.counters.relay_tx_bytes, packet.len() as u64);
         Ok(())
     }
 
@@ -473,11 +473,11 @@ impl RendezvousHandle {
         let c = &self.inner.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         ClientStats {
-            relay_sent_packets: get(&c.relay_sent_packets),
-            relay_sent_bytes: get(&c.relay_sent_bytes),
-            relay_sent_datagrams: get(&c.relay_sent_datagrams),
-            relay_received_packets: get(&c.relay_received_packets),
-            relay_received_bytes: get(&c.relay_received_bytes),
+            relay_tx_packets: get(&c.relay_tx_packets),
+            relay_tx_bytes: get(&c.relay_tx_bytes),
+            relay_tx_datagrams: get(&c.relay_tx_datagrams),
+            relay_rx_packets: get(&c.relay_rx_packets),
+            relay_rx_bytes: get(&c.relay_rx_bytes),
             relay_incomplete: get(&c.relay_incomplete),
             relay_malformed: get(&c.relay_malformed),
             events_dropped: get(&c.events_dropped),
@@ -897,8 +897,8 @@ fn receive_datagram(
     let Some(packet) = reassembler.push(Instant::now(), header.relay_id, &header, payload) else {
         return;
     };
-    bump(&inner.counters.relay_received_packets, 1);
-    bump(&inner.counters.relay_received_bytes, packet.len() as u64);
+    bump(&inner.counters.relay_rx_packets, 1);
+    bump(&inner.counters.relay_rx_bytes, packet.len() as u64);
     let event = RendezvousEvent::Relayed {
         from: PublicKey::from(from),
         packet,

@@ -1,7 +1,7 @@
 //! The rendezvous configuration file (TOML).
 //!
-//! [`RendezvousConfig::parse`] is a pure function of the text and reports
-//! every problem at once; [`RendezvousConfig::load`] reads the file first.
+//! [`ServerConfig::parse`] is a pure function of the text and reports
+//! every problem at once; [`ServerConfig::load`] reads the file first.
 //! The private key file is read (or created) when the server starts. The
 //! format is documented in docs/rendezvous.md.
 
@@ -26,7 +26,7 @@ pub const DEFAULT_STUN_LISTEN: &str = "[::]:3478";
 
 /// A validated rendezvous configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RendezvousConfig {
+pub struct ServerConfig {
     /// Absolute path of the rendezvous' private key (`causeway genkey`
     /// format); created with mode 0600 if missing.
     pub private_key_file: PathBuf,
@@ -65,7 +65,7 @@ struct RawSite {
     public_key: Option<String>,
 }
 
-impl RendezvousConfig {
+impl ServerConfig {
     /// Parses and validates a configuration without touching files or the
     /// network; `origin` names the file in messages.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigErrors> {
@@ -256,7 +256,7 @@ mod tests {
     #[test]
     fn minimal_config_gets_defaults() {
         let text = format!("[[site]]\nname = \"pharma\"\npublic_key = \"{KEY_A}\"\n");
-        let c = RendezvousConfig::parse(&text, "r.toml").unwrap();
+        let c = ServerConfig::parse(&text, "r.toml").unwrap();
         assert_eq!(c.private_key_file, PathBuf::from(DEFAULT_PRIVATE_KEY_FILE));
         assert_eq!(c.listen, "[::]:7443".parse().unwrap());
         assert_eq!(c.stun_listen, "[::]:3478".parse().unwrap());
@@ -282,7 +282,7 @@ name = "hospital"
 public_key = "{KEY_B}"
 "#
         );
-        let c = RendezvousConfig::parse(&text, "r.toml").unwrap();
+        let c = ServerConfig::parse(&text, "r.toml").unwrap();
         assert_eq!(c.listen, "0.0.0.0:443".parse().unwrap());
         assert_eq!(
             c.sites.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
@@ -294,12 +294,12 @@ public_key = "{KEY_B}"
     fn unknown_keys_are_errors() {
         let text =
             format!("lisen = \"0.0.0.0:1\"\n[[site]]\nname = \"a\"\npublic_key = \"{KEY_A}\"\n");
-        let err = RendezvousConfig::parse(&text, "r.toml").unwrap_err();
+        let err = ServerConfig::parse(&text, "r.toml").unwrap_err();
         assert_eq!(err.problems().len(), 1);
         assert!(err.problems()[0].contains("unknown field `lisen`"), "{err}");
         assert!(err.problems()[0].starts_with("r.toml: line 1"), "{err}");
         let text = format!("[[site]]\nname = \"a\"\npubkey = \"{KEY_A}\"\n");
-        let err = RendezvousConfig::parse(&text, "r.toml").unwrap_err();
+        let err = ServerConfig::parse(&text, "r.toml").unwrap_err();
         assert!(err.to_string().contains("unknown field `pubkey`"), "{err}");
     }
 
@@ -331,7 +331,7 @@ name = "d"
 public_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 "#
         );
-        let err = RendezvousConfig::parse(&text, "r.toml").unwrap_err();
+        let err = ServerConfig::parse(&text, "r.toml").unwrap_err();
         let expected = [
             "r.toml: private_key_file: \"relative.key\" is not an absolute path",
             "r.toml: listen: \"nonsense\" is not an address:port",
@@ -351,11 +351,11 @@ public_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
     #[test]
     fn empty_and_clashing() {
-        let err = RendezvousConfig::parse("", "r.toml").unwrap_err();
+        let err = ServerConfig::parse("", "r.toml").unwrap_err();
         assert!(err.to_string().contains("no [[site]] tables"), "{err}");
         let text =
             format!("listen = \"[::]:3478\"\n[[site]]\nname = \"a\"\npublic_key = \"{KEY_A}\"\n");
-        let err = RendezvousConfig::parse(&text, "r.toml").unwrap_err();
+        let err = ServerConfig::parse(&text, "r.toml").unwrap_err();
         assert!(
             err.to_string().contains("stun_listen: [::]:3478 clashes"),
             "{err}"
@@ -366,7 +366,7 @@ public_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
     fn load_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing.toml");
-        let err = RendezvousConfig::load(&path).unwrap_err();
+        let err = ServerConfig::load(&path).unwrap_err();
         assert!(
             err.to_string().contains(&path.display().to_string()),
             "{err}"
@@ -381,7 +381,7 @@ public_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
             ),
         )
         .unwrap();
-        let c = RendezvousConfig::load(&path).unwrap();
+        let c = ServerConfig::load(&path).unwrap();
         let k1 = c.load_private_key().unwrap();
         let k2 = c.load_private_key().unwrap();
         assert_eq!(k1.to_bytes(), k2.to_bytes());

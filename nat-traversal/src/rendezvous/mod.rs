@@ -4,7 +4,7 @@
 //! that have no direct path.
 //!
 //! - [`serve`] / [`RendezvousServer`]: the server (`causeway rendezvous`),
-//!   configured by [`RendezvousConfig`].
+//!   configured by [`ServerConfig`].
 //! - [`RendezvousClient`]: a site's connection to one rendezvous, kept up
 //!   with reconnects; yields [`RendezvousEvent`]s (peer updates, relayed
 //!   packets).
@@ -36,7 +36,7 @@ pub use client::{
     ClientStats, ConnectError, RelayError, RendezvousClient, RendezvousEvent, RendezvousHandle,
 };
 pub use config::{
-    ConfigErrors, DEFAULT_LISTEN, DEFAULT_PRIVATE_KEY_FILE, DEFAULT_STUN_LISTEN, RendezvousConfig,
+    ConfigErrors, DEFAULT_LISTEN, DEFAULT_PRIVATE_KEY_FILE, DEFAULT_STUN_LISTEN, ServerConfig,
     SiteEntry,
 };
 pub use proto::CloseCode;

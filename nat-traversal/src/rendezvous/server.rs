@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, info, warn};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::auth::{self, AuthKey, Role};
-use super::config::{RendezvousConfig, SiteEntry};
+use super::config::{ServerConfig, SiteEntry};
 use super::proto::{
     CloseCode, FrameDecoder, PROTOCOL_VERSION, RendezvousMessage, SiteMessage, Wire32, encode_frame,
 };
@@ -227,7 +227,7 @@ pub struct RendezvousServer {
 /// loads (or creates) the private key, binds `listen` and `stun_listen`, and
 /// serves. The caller owns the shutdown signal.
 pub async fn serve(
-    config: RendezvousConfig,
+    config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     RendezvousServer::bind(&config)?.run(shutdown).await
@@ -264,7 +264,7 @@ fn bind_udp(field: &'static str, addr: SocketAddr) -> Result<std::net::UdpSocket
 impl RendezvousServer {
     /// Loads (or creates) the private key and binds the QUIC and STUN
     /// sockets of `config`.
-    pub fn bind(config: &RendezvousConfig) -> Result<Self, ServeError> {
+    pub fn bind(config: &ServerConfig) -> Result<Self, ServeError> {
         let secret = config.load_private_key()?;
         let quic = bind_udp("listen", config.listen)?;
         let stun = bind_udp("stun_listen", config.stun_listen)?;

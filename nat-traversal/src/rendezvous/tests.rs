@@ -276,7 +276,7 @@ async fn relay_refuses_unauthorized_pairs() {
     assert_eq!(stats.relayed_packets, 0);
     assert_eq!(stats.relayed_bytes, 0);
     assert!(stats.relay_dropped >= 41, "{stats:?}");
-    assert_eq!(a.handle().stats().relay_received_packets, 1);
+    assert_eq!(a.handle().stats().relay_rx_packets, 1);
     drop((a, b, c));
     server.stop().await;
 }

@@ -7,8 +7,8 @@ use ipnet::IpNet;
 
 use super::build::{Ext, L4, Spec, fragment, reassemble, set_v4_checksum, verify};
 use crate::packet::{
-    AllowReason, AllowRule, DenyReason, Fragment, IpVersion, Mapping, MappingError, PacketError,
-    Proto, Verdict, allowed, clamp_mss, max_mss, parse, tcp_flags, too_big_reply, translate_dst,
+    AllowReason, AllowRule, DenyReason, Fragment, IpVersion, PacketError, Proto, Verdict, View,
+    ViewError, allowed, clamp_mss, max_mss, parse, tcp_flags, too_big_reply, translate_dst,
     translate_src,
 };
 
@@ -319,22 +319,22 @@ fn truncated_and_corrupted_packets_never_panic() {
 #[test]
 fn mapping_validates_and_translates_both_ways() {
     assert_eq!(
-        Mapping::new(net("10.0.1.0/24"), net("fd00::/120")),
-        Err(MappingError::FamilyMismatch {
+        View::new(net("10.0.1.0/24"), net("fd00::/120")),
+        Err(ViewError::FamilyMismatch {
             real: net("10.0.1.0/24"),
             view: net("fd00::/120"),
         })
     );
     assert_eq!(
-        Mapping::new(net("10.0.1.0/24"), net("100.64.0.0/16")),
-        Err(MappingError::PrefixLengthMismatch {
+        View::new(net("10.0.1.0/24"), net("100.64.0.0/16")),
+        Err(ViewError::PrefixLengthMismatch {
             real: net("10.0.1.0/24"),
             view: net("100.64.0.0/16"),
         })
     );
-    let m = Mapping::new(net("10.0.1.9/24"), net("100.64.1.0/24")).unwrap();
+    let m = View::new(net("10.0.1.9/24"), net("100.64.1.0/24")).unwrap();
     assert_eq!(m.real(), &net("10.0.1.0/24"));
-    assert!(!m.is_identity());
+    assert!(m.is_remapped());
     // Egress: a local pod sends to the view; the peer gets the real address.
     let mut p = spec("10.0.2.7", "100.64.1.5", udp(b"ping")).build();
     assert!(m.egress(&mut p).unwrap());
