@@ -56,6 +56,12 @@ pub fn default_control_socket(interface: &str) -> PathBuf {
     Path::new(DEFAULT_CONTROL_SOCKET_DIR).join(format!("{interface}.sock"))
 }
 
+/// The default WireGuard UAPI socket for an interface (where `wg` looks):
+/// `/var/run/wireguard/<interface>.sock`.
+pub fn default_uapi_socket(interface: &str) -> PathBuf {
+    Path::new("/var/run/wireguard").join(format!("{interface}.sock"))
+}
+
 /// A validated site configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -242,7 +248,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
         &mut p,
         "site.uapi_socket",
         site.uapi_socket,
-        crate::uapi::default_socket(&interface),
+        default_uapi_socket(&interface),
     );
     let listen_port = number(
         &mut p,

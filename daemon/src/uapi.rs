@@ -74,7 +74,6 @@ use zeroize::Zeroizing;
 use crate::datapath::Ctx;
 
 /// Where `wg` looks for userspace WireGuard sockets.
-pub(crate) const SOCKET_DIR: &str = "/var/run/wireguard";
 /// Longest line accepted (an endpoint host name may be 4096 bytes long in
 /// `wg`'s own limits).
 pub(crate) const MAX_LINE: usize = 8192;
@@ -90,11 +89,6 @@ const OPERATION: &str = "get=1";
 /// Errors, sent negated (see the module documentation).
 const EPERM: i32 = 1;
 const EINVAL: i32 = 22;
-
-/// `/var/run/wireguard/<interface>.sock`.
-pub(crate) fn default_socket(interface: &str) -> PathBuf {
-    Path::new(SOCKET_DIR).join(format!("{interface}.sock"))
-}
 
 /// What `get=1` reports: a snapshot of the site and its peers.
 pub(crate) struct Device {
@@ -376,7 +370,7 @@ impl Drop for UapiSocket {
     }
 }
 
-/// Serves the UAPI for `ctx` on `path` (normally [`default_socket`]).
+/// Serves the UAPI for `ctx` on `path` (normally [`crate::config::default_uapi_socket`]).
 /// `listen_port` is the UDP port actually bound.
 pub(crate) async fn serve(path: &Path, ctx: Arc<Ctx>, listen_port: u16) -> io::Result<UapiSocket> {
     serve_with(path, move || {
