@@ -73,7 +73,6 @@ use zeroize::Zeroizing;
 
 use crate::datapath::Ctx;
 
-/// Where `wg` looks for userspace WireGuard sockets.
 /// Longest line accepted (an endpoint host name may be 4096 bytes long in
 /// `wg`'s own limits).
 pub(crate) const MAX_LINE: usize = 8192;
