@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::core::DropReason;
 use crate::datapath::Ctx;
 use crate::keys;
-use crate::peer::DropReason;
 
 /// A snapshot of the daemon, as `causeway status --json` prints it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -88,7 +88,7 @@ pub struct ViewStatus {
 
 impl Status {
     pub(crate) fn collect(ctx: &Ctx, site: &str, listen_port: u16) -> Self {
-        let drops = |d: &crate::peer::Drops| {
+        let drops = |d: &crate::core::Drops| {
             DropReason::ALL
                 .iter()
                 .map(|r| (r.name().to_owned(), d.get(*r)))
@@ -98,10 +98,11 @@ impl Status {
         Status {
             site: site.to_owned(),
             interface: ctx.tun.name().to_owned(),
-            public_key: keys::encode_public(&ctx.public_key),
+            public_key: keys::encode_public(ctx.site.public_key()),
             listen_port,
-            drops: drops(&ctx.drops),
+            drops: drops(&ctx.site.drops),
             peers: ctx
+                .site
                 .peers()
                 .iter()
                 .map(|p| {
@@ -136,7 +137,7 @@ impl Status {
                     let path = match (endpoint, p.has_static_endpoint()) {
                         (Some(_), true) => "static",
                         (Some(_), false) => "direct",
-                        (None, _) if ctx.has_relay() => "relay",
+                        (None, _) if ctx.site.has_traversal() => "relay",
                         (None, _) => "none",
                     };
                     PeerStatus {

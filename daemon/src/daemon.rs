@@ -4,7 +4,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use causeway_netlink::{Link, Netlink, Tun};
@@ -12,8 +12,8 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::control::{ControlSocket, Status};
+use crate::core::{Site, SiteParams, TraversalParams};
 use crate::datapath::{Ctx, Datapath, UdpPort};
-use crate::peer::Peers;
 
 /// Runs the site described by `config` until `shutdown` completes, then
 /// removes every route and the interface it created.
@@ -65,25 +65,18 @@ pub async fn run(
         ),
     };
 
-    let rate_limiter = Ctx::rate_limiter(&x25519_dalek::PublicKey::from(&private_key));
-    let traversal = traversal_for(&config, listen_port);
-    let (peers, _) = Peers::build(
+    let core = Site::new(
+        SiteParams {
+            private_key,
+            pod_cidrs: site.pod_cidrs.clone(),
+            mtu: site.mtu,
+            traversal: traversal_params(&config, listen_port),
+            seed: rand::random(),
+        },
         &config.peers,
-        &private_key,
-        &rate_limiter,
-        &site.pod_cidrs,
-        traversal.is_some(),
-        None,
+        Instant::now(),
     );
-    let ctx = Arc::new(Ctx::new(
-        tun,
-        udp,
-        peers,
-        private_key,
-        rate_limiter,
-        site,
-        traversal,
-    ));
+    let ctx = Arc::new(Ctx::new(core, tun, udp));
 
     let served = serve(
         &config,
@@ -111,13 +104,13 @@ async fn serve(
     let site = &config.site;
     netlink.ensure_link_up(link, u32::from(site.mtu)).await?;
     let changes = netlink
-        .reconcile_routes(link, &ctx.peers().all_views())
+        .reconcile_routes(link, &ctx.site.peers().all_views())
         .await?;
     if !changes.removed.is_empty() {
         info!(removed = ?changes.removed, "removed stale routes of a previous run");
     }
     let datapath = Datapath::start(Arc::clone(ctx)).context("starting the packet threads")?;
-    let traversal_tasks = crate::traversal::start(ctx, config);
+    let traversal_tasks = crate::datapath::start_rendezvous(ctx, config);
     let abort_traversal = || traversal_tasks.iter().for_each(|t| t.abort());
     let status_ctx = Arc::clone(datapath.ctx());
     let name = site.name.clone();
@@ -295,21 +288,13 @@ impl Reloader {
             );
             return;
         }
-        let (peers, changes) = Peers::build(
-            &new.peers,
-            &ctx.private_key,
-            &ctx.rate_limiter,
-            &new.site.pod_cidrs,
-            ctx.traversal.is_some(),
-            Some(&ctx.peers()),
-        );
-        let views = peers.all_views();
-        let keys: Vec<_> = peers.iter().map(|p| *p.public_key()).collect();
-        ctx.set_peers(peers);
+        let changes = ctx.site.update_peers(&new.peers);
+        let views = ctx.site.peers().all_views();
         if let Err(e) = netlink.reconcile_routes(link, &views).await {
             warn!("routes after reload: {e}");
         }
-        crate::traversal::update_peers(ctx, keys);
+        let keys = new.peers.iter().map(|p| p.public_key).collect();
+        crate::datapath::update_peers(ctx, keys);
         info!(
             added = ?changes.added,
             changed = ?changes.changed,
@@ -354,8 +339,9 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
     .find_map(|(field, differs)| differs.then_some(field))
 }
 
-/// NAT traversal state, when the site has a rendezvous or STUN servers.
-fn traversal_for(config: &Config, listen_port: u16) -> Option<crate::traversal::Traversal> {
+/// What NAT traversal starts from, when the site has a rendezvous or STUN
+/// servers.
+fn traversal_params(config: &Config, listen_port: u16) -> Option<TraversalParams> {
     let site = &config.site;
     let stun_servers: Vec<std::net::SocketAddr> = config
         .rendezvous
@@ -371,15 +357,18 @@ fn traversal_for(config: &Config, listen_port: u16) -> Option<crate::traversal::
         .into_iter()
         .filter(|c| !site.pod_cidrs.iter().any(|net| net.contains(&c.ip())))
         .collect();
-    let local = crate::traversal::LocalAddrs::new(site.advertise_endpoints.clone(), host);
-    Some(crate::traversal::Traversal::new(stun_servers, local))
+    Some(TraversalParams::new(
+        stun_servers,
+        site.advertise_endpoints.clone(),
+        host,
+    ))
 }
 
 /// Removes our routes and the interface. Runs on every exit path after the
 /// TUN exists.
 async fn teardown(netlink: &Netlink, link: &Link, ctx: &Ctx) -> anyhow::Result<()> {
     let mut result = Ok(());
-    for dst in ctx.peers().all_views() {
+    for dst in ctx.site.peers().all_views() {
         if let Err(e) = netlink.remove_route(link, dst).await {
             warn!("{e}");
             result = Err(e.into());

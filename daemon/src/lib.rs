@@ -8,6 +8,7 @@
 pub mod candidates;
 pub mod config;
 pub mod control;
+pub mod core;
 pub mod daemon;
 mod datapath;
 pub mod invite;
@@ -15,7 +16,5 @@ pub use causeway_nat::keys;
 pub mod metrics;
 pub mod notify;
 pub mod packet;
-pub mod peer;
-mod traversal;
 mod uapi;
 pub mod views;

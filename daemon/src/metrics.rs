@@ -86,9 +86,9 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{Instrument, debug, info, warn};
 
+use crate::core::{DropReason, Drops};
 use crate::datapath::Ctx;
 use crate::keys;
-use crate::peer::{DropReason, Drops};
 
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 32;
@@ -331,6 +331,7 @@ impl SiteSample {
         let drops = |d: &Drops| DropReason::ALL.map(|r| d.get(r));
         SiteSample {
             peers: ctx
+                .site
                 .peers()
                 .iter()
                 .map(|p| {
@@ -350,7 +351,7 @@ impl SiteSample {
                     }
                 })
                 .collect(),
-            drops: drops(&ctx.drops),
+            drops: drops(&ctx.site.drops),
         }
     }
 }

@@ -114,9 +114,10 @@ impl Device {
     /// Takes the snapshot; `now` turns handshake ages into wall-clock times.
     pub(crate) fn collect(ctx: &Ctx, listen_port: u16, now: SystemTime) -> Self {
         Device {
-            private_key: Zeroizing::new(ctx.private_key.to_bytes()),
+            private_key: Zeroizing::new(ctx.site.private_key.to_bytes()),
             listen_port,
             peers: ctx
+                .site
                 .peers()
                 .iter()
                 .map(|p| {

@@ -9,8 +9,8 @@ use std::net::UdpSocket;
 use std::process::Command;
 use std::time::Duration;
 
+use causeway::core::DropReason;
 use causeway::keys;
-use causeway::peer::DropReason;
 use serde_json::Value;
 
 use crate::common::*;

@@ -1,4 +1,5 @@
-//! The data path: TUN → encrypt → UDP and UDP → decrypt → TUN.
+//! The drivers of the site core: they move bytes and time in and out of
+//! [`crate::core::Site`], which makes every decision.
 //!
 //! Two OS threads move packets, each in batches, with segmentation offloads
 //! at both ends: `outbound` reads TCP super-packets of up to 64 KiB from
@@ -8,13 +9,14 @@
 //! `inbound` receives up to 32 buffers per `recvmmsg` (each possibly several
 //! GRO-coalesced datagrams), decrypts them into a [`TunBatch`] and writes it
 //! to the TUN with consecutive TCP segments coalesced again (GRO), so the
-//! local stack sees a few large packets. Nothing is allocated per packet. A timer task on the
-//! control runtime drives boringtun's timers (handshake retries, rekeys,
-//! keepalives). Bad input is dropped and counted (see [`DropReason`]), and
-//! logged at a bounded rate.
+//! local stack sees a few large packets. Nothing is allocated per packet.
+//! A timer task on the control runtime drives the core's timers every
+//! 100 ms; the rendezvous tasks (`rendezvous`) carry candidates out, peer
+//! updates in and relayed ciphertext both ways.
 
 mod inbound;
 mod outbound;
+mod rendezvous;
 mod udp;
 
 use std::io;
@@ -25,184 +27,88 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use boringtun::noise::TunnResult;
-use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::rate_limiter::RateLimiter;
+use causeway_nat::rendezvous::RendezvousHandle;
 use causeway_netlink::Tun;
-use x25519_dalek::{PublicKey, StaticSecret};
+use tokio::sync::{mpsc, watch};
 
-use crate::peer::{DropReason, Drops, Peer, Peers};
-pub(crate) use inbound::{TunBatch, handle as inbound_handle};
+use crate::core::{Io, Peer, Site};
+pub(crate) use inbound::TunBatch;
+pub(crate) use rendezvous::{start as start_rendezvous, update_peers};
 pub(crate) use udp::UdpPort;
 
 /// Packets (segments) read from the TUN per batch: room for two whole
 /// super-packets.
 pub(crate) const BATCH: usize = 2 * causeway_netlink::MAX_SEGMENTS;
-/// Handshakes per second accepted before WireGuard's cookie mechanism
-/// kicks in ("under load"). Each handshake is checked twice (once to find
-/// its peer, once inside boringtun), hence the factor.
-const HANDSHAKE_RATE_LIMIT: u64 = 2 * 100;
-/// Bytes WireGuard adds to an inner packet (header, counter, tag).
-const WIREGUARD_DATA_OVERHEAD: usize = 32;
-/// No relay MSS below TCP's default (RFC 9293): a relay datagram smaller
-/// than that gets fragmented rather than starving TCP.
-const MIN_RELAY_MSS: u16 = 536;
-/// How often boringtun's timers are driven.
+/// How often the core's timers are driven.
 const TIMER_TICK: Duration = Duration::from_millis(100);
-/// At most one log line per drop reason in this interval.
-const LOG_INTERVAL: Duration = Duration::from_secs(5);
 
-/// What both packet threads share.
+/// What the packet threads and the tasks share: the site core and the
+/// I/O it is driven with.
 pub(crate) struct Ctx {
+    pub(crate) site: Site,
     pub(crate) tun: Tun,
     pub(crate) udp: UdpPort,
-    /// The peers; swapped as a whole on reload (see [`Ctx::peers`]).
-    peer_table: arc_swap::ArcSwap<Peers>,
-    pub(crate) private_key: StaticSecret,
-    pub(crate) public_key: PublicKey,
-    pub(crate) rate_limiter: Arc<RateLimiter>,
-    /// Drops not attributable to a peer.
-    pub(crate) drops: Drops,
-    pub(crate) mtu: usize,
-    /// Largest TCP MSS that fits the tunnel, for IPv4 and IPv6.
-    pub(crate) max_mss: [u16; 2],
-    /// Largest WireGuard packet the relay carries in one datagram (0 until
-    /// known); connections set up through the relay get an MSS that fits
-    /// it, so that their packets are not fragmented (see [`Ctx::mss`]).
-    pub(crate) relay_unfragmented: std::sync::atomic::AtomicUsize,
-    /// The local site's exported networks: the only destinations a peer's
-    /// packets may have.
-    pub(crate) pod_cidrs: Vec<ipnet::IpNet>,
-    /// Where packets for peers without a direct path go, once a rendezvous
-    /// relay is set up.
-    pub(crate) relay: std::sync::OnceLock<tokio::sync::mpsc::Sender<RelayPacket>>,
-    /// NAT traversal (STUN, probes, rendezvous), when the site uses a
-    /// rendezvous or STUN servers.
-    pub(crate) traversal: Option<crate::traversal::Traversal>,
+    /// Where packets for peers without a direct path go, once the
+    /// rendezvous clients run.
+    relay: std::sync::OnceLock<mpsc::Sender<RelayPacket>>,
+    /// The site's candidates, as last published by the core; the
+    /// rendezvous clients follow it.
+    candidates: watch::Sender<Vec<SocketAddr>>,
+    /// The rendezvous connections, for relaying and for status.
+    pub(crate) rendezvous: std::sync::Mutex<Vec<RendezvousHandle>>,
     /// Packet threads currently running (for the watchdog).
     threads_running: AtomicU64,
-    started: Instant,
-    next_log_ms: [AtomicU64; DropReason::ALL.len()],
 }
 
 impl Ctx {
-    pub(crate) fn new(
-        tun: Tun,
-        udp: UdpPort,
-        peers: Peers,
-        private_key: StaticSecret,
-        rate_limiter: Arc<RateLimiter>,
-        site: &crate::config::SiteConfig,
-        traversal: Option<crate::traversal::Traversal>,
-    ) -> Self {
-        let mtu = site.mtu;
+    pub(crate) fn new(site: Site, tun: Tun, udp: UdpPort) -> Self {
+        let (candidates, _) = watch::channel(site.candidates());
         Ctx {
+            site,
             tun,
             udp,
-            peer_table: arc_swap::ArcSwap::from_pointee(peers),
-            public_key: PublicKey::from(&private_key),
-            private_key,
-            rate_limiter,
-            drops: Drops::default(),
-            mtu: usize::from(mtu),
-            max_mss: [
-                crate::packet::max_mss(mtu, false),
-                crate::packet::max_mss(mtu, true),
-            ],
-            relay_unfragmented: std::sync::atomic::AtomicUsize::new(0),
-            pod_cidrs: site.pod_cidrs.clone(),
             relay: std::sync::OnceLock::new(),
-            traversal,
+            candidates,
+            rendezvous: std::sync::Mutex::new(Vec::new()),
             threads_running: AtomicU64::new(0),
-            started: Instant::now(),
-            next_log_ms: Default::default(),
         }
     }
 
-    /// The current peer table (a snapshot: a reload swaps in a new one).
-    pub(crate) fn peers(&self) -> arc_swap::Guard<Arc<Peers>> {
-        self.peer_table.load()
+    /// The I/O the core is driven with.
+    pub(crate) fn io(&self) -> Wire<'_> {
+        Wire(self)
     }
 
-    /// Switches the data path to a new peer table.
-    pub(crate) fn set_peers(&self, peers: Peers) {
-        self.peer_table.store(Arc::new(peers));
+    /// Whether both packet threads are still running.
+    pub(crate) fn alive(&self) -> bool {
+        self.threads_running.load(Relaxed) == 2
+    }
+}
+
+/// The core's [`Io`]: the UDP socket, the relay queue and the candidate
+/// channel to the rendezvous clients.
+pub(crate) struct Wire<'a>(&'a Ctx);
+
+impl Io for Wire<'_> {
+    fn send(&mut self, to: SocketAddr, bytes: &[u8]) -> io::Result<()> {
+        self.0.udp.send(to, bytes, None)
     }
 
-    /// The MSS to clamp a SYN to: what fits the tunnel, or, for one that
-    /// goes through the relay, what fits one relay datagram (a full-size
-    /// WireGuard packet would take two, doubling the relay's work).
-    pub(crate) fn mss(&self, ipv6: bool, relayed: bool) -> u16 {
-        let tunnel = self.max_mss[usize::from(ipv6)];
-        let relay = self.relay_unfragmented.load(Relaxed);
-        if !relayed || relay == 0 {
-            return tunnel;
-        }
-        let inner = relay.saturating_sub(WIREGUARD_DATA_OVERHEAD);
-        let inner = u16::try_from(inner).unwrap_or(u16::MAX);
-        tunnel.min(crate::packet::max_mss(inner, ipv6).max(MIN_RELAY_MSS))
-    }
-
-    /// Makes the shared rate limiter for a site key.
-    pub(crate) fn rate_limiter(public_key: &PublicKey) -> Arc<RateLimiter> {
-        Arc::new(RateLimiter::new(public_key, HANDSHAKE_RATE_LIMIT))
-    }
-
-    /// Whether a drop for `reason` may be logged now (one line per reason
-    /// per [`LOG_INTERVAL`]; the line carries the running total).
-    pub(crate) fn may_log(&self, reason: DropReason) -> bool {
-        let now = self.started.elapsed().as_millis() as u64;
-        let slot = &self.next_log_ms[reason as usize];
-        let next = slot.load(Relaxed);
-        now >= next
-            && slot
-                .compare_exchange(
-                    next,
-                    now + LOG_INTERVAL.as_millis() as u64,
-                    Relaxed,
-                    Relaxed,
-                )
+    fn relay(&mut self, peer: &Arc<Peer>, bytes: &[u8]) -> bool {
+        self.0.relay.get().is_some_and(|queue| {
+            queue
+                .try_send(RelayPacket {
+                    peer: Arc::clone(peer),
+                    bytes: bytes.to_vec(),
+                })
                 .is_ok()
+        })
     }
 
-    /// Counts a drop against peer `peer` (or the site) and logs it at a
-    /// bounded rate.
-    pub(crate) fn drop_packet(
-        &self,
-        peer: Option<&Peer>,
-        reason: DropReason,
-        detail: std::fmt::Arguments<'_>,
-    ) {
-        let (total, name) = match peer {
-            Some(p) => (p.counters.drops.count(reason), p.name()),
-            None => (self.drops.count(reason), "-"),
-        };
-        if self.may_log(reason) {
-            tracing::warn!(
-                peer = name,
-                reason = reason.name(),
-                total,
-                "dropped packet: {detail}"
-            );
-        }
-    }
-}
-
-/// Where a WireGuard datagram came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// Our UDP socket, from this address.
-    Udp(SocketAddr),
-    /// The relay, which says it comes from this peer (id).
-    Relay(u32),
-}
-
-impl std::fmt::Display for Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Source::Udp(addr) => write!(f, "{addr}"),
-            Source::Relay(_) => f.write_str("the relay"),
-        }
+    fn publish_candidates(&mut self, candidates: &[SocketAddr]) {
+        // Notifies the clients even when the list is unchanged: the core
+        // asks for that on purpose (see `core::traversal`).
+        self.0.candidates.send_replace(candidates.to_vec());
     }
 }
 
@@ -216,82 +122,6 @@ pub(crate) struct RelayPacket {
 
 /// Packets for the relay queue up to this depth, then are dropped.
 pub(crate) const RELAY_QUEUE: usize = 1024;
-
-impl Ctx {
-    /// Whether both packet threads are still running.
-    pub(crate) fn alive(&self) -> bool {
-        self.threads_running.load(Relaxed) == 2
-    }
-
-    /// Whether peers without a direct path can be reached through a relay.
-    pub(crate) fn has_relay(&self) -> bool {
-        self.relay.get().is_some()
-    }
-
-    /// Sends a WireGuard message to peer `index`: straight to `endpoint`
-    /// when there is one, through the relay otherwise.
-    pub(crate) fn send_to_peer(
-        &self,
-        peer: &Arc<Peer>,
-        endpoint: Option<SocketAddr>,
-        bytes: &[u8],
-    ) {
-        match endpoint {
-            Some(ep) => {
-                if let Err(e) = self.udp.send(ep, bytes, None) {
-                    self.drop_packet(
-                        Some(peer),
-                        DropReason::IoError,
-                        format_args!("send to {ep}: {e}"),
-                    );
-                }
-            }
-            None => self.relay(peer, bytes),
-        }
-    }
-
-    /// Answers a datagram where it came from.
-    pub(crate) fn reply(&self, source: Source, bytes: &[u8]) {
-        match source {
-            Source::Udp(to) => {
-                if let Err(e) = self.udp.send(to, bytes, None) {
-                    tracing::debug!("send to {to}: {e}");
-                }
-            }
-            Source::Relay(id) => {
-                let peers = self.peers();
-                if let Some(i) = peers.by_id(id) {
-                    self.relay(peers.get(i), bytes);
-                }
-            }
-        }
-    }
-
-    /// Hands a WireGuard message for peer `index` to the relay.
-    pub(crate) fn relay(&self, peer: &Arc<Peer>, bytes: &[u8]) {
-        let Some(queue) = self.relay.get() else {
-            self.drop_packet(
-                Some(peer),
-                DropReason::NoEndpoint,
-                format_args!("no endpoint and no relay for the peer"),
-            );
-            return;
-        };
-        if queue
-            .try_send(RelayPacket {
-                peer: Arc::clone(peer),
-                bytes: bytes.to_vec(),
-            })
-            .is_err()
-        {
-            self.drop_packet(
-                Some(peer),
-                DropReason::IoError,
-                format_args!("relay queue full or closed"),
-            );
-        }
-    }
-}
 
 /// A shutdown signal the packet threads can poll on (an eventfd).
 pub(crate) struct Stop(OwnedFd);
@@ -405,30 +235,14 @@ impl Datapath {
     }
 }
 
-/// Drives boringtun's timers: handshake retries, rekeying, keepalives, and
-/// the handshake rate limiter's window.
+/// Drives the core's timers: boringtun's (handshake retries, rekeying,
+/// keepalives), the handshake rate limiter's window, path machines, STUN.
 async fn drive_timers(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(TIMER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut buf = vec![0u8; 256];
-    let mut last_reset = Instant::now();
     loop {
         tick.tick().await;
-        crate::traversal::tick(&ctx, Instant::now());
-        if last_reset.elapsed() >= Duration::from_secs(1) {
-            ctx.rate_limiter.reset_count();
-            last_reset = Instant::now();
-        }
-        for peer in ctx.peers().iter() {
-            let mut state = peer.lock();
-            let endpoint = state.endpoint;
-            match state.tunn.update_timers(&mut buf) {
-                TunnResult::WriteToNetwork(packet) => ctx.send_to_peer(peer, endpoint, packet),
-                TunnResult::Err(WireGuardError::ConnectionExpired) => {}
-                TunnResult::Err(e) => tracing::debug!(peer = peer.name(), "timers: {e:?}"),
-                _ => {}
-            }
-        }
+        ctx.site.handle_timeout(Instant::now(), &mut ctx.io());
     }
 }
 

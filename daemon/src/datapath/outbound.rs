@@ -4,14 +4,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 
-use boringtun::noise::TunnResult;
-
-use super::udp::MAX_GSO_BYTES;
 use causeway_netlink::{MAX_SEGMENTS, RECV_SCRATCH};
 
+use super::udp::MAX_GSO_BYTES;
 use super::{BATCH, Ctx, Stop, wait_fd};
-use crate::packet;
-use crate::peer::{DropReason, Peers};
+use crate::core::{DropReason, Outbound};
 
 /// The largest IPv4 or IPv6 packet (without jumbograms).
 const MAX_IP_PACKET: usize = 65_535;
@@ -90,7 +87,7 @@ impl SendQueue {
             if let Err(e) = ctx.udp.send(run.dst, bytes, segment) {
                 let n = run.len.div_ceil(run.segment);
                 for _ in 0..n {
-                    ctx.drop_packet(
+                    ctx.site.drop_packet(
                         None,
                         DropReason::IoError,
                         format_args!("send to {}: {e}", run.dst),
@@ -103,7 +100,7 @@ impl SendQueue {
 }
 
 pub(super) fn run(ctx: &Ctx, stop: &Stop) {
-    let mtu = ctx.mtu;
+    let mtu = ctx.site.mtu();
     // The kernel hands over TCP super-packets of up to 64 KiB, split here
     // into segments that each fit the MTU. A plain packet is copied whole,
     // so that one over the MTU is seen as such and answered with ICMP
@@ -125,7 +122,7 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
                 Ok(segments) => n += segments,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => ctx.drop_packet(
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => ctx.site.drop_packet(
                     None,
                     DropReason::Malformed,
                     format_args!("offloaded packet from TUN: {e}"),
@@ -147,116 +144,22 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
             }
         }
         // One peer-table snapshot per batch, not per packet.
-        let peers = ctx.peers();
+        let peers = ctx.site.peers();
+        let mut io = ctx.io();
         for (buf, &len) in bufs.iter_mut().zip(&lens[..n]) {
-            encrypt(ctx, &peers, &mut buf[..len], &mut queue, &mut icmp);
+            let packet = &mut buf[..len];
+            let out = queue.slot(packet.len());
+            match ctx
+                .site
+                .encapsulate(&peers, packet, out, &mut icmp, &mut io)
+            {
+                Outbound::Send { to, len } => queue.commit(to, len, ctx.udp.max_segments()),
+                Outbound::Icmp(len) => {
+                    let _ = ctx.tun.send(&icmp[..len]);
+                }
+                Outbound::Done => {}
+            }
         }
         queue.flush(ctx);
-    }
-}
-
-/// Prepares one packet from the TUN (remap, MSS clamp) and encrypts it
-/// into the send queue; or answers it with ICMP "too big"; or drops it.
-fn encrypt(ctx: &Ctx, peers: &Peers, packet: &mut [u8], queue: &mut SendQueue, icmp: &mut [u8]) {
-    let summary = match packet::parse(packet) {
-        Ok(summary) => summary,
-        Err(e) => {
-            ctx.drop_packet(
-                None,
-                DropReason::Malformed,
-                format_args!("{}-byte packet from TUN: {e}", packet.len()),
-            );
-            return;
-        }
-    };
-    let dst = summary.dst;
-    if packet.len() > ctx.mtu {
-        if let Some(n) = packet::too_big_reply(packet, ctx.mtu as u16, icmp) {
-            let _ = ctx.tun.send(&icmp[..n]);
-        }
-        ctx.drop_packet(
-            None,
-            DropReason::TooBig,
-            format_args!(
-                "{}-byte packet to {dst} exceeds MTU {}",
-                packet.len(),
-                ctx.mtu
-            ),
-        );
-        return;
-    }
-    let Some((index, view)) = peers.route(dst) else {
-        if is_link_local_noise(dst) {
-            // The kernel's own chatter on a fresh link (IPv6 router
-            // solicitations, MLD): counted, not worth a warning.
-            ctx.drops.count(DropReason::NoRoute);
-        } else {
-            ctx.drop_packet(
-                None,
-                DropReason::NoRoute,
-                format_args!("no peer owns {dst}"),
-            );
-        }
-        return;
-    };
-    let peer = peers.get(index);
-    let mapping = &peer.views()[view];
-    if mapping.is_remapped()
-        && let Err(e) = mapping.egress_parsed(packet, &summary)
-    {
-        ctx.drop_packet(
-            Some(peer),
-            DropReason::Malformed,
-            format_args!("remapping packet to {dst}: {e}"),
-        );
-        return;
-    }
-    let mut state = peer.lock();
-    let endpoint = state.endpoint;
-    if summary.is_tcp_syn() {
-        packet::clamp_mss(packet, ctx.mss(dst.is_ipv6(), endpoint.is_none()));
-    }
-    if endpoint.is_none() && !ctx.has_relay() {
-        drop(state);
-        ctx.drop_packet(
-            Some(peer),
-            DropReason::NoEndpoint,
-            format_args!("to {dst}: endpoint of peer not known yet"),
-        );
-        return;
-    }
-    match state.tunn.encapsulate(packet, queue.slot(packet.len())) {
-        TunnResult::WriteToNetwork(out) => {
-            drop(state);
-            let len = out.len();
-            match endpoint {
-                Some(endpoint) => queue.commit(endpoint, len, ctx.udp.max_segments()),
-                None => ctx.relay(peer, out),
-            }
-            peer.counters
-                .tx_packets
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            peer.counters
-                .tx_bytes
-                .fetch_add(packet.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        }
-        // Queued inside boringtun until the handshake completes.
-        TunnResult::Done => {}
-        TunnResult::Err(e) => {
-            drop(state);
-            ctx.drop_packet(
-                Some(peer),
-                DropReason::Rejected,
-                format_args!("encapsulate: {e:?}"),
-            );
-        }
-        TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
-    }
-}
-
-fn is_link_local_noise(dst: std::net::IpAddr) -> bool {
-    match dst {
-        std::net::IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
-        std::net::IpAddr::V6(a) => a.is_multicast() || a.is_unicast_link_local(),
     }
 }

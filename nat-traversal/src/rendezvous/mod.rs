@@ -5,6 +5,8 @@
 //!
 //! - [`serve`] / [`RendezvousServer`]: the server (`causeway rendezvous`),
 //!   configured by [`ServerConfig`].
+//! - [`Registry`]: who is registered and introduced to whom, without I/O
+//!   (the server's core; public so that simulators drive the real thing).
 //! - [`RendezvousClient`]: a site's connection to one rendezvous, kept up
 //!   with reconnects; yields [`RendezvousEvent`]s (peer updates, relayed
 //!   packets).
@@ -40,6 +42,7 @@ pub use config::{
     SiteEntry,
 };
 pub use proto::CloseCode;
+pub use registry::{ConnId, Registry, RelayCounters, RouteError, SiteKey, Update};
 pub use relay::FragmentError;
 pub use server::{RendezvousServer, ServeError, ServerStats, SiteStats, serve};
 pub use tls::TlsError;

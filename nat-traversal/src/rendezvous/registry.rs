@@ -12,31 +12,31 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 /// A connection, as numbered by the server.
-pub(crate) type ConnId = u64;
+pub type ConnId = u64;
 /// A site's public key bytes.
-pub(crate) type SiteKey = [u8; 32];
+pub type SiteKey = [u8; 32];
 
 /// A `PeerUpdate` to send on connection `to`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Update {
-    pub(crate) to: ConnId,
-    pub(crate) peer: SiteKey,
-    pub(crate) relay_id: u32,
-    pub(crate) candidates: Vec<SocketAddr>,
-    pub(crate) online: bool,
+pub struct Update {
+    pub to: ConnId,
+    pub peer: SiteKey,
+    pub relay_id: u32,
+    pub candidates: Vec<SocketAddr>,
+    pub online: bool,
 }
 
 /// Relay counters of one site (cumulative over its connections).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct RelayCounters {
+pub struct RelayCounters {
     /// WireGuard packets forwarded from this site (counted once per packet,
     /// at its first fragment).
-    pub(crate) packets: u64,
+    pub packets: u64,
     /// Payload bytes forwarded from this site (relay headers excluded).
-    pub(crate) bytes: u64,
+    pub bytes: u64,
     /// Datagrams from this site dropped: unknown destination, not a mutual
     /// peer, or malformed.
-    pub(crate) dropped: u64,
+    pub dropped: u64,
 }
 
 struct Session {
@@ -49,7 +49,7 @@ struct Session {
 
 /// Why a relay datagram is not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RouteError {
+pub enum RouteError {
     /// The sender is not an authenticated connection.
     UnknownSender,
     /// No connected site has that relay id.
@@ -59,7 +59,7 @@ pub(crate) enum RouteError {
 }
 
 /// The sites the rendezvous serves and the connected ones.
-pub(crate) struct Registry {
+pub struct Registry {
     /// Configured sites: key → name.
     allowed: HashMap<SiteKey, String>,
     sessions: HashMap<ConnId, Session>,
@@ -72,10 +72,7 @@ pub(crate) struct Registry {
 impl Registry {
     /// A registry for the configured `(key, name)` sites; relay ids are
     /// handed out from `first_relay_id` on (never 0).
-    pub(crate) fn new(
-        sites: impl IntoIterator<Item = (SiteKey, String)>,
-        first_relay_id: u32,
-    ) -> Self {
+    pub fn new(sites: impl IntoIterator<Item = (SiteKey, String)>, first_relay_id: u32) -> Self {
         Self {
             allowed: sites.into_iter().collect(),
             sessions: HashMap::new(),
@@ -87,33 +84,29 @@ impl Registry {
     }
 
     /// The configured name of a site key, if the rendezvous serves it.
-    pub(crate) fn site_name(&self, key: &SiteKey) -> Option<&str> {
+    pub fn site_name(&self, key: &SiteKey) -> Option<&str> {
         self.allowed.get(key).map(String::as_str)
     }
 
     /// The configured sites, with their names.
-    pub(crate) fn sites(&self) -> impl Iterator<Item = (&SiteKey, &str)> {
+    pub fn sites(&self) -> impl Iterator<Item = (&SiteKey, &str)> {
         self.allowed.iter().map(|(k, n)| (k, n.as_str()))
     }
 
     /// Whether the site is connected now.
-    pub(crate) fn is_connected(&self, key: &SiteKey) -> bool {
+    pub fn is_connected(&self, key: &SiteKey) -> bool {
         self.by_key.contains_key(key)
     }
 
     /// Relay counters of a site.
-    pub(crate) fn counters(&self, key: &SiteKey) -> RelayCounters {
+    pub fn counters(&self, key: &SiteKey) -> RelayCounters {
         self.counters.get(key).copied().unwrap_or_default()
     }
 
     /// An authenticated site connected on `conn`. Returns its relay id, the
     /// older connection of the same site that this one replaces (the caller
     /// closes it), and the updates that replacing it causes.
-    pub(crate) fn connect(
-        &mut self,
-        conn: ConnId,
-        key: SiteKey,
-    ) -> (u32, Option<ConnId>, Vec<Update>) {
+    pub fn connect(&mut self, conn: ConnId, key: SiteKey) -> (u32, Option<ConnId>, Vec<Update>) {
         let mut updates = Vec::new();
         let replaced = self.by_key.get(&key).copied();
         if let Some(old) = replaced {
@@ -185,7 +178,7 @@ impl Registry {
     }
 
     /// The site on `conn` (re)registered its peers and candidates.
-    pub(crate) fn register(
+    pub fn register(
         &mut self,
         conn: ConnId,
         peers: impl IntoIterator<Item = SiteKey>,
@@ -195,7 +188,6 @@ impl Registry {
         let Some(me) = self.sessions.get_mut(&conn) else {
             return Vec::new();
         };
-        let candidates_changed = me.candidates != candidates;
         me.peers = Some(peers.into_iter().collect());
         me.candidates = candidates;
         let after: HashSet<ConnId> = self.mutual_peers(conn).into_iter().collect();
@@ -207,23 +199,23 @@ impl Registry {
             updates.extend(self.update_about(conn, other, false));
             updates.extend(self.update_about(other, conn, false));
         }
+        // Every registration reaches the mutual peers, changed or not: a
+        // site re-registers unchanged candidates on purpose when it lost
+        // its direct path, so that the peer checks its own path at once.
         let mut now: Vec<_> = after.iter().copied().collect();
         now.sort_unstable();
         for other in now {
-            let new = !before.contains(&other);
-            if new {
+            if !before.contains(&other) {
                 updates.extend(self.update_about(conn, other, true));
             }
-            if new || candidates_changed {
-                updates.extend(self.update_about(other, conn, true));
-            }
+            updates.extend(self.update_about(other, conn, true));
         }
         updates
     }
 
     /// The connection `conn` is gone; its mutual peers hear it is offline.
     /// Harmless for a connection that never authenticated or is already gone.
-    pub(crate) fn disconnect(&mut self, conn: ConnId) -> Vec<Update> {
+    pub fn disconnect(&mut self, conn: ConnId) -> Vec<Update> {
         let mut peers = self.mutual_peers(conn);
         peers.sort_unstable();
         let updates = peers
@@ -243,7 +235,7 @@ impl Registry {
     /// destination connection and the sender's relay id to put in its place.
     /// Counts the datagram (`payload` bytes, a packet when `first_fragment`)
     /// for the sender, forwarded or dropped.
-    pub(crate) fn route(
+    pub fn route(
         &mut self,
         from: ConnId,
         dst: u32,
@@ -273,7 +265,7 @@ impl Registry {
     }
 
     /// Counts a malformed datagram from `from`.
-    pub(crate) fn count_malformed(&mut self, from: ConnId) {
+    pub fn count_malformed(&mut self, from: ConnId) {
         if let Some(me) = self.sessions.get(&from) {
             self.counters.entry(me.key).or_default().dropped += 1;
         }
@@ -338,8 +330,9 @@ mod tests {
                 online: true
             }]
         );
-        // Re-registering the same thing says nothing.
-        assert!(r.register(1, [B], vec![addr(3)]).is_empty());
+        // Re-registering the same thing tells B again: a site does that when
+        // it lost its direct path, so that the peer checks its own at once.
+        assert_eq!(r.register(1, [B], vec![addr(3)]).len(), 1);
         // A disconnects: B hears it.
         assert_eq!(
             r.disconnect(1),

@@ -1,17 +1,30 @@
 //! A deterministic network: two sites (each public or behind an RFC 4787
-//! NAT), a STUN server, a rendezvous that hands each site the other's
-//! candidates, and an internet with latency and optional loss. Virtual clock,
-//! no sockets. Every packet is real bytes, encoded and decoded with the
-//! crate's `stun` and `probe` codecs; both sites run the real `PeerPaths`.
+//! NAT), a STUN server, a rendezvous, and an internet with latency and
+//! optional loss. Virtual clock, no sockets. Every packet is real bytes.
+//!
+//! Both sites are the daemon's own core (`causeway::core::Site`), driven
+//! the way the daemon drives it: datagrams in (`handle_stun`,
+//! `handle_probe`, `decapsulate`), peer updates in (`handle_peer_update`),
+//! timers (`handle_timeout` when `poll_timeout` says so), and whatever it
+//! sends out through its `Io`. The rendezvous is the server's own
+//! `Registry`: a site's published candidates reach its peer exactly when
+//! the real server would send a `peer_update`. What is simulated: the
+//! internet, the NATs, the STUN server, and the QUIC transport of the
+//! rendezvous (a fixed delay; relayed packets take two internet hops).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use causeway_nat::path::{Event, Path, PathConfig, PeerPaths, local_candidates};
-use causeway_nat::probe::{self, ProbeKey};
-use causeway_nat::stun::{self, StunMessage, TransactionId};
+use causeway::config::PeerConfig;
+use causeway::core::{Io, Peer, Site as Core, SiteParams, Source, TraversalParams};
+use causeway::packet::View;
+use causeway_nat::path::{Path, PathConfig};
+use causeway_nat::probe;
+use causeway_nat::rendezvous::Registry;
+use causeway_nat::stun::{self, StunMessage};
+use ipnet::IpNet;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -60,7 +73,7 @@ pub(crate) struct SimConfig {
     /// From a site learning new candidates to the peer receiving them.
     pub(crate) rendezvous_delay: Duration,
     /// Periodic STUN refresh (a STUN request also goes out whenever the path
-    /// falls back to the relay, and at start).
+    /// falls back to the relay, and at start); `None`: none in the run.
     pub(crate) stun_interval: Option<Duration>,
     /// Probability that the internet drops a packet.
     pub(crate) loss: f64,
@@ -84,22 +97,47 @@ impl Default for SimConfig {
     }
 }
 
+/// One site: its address, its NAT, and the daemon's core.
 pub(crate) struct Site {
     pub(crate) host: SocketAddr,
     pub(crate) nat: Option<Nat>,
-    pub(crate) paths: PeerPaths,
-    key: ProbeKey,
-    peer_public: [u8; 32],
-    pub(crate) srflx: Option<SocketAddr>,
-    stun_pending: Option<TransactionId>,
-    /// Publish the candidates after the pending STUN answer even if unchanged.
-    republish: bool,
-    next_stun: Option<Instant>,
-    rng: StdRng,
+    pub(crate) core: Core,
+    public: [u8; 32],
     /// Every path change, with the time since the start.
     pub(crate) path_log: Vec<(Duration, Path)>,
     /// Probes this site sent.
     pub(crate) probes_sent: u64,
+    /// WireGuard messages this site handed to the relay.
+    pub(crate) relayed: u64,
+}
+
+/// What a core sent during one call, collected for the world to carry.
+#[derive(Default)]
+struct Outbox {
+    datagrams: Vec<(SocketAddr, Vec<u8>)>,
+    relayed: Vec<Vec<u8>>,
+    published: Vec<Vec<SocketAddr>>,
+    paths: Vec<Path>,
+}
+
+impl Io for Outbox {
+    fn send(&mut self, to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
+        self.datagrams.push((to, bytes.to_vec()));
+        Ok(())
+    }
+
+    fn relay(&mut self, _peer: &std::sync::Arc<Peer>, bytes: &[u8]) -> bool {
+        self.relayed.push(bytes.to_vec());
+        true
+    }
+
+    fn publish_candidates(&mut self, candidates: &[SocketAddr]) {
+        self.published.push(candidates.to_vec());
+    }
+
+    fn path_changed(&mut self, _peer: &Peer, path: Path) {
+        self.paths.push(path);
+    }
 }
 
 struct Packet {
@@ -127,6 +165,18 @@ impl Ord for Packet {
     }
 }
 
+/// Something the rendezvous delivers to a site later.
+enum Signal {
+    /// A `peer_update` from the registry.
+    PeerUpdate {
+        peer: [u8; 32],
+        candidates: Vec<SocketAddr>,
+        online: bool,
+    },
+    /// A relayed WireGuard message from the other site.
+    Relayed(Vec<u8>),
+}
+
 pub(crate) struct World {
     pub(crate) start: Instant,
     pub(crate) now: Instant,
@@ -134,16 +184,62 @@ pub(crate) struct World {
     pub(crate) sites: [Site; 2],
     in_flight: BinaryHeap<Reverse<Packet>>,
     seq: u64,
-    /// Candidate lists on their way from the rendezvous: (when, to site, list).
-    signalling: Vec<(Instant, usize, Vec<SocketAddr>)>,
-    /// Each site's candidates as last reported to the rendezvous.
-    registered: [Vec<SocketAddr>; 2],
+    /// What the rendezvous hands to a site: (when, to site, what).
+    signalling: Vec<(Instant, usize, Signal)>,
+    registry: Registry,
     starts: [Option<Instant>; 2],
     rng: StdRng,
     pub(crate) lost: u64,
     pub(crate) unroutable: u64,
     /// Print every packet and path change (set `SIM_TRACE=1`).
     pub(crate) trace: bool,
+}
+
+/// The core the daemon would build for site `i` with peer `peer`.
+fn core(
+    i: usize,
+    secret: &StaticSecret,
+    peer: PublicKey,
+    host: SocketAddr,
+    cfg: &SimConfig,
+    start: Instant,
+) -> Core {
+    let net = |s: &str| -> IpNet { s.parse().expect("CIDR") };
+    // Pod networks far from every simulated address, so that no candidate
+    // is filtered as "inside the overlay".
+    let peer_cidr = net(if i == 0 {
+        "10.201.0.0/16"
+    } else {
+        "10.200.0.0/16"
+    });
+    let peers = [PeerConfig {
+        name: format!("site{}", 1 - i),
+        public_key: peer,
+        cidrs: vec![peer_cidr],
+        views: vec![View::identity(peer_cidr)],
+        allow: Vec::new(),
+        endpoint: None,
+        persistent_keepalive: None,
+    }];
+    let mut traversal = TraversalParams::new(vec![STUN_SERVER], Vec::new(), vec![host]);
+    traversal.path = cfg.path;
+    // No periodic refresh within any run: a day.
+    traversal.stun_interval = cfg.stun_interval.unwrap_or(Duration::from_secs(86_400));
+    Core::new(
+        SiteParams {
+            private_key: secret.clone(),
+            pod_cidrs: vec![net(if i == 0 {
+                "10.200.0.0/16"
+            } else {
+                "10.201.0.0/16"
+            })],
+            mtu: 1420,
+            traversal: Some(traversal),
+            seed: cfg.seed * 31 + i as u64,
+        },
+        &peers,
+        start,
+    )
 }
 
 impl World {
@@ -154,6 +250,7 @@ impl World {
             StaticSecret::from([0xB2; 32]),
         ];
         let publics = [PublicKey::from(&secrets[0]), PublicKey::from(&secrets[1])];
+        let starts = [start, start + cfg.b_start];
         let site = |i: usize, kind: SiteNat| {
             let (host, nat) = match kind {
                 SiteNat::Public => (SocketAddr::from(([192, 0, 2, 10 + i as u8], 51820)), None),
@@ -171,18 +268,20 @@ impl World {
             Site {
                 host,
                 nat,
-                paths: PeerPaths::new(cfg.path, cfg.seed * 31 + i as u64),
-                key: ProbeKey::derive(&secrets[i], &publics[1 - i]).expect("probe key"),
-                peer_public: publics[1 - i].to_bytes(),
-                srflx: None,
-                stun_pending: None,
-                republish: false,
-                next_stun: None,
-                rng: StdRng::seed_from_u64(cfg.seed * 131 + i as u64),
+                core: core(i, &secrets[i], publics[1 - i], host, &cfg, starts[i]),
+                public: publics[i].to_bytes(),
                 path_log: Vec::new(),
                 probes_sent: 0,
+                relayed: 0,
             }
         };
+        let registry = Registry::new(
+            [
+                (publics[0].to_bytes(), "site0".to_owned()),
+                (publics[1].to_bytes(), "site1".to_owned()),
+            ],
+            1,
+        );
         Self {
             start,
             now: start,
@@ -191,8 +290,8 @@ impl World {
             in_flight: BinaryHeap::new(),
             seq: 0,
             signalling: Vec::new(),
-            registered: [Vec::new(), Vec::new()],
-            starts: [Some(start), Some(start + cfg.b_start)],
+            registry,
+            starts: starts.map(Some),
             rng: StdRng::seed_from_u64(cfg.seed),
             lost: 0,
             unroutable: 0,
@@ -204,8 +303,11 @@ impl World {
         self.now - self.start
     }
 
+    /// Site `i`'s path to the other site.
     pub(crate) fn path(&self, i: usize) -> Path {
-        self.sites[i].paths.path()
+        let peers = self.sites[i].core.peers();
+        let state = peers.get(0).lock();
+        state.paths.as_ref().map_or(Path::Relay, |p| p.path())
     }
 
     /// Runs the world for `d` of virtual time.
@@ -248,17 +350,15 @@ impl World {
     fn next_wakeup(&self) -> Option<Instant> {
         let packets = self.in_flight.peek().map(|p| p.0.at);
         let signalling = self.signalling.iter().map(|s| s.0).min();
-        let sites = self
-            .sites
-            .iter()
-            .flat_map(|s| [s.paths.poll_timeout().map(|t| t.0), s.next_stun])
-            .flatten();
         let starts = self.starts.iter().flatten().copied();
+        let timers = (0..2)
+            .filter(|&i| self.starts[i].is_none())
+            .filter_map(|i| self.sites[i].core.poll_timeout());
         packets
             .into_iter()
             .chain(signalling)
-            .chain(sites)
             .chain(starts)
+            .chain(timers)
             .min()
     }
 
@@ -267,7 +367,9 @@ impl World {
         for i in 0..2 {
             if self.starts[i].is_some_and(|t| t <= now) {
                 self.starts[i] = None;
-                self.stun_now(i);
+                // The site dials the rendezvous.
+                let (_, _, updates) = self.registry.connect(i as u64, self.sites[i].public);
+                self.deliver_updates(updates);
             }
         }
         while self.in_flight.peek().is_some_and(|p| p.0.at <= now) {
@@ -279,25 +381,84 @@ impl World {
         let mut k = 0;
         while k < self.signalling.len() {
             if self.signalling[k].0 <= now {
-                let (_, to, list) = self.signalling.swap_remove(k);
-                self.sites[to].paths.set_remote_candidates(now, list);
-                self.flush(to);
+                let (_, to, signal) = self.signalling.swap_remove(k);
+                let mut out = Outbox::default();
+                let core = &self.sites[to].core;
+                match signal {
+                    Signal::PeerUpdate {
+                        peer,
+                        candidates,
+                        online,
+                    } => core.handle_peer_update(now, &peer, candidates, online, &mut out),
+                    Signal::Relayed(message) => {
+                        let peers = core.peers();
+                        let mut buf = vec![0u8; 2048];
+                        let from = self.sites[1 - to].public;
+                        core.decapsulate_relayed(now, &peers, &from, &message, &mut buf, &mut out);
+                    }
+                }
+                self.carry(to, out);
             } else {
                 k += 1;
             }
         }
         for i in 0..2 {
-            if self.sites[i]
-                .paths
-                .poll_timeout()
-                .is_some_and(|(t, _)| t <= now)
+            if self.starts[i].is_none()
+                && self.sites[i].core.poll_timeout().is_some_and(|t| t <= now)
             {
-                self.sites[i].paths.handle_timeout(now);
-                self.flush(i);
+                let mut out = Outbox::default();
+                self.sites[i].core.handle_timeout(now, &mut out);
+                self.carry(i, out);
             }
-            if self.sites[i].next_stun.is_some_and(|t| t <= now) {
-                self.stun_now(i);
+        }
+    }
+
+    /// Carries out what site `i`'s core sent.
+    fn carry(&mut self, i: usize, out: Outbox) {
+        let Outbox {
+            datagrams,
+            relayed,
+            published,
+            paths,
+        } = out;
+        for path in paths {
+            let elapsed = self.elapsed();
+            if self.trace {
+                println!("{elapsed:>12?} site {i}: {path:?}");
             }
+            self.sites[i].path_log.push((elapsed, path));
+        }
+        for (dst, payload) in datagrams {
+            if probe::is_probe(&payload) {
+                self.sites[i].probes_sent += 1;
+            }
+            self.send(i, dst, payload);
+        }
+        for list in published {
+            // The client re-registers with every published list; the
+            // registry decides who hears about it.
+            let peers = [self.sites[1 - i].public];
+            let updates = self.registry.register(i as u64, peers, list);
+            self.deliver_updates(updates);
+        }
+        for message in relayed {
+            self.sites[i].relayed += 1;
+            // Up to the rendezvous and down again.
+            let at = self.now + 2 * self.cfg.latency;
+            self.signalling.push((at, 1 - i, Signal::Relayed(message)));
+        }
+    }
+
+    /// The rendezvous sends these `peer_update`s.
+    fn deliver_updates(&mut self, updates: Vec<causeway_nat::rendezvous::Update>) {
+        let at = self.now + self.cfg.rendezvous_delay;
+        for u in updates {
+            let signal = Signal::PeerUpdate {
+                peer: u.peer,
+                candidates: u.candidates,
+                online: u.online,
+            };
+            self.signalling.push((at, u.to as usize, signal));
         }
     }
 
@@ -331,13 +492,11 @@ impl World {
     fn deliver(&mut self, p: Packet) {
         if self.trace {
             let what = if stun::is_stun(&p.payload) {
-                "stun".to_owned()
+                "stun"
+            } else if probe::is_probe(&p.payload) {
+                "probe"
             } else {
-                format!(
-                    "{:?}",
-                    probe::open(&self.sites[0].key, &p.payload)
-                        .or_else(|_| probe::open(&self.sites[1].key, &p.payload))
-                )
+                "wireguard"
             };
             println!("{:>12?} {} -> {} {what}", self.elapsed(), p.src, p.dst);
         }
@@ -378,84 +537,26 @@ impl World {
         self.transmit(STUN_SERVER, p.src, buf[..n].to_vec());
     }
 
-    /// A datagram arrives on site `i`'s WireGuard socket: demultiplex it.
+    /// A datagram arrives on site `i`'s WireGuard socket: demultiplexed as
+    /// the daemon's inbound thread does.
     fn receive(&mut self, i: usize, from: SocketAddr, datagram: &[u8]) {
         let now = self.now;
-        if stun::is_stun(datagram) {
-            assert!(!probe::is_probe(datagram));
-            let msg = stun::parse(datagram).expect("valid STUN");
-            let site = &mut self.sites[i];
-            if let StunMessage::BindingSuccess { tx, mapped } = msg
-                && site.stun_pending == Some(tx)
-                && from == STUN_SERVER
-            {
-                site.stun_pending = None;
-                if site.srflx != Some(mapped) || site.republish {
-                    site.srflx = Some(mapped);
-                    site.republish = false;
-                    self.register(i);
-                }
-            }
-        } else if probe::is_probe(datagram) {
-            let site = &mut self.sites[i];
-            assert_eq!(probe::sender(datagram), Some(site.peer_public));
-            let probe = probe::open(&site.key, datagram).expect("authentic probe");
-            site.paths.handle_probe(now, from, probe);
-            self.flush(i);
+        let mut out = Outbox::default();
+        let core = &self.sites[i].core;
+        let drops_before = core.drops.get(causeway::core::DropReason::Rejected)
+            + core.drops.get(causeway::core::DropReason::Malformed);
+        if probe::is_probe(datagram) {
+            core.handle_probe(now, from, datagram, &mut out);
+        } else if stun::is_stun(datagram) {
+            core.handle_stun(from, datagram, &mut out);
+            let drops_after = core.drops.get(causeway::core::DropReason::Rejected)
+                + core.drops.get(causeway::core::DropReason::Malformed);
+            assert_eq!(drops_before, drops_after, "site {i} refused a STUN answer");
         } else {
-            panic!("site {i} got an unknown datagram from {from}");
+            let peers = core.peers();
+            let mut buf = vec![0u8; 2048];
+            core.decapsulate(now, &peers, Source::Udp(from), datagram, &mut buf, &mut out);
         }
-    }
-
-    /// Sends what site `i`'s state machine queued; handles its events.
-    fn flush(&mut self, i: usize) {
-        while let Some(t) = self.sites[i].paths.poll_transmit() {
-            let mut buf = [0u8; probe::MAX_PROBE_LEN];
-            let n = probe::encode(&self.sites[i].key, &t.probe, &mut buf);
-            self.sites[i].probes_sent += 1;
-            self.send(i, t.dst, buf[..n].to_vec());
-        }
-        while let Some(Event::PathChanged(path)) = self.sites[i].paths.poll_event() {
-            let elapsed = self.elapsed();
-            if self.trace {
-                println!("{elapsed:>12?} site {i}: {path:?}");
-            }
-            self.sites[i].path_log.push((elapsed, path));
-            if path == Path::Relay {
-                // The driver's job: the NAT may have changed our mapping, and
-                // the peer may not know yet that the path is gone. Refresh
-                // the server-reflexive address and publish the candidates
-                // again, changed or not: the rendezvous introduces both
-                // sites anew, which makes the peer check its path at once.
-                self.sites[i].republish = true;
-                self.stun_now(i);
-            }
-        }
-    }
-
-    /// Site `i` sends a STUN Binding request from its WireGuard socket.
-    pub(crate) fn stun_now(&mut self, i: usize) {
-        let site = &mut self.sites[i];
-        let tx = TransactionId::random(&mut site.rng);
-        site.stun_pending = Some(tx);
-        site.next_stun = self.cfg.stun_interval.map(|d| self.now + d);
-        let mut buf = [0u8; stun::MAX_ENCODED_LEN];
-        let n = stun::encode_binding_request(&tx, &mut buf);
-        self.send(i, STUN_SERVER, buf[..n].to_vec());
-    }
-
-    /// Site `i`'s candidates changed: the rendezvous introduces both sites
-    /// again (each gets the other's current list).
-    fn register(&mut self, i: usize) {
-        let site = &self.sites[i];
-        let srflx: Vec<SocketAddr> = site.srflx.into_iter().collect();
-        self.registered[i] = local_candidates(&[], &srflx, &[site.host]);
-        let at = self.now + self.cfg.rendezvous_delay;
-        for to in 0..2 {
-            let list = self.registered[1 - to].clone();
-            if !list.is_empty() {
-                self.signalling.push((at, to, list));
-            }
-        }
+        self.carry(i, out);
     }
 }

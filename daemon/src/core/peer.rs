@@ -4,13 +4,18 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::Tunn;
 use boringtun::noise::rate_limiter::RateLimiter;
 use ipnet::IpNet;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use causeway_nat::path::{PathConfig, PeerPaths};
+use causeway_nat::probe::ProbeKey;
+use rand::RngCore;
+
+use super::Source;
 use crate::config::PeerConfig;
 use crate::packet::{AllowRule, DenyReason, View};
 
@@ -138,19 +143,19 @@ pub struct PeerState {
     pub endpoint: Option<SocketAddr>,
     /// Candidate probing and path selection, for a peer without a static
     /// endpoint when the site uses a rendezvous.
-    pub paths: Option<causeway_nat::path::PeerPaths>,
+    pub paths: Option<PeerPaths>,
 }
 
 impl PeerState {
     /// Roaming: the peer's endpoint follows the source of its latest
     /// authenticated packet. Packets that came through the relay say
     /// nothing about a direct path and leave it as it is.
-    pub fn roam(&mut self, source: crate::datapath::Source) {
-        if let crate::datapath::Source::Udp(from) = source {
+    pub fn roam(&mut self, source: Source, now: Instant) {
+        if let Source::Udp(from) = source {
             self.endpoint = Some(from);
             if let Some(paths) = self.paths.as_mut() {
                 // Authenticated traffic proves the address as well as a pong.
-                paths.notify_traffic_received(std::time::Instant::now(), from);
+                paths.notify_traffic_received(now, from);
             }
         }
     }
@@ -173,48 +178,41 @@ pub struct Peer {
     pub counters: Counters,
     /// Authenticates path probes with the peer (when the site does NAT
     /// traversal).
-    pub probe_key: Option<causeway_nat::probe::ProbeKey>,
+    pub probe_key: Option<ProbeKey>,
     state: Mutex<PeerState>,
 }
 
 impl Peer {
-    /// Makes the peer with id (and WireGuard session index) `id`;
-    /// `pod_cidrs` are the local site's, the default allow-list.
-    pub fn new(
-        config: &PeerConfig,
-        id: u32,
-        private_key: &StaticSecret,
-        rate_limiter: &Arc<RateLimiter>,
-        pod_cidrs: &[IpNet],
-        traversal: bool,
-    ) -> Self {
+    /// Makes the peer with id (and WireGuard session index) `id`.
+    fn new(config: &PeerConfig, id: u32, cx: &PeerContext<'_>, rng: &mut impl RngCore) -> Self {
         let static_endpoint = config.endpoint.as_ref().and_then(|e| e.addr).is_some();
         let tunn = Tunn::new(
-            private_key.clone(),
+            cx.private_key.clone(),
             config.public_key,
             None,
             config.persistent_keepalive,
             id,
-            Some(Arc::clone(rate_limiter)),
+            Some(Arc::clone(cx.rate_limiter)),
         );
         Peer {
             id,
             config: config.clone(),
             allow: if config.allow.is_empty() {
-                pod_cidrs.iter().map(|&c| AllowRule::any(c)).collect()
+                cx.pod_cidrs.iter().map(|&c| AllowRule::any(c)).collect()
             } else {
                 config.allow.clone()
             },
             counters: Counters::default(),
-            probe_key: traversal
-                .then(|| {
-                    causeway_nat::probe::ProbeKey::derive(private_key, &config.public_key).ok()
-                })
-                .flatten(),
+            probe_key: cx
+                .paths
+                .and_then(|_| ProbeKey::derive(cx.private_key, &config.public_key).ok()),
             state: Mutex::new(PeerState {
                 tunn,
                 endpoint: config.endpoint.as_ref().and_then(|e| e.addr),
-                paths: (traversal && !static_endpoint).then(crate::traversal::new_paths),
+                paths: cx
+                    .paths
+                    .filter(|_| !static_endpoint)
+                    .map(|config| PeerPaths::new(config, rng.next_u64())),
             }),
         }
     }
@@ -262,6 +260,16 @@ impl Peer {
     }
 }
 
+/// What every peer of a site is made with.
+pub(super) struct PeerContext<'a> {
+    pub(super) private_key: &'a StaticSecret,
+    pub(super) rate_limiter: &'a Arc<RateLimiter>,
+    /// The local pod networks: the default allow-list.
+    pub(super) pod_cidrs: &'a [IpNet],
+    /// Path machine settings, when the site does NAT traversal.
+    pub(super) paths: Option<PathConfig>,
+}
+
 /// All peers, with the lookups the data path needs: an immutable snapshot.
 /// A config reload builds a new one (reusing the unchanged peers) and the
 /// data path switches to it atomically.
@@ -294,12 +302,10 @@ impl Peers {
     /// Builds the table for `configs`. Peers of `previous` whose
     /// configuration is unchanged are carried over as they are; everyone
     /// else gets a fresh peer with a new id.
-    pub fn build(
+    pub(super) fn build(
         configs: &[PeerConfig],
-        private_key: &StaticSecret,
-        rate_limiter: &Arc<RateLimiter>,
-        pod_cidrs: &[IpNet],
-        traversal: bool,
+        cx: &PeerContext<'_>,
+        rng: &mut impl RngCore,
         previous: Option<&Peers>,
     ) -> (Self, PeerChanges) {
         let mut changes = PeerChanges::default();
@@ -319,14 +325,7 @@ impl Peers {
             }
             let id = next_id % MAX_PEER_ID;
             next_id = next_id.wrapping_add(1);
-            peers.push(Arc::new(Peer::new(
-                config,
-                id,
-                private_key,
-                rate_limiter,
-                pod_cidrs,
-                traversal,
-            )));
+            peers.push(Arc::new(Peer::new(config, id, cx, rng)));
         }
         if let Some(previous) = previous {
             for old in previous.iter() {

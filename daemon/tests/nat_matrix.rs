@@ -1,15 +1,17 @@
-//! NAT traversal in a simulated network: both sites run the real `PeerPaths`
-//! state machines, every packet goes through the real `stun` and `probe`
-//! codecs, and RFC 4787 NATs sit in between (tests/sim/nat.rs). Virtual
+//! NAT traversal in a simulated network: both sites run the site core the
+//! daemon ships (`causeway::core::Site`: path machines, STUN client,
+//! candidate publishing, relay fallback, WireGuard handshakes), the
+//! rendezvous runs the server's real `Registry`, every packet is real
+//! bytes, and RFC 4787 NATs sit in between (nat_matrix/nat.rs). Virtual
 //! clock: the whole file runs in milliseconds.
 //!
 //! The rule for which pairings can go direct is `direct_possible` below; the
 //! reasoning is in docs/nat-traversal.md. The simulator judges it: the matrix
 //! test fails on any pairing where the state machines do better or worse.
 
-#[path = "sim/nat.rs"]
+#[path = "nat_matrix/nat.rs"]
 mod nat;
-#[path = "sim/world.rs"]
+#[path = "nat_matrix/world.rs"]
 mod world;
 
 use std::fmt::Write as _;

@@ -1,0 +1,376 @@
+//! NAT traversal in the site core: the STUN client, candidate publishing,
+//! path probes and the fallback to the relay.
+//!
+//! - **STUN** from the WireGuard socket itself (so the reflexive address is
+//!   the one peers must use), to every rendezvous and `stun_servers`, at
+//!   start, every [`TraversalParams::stun_interval`] and whenever a path
+//!   falls back to the relay.
+//! - **Candidates** (advertised, server-reflexive, host) are published
+//!   through [`Io::publish_candidates`] at start, when a reflexive address
+//!   changes, and again (changed or not) when a path falls back to the
+//!   relay, so that the rendezvous introduces both sides anew.
+//! - **Probes**: one `PeerPaths` machine per peer without a static
+//!   endpoint; its `PathChanged` events set where the peer's packets go
+//!   (`Direct` → that address, `Relay` → no endpoint, so the relay).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use causeway_nat::path::{Event, Path, PathConfig};
+use causeway_nat::probe::{self, Probe};
+use causeway_nat::stun::{self, StunMessage, TransactionId};
+use rand::RngCore;
+use tracing::info;
+
+use super::{DropReason, Io, Peer, PeerState, Site};
+
+/// A STUN request unanswered this long is forgotten.
+const STUN_TIMEOUT: Duration = Duration::from_secs(5);
+/// First retransmission of an unanswered STUN request; each next one waits
+/// twice as long (RFC 8489 §6.2.1), until [`STUN_TIMEOUT`].
+const STUN_RTO: Duration = Duration::from_millis(500);
+
+/// What NAT traversal starts from.
+#[derive(Debug, Clone)]
+pub struct TraversalParams {
+    /// STUN servers (every rendezvous' and the configured ones).
+    pub stun_servers: Vec<SocketAddr>,
+    /// Operator-advertised endpoints.
+    pub advertised: Vec<SocketAddr>,
+    /// Host addresses with the WireGuard port (outside the pod networks).
+    pub host: Vec<SocketAddr>,
+    /// How often the reflexive address is asked for again (NAT mappings
+    /// change).
+    pub stun_interval: Duration,
+    /// Probing and keepalive timings of the path machines.
+    pub path: PathConfig,
+}
+
+impl TraversalParams {
+    /// The daemon's settings for these servers and addresses.
+    pub fn new(
+        stun_servers: Vec<SocketAddr>,
+        advertised: Vec<SocketAddr>,
+        host: Vec<SocketAddr>,
+    ) -> Self {
+        TraversalParams {
+            stun_servers,
+            advertised,
+            host,
+            stun_interval: Duration::from_secs(20),
+            path: PathConfig::default(),
+        }
+    }
+}
+
+/// The site's own addresses and its STUN transactions.
+struct Local {
+    advertised: Vec<SocketAddr>,
+    host: Vec<SocketAddr>,
+    /// Server-reflexive addresses (one per STUN server that answered).
+    srflx: Vec<(SocketAddr, SocketAddr)>,
+    /// STUN requests in flight.
+    pending: Vec<Pending>,
+    /// When STUN goes out next.
+    next_stun: Instant,
+    /// The candidates are yet to be published (at the first timeout).
+    unpublished: bool,
+}
+
+impl Local {
+    /// Our candidates in the order peers should try them.
+    fn candidates(&self) -> Vec<SocketAddr> {
+        let srflx: Vec<SocketAddr> = self.srflx.iter().map(|&(_, mapped)| mapped).collect();
+        causeway_nat::path::local_candidates(&self.advertised, &srflx, &self.host)
+    }
+}
+
+/// A STUN request waiting for its answer.
+struct Pending {
+    tx: TransactionId,
+    server: SocketAddr,
+    /// First sent at.
+    sent: Instant,
+    /// When it goes out again, unless answered.
+    retry_at: Instant,
+    /// The wait after the next retransmission.
+    rto: Duration,
+}
+
+/// Site-wide traversal state.
+pub(super) struct Traversal {
+    local: Mutex<Local>,
+    stun_servers: Vec<SocketAddr>,
+    stun_interval: Duration,
+}
+
+impl Traversal {
+    pub(super) fn new(params: TraversalParams, now: Instant) -> Self {
+        Traversal {
+            local: Mutex::new(Local {
+                advertised: params.advertised,
+                host: params.host,
+                srflx: Vec::new(),
+                pending: Vec::new(),
+                next_stun: now,
+                unpublished: true,
+            }),
+            stun_servers: params.stun_servers,
+            stun_interval: params.stun_interval,
+        }
+    }
+
+    fn local(&self) -> MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn candidates(&self) -> Vec<SocketAddr> {
+        self.local().candidates()
+    }
+
+    /// The next STUN round or retransmission (the first timeout also
+    /// publishes the candidates).
+    pub(super) fn poll_timeout(&self) -> Instant {
+        let local = self.local();
+        let retries = local.pending.iter().map(|p| p.retry_at);
+        retries.fold(local.next_stun, Instant::min)
+    }
+
+    /// Publishes at start, expires STUN requests, sends STUN when due.
+    pub(super) fn handle_timeout(&self, now: Instant, rng: &mut impl RngCore, io: &mut impl Io) {
+        let mut local = self.local();
+        if std::mem::take(&mut local.unpublished) {
+            io.publish_candidates(&local.candidates());
+        }
+        let mut buf = [0u8; stun::MAX_ENCODED_LEN];
+        // Unanswered requests go out again (the same transaction) until
+        // they time out: a lost answer costs a second, not a STUN interval.
+        local.pending.retain_mut(|p| {
+            if now.duration_since(p.sent) >= STUN_TIMEOUT {
+                return false;
+            }
+            if p.retry_at <= now {
+                let n = stun::encode_binding_request(&p.tx, &mut buf);
+                let _ = io.send(p.server, &buf[..n]);
+                p.retry_at = (now + p.rto).min(p.sent + STUN_TIMEOUT);
+                p.rto *= 2;
+            }
+            true
+        });
+        if local.next_stun > now {
+            return;
+        }
+        local.next_stun = now + self.stun_interval;
+        for &server in &self.stun_servers {
+            let tx = TransactionId::random(rng);
+            let n = stun::encode_binding_request(&tx, &mut buf);
+            if io.send(server, &buf[..n]).is_ok() {
+                // A new round replaces a request still waiting for the server.
+                local.pending.retain(|p| p.server != server);
+                local.pending.push(Pending {
+                    tx,
+                    server,
+                    sent: now,
+                    retry_at: now + STUN_RTO,
+                    rto: 2 * STUN_RTO,
+                });
+            }
+        }
+    }
+
+    /// A path fell back to the relay: our mapping may have changed, so ask
+    /// STUN again at once, and announce the candidates again even if
+    /// nothing changed, so that both sides start probing together.
+    fn path_lost(&self, now: Instant, io: &mut impl Io) {
+        let mut local = self.local();
+        local.next_stun = now;
+        io.publish_candidates(&local.candidates());
+    }
+}
+
+impl Site {
+    /// A STUN message arrived on the WireGuard socket.
+    pub fn handle_stun(&self, from: SocketAddr, datagram: &[u8], io: &mut impl Io) {
+        let Some(traversal) = self.traversal.as_ref() else {
+            return;
+        };
+        let Ok(StunMessage::BindingSuccess { tx, mapped }) = stun::parse(datagram) else {
+            self.drops.count(DropReason::Malformed);
+            return;
+        };
+        let mut local = traversal.local();
+        let Some(i) = local
+            .pending
+            .iter()
+            .position(|p| p.tx.0 == tx.0 && p.server == from)
+        else {
+            self.drops.count(DropReason::Rejected);
+            return;
+        };
+        local.pending.swap_remove(i);
+        let mapped = SocketAddr::new(mapped.ip().to_canonical(), mapped.port());
+        match local.srflx.iter_mut().find(|(server, _)| *server == from) {
+            Some((_, old)) if *old == mapped => return,
+            Some((_, old)) => *old = mapped,
+            None => local.srflx.push((from, mapped)),
+        }
+        info!(server = %from, reflexive = %mapped, "server-reflexive address of the WireGuard socket");
+        io.publish_candidates(&local.candidates());
+    }
+
+    /// A path probe arrived on the WireGuard socket.
+    pub fn handle_probe(&self, now: Instant, from: SocketAddr, datagram: &[u8], io: &mut impl Io) {
+        let peers = self.peers();
+        let Some(index) = probe::sender(datagram).and_then(|key| peers.by_key(&key)) else {
+            self.drop_packet(
+                None,
+                DropReason::UnknownPeer,
+                format_args!("probe from {from}: not one of our peers"),
+            );
+            return;
+        };
+        let peer = peers.get(index);
+        let Some(key) = peer.probe_key.as_ref() else {
+            return;
+        };
+        let probe = match probe::open(key, datagram) {
+            Ok(probe) => probe,
+            Err(e) => {
+                self.drop_packet(
+                    Some(peer),
+                    DropReason::Rejected,
+                    format_args!("probe from {from}: {e}"),
+                );
+                return;
+            }
+        };
+        let mut state = peer.lock();
+        match state.paths.as_mut() {
+            Some(paths) => {
+                paths.handle_probe(now, from, probe);
+                self.pump_paths(now, peer, &mut state, io, false);
+            }
+            None => {
+                drop(state);
+                // A peer with a static endpoint needs no path selection here,
+                // but the other side may: answer its pings.
+                if let Probe::Ping { tx } = probe {
+                    let mut buf = [0u8; probe::MAX_PROBE_LEN];
+                    let n = probe::encode(key, &Probe::Pong { tx, observed: from }, &mut buf);
+                    let _ = io.send(from, &buf[..n]);
+                }
+            }
+        }
+    }
+
+    /// A rendezvous told us about peer `key`: online with these candidates,
+    /// or offline.
+    pub fn handle_peer_update(
+        &self,
+        now: Instant,
+        key: &[u8; 32],
+        candidates: Vec<SocketAddr>,
+        online: bool,
+        io: &mut impl Io,
+    ) {
+        let peers = self.peers();
+        let Some(index) = peers.by_key(key) else {
+            return;
+        };
+        let peer = peers.get(index);
+        info!(peer = peer.name(), online, candidates = ?candidates, "peer update from the rendezvous");
+        let candidates = self.reachable(candidates);
+        let mut state = peer.lock();
+        if let Some(paths) = state.paths.as_mut() {
+            if online {
+                paths.set_remote_candidates(now, candidates);
+            }
+            self.pump_paths(now, peer, &mut state, io, false);
+        }
+        if online {
+            // Reachable through the relay from now on.
+            self.kick_handshake(peer, &mut state, io);
+        }
+    }
+
+    /// Drives a peer's path machine: its timeout when `timers` and due,
+    /// then sends what it wants sent and applies its decisions.
+    pub(super) fn pump_paths(
+        &self,
+        now: Instant,
+        peer: &Arc<Peer>,
+        state: &mut PeerState,
+        io: &mut impl Io,
+        timers: bool,
+    ) {
+        let Some(key) = peer.probe_key.as_ref() else {
+            return;
+        };
+        if timers
+            && let Some(paths) = state.paths.as_mut()
+            && paths.poll_timeout().is_some_and(|(at, _)| at <= now)
+        {
+            paths.handle_timeout(now);
+        }
+        let mut buf = [0u8; probe::MAX_PROBE_LEN];
+        loop {
+            let Some(paths) = state.paths.as_mut() else {
+                return;
+            };
+            while let Some(t) = paths.poll_transmit() {
+                let n = probe::encode(key, &t.probe, &mut buf);
+                if let Err(e) = io.send(t.dst, &buf[..n]) {
+                    tracing::debug!(peer = peer.name(), "probe to {}: {e}", t.dst);
+                }
+            }
+            let Some(Event::PathChanged(path)) = paths.poll_event() else {
+                return;
+            };
+            io.path_changed(peer, path);
+            match path {
+                Path::Direct(addr) => {
+                    info!(peer = peer.name(), %addr, "direct path");
+                    state.endpoint = Some(addr);
+                    self.kick_handshake(peer, state, io);
+                }
+                Path::Relay => {
+                    info!(peer = peer.name(), "no direct path: using the relay");
+                    state.endpoint = None;
+                    if let Some(traversal) = &self.traversal {
+                        traversal.path_lost(now, io);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a WireGuard handshake at once when a peer without a session
+    /// just became reachable, instead of waiting out boringtun's 5-second
+    /// retry of an initiation that had nowhere to go.
+    fn kick_handshake(&self, peer: &Arc<Peer>, state: &mut PeerState, io: &mut impl Io) {
+        if state.tunn.time_since_last_handshake().is_some() {
+            return;
+        }
+        let mut buf = [0u8; 256];
+        if let boringtun::noise::TunnResult::WriteToNetwork(init) =
+            state.tunn.format_handshake_initiation(&mut buf, true)
+        {
+            self.send_to_peer(peer, state.endpoint, init, io);
+        }
+    }
+
+    /// The candidates worth probing: not inside our own pod networks or any
+    /// peer's view (those route into the tunnel itself, not to the peer's
+    /// gateway).
+    fn reachable(&self, candidates: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        let peers = self.peers();
+        let inside_overlay = |ip: std::net::IpAddr| {
+            self.pod_cidrs.iter().any(|n| n.contains(&ip)) || peers.route(ip).is_some()
+        };
+        candidates
+            .into_iter()
+            .filter(|c| !inside_overlay(c.ip()))
+            .collect()
+    }
+}

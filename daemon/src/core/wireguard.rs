@@ -1,0 +1,351 @@
+//! The per-packet decisions: a packet from the TUN on its way to a peer
+//! (route, remap, MSS clamp, encrypt) and a datagram from a peer on its way
+//! to the TUN (find the peer, decrypt, roam, source check, remap, export
+//! and allow-list checks, MSS clamp). The caller owns the buffers and does
+//! the reading and writing; nothing here allocates.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, TunnResult};
+
+use super::{DropReason, Io, Peer, Peers, Site, Source};
+use crate::packet::{self, Verdict};
+
+/// Message type of a WireGuard cookie reply: the one answer boringtun gives
+/// without having authenticated the sender.
+const COOKIE_REPLY: u8 = 3;
+
+/// What became of a packet from the TUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outbound {
+    /// Encrypted into the first `len` bytes of the output buffer; send it
+    /// to `to`.
+    Send {
+        /// The peer's endpoint.
+        to: SocketAddr,
+        /// Length of the WireGuard message.
+        len: usize,
+    },
+    /// Too big for the tunnel: the first `len` bytes of the ICMP buffer are
+    /// the "fragmentation needed" / "packet too big" answer for the TUN.
+    Icmp(usize),
+    /// Nothing for the caller: queued until a handshake completes, handed
+    /// to the relay, or dropped (and counted).
+    Done,
+}
+
+impl Site {
+    /// Prepares one packet from the TUN (remap, MSS clamp) and encrypts it
+    /// into `out` (room for the packet plus 148 bytes); or answers it with
+    /// ICMP "too big" in `icmp`; or hands it to the relay; or drops it.
+    pub fn encapsulate(
+        &self,
+        peers: &Peers,
+        packet: &mut [u8],
+        out: &mut [u8],
+        icmp: &mut [u8],
+        io: &mut impl Io,
+    ) -> Outbound {
+        let summary = match packet::parse(packet) {
+            Ok(summary) => summary,
+            Err(e) => {
+                self.drop_packet(
+                    None,
+                    DropReason::Malformed,
+                    format_args!("{}-byte packet from TUN: {e}", packet.len()),
+                );
+                return Outbound::Done;
+            }
+        };
+        let dst = summary.dst;
+        if packet.len() > self.mtu {
+            let reply = packet::too_big_reply(packet, self.mtu as u16, icmp);
+            self.drop_packet(
+                None,
+                DropReason::TooBig,
+                format_args!(
+                    "{}-byte packet to {dst} exceeds MTU {}",
+                    packet.len(),
+                    self.mtu
+                ),
+            );
+            return reply.map_or(Outbound::Done, Outbound::Icmp);
+        }
+        let Some((index, view)) = peers.route(dst) else {
+            if is_link_local_noise(dst) {
+                // The kernel's own chatter on a fresh link (IPv6 router
+                // solicitations, MLD): counted, not worth a warning.
+                self.drops.count(DropReason::NoRoute);
+            } else {
+                self.drop_packet(
+                    None,
+                    DropReason::NoRoute,
+                    format_args!("no peer owns {dst}"),
+                );
+            }
+            return Outbound::Done;
+        };
+        let peer = peers.get(index);
+        let view = &peer.views()[view];
+        if view.is_remapped()
+            && let Err(e) = view.egress_parsed(packet, &summary)
+        {
+            self.drop_packet(
+                Some(peer),
+                DropReason::Malformed,
+                format_args!("remapping packet to {dst}: {e}"),
+            );
+            return Outbound::Done;
+        }
+        let mut state = peer.lock();
+        let endpoint = state.endpoint;
+        if summary.is_tcp_syn() {
+            packet::clamp_mss(packet, self.mss(dst.is_ipv6(), endpoint.is_none()));
+        }
+        if endpoint.is_none() && !self.has_traversal() {
+            drop(state);
+            self.drop_packet(
+                Some(peer),
+                DropReason::NoEndpoint,
+                format_args!("to {dst}: endpoint of peer not known yet"),
+            );
+            return Outbound::Done;
+        }
+        match state.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(message) => {
+                drop(state);
+                peer.counters.tx_packets.fetch_add(1, Relaxed);
+                peer.counters
+                    .tx_bytes
+                    .fetch_add(packet.len() as u64, Relaxed);
+                match endpoint {
+                    Some(to) => Outbound::Send {
+                        to,
+                        len: message.len(),
+                    },
+                    None => {
+                        self.relay(peer, message, io);
+                        Outbound::Done
+                    }
+                }
+            }
+            // Queued inside boringtun until the handshake completes.
+            TunnResult::Done => Outbound::Done,
+            TunnResult::Err(e) => {
+                drop(state);
+                self.drop_packet(
+                    Some(peer),
+                    DropReason::Rejected,
+                    format_args!("encapsulate: {e:?}"),
+                );
+                Outbound::Done
+            }
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => Outbound::Done,
+        }
+    }
+
+    /// A WireGuard message the relay brought from the peer with key `from`.
+    /// Returns what [`Site::decapsulate`] returns.
+    pub fn decapsulate_relayed(
+        &self,
+        now: Instant,
+        peers: &Peers,
+        from: &[u8; 32],
+        datagram: &[u8],
+        out: &mut [u8],
+        io: &mut impl Io,
+    ) -> Option<usize> {
+        let peer = peers.get(peers.by_key(from)?);
+        peer.counters.relay_rx_packets.fetch_add(1, Relaxed);
+        let source = Source::Relay(peer.id);
+        self.decapsulate(now, peers, source, datagram, out, io)
+    }
+
+    /// Handles one WireGuard datagram that came over UDP, or through the
+    /// relay from the peer the relay names. Returns the length of the inner
+    /// packet decrypted into `out` when it passed every check and is to be
+    /// written to the TUN (source already translated to our view, MSS
+    /// clamped); answers, handshake messages and drops are dealt with here.
+    pub fn decapsulate(
+        &self,
+        now: Instant,
+        peers: &Peers,
+        source: Source,
+        datagram: &[u8],
+        out: &mut [u8],
+        io: &mut impl Io,
+    ) -> Option<usize> {
+        let from_ip = match source {
+            Source::Udp(from) => Some(from.ip()),
+            Source::Relay(_) => None,
+        };
+        let relayed = from_ip.is_none();
+        let mut cookie = [0u8; 64];
+        let packet = match self
+            .rate_limiter
+            .verify_packet(from_ip, datagram, &mut cookie)
+        {
+            Ok(packet) => packet,
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                // Under load: answer with a cookie instead of doing the DH.
+                self.reply(source, reply, io);
+                return None;
+            }
+            Err(e) => {
+                self.drop_packet(
+                    None,
+                    DropReason::Malformed,
+                    format_args!("{} bytes from {source}: {e:?}", datagram.len()),
+                );
+                return None;
+            }
+        };
+        let index = match &packet {
+            Packet::HandshakeInit(init) => {
+                parse_handshake_anon(&self.private_key, &self.public_key, init)
+                    .ok()
+                    .and_then(|half| peers.by_key(&half.peer_static_public))
+            }
+            Packet::HandshakeResponse(p) => peers.by_receiver_index(p.receiver_idx),
+            Packet::PacketCookieReply(p) => peers.by_receiver_index(p.receiver_idx),
+            Packet::PacketData(p) => peers.by_receiver_index(p.receiver_idx),
+        };
+        let index = match (index, source) {
+            (Some(index), Source::Udp(_)) => index,
+            // The relay vouches for nothing: the packet must be the claimed peer's.
+            (Some(index), Source::Relay(claimed)) if peers.get(index).id == claimed => index,
+            _ => {
+                self.drop_packet(
+                    None,
+                    DropReason::UnknownPeer,
+                    format_args!("from {source}: not one of our peers"),
+                );
+                return None;
+            }
+        };
+        let peer = peers.get(index);
+        let mut state = peer.lock();
+        match state.tunn.decapsulate(from_ip, datagram, out) {
+            TunnResult::WriteToNetwork(reply) => {
+                let authenticated = reply.first() != Some(&COOKIE_REPLY);
+                if authenticated {
+                    state.roam(source, now);
+                }
+                self.reply(source, reply, io);
+                // Packets that waited for this handshake go out now.
+                while let TunnResult::WriteToNetwork(queued) =
+                    state.tunn.decapsulate(None, &[], out)
+                {
+                    self.send_to_peer(peer, state.endpoint, queued, io);
+                }
+                None
+            }
+            TunnResult::WriteToTunnelV4(inner, src) => {
+                state.roam(source, now);
+                drop(state);
+                self.deliver(peer, inner, IpAddr::V4(src), relayed)
+                    .then_some(inner.len())
+            }
+            TunnResult::WriteToTunnelV6(inner, src) => {
+                state.roam(source, now);
+                drop(state);
+                self.deliver(peer, inner, IpAddr::V6(src), relayed)
+                    .then_some(inner.len())
+            }
+            TunnResult::Done => {
+                // A keepalive or a completed handshake: authenticated either way.
+                if matches!(packet, Packet::PacketData(_) | Packet::HandshakeResponse(_)) {
+                    state.roam(source, now);
+                }
+                None
+            }
+            TunnResult::Err(e) => {
+                drop(state);
+                self.drop_packet(
+                    Some(peer),
+                    DropReason::Rejected,
+                    format_args!("from {source}: {e:?}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Whether a decrypted packet may go to the kernel: its source is the
+    /// peer's and the allow-list lets it in. Translates its source to our
+    /// view and clamps the MSS of a SYN on the way; counts it as received.
+    fn deliver(&self, peer: &Arc<Peer>, inner: &mut [u8], src: IpAddr, relayed: bool) -> bool {
+        let Some(view) = peer.view_of_source(src) else {
+            self.drop_packet(
+                Some(peer),
+                DropReason::SpoofedSource,
+                format_args!("inner source {src} is outside the peer's cidrs"),
+            );
+            return false;
+        };
+        // Parsed once, before the source is translated: the checks below look
+        // at the destination, protocol and ports, which translation keeps.
+        let summary = match packet::parse(inner) {
+            Ok(summary) => summary,
+            Err(e) => {
+                self.drop_packet(
+                    Some(peer),
+                    DropReason::Malformed,
+                    format_args!("packet from {src}: {e}"),
+                );
+                return false;
+            }
+        };
+        if view.is_remapped()
+            && let Err(e) = view.ingress_parsed(inner, &summary)
+        {
+            self.drop_packet(
+                Some(peer),
+                DropReason::Malformed,
+                format_args!("remapping packet from {src}: {e}"),
+            );
+            return false;
+        }
+        if !self.pod_cidrs.iter().any(|c| c.contains(&summary.dst)) {
+            self.drop_packet(
+                Some(peer),
+                DropReason::NotExported,
+                format_args!("from {src} to {}: not exported", summary.dst),
+            );
+            return false;
+        }
+        if let Verdict::Deny(reason) = packet::allowed(&peer.allow, &summary) {
+            self.drop_packet(
+                Some(peer),
+                DropReason::from_deny(reason),
+                format_args!(
+                    "{src} -> {} proto {} port {:?}: {}",
+                    summary.dst,
+                    summary.protocol,
+                    summary.dst_port,
+                    reason.label()
+                ),
+            );
+            return false;
+        }
+        if summary.is_tcp_syn() {
+            packet::clamp_mss(inner, self.mss(summary.dst.is_ipv6(), relayed));
+        }
+        peer.counters.rx_packets.fetch_add(1, Relaxed);
+        peer.counters
+            .rx_bytes
+            .fetch_add(inner.len() as u64, Relaxed);
+        true
+    }
+}
+
+fn is_link_local_noise(dst: IpAddr) -> bool {
+    match dst {
+        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_multicast() || a.is_unicast_link_local(),
+    }
+}
