@@ -11,8 +11,8 @@ use causeway_netlink::{Link, Netlink, Tun};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::control::{ControlSocket, Status};
 use crate::datapath::{Ctx, Datapath, UdpPort};
+use crate::observe::{ControlSocket, Status};
 use crate::peer::Peers;
 
 /// Runs the site described by `config` until `shutdown` completes, then
@@ -139,7 +139,7 @@ async fn serve(
             return Err(e);
         }
     };
-    let uapi = crate::uapi::serve(&site.uapi_socket, Arc::clone(ctx), listen_port)
+    let uapi = crate::observe::serve_uapi(&site.uapi_socket, Arc::clone(ctx), listen_port)
         .await
         .with_context(|| {
             format!(
@@ -149,7 +149,7 @@ async fn serve(
         });
     let ready = Arc::new(AtomicBool::new(false));
     let metrics = match site.metrics_listen {
-        Some(addr) => crate::metrics::serve(addr, Arc::clone(ctx), Arc::clone(&ready))
+        Some(addr) => crate::observe::serve_metrics(addr, Arc::clone(ctx), Arc::clone(&ready))
             .await
             .context("[site] metrics_listen")
             .map(Some),

@@ -7,15 +7,13 @@
 
 pub mod candidates;
 pub mod config;
-pub mod control;
 pub mod daemon;
 mod datapath;
 pub mod invite;
 pub use causeway_nat::keys;
-pub mod metrics;
 pub mod notify;
+pub mod observe;
 pub mod packet;
 pub mod peer;
 mod traversal;
-mod uapi;
 pub mod views;
