@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::datapath::{Ctx, Datapath, UdpPort};
-use crate::observe::{ControlSocket, Status};
+use crate::observe::Status;
 use crate::peer::Peers;
 
 /// Runs the site described by `config` until `shutdown` completes, then
@@ -121,7 +121,7 @@ async fn serve(
     let abort_traversal = || traversal_tasks.iter().for_each(|t| t.abort());
     let status_ctx = Arc::clone(datapath.ctx());
     let name = site.name.clone();
-    let control = ControlSocket::serve(&site.control_socket, move || {
+    let control = crate::observe::serve_control(&site.control_socket, move || {
         Status::collect(&status_ctx, &name, listen_port)
     })
     .await

@@ -1,22 +1,25 @@
 //! The local control socket: `causeway status` reads the daemon's state
-//! from it. Root only (the socket is created 0600).
+//! from it. Root and the daemon's user only (see [`super::unix`]).
 //!
 //! The protocol is deliberately tiny: connect, read one JSON document
 //! ([`Status`]), done. The JSON field names are stable for scripts.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
+use tracing::info;
 
 use crate::datapath::Ctx;
 use crate::keys;
 use crate::peer::DropReason;
+
+use super::unix::{Limits, UnixServer};
 
 /// A snapshot of the daemon, as `causeway status --json` prints it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -244,57 +247,30 @@ fn fmt_drops(drops: &std::collections::BTreeMap<String, u64>) -> String {
         .join(" ")
 }
 
-/// The listening control socket; the file is removed on drop.
-pub(crate) struct ControlSocket {
-    path: PathBuf,
-    task: tokio::task::JoinHandle<()>,
-}
+/// What the control socket takes on.
+const LIMITS: Limits = Limits {
+    max_connections: 8,
+    connection_timeout: Duration::from_secs(10),
+};
 
-impl ControlSocket {
-    /// Binds `path` (replacing a stale socket a crashed run left, but never
-    /// one a live daemon answers on) and serves status snapshots.
-    pub(crate) async fn serve(
-        path: &Path,
-        status: impl Fn() -> Status + Send + Sync + 'static,
-    ) -> io::Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{} is answered by a running daemon", path.display()),
-            ));
-        }
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        let status = Arc::new(status);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
-                    continue;
-                };
-                let status = Arc::clone(&status);
-                tokio::spawn(async move {
-                    if let Ok(json) = serde_json::to_vec_pretty(&status()) {
-                        let _ = conn.write_all(&json).await;
-                    }
-                });
+/// Serves `status()` on the control socket at `path`: each connection
+/// gets one JSON document, then is closed.
+pub(crate) async fn serve(
+    path: &Path,
+    status: impl Fn() -> Status + Send + Sync + 'static,
+) -> io::Result<UnixServer> {
+    let status = Arc::new(status);
+    let server = UnixServer::serve(path, "control", LIMITS, move |mut conn: UnixStream| {
+        let status = Arc::clone(&status);
+        async move {
+            if let Ok(json) = serde_json::to_vec_pretty(&status()) {
+                let _ = conn.write_all(&json).await;
             }
-        });
-        Ok(ControlSocket {
-            path: path.to_owned(),
-            task,
-        })
-    }
-}
-
-impl Drop for ControlSocket {
-    fn drop(&mut self) {
-        self.task.abort();
-        let _ = std::fs::remove_file(&self.path);
-    }
+        }
+    })
+    .await?;
+    info!(path = %path.display(), "serving `causeway status`");
+    Ok(server)
 }
 
 /// Asks the daemon behind `path` for its status.

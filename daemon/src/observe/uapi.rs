@@ -6,10 +6,8 @@
 //! for userspace implementations. The directory is shared with other
 //! implementations (wireguard-go, boringtun-cli): it is created 0700 when
 //! missing and never changed otherwise. The socket is 0600 and a connection
-//! from any user other than root or the daemon's own is closed unanswered,
-//! also during the instant between `bind` and `chmod`. A socket left by a
-//! crashed run is replaced; one a live process answers on is an error, and
-//! a path that is not a socket is never removed.
+//! from any user other than root or the daemon's own is closed unanswered
+//! (the rules of [`super::unix`], which the control socket shares).
 //!
 //! # What is served
 //! The protocol is line based (`key=value\n`, an empty line ends a request
@@ -52,26 +50,27 @@
 //! wireguard-go sends them: `wg` negates the number back before printing
 //! it (`errno=1` would make it print "Unknown error -1").
 //!
-//! A client that stays silent for [`READ_TIMEOUT`] is disconnected; at most
-//! [`MAX_CONNECTIONS`] are served at once.
+//! A client that stays silent for [`READ_TIMEOUT`] is disconnected. The
+//! socket (binding, who may connect, how many at once, for how long) is
+//! [`super::unix`]'s, with [`LIMITS`].
 
 use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::task::{JoinHandle, JoinSet};
-use tracing::{Instrument, debug, info, warn};
+use tokio::net::UnixStream;
+use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
 use crate::datapath::Ctx;
+
+use super::unix::{Limits, UnixServer};
 
 /// Longest line accepted (an endpoint host name may be 4096 bytes long in
 /// `wg`'s own limits).
@@ -80,8 +79,11 @@ pub(crate) const MAX_LINE: usize = 8192;
 pub(crate) const MAX_REQUEST: usize = 4 << 20;
 /// A client silent for this long is disconnected.
 pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; more wait in the listen backlog.
-pub(crate) const MAX_CONNECTIONS: usize = 8;
+/// Connections served at once, and how long one may stay open.
+pub(crate) const LIMITS: Limits = Limits {
+    max_connections: 8,
+    connection_timeout: Duration::from_secs(60),
+};
 
 /// Length of `get=1` and `set=1`.
 const OPERATION: &str = "get=1";
@@ -350,28 +352,9 @@ async fn answer_errno<W: AsyncWrite + Unpin>(w: &mut W, errno: i32) -> io::Resul
     w.flush().await
 }
 
-/// The listening UAPI socket. Dropping it stops serving and removes the
-/// socket file (unless another process replaced it since).
-pub(crate) struct UapiSocket {
-    path: PathBuf,
-    inode: (u64, u64),
-    task: JoinHandle<()>,
-}
-
-impl Drop for UapiSocket {
-    fn drop(&mut self) {
-        self.task.abort();
-        let ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.inode);
-        if ours {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
 /// Serves the UAPI for `ctx` on `path` (normally [`crate::config::default_uapi_socket`]).
 /// `listen_port` is the UDP port actually bound.
-pub(crate) async fn serve(path: &Path, ctx: Arc<Ctx>, listen_port: u16) -> io::Result<UapiSocket> {
+pub(crate) async fn serve(path: &Path, ctx: Arc<Ctx>, listen_port: u16) -> io::Result<UnixServer> {
     serve_with(path, move || {
         Device::collect(&ctx, listen_port, SystemTime::now())
     })
@@ -382,117 +365,15 @@ pub(crate) async fn serve(path: &Path, ctx: Arc<Ctx>, listen_port: u16) -> io::R
 pub(crate) async fn serve_with(
     path: &Path,
     device: impl Fn() -> Device + Send + Sync + 'static,
-) -> io::Result<UapiSocket> {
-    let listener = bind(path).await?;
-    let meta = std::fs::symlink_metadata(path)?;
-    let owner = meta.uid();
+) -> io::Result<UnixServer> {
     let device: Arc<dyn Fn() -> Device + Send + Sync> = Arc::new(device);
-    let span = tracing::info_span!("uapi", path = %path.display());
-    let task = tokio::spawn(accept_loop(listener, owner, device).instrument(span));
-    info!(path = %path.display(), "serving the WireGuard UAPI (`wg show`)");
-    Ok(UapiSocket {
-        path: path.to_owned(),
-        inode: (meta.dev(), meta.ino()),
-        task,
-    })
-}
-
-/// Binds `path`: creates the directory if needed, refuses a socket a live
-/// process answers on and anything that is not a socket, replaces a stale
-/// socket, and makes the new one 0600.
-async fn bind(path: &Path) -> io::Result<UnixListener> {
-    let with_path = |e: io::Error, what: &str| {
-        io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-    };
-    let dir = path
-        .parent()
-        .filter(|dir| !dir.as_os_str().is_empty() && !dir.exists());
-    if let Some(dir) = dir {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| with_path(e, "creating the directory of"))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket; remove it or choose another interface name",
-                    path.display()
-                ),
-            ));
-        }
-        Ok(_) => {
-            if UnixStream::connect(path).await.is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!(
-                        "{} is answered by a running process (another causeway or WireGuard on an interface of the same name?)",
-                        path.display()
-                    ),
-                ));
-            }
-            info!(path = %path.display(), "replacing the stale UAPI socket of a previous run");
-            std::fs::remove_file(path).map_err(|e| with_path(e, "removing the stale socket"))?;
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(with_path(e, "inspecting")),
-    }
-    let listener = UnixListener::bind(path).map_err(|e| with_path(e, "binding"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| with_path(e, "restricting"))?;
-    Ok(listener)
-}
-
-async fn accept_loop(
-    listener: UnixListener,
-    owner: u32,
-    device: Arc<dyn Fn() -> Device + Send + Sync>,
-) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    // Connections live in the set, so that aborting this task ends them.
-    let mut connections = JoinSet::new();
-    loop {
-        while connections.try_join_next().is_some() {}
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
-        match stream.peer_cred() {
-            Ok(cred) if cred.uid() == 0 || cred.uid() == owner => {}
-            Ok(cred) => {
-                warn!(
-                    uid = cred.uid(),
-                    "closed a connection from a user that is neither root nor the daemon's"
-                );
-                continue;
-            }
-            Err(e) => {
-                warn!("cannot tell who connected ({e}); closing");
-                continue;
-            }
-        }
+    let server = UnixServer::serve(path, "uapi", LIMITS, move |conn: UnixStream| {
         let device = Arc::clone(&device);
-        connections.spawn(
-            async move {
-                handle(stream, device.as_ref(), READ_TIMEOUT).await;
-                drop(permit);
-            }
-            .in_current_span(),
-        );
-    }
+        async move { handle(conn, device.as_ref(), READ_TIMEOUT).await }
+    })
+    .await?;
+    info!(path = %path.display(), "serving the WireGuard UAPI (`wg show`)");
+    Ok(server)
 }
 
 #[cfg(test)]
@@ -706,69 +587,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn socket_lifecycle() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("wireguard").join("cw0.sock");
-
-        let served = serve_with(&path, device).await.expect("serve");
-        let meta = std::fs::metadata(dir.path().join("wireguard")).expect("dir");
-        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
-        let meta = std::fs::symlink_metadata(&path).expect("socket");
-        assert!(meta.file_type().is_socket());
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        assert!(query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"));
-
-        // A live socket is not taken over.
-        let err = serve_with(&path, device)
-            .await
-            .err()
-            .expect("second serve must fail");
-        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
-        assert!(
-            query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"),
-            "the first one still answers"
-        );
-
-        // Dropping removes the file.
-        drop(served);
-        assert!(!path.exists());
-
-        // A stale socket (its process died) is replaced.
-        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
-        assert!(path.exists());
-        let served = serve_with(&path, device)
-            .await
-            .expect("replace stale socket");
-        assert!(query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"));
-
-        // Someone else's socket at the path is not removed on drop.
-        std::fs::remove_file(&path).expect("rm");
-        let other = std::os::unix::net::UnixListener::bind(&path).expect("other");
-        drop(served);
-        assert!(path.exists(), "another process' socket was removed");
-        drop(other);
-
-        // A file that is not a socket is never removed.
-        std::fs::remove_file(&path).expect("rm");
-        std::fs::write(&path, "not a socket").expect("write");
-        let err = serve_with(&path, device)
-            .await
-            .err()
-            .expect("must refuse a regular file");
-        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
-        assert_eq!(
-            std::fs::read_to_string(&path).expect("still there"),
-            "not a socket"
-        );
-    }
-
-    #[tokio::test]
     async fn many_clients_and_garbage_do_not_stop_the_server() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("cw1.sock");
         let _served = serve_with(&path, device).await.expect("serve");
-        let mut tasks = JoinSet::new();
-        for i in 0..(MAX_CONNECTIONS * 3) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..(LIMITS.max_connections * 3) {
             let path = path.clone();
             tasks.spawn(async move {
                 let request: &[u8] = if i % 2 == 0 {
