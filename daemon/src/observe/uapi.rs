@@ -56,20 +56,16 @@
 
 use std::fmt::Write as _;
 use std::io;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ipnet::IpNet;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
-use crate::datapath::Ctx;
-
+use super::snapshot::{LiveSite, Snapshot};
 use super::unix::{Limits, UnixServer};
 
 /// Longest line accepted (an endpoint host name may be 4096 bytes long in
@@ -91,95 +87,47 @@ const OPERATION: &str = "get=1";
 const EPERM: i32 = 1;
 const EINVAL: i32 = 22;
 
-/// What `get=1` reports: a snapshot of the site and its peers.
-pub(crate) struct Device {
-    pub(crate) private_key: Zeroizing<[u8; 32]>,
-    pub(crate) listen_port: u16,
-    pub(crate) peers: Vec<DevicePeer>,
-}
-
-/// One peer in a [`Device`].
-pub(crate) struct DevicePeer {
-    pub(crate) public_key: [u8; 32],
-    pub(crate) endpoint: Option<SocketAddr>,
-    /// Wall-clock time of the last completed handshake.
-    pub(crate) last_handshake: Option<SystemTime>,
-    pub(crate) rx_bytes: u64,
-    pub(crate) tx_bytes: u64,
-    /// Seconds; 0 is off.
-    pub(crate) persistent_keepalive: u16,
-    /// The view CIDRs (see the module documentation).
-    pub(crate) allowed_ips: Vec<IpNet>,
-}
-
-impl Device {
-    /// Takes the snapshot; `now` turns handshake ages into wall-clock times.
-    pub(crate) fn collect(ctx: &Ctx, listen_port: u16, now: SystemTime) -> Self {
-        Device {
-            private_key: Zeroizing::new(ctx.private_key.to_bytes()),
-            listen_port,
-            peers: ctx
-                .peers()
-                .iter()
-                .map(|p| {
-                    let (endpoint, age, keepalive) = {
-                        let state = p.lock();
-                        (
-                            state.endpoint,
-                            state.tunn.time_since_last_handshake(),
-                            state.tunn.persistent_keepalive(),
-                        )
-                    };
-                    DevicePeer {
-                        public_key: *p.public_key().as_bytes(),
-                        endpoint,
-                        last_handshake: age.and_then(|age| now.checked_sub(age)),
-                        rx_bytes: p.counters.rx_bytes.load(Relaxed),
-                        tx_bytes: p.counters.tx_bytes.load(Relaxed),
-                        persistent_keepalive: keepalive.unwrap_or(0),
-                        allowed_ips: p.views().iter().map(|m| *m.view()).collect(),
-                    }
-                })
-                .collect(),
+/// The `get=1` answer for `snapshot` and the site's `private_key`, up to
+/// (not including) the `errno` line.
+pub(crate) fn encode(snapshot: &Snapshot, private_key: &[u8; 32]) -> Zeroizing<String> {
+    let mut out = Zeroizing::new(String::with_capacity(256 + 256 * snapshot.peers.len()));
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "private_key={}", Hex(private_key));
+    let _ = writeln!(out, "listen_port={}", snapshot.site.listen_port);
+    for p in &snapshot.peers {
+        let _ = writeln!(out, "public_key={}", Hex(p.public_key.as_bytes()));
+        let _ = writeln!(out, "protocol_version=1");
+        if let Some(endpoint) = p.endpoint {
+            // `[v6%scope]:port` or `v4:port`, as `wg` parses them.
+            let _ = writeln!(out, "endpoint={endpoint}");
         }
-    }
-
-    /// The `get=1` answer, up to (not including) the `errno` line.
-    pub(crate) fn encode(&self) -> Zeroizing<String> {
-        let mut out = Zeroizing::new(String::with_capacity(256 + 256 * self.peers.len()));
-        // Writing to a String cannot fail.
-        let _ = writeln!(out, "private_key={}", Hex(&self.private_key));
-        let _ = writeln!(out, "listen_port={}", self.listen_port);
-        for p in &self.peers {
-            let _ = writeln!(out, "public_key={}", Hex(&p.public_key));
-            let _ = writeln!(out, "protocol_version=1");
-            if let Some(endpoint) = p.endpoint {
-                // `[v6%scope]:port` or `v4:port`, as `wg` parses them.
-                let _ = writeln!(out, "endpoint={endpoint}");
-            }
-            let since_epoch = p
-                .last_handshake
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .unwrap_or_default();
-            let _ = writeln!(out, "last_handshake_time_sec={}", since_epoch.as_secs());
+        let since_epoch = p
+            .last_handshake
+            .and_then(|h| h.at.duration_since(UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        let _ = writeln!(out, "last_handshake_time_sec={}", since_epoch.as_secs());
+        let _ = writeln!(
+            out,
+            "last_handshake_time_nsec={}",
+            since_epoch.subsec_nanos()
+        );
+        let _ = writeln!(out, "tx_bytes={}", p.tx_bytes);
+        let _ = writeln!(out, "rx_bytes={}", p.rx_bytes);
+        let _ = writeln!(
+            out,
+            "persistent_keepalive_interval={}",
+            p.persistent_keepalive.unwrap_or(0)
+        );
+        for v in &p.views {
             let _ = writeln!(
                 out,
-                "last_handshake_time_nsec={}",
-                since_epoch.subsec_nanos()
+                "allowed_ip={}/{}",
+                v.view.network(),
+                v.view.prefix_len()
             );
-            let _ = writeln!(out, "tx_bytes={}", p.tx_bytes);
-            let _ = writeln!(out, "rx_bytes={}", p.rx_bytes);
-            let _ = writeln!(
-                out,
-                "persistent_keepalive_interval={}",
-                p.persistent_keepalive
-            );
-            for net in &p.allowed_ips {
-                let _ = writeln!(out, "allowed_ip={}/{}", net.network(), net.prefix_len());
-            }
         }
-        out
     }
+    out
 }
 
 /// Lower-case hex of a key.
@@ -314,14 +262,14 @@ async fn read_request<R: AsyncBufRead + Unpin>(
 /// of its lines within `timeout` of the last.
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    device: &(dyn Fn() -> Device + Send + Sync),
+    get: &(dyn Fn() -> Zeroizing<String> + Send + Sync),
     timeout: Duration,
 ) {
     let mut stream = BufReader::new(stream);
     loop {
         match read_request(&mut stream, timeout).await {
             Ok(Request::Get) => {
-                let mut answer = device().encode();
+                let mut answer = get();
                 answer.push_str("errno=0\n\n");
                 if stream.get_mut().write_all(answer.as_bytes()).await.is_err() {
                     return;
@@ -352,24 +300,24 @@ async fn answer_errno<W: AsyncWrite + Unpin>(w: &mut W, errno: i32) -> io::Resul
     w.flush().await
 }
 
-/// Serves the UAPI for `ctx` on `path` (normally [`crate::config::default_uapi_socket`]).
-/// `listen_port` is the UDP port actually bound.
-pub(crate) async fn serve(path: &Path, ctx: Arc<Ctx>, listen_port: u16) -> io::Result<UnixServer> {
+/// Serves the UAPI for `site` on `path` (normally
+/// [`crate::config::default_uapi_socket`]).
+pub(crate) async fn serve(path: &Path, site: LiveSite) -> io::Result<UnixServer> {
     serve_with(path, move || {
-        Device::collect(&ctx, listen_port, SystemTime::now())
+        encode(&site.snapshot(SystemTime::now()), &site.private_key())
     })
     .await
 }
 
-/// [`serve`] with any source of snapshots (tests).
+/// [`serve`] with any source of `get=1` answers (tests).
 pub(crate) async fn serve_with(
     path: &Path,
-    device: impl Fn() -> Device + Send + Sync + 'static,
+    get: impl Fn() -> Zeroizing<String> + Send + Sync + 'static,
 ) -> io::Result<UnixServer> {
-    let device: Arc<dyn Fn() -> Device + Send + Sync> = Arc::new(device);
+    let get: Arc<dyn Fn() -> Zeroizing<String> + Send + Sync> = Arc::new(get);
     let server = UnixServer::serve(path, "uapi", LIMITS, move |conn: UnixStream| {
-        let device = Arc::clone(&device);
-        async move { handle(conn, device.as_ref(), READ_TIMEOUT).await }
+        let get = Arc::clone(&get);
+        async move { handle(conn, get.as_ref(), READ_TIMEOUT).await }
     })
     .await?;
     info!(path = %path.display(), "serving the WireGuard UAPI (`wg show`)");
@@ -378,56 +326,37 @@ pub(crate) async fn serve_with(
 
 #[cfg(test)]
 mod tests {
+    use super::super::snapshot;
     use super::*;
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use ipnet::IpNet;
+    use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-    fn device() -> Device {
-        Device {
-            private_key: Zeroizing::new([0x11; 32]),
-            listen_port: 51820,
-            peers: vec![
-                DevicePeer {
-                    public_key: [0xab; 32],
-                    endpoint: Some(SocketAddr::new(
-                        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
-                        51820,
-                    )),
-                    last_handshake: Some(UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789)),
-                    rx_bytes: 2224,
-                    tx_bytes: 38333,
-                    persistent_keepalive: 25,
-                    allowed_ips: vec![
-                        "100.64.1.0/24".parse().expect("net"),
-                        "fd00:1::/64".parse().expect("net"),
-                    ],
-                },
-                DevicePeer {
-                    public_key: [0x01; 32],
-                    endpoint: None,
-                    last_handshake: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                    persistent_keepalive: 0,
-                    allowed_ips: vec![],
-                },
-            ],
-        }
+    const KEY: [u8; 32] = [0x11; 32];
+
+    /// The `get=1` answer of the example snapshot.
+    fn device() -> Zeroizing<String> {
+        encode(&snapshot::example(), &KEY)
     }
 
     #[test]
     fn get_answer_is_what_wg_parses() {
-        let text = device().encode();
+        let text = device();
         let expected = format!(
             "private_key={}\nlisten_port=51820\n\
-             public_key={}\nprotocol_version=1\nendpoint=192.0.2.7:51820\n\
-             last_handshake_time_sec=1700000000\nlast_handshake_time_nsec=123456789\n\
-             tx_bytes=38333\nrx_bytes=2224\npersistent_keepalive_interval=25\n\
-             allowed_ip=100.64.1.0/24\nallowed_ip=fd00:1::/64\n\
+             public_key={}\nprotocol_version=1\nendpoint=192.0.2.2:51820\n\
+             last_handshake_time_sec=1700000000\nlast_handshake_time_nsec=500000000\n\
+             tx_bytes=1000\nrx_bytes=2000\npersistent_keepalive_interval=25\n\
+             allowed_ip=10.1.0.0/16\nallowed_ip=fd00:1::/64\n\
+             public_key={}\nprotocol_version=1\n\
+             last_handshake_time_sec=1699999943\nlast_handshake_time_nsec=700000000\n\
+             tx_bytes=300\nrx_bytes=400\npersistent_keepalive_interval=0\n\
+             allowed_ip=100.64.0.0/16\n\
              public_key={}\nprotocol_version=1\n\
              last_handshake_time_sec=0\nlast_handshake_time_nsec=0\n\
              tx_bytes=0\nrx_bytes=0\npersistent_keepalive_interval=0\n",
             "11".repeat(32),
-            "ab".repeat(32),
+            "bb".repeat(32),
+            "cc".repeat(32),
             "01".repeat(32),
         );
         assert_eq!(text.as_str(), expected);
@@ -435,15 +364,19 @@ mod tests {
 
     #[test]
     fn endpoints_and_networks_are_formatted_for_wg() {
-        let mut d = device();
-        d.peers.truncate(1);
-        d.peers[0].endpoint = Some(SocketAddr::new(
+        let mut s = snapshot::example();
+        s.peers.truncate(1);
+        s.peers[0].endpoint = Some(SocketAddr::new(
             IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7)),
             4500,
         ));
         // A host address with a prefix: the network is what is printed.
-        d.peers[0].allowed_ips = vec!["10.1.2.3/16".parse().expect("net")];
-        let text = d.encode();
+        let host: IpNet = "10.1.2.3/16".parse().expect("net");
+        s.peers[0].views = vec![snapshot::ViewSnapshot {
+            real: host,
+            view: host,
+        }];
+        let text = encode(&s, &KEY);
         assert!(
             text.contains("\nendpoint=[2001:db8::7]:4500\n"),
             "{}",
