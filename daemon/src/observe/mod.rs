@@ -2,12 +2,12 @@
 //! `wg show` (the WireGuard UAPI socket), and Prometheus metrics with the
 //! health endpoints.
 //!
-//! All three show one kind of [`snapshot::Snapshot`], taken by
-//! [`snapshot::LiveSite`]: the only code that reads the data path's state
+//! All three show one kind of snapshot (`snapshot::Snapshot`), taken by
+//! `snapshot::LiveSite`: the only code that reads the data path's state
 //! for them, one lock per peer. Each has a renderer of it:
 //! [`Status`] (JSON and text), the Prometheus collector, the UAPI `get=1`
 //! text. The control and UAPI sockets are two handlers on one Unix-socket
-//! server ([`unix`]); metrics and health are served over HTTP ([`http`]).
+//! server (`unix.rs`); metrics and health are served over HTTP (`http.rs`).
 
 mod http;
 mod prometheus;
