@@ -11,9 +11,9 @@ use causeway_netlink::{Link, Netlink, Tun};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::control::{ControlSocket, Status};
 use crate::core::{Site, SiteParams, TraversalParams};
 use crate::datapath::{Ctx, Datapath, UdpPort};
+use crate::observe::LiveSite;
 
 /// Runs the site described by `config` until `shutdown` completes, then
 /// removes every route and the interface it created.
@@ -112,18 +112,15 @@ async fn serve(
     let datapath = Datapath::start(Arc::clone(ctx)).context("starting the packet threads")?;
     let traversal_tasks = crate::datapath::start_rendezvous(ctx, config);
     let abort_traversal = || traversal_tasks.iter().for_each(|t| t.abort());
-    let status_ctx = Arc::clone(datapath.ctx());
-    let name = site.name.clone();
-    let control = ControlSocket::serve(&site.control_socket, move || {
-        Status::collect(&status_ctx, &name, listen_port)
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "control socket {} ([site] control_socket)",
-            site.control_socket.display()
-        )
-    });
+    let live = LiveSite::new(Arc::clone(datapath.ctx()), &site.name, listen_port);
+    let control = crate::observe::serve_control(&site.control_socket, live.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "control socket {} ([site] control_socket)",
+                site.control_socket.display()
+            )
+        });
     let control = match control {
         Ok(control) => control,
         Err(e) => {
@@ -132,7 +129,7 @@ async fn serve(
             return Err(e);
         }
     };
-    let uapi = crate::uapi::serve(&site.uapi_socket, Arc::clone(ctx), listen_port)
+    let uapi = crate::observe::serve_uapi(&site.uapi_socket, live.clone())
         .await
         .with_context(|| {
             format!(
@@ -142,7 +139,7 @@ async fn serve(
         });
     let ready = Arc::new(AtomicBool::new(false));
     let metrics = match site.metrics_listen {
-        Some(addr) => crate::metrics::serve(addr, Arc::clone(ctx), Arc::clone(&ready))
+        Some(addr) => crate::observe::serve_metrics(addr, live.clone(), Arc::clone(&ready))
             .await
             .context("[site] metrics_listen")
             .map(Some),

@@ -7,14 +7,12 @@
 
 pub mod candidates;
 pub mod config;
-pub mod control;
 pub mod core;
 pub mod daemon;
 mod datapath;
 pub mod invite;
 pub use causeway_nat::keys;
-pub mod metrics;
 pub mod notify;
+pub mod observe;
 pub mod packet;
-mod uapi;
 pub mod views;

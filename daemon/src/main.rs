@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use causeway::{config, control, daemon, keys};
+use causeway::{config, daemon, keys, observe};
 use clap::{Parser, Subcommand};
 
 /// Causeway: encrypted cluster-to-cluster overlay network.
@@ -233,7 +233,7 @@ fn rendezvous(
         let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let _metrics = match metrics_listen {
             Some(addr) => Some(
-                causeway::metrics::serve_rendezvous(addr, server.stats(), ready.clone()).await?,
+                causeway::observe::serve_rendezvous(addr, server.stats(), ready.clone()).await?,
             ),
             None => None,
         };
@@ -276,7 +276,7 @@ fn status(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let status = runtime.block_on(control::query(&path))?;
+    let status = runtime.block_on(observe::query(&path))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use causeway::control::Status;
 use causeway::keys;
+use causeway::observe::Status;
 use causeway_testbed::{ChildGuard, Lab, LabSpec, Netns, Site, SiteSpec};
 use sha2::{Digest, Sha256};
 

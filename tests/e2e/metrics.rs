@@ -85,9 +85,51 @@ fn metrics_show_peer_traffic_handshakes_and_drops_and_probes_answer() {
         sample("causeway_site_drops_total{reason=\"malformed\"}") >= 7.0,
         "{body}"
     );
+    // The path, the RTT and the relay, as `causeway status` has them.
+    assert_eq!(sample("causeway_packet_threads_alive"), 1.0);
+    assert_eq!(
+        sample(&format!(
+            "causeway_site_info{{site=\"a\",interface=\"{}\",public_key=\"{}\"}}",
+            p.ifnames[0], p.files[0].public_key
+        )),
+        1.0
+    );
+    for (path, on) in [
+        ("static", 1.0),
+        ("direct", 0.0),
+        ("relay", 0.0),
+        ("none", 0.0),
+    ] {
+        assert_eq!(
+            sample(&format!("causeway_peer_path{{peer=\"b\",path=\"{path}\"}}")),
+            on,
+            "{body}"
+        );
+    }
+    if let Some(rtt) = s.get("causeway_peer_rtt_seconds{peer=\"b\"}") {
+        assert!((0.0..1.0).contains(rtt), "rtt {rtt} s");
+    }
+    assert_eq!(
+        sample("causeway_peer_relay_tx_packets_total{peer=\"b\"}"),
+        0.0
+    );
+    assert_eq!(
+        sample("causeway_peer_relay_rx_packets_total{peer=\"b\"}"),
+        0.0
+    );
+    assert!(
+        !s.keys()
+            .any(|k| k.starts_with("causeway_rendezvous_client_")),
+        "no rendezvous configured:\n{body}"
+    );
+
     // The same numbers `causeway status` shows, read a moment later.
     let status = p.daemon(0).status();
     assert!(status.peers[0].tx_bytes as f64 >= tx && status.peers[0].rx_bytes as f64 >= rx);
+    assert!(status.packet_threads_alive && status.rendezvous.is_empty());
+    let at = status.peers[0].last_handshake_unix.expect("handshake time");
+    // The same handshake (or a later one), dated by two readings of the clock.
+    assert!(at > handshake - 0.5, "status {at}, metrics {handshake}");
 
     // The daemon's own process.
     assert!(sample("process_resident_memory_bytes") > 1e6);

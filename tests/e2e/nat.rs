@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use causeway::control::PeerStatus;
 use causeway::keys;
+use causeway::observe::PeerStatus;
 use causeway_testbed::{Lab, LabSpec, Nat, Netns, SiteSpec};
 
 use crate::common::*;

@@ -204,6 +204,25 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
     assert!(relayed(&s, "b") > 0.0);
     assert!(value(&s, "causeway_rendezvous_stun_answered_total") >= 1.0);
 
+    // The site's side of the same relay, in `causeway status`: connected,
+    // and what it handed the rendezvous is at least what the rendezvous
+    // relayed for it.
+    let status_a = daemon_a.status();
+    let [client] = &status_a.rendezvous[..] else {
+        panic!("one rendezvous client: {status_a:#?}");
+    };
+    assert!(client.connected && client.connections >= 1, "{client:#?}");
+    assert!(
+        client.relay_tx_packets as f64 >= packets_a
+            && client.relay_tx_bytes as f64 >= bytes_a
+            && client.relay_tx_datagrams >= client.relay_tx_packets,
+        "{client:#?}, rendezvous relayed {packets_a} packets, {bytes_a} bytes"
+    );
+    assert!(
+        client.relay_rx_packets > 0 && client.relay_rx_bytes > 0,
+        "{client:#?}"
+    );
+
     // A site that goes away is no longer connected; its counters stay.
     daemon_b.stop();
     let s = scrape_until(

@@ -22,6 +22,7 @@ const DOC: &str = include_str!("../../docs/status.md");
 #[derive(Debug, Clone, PartialEq)]
 enum Type {
     String,
+    Boolean,
     Integer,
     Number,
     Nullable(Box<Type>),
@@ -45,6 +46,7 @@ impl Type {
         }
         match text.as_str() {
             "string" => Type::String,
+            "boolean" => Type::Boolean,
             "integer" => Type::Integer,
             "number" => Type::Number,
             name => {
@@ -155,6 +157,8 @@ impl Schema {
             }
             Type::String if value.is_string() => {}
             Type::String => errors.push(wrong("a string")),
+            Type::Boolean if value.is_boolean() => {}
+            Type::Boolean => errors.push(wrong("true or false")),
             Type::Integer if value.as_u64().is_some() => {}
             Type::Integer => errors.push(wrong("a non-negative integer")),
             Type::Number if value.is_number() => {}
@@ -274,6 +278,7 @@ fn the_schema_checker_finds_every_kind_of_difference() {
     fn example(schema: &Schema, ty: &Type) -> Value {
         match ty {
             Type::String => Value::from("x"),
+            Type::Boolean => Value::from(true),
             Type::Integer => Value::from(1u64),
             Type::Number => Value::from(1.5),
             Type::Nullable(_) => Value::Null,
@@ -297,6 +302,7 @@ fn the_schema_checker_finds_every_kind_of_difference() {
     let mut bad = good.clone();
     bad["listen_port"] = Value::from(-1);
     bad["site"] = Value::Null;
+    bad["packet_threads_alive"] = Value::from(1);
     bad["peers"][0]["tx_bytes"] = Value::from(1.5);
     bad["peers"][0]["name"] = Value::from(7);
     bad["peers"][0]["views"][0]["view"] = Value::Null;
@@ -311,6 +317,7 @@ fn the_schema_checker_finds_every_kind_of_difference() {
     for needle in [
         "$.listen_port:",
         "$.site:",
+        "$.packet_threads_alive:",
         "$.interface: documented but missing",
         "$.peers[0].tx_bytes:",
         "$.peers[0].name:",
@@ -324,7 +331,7 @@ fn the_schema_checker_finds_every_kind_of_difference() {
             "{needle} not reported in {errors:#?}"
         );
     }
-    assert_eq!(errors.len(), 9, "{errors:#?}");
+    assert_eq!(errors.len(), 10, "{errors:#?}");
 }
 
 #[test]
@@ -377,6 +384,8 @@ fn status_json_matches_the_documented_schema_and_text_names_every_peer() {
     assert_eq!(doc["interface"], "causeway0", "{text}");
     assert_eq!(doc["public_key"], j.files[0].public_key.as_str(), "{text}");
     assert_eq!(doc["listen_port"], PORT, "{text}");
+    assert_eq!(doc["packet_threads_alive"], true, "{text}");
+    assert_eq!(doc["rendezvous"], serde_json::json!([]), "{text}");
     assert!(doc["drops"]["malformed"].as_u64() >= Some(7), "{text}");
     let peers = doc["peers"].as_array().expect("peers");
     let names: Vec<&str> = peers.iter().filter_map(|p| p["name"].as_str()).collect();
@@ -428,6 +437,19 @@ fn status_json_matches_the_documented_schema_and_text_names_every_peer() {
         (0.0..60.0).contains(&handshake),
         "last_handshake_secs {handshake}: not seconds ago\n{text}"
     );
+    // The same handshake on the wall clock.
+    let at = b["last_handshake_unix"]
+        .as_f64()
+        .expect("b's handshake time");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        (at - (now - handshake)).abs() < 5.0,
+        "last_handshake_unix {at}, {handshake} s before {now}\n{text}"
+    );
+    assert!(b["persistent_keepalive_secs"].is_null(), "{text}");
     assert!(b["tx_bytes"].as_u64() >= Some(1 << 20), "{text}");
     assert!(b["tx_packets"].as_u64() >= Some(700), "{text}");
     assert!(
@@ -447,7 +469,10 @@ fn status_json_matches_the_documented_schema_and_text_names_every_peer() {
     let c = &peers[1];
     assert_eq!(c["path"], "none", "{text}");
     assert!(
-        c["endpoint"].is_null() && c["last_handshake_secs"].is_null() && c["rtt_ms"].is_null(),
+        c["endpoint"].is_null()
+            && c["last_handshake_secs"].is_null()
+            && c["last_handshake_unix"].is_null()
+            && c["rtt_ms"].is_null(),
         "{text}"
     );
     assert_eq!(

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use boringtun::noise::Tunn;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -252,11 +252,6 @@ impl Peer {
     /// the peer's at all.
     pub fn view_of_source(&self, addr: IpAddr) -> Option<&View> {
         self.views().iter().find(|m| m.real().contains(&addr))
-    }
-
-    /// Time since the last completed handshake, if any.
-    pub fn last_handshake(&self) -> Option<Duration> {
-        self.lock().tunn.time_since_last_handshake()
     }
 }
 

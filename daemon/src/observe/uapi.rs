@@ -6,10 +6,8 @@
 //! for userspace implementations. The directory is shared with other
 //! implementations (wireguard-go, boringtun-cli): it is created 0700 when
 //! missing and never changed otherwise. The socket is 0600 and a connection
-//! from any user other than root or the daemon's own is closed unanswered,
-//! also during the instant between `bind` and `chmod`. A socket left by a
-//! crashed run is replaced; one a live process answers on is an error, and
-//! a path that is not a socket is never removed.
+//! from any user other than root or the daemon's own is closed unanswered
+//! (the rules of [`super::unix`], which the control socket shares).
 //!
 //! # What is served
 //! The protocol is line based (`key=value\n`, an empty line ends a request
@@ -52,26 +50,23 @@
 //! wireguard-go sends them: `wg` negates the number back before printing
 //! it (`errno=1` would make it print "Unknown error -1").
 //!
-//! A client that stays silent for [`READ_TIMEOUT`] is disconnected; at most
-//! [`MAX_CONNECTIONS`] are served at once.
+//! A client that stays silent for [`READ_TIMEOUT`] is disconnected. The
+//! socket (binding, who may connect, how many at once, for how long) is
+//! [`super::unix`]'s, with [`LIMITS`].
 
 use std::fmt::Write as _;
 use std::io;
-use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ipnet::IpNet;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::task::{JoinHandle, JoinSet};
-use tracing::{Instrument, debug, info, warn};
+use tokio::net::UnixStream;
+use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
-use crate::datapath::Ctx;
+use super::snapshot::{LiveSite, Snapshot};
+use super::unix::{Limits, UnixServer};
 
 /// Longest line accepted (an endpoint host name may be 4096 bytes long in
 /// `wg`'s own limits).
@@ -80,8 +75,11 @@ pub(crate) const MAX_LINE: usize = 8192;
 pub(crate) const MAX_REQUEST: usize = 4 << 20;
 /// A client silent for this long is disconnected.
 pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; more wait in the listen backlog.
-pub(crate) const MAX_CONNECTIONS: usize = 8;
+/// Connections served at once, and how long one may stay open.
+pub(crate) const LIMITS: Limits = Limits {
+    max_connections: 8,
+    connection_timeout: Duration::from_secs(60),
+};
 
 /// Length of `get=1` and `set=1`.
 const OPERATION: &str = "get=1";
@@ -89,96 +87,47 @@ const OPERATION: &str = "get=1";
 const EPERM: i32 = 1;
 const EINVAL: i32 = 22;
 
-/// What `get=1` reports: a snapshot of the site and its peers.
-pub(crate) struct Device {
-    pub(crate) private_key: Zeroizing<[u8; 32]>,
-    pub(crate) listen_port: u16,
-    pub(crate) peers: Vec<DevicePeer>,
-}
-
-/// One peer in a [`Device`].
-pub(crate) struct DevicePeer {
-    pub(crate) public_key: [u8; 32],
-    pub(crate) endpoint: Option<SocketAddr>,
-    /// Wall-clock time of the last completed handshake.
-    pub(crate) last_handshake: Option<SystemTime>,
-    pub(crate) rx_bytes: u64,
-    pub(crate) tx_bytes: u64,
-    /// Seconds; 0 is off.
-    pub(crate) persistent_keepalive: u16,
-    /// The view CIDRs (see the module documentation).
-    pub(crate) allowed_ips: Vec<IpNet>,
-}
-
-impl Device {
-    /// Takes the snapshot; `now` turns handshake ages into wall-clock times.
-    pub(crate) fn collect(ctx: &Ctx, listen_port: u16, now: SystemTime) -> Self {
-        Device {
-            private_key: Zeroizing::new(ctx.site.private_key.to_bytes()),
-            listen_port,
-            peers: ctx
-                .site
-                .peers()
-                .iter()
-                .map(|p| {
-                    let (endpoint, age, keepalive) = {
-                        let state = p.lock();
-                        (
-                            state.endpoint,
-                            state.tunn.time_since_last_handshake(),
-                            state.tunn.persistent_keepalive(),
-                        )
-                    };
-                    DevicePeer {
-                        public_key: *p.public_key().as_bytes(),
-                        endpoint,
-                        last_handshake: age.and_then(|age| now.checked_sub(age)),
-                        rx_bytes: p.counters.rx_bytes.load(Relaxed),
-                        tx_bytes: p.counters.tx_bytes.load(Relaxed),
-                        persistent_keepalive: keepalive.unwrap_or(0),
-                        allowed_ips: p.views().iter().map(|m| *m.view()).collect(),
-                    }
-                })
-                .collect(),
+/// The `get=1` answer for `snapshot` and the site's `private_key`, up to
+/// (not including) the `errno` line.
+pub(crate) fn encode(snapshot: &Snapshot, private_key: &[u8; 32]) -> Zeroizing<String> {
+    let mut out = Zeroizing::new(String::with_capacity(256 + 256 * snapshot.peers.len()));
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "private_key={}", Hex(private_key));
+    let _ = writeln!(out, "listen_port={}", snapshot.site.listen_port);
+    for p in &snapshot.peers {
+        let _ = writeln!(out, "public_key={}", Hex(p.public_key.as_bytes()));
+        let _ = writeln!(out, "protocol_version=1");
+        if let Some(endpoint) = p.endpoint {
+            // `[v6%scope]:port` or `v4:port`, as `wg` parses them.
+            let _ = writeln!(out, "endpoint={endpoint}");
         }
-    }
-
-    /// The `get=1` answer, up to (not including) the `errno` line.
-    pub(crate) fn encode(&self) -> Zeroizing<String> {
-        let mut out = Zeroizing::new(String::with_capacity(256 + 256 * self.peers.len()));
-        // Writing to a String cannot fail.
-        let _ = writeln!(out, "private_key={}", Hex(&self.private_key));
-        let _ = writeln!(out, "listen_port={}", self.listen_port);
-        for p in &self.peers {
-            let _ = writeln!(out, "public_key={}", Hex(&p.public_key));
-            let _ = writeln!(out, "protocol_version=1");
-            if let Some(endpoint) = p.endpoint {
-                // `[v6%scope]:port` or `v4:port`, as `wg` parses them.
-                let _ = writeln!(out, "endpoint={endpoint}");
-            }
-            let since_epoch = p
-                .last_handshake
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .unwrap_or_default();
-            let _ = writeln!(out, "last_handshake_time_sec={}", since_epoch.as_secs());
+        let since_epoch = p
+            .last_handshake
+            .and_then(|h| h.at.duration_since(UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        let _ = writeln!(out, "last_handshake_time_sec={}", since_epoch.as_secs());
+        let _ = writeln!(
+            out,
+            "last_handshake_time_nsec={}",
+            since_epoch.subsec_nanos()
+        );
+        let _ = writeln!(out, "tx_bytes={}", p.tx_bytes);
+        let _ = writeln!(out, "rx_bytes={}", p.rx_bytes);
+        let _ = writeln!(
+            out,
+            "persistent_keepalive_interval={}",
+            p.persistent_keepalive.unwrap_or(0)
+        );
+        for v in &p.views {
             let _ = writeln!(
                 out,
-                "last_handshake_time_nsec={}",
-                since_epoch.subsec_nanos()
+                "allowed_ip={}/{}",
+                v.view.network(),
+                v.view.prefix_len()
             );
-            let _ = writeln!(out, "tx_bytes={}", p.tx_bytes);
-            let _ = writeln!(out, "rx_bytes={}", p.rx_bytes);
-            let _ = writeln!(
-                out,
-                "persistent_keepalive_interval={}",
-                p.persistent_keepalive
-            );
-            for net in &p.allowed_ips {
-                let _ = writeln!(out, "allowed_ip={}/{}", net.network(), net.prefix_len());
-            }
         }
-        out
     }
+    out
 }
 
 /// Lower-case hex of a key.
@@ -313,14 +262,14 @@ async fn read_request<R: AsyncBufRead + Unpin>(
 /// of its lines within `timeout` of the last.
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    device: &(dyn Fn() -> Device + Send + Sync),
+    get: &(dyn Fn() -> Zeroizing<String> + Send + Sync),
     timeout: Duration,
 ) {
     let mut stream = BufReader::new(stream);
     loop {
         match read_request(&mut stream, timeout).await {
             Ok(Request::Get) => {
-                let mut answer = device().encode();
+                let mut answer = get();
                 answer.push_str("errno=0\n\n");
                 if stream.get_mut().write_all(answer.as_bytes()).await.is_err() {
                     return;
@@ -351,203 +300,63 @@ async fn answer_errno<W: AsyncWrite + Unpin>(w: &mut W, errno: i32) -> io::Resul
     w.flush().await
 }
 
-/// The listening UAPI socket. Dropping it stops serving and removes the
-/// socket file (unless another process replaced it since).
-pub(crate) struct UapiSocket {
-    path: PathBuf,
-    inode: (u64, u64),
-    task: JoinHandle<()>,
-}
-
-impl Drop for UapiSocket {
-    fn drop(&mut self) {
-        self.task.abort();
-        let ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.inode);
-        if ours {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Serves the UAPI for `ctx` on `path` (normally [`crate::config::default_uapi_socket`]).
-/// `listen_port` is the UDP port actually bound.
-pub(crate) async fn serve(path: &Path, ctx: Arc<Ctx>, listen_port: u16) -> io::Result<UapiSocket> {
+/// Serves the UAPI for `site` on `path` (normally
+/// [`crate::config::default_uapi_socket`]).
+pub(crate) async fn serve(path: &Path, site: LiveSite) -> io::Result<UnixServer> {
     serve_with(path, move || {
-        Device::collect(&ctx, listen_port, SystemTime::now())
+        encode(&site.snapshot(SystemTime::now()), &site.private_key())
     })
     .await
 }
 
-/// [`serve`] with any source of snapshots (tests).
+/// [`serve`] with any source of `get=1` answers (tests).
 pub(crate) async fn serve_with(
     path: &Path,
-    device: impl Fn() -> Device + Send + Sync + 'static,
-) -> io::Result<UapiSocket> {
-    let listener = bind(path).await?;
-    let meta = std::fs::symlink_metadata(path)?;
-    let owner = meta.uid();
-    let device: Arc<dyn Fn() -> Device + Send + Sync> = Arc::new(device);
-    let span = tracing::info_span!("uapi", path = %path.display());
-    let task = tokio::spawn(accept_loop(listener, owner, device).instrument(span));
-    info!(path = %path.display(), "serving the WireGuard UAPI (`wg show`)");
-    Ok(UapiSocket {
-        path: path.to_owned(),
-        inode: (meta.dev(), meta.ino()),
-        task,
+    get: impl Fn() -> Zeroizing<String> + Send + Sync + 'static,
+) -> io::Result<UnixServer> {
+    let get: Arc<dyn Fn() -> Zeroizing<String> + Send + Sync> = Arc::new(get);
+    let server = UnixServer::serve(path, "uapi", LIMITS, move |conn: UnixStream| {
+        let get = Arc::clone(&get);
+        async move { handle(conn, get.as_ref(), READ_TIMEOUT).await }
     })
-}
-
-/// Binds `path`: creates the directory if needed, refuses a socket a live
-/// process answers on and anything that is not a socket, replaces a stale
-/// socket, and makes the new one 0600.
-async fn bind(path: &Path) -> io::Result<UnixListener> {
-    let with_path = |e: io::Error, what: &str| {
-        io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-    };
-    let dir = path
-        .parent()
-        .filter(|dir| !dir.as_os_str().is_empty() && !dir.exists());
-    if let Some(dir) = dir {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| with_path(e, "creating the directory of"))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket; remove it or choose another interface name",
-                    path.display()
-                ),
-            ));
-        }
-        Ok(_) => {
-            if UnixStream::connect(path).await.is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!(
-                        "{} is answered by a running process (another causeway or WireGuard on an interface of the same name?)",
-                        path.display()
-                    ),
-                ));
-            }
-            info!(path = %path.display(), "replacing the stale UAPI socket of a previous run");
-            std::fs::remove_file(path).map_err(|e| with_path(e, "removing the stale socket"))?;
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(with_path(e, "inspecting")),
-    }
-    let listener = UnixListener::bind(path).map_err(|e| with_path(e, "binding"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| with_path(e, "restricting"))?;
-    Ok(listener)
-}
-
-async fn accept_loop(
-    listener: UnixListener,
-    owner: u32,
-    device: Arc<dyn Fn() -> Device + Send + Sync>,
-) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    // Connections live in the set, so that aborting this task ends them.
-    let mut connections = JoinSet::new();
-    loop {
-        while connections.try_join_next().is_some() {}
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
-        match stream.peer_cred() {
-            Ok(cred) if cred.uid() == 0 || cred.uid() == owner => {}
-            Ok(cred) => {
-                warn!(
-                    uid = cred.uid(),
-                    "closed a connection from a user that is neither root nor the daemon's"
-                );
-                continue;
-            }
-            Err(e) => {
-                warn!("cannot tell who connected ({e}); closing");
-                continue;
-            }
-        }
-        let device = Arc::clone(&device);
-        connections.spawn(
-            async move {
-                handle(stream, device.as_ref(), READ_TIMEOUT).await;
-                drop(permit);
-            }
-            .in_current_span(),
-        );
-    }
+    .await?;
+    info!(path = %path.display(), "serving the WireGuard UAPI (`wg show`)");
+    Ok(server)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::snapshot;
     use super::*;
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use ipnet::IpNet;
+    use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-    fn device() -> Device {
-        Device {
-            private_key: Zeroizing::new([0x11; 32]),
-            listen_port: 51820,
-            peers: vec![
-                DevicePeer {
-                    public_key: [0xab; 32],
-                    endpoint: Some(SocketAddr::new(
-                        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
-                        51820,
-                    )),
-                    last_handshake: Some(UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789)),
-                    rx_bytes: 2224,
-                    tx_bytes: 38333,
-                    persistent_keepalive: 25,
-                    allowed_ips: vec![
-                        "100.64.1.0/24".parse().expect("net"),
-                        "fd00:1::/64".parse().expect("net"),
-                    ],
-                },
-                DevicePeer {
-                    public_key: [0x01; 32],
-                    endpoint: None,
-                    last_handshake: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                    persistent_keepalive: 0,
-                    allowed_ips: vec![],
-                },
-            ],
-        }
+    const KEY: [u8; 32] = [0x11; 32];
+
+    /// The `get=1` answer of the example snapshot.
+    fn device() -> Zeroizing<String> {
+        encode(&snapshot::example(), &KEY)
     }
 
     #[test]
     fn get_answer_is_what_wg_parses() {
-        let text = device().encode();
+        let text = device();
         let expected = format!(
             "private_key={}\nlisten_port=51820\n\
-             public_key={}\nprotocol_version=1\nendpoint=192.0.2.7:51820\n\
-             last_handshake_time_sec=1700000000\nlast_handshake_time_nsec=123456789\n\
-             tx_bytes=38333\nrx_bytes=2224\npersistent_keepalive_interval=25\n\
-             allowed_ip=100.64.1.0/24\nallowed_ip=fd00:1::/64\n\
+             public_key={}\nprotocol_version=1\nendpoint=192.0.2.2:51820\n\
+             last_handshake_time_sec=1700000000\nlast_handshake_time_nsec=500000000\n\
+             tx_bytes=1000\nrx_bytes=2000\npersistent_keepalive_interval=25\n\
+             allowed_ip=10.1.0.0/16\nallowed_ip=fd00:1::/64\n\
+             public_key={}\nprotocol_version=1\n\
+             last_handshake_time_sec=1699999943\nlast_handshake_time_nsec=700000000\n\
+             tx_bytes=300\nrx_bytes=400\npersistent_keepalive_interval=0\n\
+             allowed_ip=100.64.0.0/16\n\
              public_key={}\nprotocol_version=1\n\
              last_handshake_time_sec=0\nlast_handshake_time_nsec=0\n\
              tx_bytes=0\nrx_bytes=0\npersistent_keepalive_interval=0\n",
             "11".repeat(32),
-            "ab".repeat(32),
+            "bb".repeat(32),
+            "cc".repeat(32),
             "01".repeat(32),
         );
         assert_eq!(text.as_str(), expected);
@@ -555,15 +364,19 @@ mod tests {
 
     #[test]
     fn endpoints_and_networks_are_formatted_for_wg() {
-        let mut d = device();
-        d.peers.truncate(1);
-        d.peers[0].endpoint = Some(SocketAddr::new(
+        let mut s = snapshot::example();
+        s.peers.truncate(1);
+        s.peers[0].endpoint = Some(SocketAddr::new(
             IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7)),
             4500,
         ));
         // A host address with a prefix: the network is what is printed.
-        d.peers[0].allowed_ips = vec!["10.1.2.3/16".parse().expect("net")];
-        let text = d.encode();
+        let host: IpNet = "10.1.2.3/16".parse().expect("net");
+        s.peers[0].views = vec![snapshot::ViewSnapshot {
+            real: host,
+            view: host,
+        }];
+        let text = encode(&s, &KEY);
         assert!(
             text.contains("\nendpoint=[2001:db8::7]:4500\n"),
             "{}",
@@ -707,69 +520,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn socket_lifecycle() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("wireguard").join("cw0.sock");
-
-        let served = serve_with(&path, device).await.expect("serve");
-        let meta = std::fs::metadata(dir.path().join("wireguard")).expect("dir");
-        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
-        let meta = std::fs::symlink_metadata(&path).expect("socket");
-        assert!(meta.file_type().is_socket());
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        assert!(query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"));
-
-        // A live socket is not taken over.
-        let err = serve_with(&path, device)
-            .await
-            .err()
-            .expect("second serve must fail");
-        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
-        assert!(
-            query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"),
-            "the first one still answers"
-        );
-
-        // Dropping removes the file.
-        drop(served);
-        assert!(!path.exists());
-
-        // A stale socket (its process died) is replaced.
-        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
-        assert!(path.exists());
-        let served = serve_with(&path, device)
-            .await
-            .expect("replace stale socket");
-        assert!(query(&path, b"get=1\n\n").await.ends_with("errno=0\n\n"));
-
-        // Someone else's socket at the path is not removed on drop.
-        std::fs::remove_file(&path).expect("rm");
-        let other = std::os::unix::net::UnixListener::bind(&path).expect("other");
-        drop(served);
-        assert!(path.exists(), "another process' socket was removed");
-        drop(other);
-
-        // A file that is not a socket is never removed.
-        std::fs::remove_file(&path).expect("rm");
-        std::fs::write(&path, "not a socket").expect("write");
-        let err = serve_with(&path, device)
-            .await
-            .err()
-            .expect("must refuse a regular file");
-        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
-        assert_eq!(
-            std::fs::read_to_string(&path).expect("still there"),
-            "not a socket"
-        );
-    }
-
-    #[tokio::test]
     async fn many_clients_and_garbage_do_not_stop_the_server() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("cw1.sock");
         let _served = serve_with(&path, device).await.expect("serve");
-        let mut tasks = JoinSet::new();
-        for i in 0..(MAX_CONNECTIONS * 3) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..(LIMITS.max_connections * 3) {
             let path = path.clone();
             tasks.spawn(async move {
                 let request: &[u8] = if i % 2 == 0 {

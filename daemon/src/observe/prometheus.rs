@@ -1,41 +1,58 @@
-//! Prometheus metrics and health endpoints over HTTP/1.1, for the site
-//! daemon (`serve`, `causeway up`) and for the rendezvous
-//! ([`serve_rendezvous`], `causeway rendezvous --metrics-listen`).
+//! What `/metrics` holds (the Prometheus text format 0.0.4,
+//! prometheus-client), for the site daemon ([`serve`], `causeway up`) and
+//! for the rendezvous ([`serve_rendezvous`], `causeway rendezvous
+//! --metrics-listen`). The HTTP server and the health endpoints are
+//! [`super::http`]'s.
 //!
 //! Served only when `[site] metrics_listen` (or `--metrics-listen`) is set
 //! (off by default: nothing listens unless the operator asks;
 //! `127.0.0.1:9469` for a local agent, or the node's or pod's address for a
 //! cluster's Prometheus and the kubelet's probes).
 //!
-//! | path | answer |
-//! |---|---|
-//! | `/metrics` | the Prometheus text format (0.0.4) |
-//! | `/healthz` | 200 while the process runs and its runtime answers |
-//! | `/readyz` | site: 200 once the interface, its routes and the config are in place; rendezvous: 200 once its sockets are bound and it serves, 503 again when it shuts down; 503 otherwise |
-//!
-//! Only `GET` and `HEAD` are accepted (405 otherwise); other paths are 404.
-//!
-//! Every value is read from the daemon's own state at scrape time (a
-//! [`Collector`]): the data path keeps its counters as it always does and
-//! pays nothing for metrics. The site's series:
+//! Every value is read at scrape time (a [`Collector`]): the site's from one
+//! [`Snapshot`], the same kind `causeway status` and `wg show` render, so
+//! the data path keeps its counters as it always does and pays nothing for
+//! metrics. The site's series:
 //!
 //! | series | type | labels |
 //! |---|---|---|
 //! | `causeway_build_info` | gauge (1) | `version` |
+//! | `causeway_site_info` | gauge (1) | `site`, `interface`, `public_key` |
+//! | `causeway_packet_threads_alive` | gauge (1: both packet threads run, 0: the data path stopped) | |
 //! | `causeway_peers_configured` | gauge | |
 //! | `causeway_peer_info` | gauge (1) | `peer`, `public_key` |
 //! | `causeway_peer_tx_bytes_total`, `causeway_peer_rx_bytes_total` | counter | `peer` |
 //! | `causeway_peer_tx_packets_total`, `causeway_peer_rx_packets_total` | counter | `peer` |
+//! | `causeway_peer_relay_tx_packets_total`, `causeway_peer_relay_rx_packets_total` | counter | `peer` |
 //! | `causeway_peer_last_handshake_timestamp_seconds` | gauge (0: never) | `peer` |
+//! | `causeway_peer_path` | gauge (1 for the current path, 0 for the others) | `peer`, `path` (`static`, `direct`, `relay`, `none`) |
+//! | `causeway_peer_rtt_seconds` | gauge (absent until known) | `peer` |
 //! | `causeway_peer_drops_total` | counter | `peer`, `reason` |
 //! | `causeway_site_drops_total` | counter | `reason` |
+//! | `causeway_rendezvous_client_connected` | gauge (1: connected and registered, 0: not) | `rendezvous` |
+//! | `causeway_rendezvous_client_connections_total` | counter | `rendezvous` |
+//! | `causeway_rendezvous_client_relay_tx_packets_total`, `causeway_rendezvous_client_relay_tx_bytes_total`, `causeway_rendezvous_client_relay_tx_datagrams_total` | counter | `rendezvous` |
+//! | `causeway_rendezvous_client_relay_rx_packets_total`, `causeway_rendezvous_client_relay_rx_bytes_total` | counter | `rendezvous` |
+//! | `causeway_rendezvous_client_relay_incomplete_total`, `causeway_rendezvous_client_relay_malformed_total`, `causeway_rendezvous_client_relay_rx_overflow_total` | counter | `rendezvous` |
 //! | `process_cpu_seconds_total`, `process_resident_memory_bytes`, `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`, `process_start_time_seconds` | | |
 //!
-//! Bytes and packets are inner (plaintext) ones, as in `causeway status`.
-//! Every drop reason is exported for every peer, zeros included, so that
-//! `rate()` and alerts work from the first scrape. A handshake older than
-//! three minutes means the peer is down:
-//! `time() - causeway_peer_last_handshake_timestamp_seconds > 180`.
+//! Bytes and packets are inner (plaintext) ones, as in `causeway status`;
+//! the relay counters count WireGuard messages (data, handshakes,
+//! keepalives). The RTT is the one `causeway status` shows (path probes on
+//! a direct path, else the last handshake this site initiated). Every drop
+//! reason is exported for every peer, zeros included, and every path value
+//! for every peer, so that `rate()` and alerts work from the first scrape.
+//! A handshake older than three minutes means the peer is down:
+//! `time() - causeway_peer_last_handshake_timestamp_seconds > 180`; a
+//! relayed peer: `causeway_peer_path{path="relay"} == 1`.
+//!
+//! `rendezvous` is the rendezvous' QUIC address (`ip:port`), one per
+//! `[[rendezvous]]` of the site's config; its relay counters are the
+//! site's side of the relay: WireGuard messages sent (and the datagrams
+//! they took, more when fragmented) and received whole, messages dropped
+//! half-received (`incomplete`), datagrams dropped as malformed or from an
+//! unknown peer, and messages dropped because the daemon did not take them
+//! fast enough (`rx_overflow`).
 //!
 //! The rendezvous' series (with `causeway_build_info` and the `process_*`
 //! series as above):
@@ -59,22 +76,14 @@
 //! The `process_*` series carry the standard names of Prometheus' client
 //! libraries (no `causeway_` prefix), so that existing dashboards work.
 
-use std::convert::Infallible;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::AtomicBool;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use causeway_nat::rendezvous::{ServerStats, SiteStats};
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use causeway_nat::rendezvous::{ClientStats, ServerStats, SiteStats};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -82,48 +91,23 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
-use tracing::{Instrument, debug, info, warn};
 
-use crate::core::{DropReason, Drops};
-use crate::datapath::Ctx;
 use crate::keys;
 
-/// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 32;
-/// A client must send its request headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// A kept-alive connection is closed (after its current request) this long
-/// after it was opened, so that idle clients cannot hold every slot.
-const MAX_CONNECTION_AGE: Duration = Duration::from_secs(120);
-/// Time left to a connection to finish its request once it is being closed.
-const CLOSE_GRACE: Duration = Duration::from_secs(10);
+use super::http::{MetricsServer, bind, serve_on};
+use super::snapshot::{LiveSite, PathKind, PeerSnapshot, Snapshot};
 
-const N_REASONS: usize = DropReason::ALL.len();
-
-/// The running HTTP server; dropping it stops serving.
-pub struct MetricsServer {
-    task: JoinHandle<()>,
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Serves `/metrics` for `ctx`, `/healthz` and `/readyz` (which answers 200
-/// only while `ready` is true) on `addr`.
+/// Serves `/metrics` for `site`, `/healthz` and `/readyz` (which answers
+/// 200 only while `ready` is true) on `addr`.
 pub(crate) async fn serve(
     addr: SocketAddr,
-    ctx: Arc<Ctx>,
+    site: LiveSite,
     ready: Arc<AtomicBool>,
 ) -> io::Result<MetricsServer> {
     let listener = bind(addr).await?;
     serve_on(
         listener,
-        registry(move || SiteSample::collect(&ctx, SystemTime::now())),
+        registry(move || site.snapshot(SystemTime::now())),
         ready,
     )
 }
@@ -145,35 +129,10 @@ pub async fn serve_rendezvous(
     )
 }
 
-/// Binds `addr`; the error names it.
-async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot listen on {addr} for metrics: {e}"),
-        )
-    })
-}
-
-/// Serves `registry` on a bound `listener` (tests bind port 0).
-fn serve_on(
-    listener: TcpListener,
-    registry: Registry,
-    ready: Arc<AtomicBool>,
-) -> io::Result<MetricsServer> {
-    let local_addr = listener.local_addr()?;
-    let state = Arc::new(State { registry, ready });
-    let task = tokio::spawn(
-        accept_loop(listener, state).instrument(tracing::info_span!("metrics", %local_addr)),
-    );
-    info!(%local_addr, "serving /metrics, /healthz and /readyz");
-    Ok(MetricsServer { task })
-}
-
 /// The registry: process metrics, and the site's under `causeway_`.
-fn registry(sample: impl Fn() -> SiteSample + Send + Sync + 'static) -> Registry {
+fn registry(snapshot: impl Fn() -> Snapshot + Send + Sync + 'static) -> Registry {
     registry_of(SiteCollector {
-        sample: Box::new(sample),
+        snapshot: Box::new(snapshot),
     })
 }
 
@@ -195,170 +154,9 @@ fn registry_of(collector: impl Collector + 'static) -> Registry {
     registry
 }
 
-struct State {
-    registry: Registry,
-    ready: Arc<AtomicBool>,
-}
-
-async fn accept_loop(listener: TcpListener, state: Arc<State>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    // Connections live in the set, so that aborting this task ends them.
-    let mut connections = JoinSet::new();
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
-    loop {
-        while connections.try_join_next().is_some() {}
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of descriptors and the like: wait instead of spinning.
-                    warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
-        let state = Arc::clone(&state);
-        let conn = builder.serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |req: Request<Incoming>| {
-                let response = respond(req.method(), req.uri().path(), &state);
-                async move { Ok::<_, Infallible>(response) }
-            }),
-        );
-        connections.spawn(
-            async move {
-                tokio::pin!(conn);
-                let served = tokio::select! {
-                    served = conn.as_mut() => served,
-                    _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {
-                        conn.as_mut().graceful_shutdown();
-                        tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
-                    }
-                };
-                if let Err(e) = served {
-                    debug!(%peer, "connection: {e}");
-                }
-                drop(permit);
-            }
-            .in_current_span(),
-        );
-    }
-}
-
-/// The answer to `method path`.
-fn respond(method: &Method, path: &str, state: &State) -> Response<Full<Bytes>> {
-    if method != Method::GET && method != Method::HEAD {
-        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return response;
-    }
-    match path {
-        "/metrics" => {
-            let mut body = String::with_capacity(16 << 10);
-            match prometheus_client::encoding::prometheus_text::encode(&mut body, &state.registry) {
-                Ok(()) => {
-                    let mut response = Response::new(Full::new(Bytes::from(body)));
-                    response.headers_mut().insert(
-                        CONTENT_TYPE,
-                        HeaderValue::from_static(
-                            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-                        ),
-                    );
-                    response
-                }
-                Err(fmt::Error) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "encoding the metrics failed\n",
-                ),
-            }
-        }
-        "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz or /readyz\n",
-        ),
-    }
-}
-
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
-/// The site's state at one scrape.
-pub(crate) struct SiteSample {
-    pub(crate) peers: Vec<PeerSample>,
-    /// Drops not attributable to a peer, indexed like [`DropReason::ALL`].
-    pub(crate) drops: [u64; N_REASONS],
-}
-
-/// One peer in a [`SiteSample`].
-pub(crate) struct PeerSample {
-    pub(crate) name: String,
-    /// Base64, as in the config.
-    pub(crate) public_key: String,
-    pub(crate) tx_bytes: u64,
-    pub(crate) tx_packets: u64,
-    pub(crate) rx_bytes: u64,
-    pub(crate) rx_packets: u64,
-    /// Unix time of the last completed handshake.
-    pub(crate) last_handshake: Option<f64>,
-    /// Indexed like [`DropReason::ALL`].
-    pub(crate) drops: [u64; N_REASONS],
-}
-
-impl SiteSample {
-    /// Reads `ctx`; `now` turns handshake ages into timestamps.
-    pub(crate) fn collect(ctx: &Ctx, now: SystemTime) -> Self {
-        use std::sync::atomic::Ordering::Relaxed;
-        let drops = |d: &Drops| DropReason::ALL.map(|r| d.get(r));
-        SiteSample {
-            peers: ctx
-                .site
-                .peers()
-                .iter()
-                .map(|p| {
-                    let age = p.last_handshake();
-                    PeerSample {
-                        name: p.name().to_owned(),
-                        public_key: keys::encode_public(p.public_key()),
-                        tx_bytes: p.counters.tx_bytes.load(Relaxed),
-                        tx_packets: p.counters.tx_packets.load(Relaxed),
-                        rx_bytes: p.counters.rx_bytes.load(Relaxed),
-                        rx_packets: p.counters.rx_packets.load(Relaxed),
-                        last_handshake: age
-                            .and_then(|age| now.checked_sub(age))
-                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                            .map(|d| d.as_secs_f64()),
-                        drops: drops(&p.counters.drops),
-                    }
-                })
-                .collect(),
-            drops: drops(&ctx.site.drops),
-        }
-    }
-}
-
-/// The site's series, computed at each scrape.
+/// The site's series, computed from a snapshot at each scrape.
 struct SiteCollector {
-    sample: Box<dyn Fn() -> SiteSample + Send + Sync>,
+    snapshot: Box<dyn Fn() -> Snapshot + Send + Sync>,
 }
 
 impl fmt::Debug for SiteCollector {
@@ -369,89 +167,233 @@ impl fmt::Debug for SiteCollector {
 
 impl Collector for SiteCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
-        let site = (self.sample)();
-        build_info(&mut encoder)?;
-        gauge(
-            &mut encoder,
-            "peers_configured",
-            "Peers in the running config",
-            site.peers.len() as i64,
-        )?;
+        encode_site(&(self.snapshot)(), &mut encoder)
+    }
+}
 
-        let mut info = encoder.encode_descriptor(
-            "peer_info",
-            "A configured peer and its WireGuard public key",
-            None,
-            MetricType::Gauge,
-        )?;
-        for p in &site.peers {
-            let labels = [
-                ("peer", p.name.as_str()),
-                ("public_key", p.public_key.as_str()),
-            ];
-            ConstGauge::new(1i64).encode(info.encode_family(&labels)?)?;
-        }
-        type Value = fn(&PeerSample) -> u64;
-        let per_peer: [(&str, &str, Value); 4] = [
-            (
-                "peer_tx_bytes",
-                "Bytes of inner packets sent to the peer",
-                |p| p.tx_bytes,
-            ),
-            (
-                "peer_rx_bytes",
-                "Bytes of inner packets received from the peer",
-                |p| p.rx_bytes,
-            ),
-            ("peer_tx_packets", "Inner packets sent to the peer", |p| {
-                p.tx_packets
-            }),
-            (
-                "peer_rx_packets",
-                "Inner packets received from the peer and delivered",
-                |p| p.rx_packets,
-            ),
-        ];
-        for (name, help, value) in per_peer {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for p in &site.peers {
-                ConstCounter::new(value(p))
-                    .encode(family.encode_family(&[("peer", p.name.as_str())])?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "peer_last_handshake_timestamp_seconds",
-            "Unix time of the last completed WireGuard handshake with the peer (0: none yet)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for p in &site.peers {
-            ConstGauge::new(p.last_handshake.unwrap_or(0.0))
+/// Seconds since the Unix epoch.
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// The site's series of `snapshot`.
+fn encode_site(snapshot: &Snapshot, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+    let site = &snapshot.site;
+    let peers = &snapshot.peers;
+    build_info(encoder)?;
+    let public_key = keys::encode_public(&site.public_key);
+    let mut family = encoder.encode_descriptor(
+        "site_info",
+        "The site, its interface and its WireGuard public key",
+        None,
+        MetricType::Gauge,
+    )?;
+    let labels = [
+        ("site", site.name.as_str()),
+        ("interface", site.interface.as_str()),
+        ("public_key", public_key.as_str()),
+    ];
+    ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+    gauge(
+        encoder,
+        "packet_threads_alive",
+        "Whether both packet threads are running (1) or the data path stopped (0)",
+        i64::from(site.packet_threads_alive),
+    )?;
+    gauge(
+        encoder,
+        "peers_configured",
+        "Peers in the running config",
+        peers.len() as i64,
+    )?;
+
+    let mut info = encoder.encode_descriptor(
+        "peer_info",
+        "A configured peer and its WireGuard public key",
+        None,
+        MetricType::Gauge,
+    )?;
+    for p in peers {
+        let key = keys::encode_public(&p.public_key);
+        let labels = [("peer", p.name.as_str()), ("public_key", key.as_str())];
+        ConstGauge::new(1i64).encode(info.encode_family(&labels)?)?;
+    }
+    type Value = fn(&PeerSnapshot) -> u64;
+    let per_peer: [(&str, &str, Value); 6] = [
+        (
+            "peer_tx_bytes",
+            "Bytes of inner packets sent to the peer",
+            |p| p.tx_bytes,
+        ),
+        (
+            "peer_rx_bytes",
+            "Bytes of inner packets received from the peer",
+            |p| p.rx_bytes,
+        ),
+        ("peer_tx_packets", "Inner packets sent to the peer", |p| {
+            p.tx_packets
+        }),
+        (
+            "peer_rx_packets",
+            "Inner packets received from the peer and delivered",
+            |p| p.rx_packets,
+        ),
+        (
+            "peer_relay_tx_packets",
+            "WireGuard messages sent to the peer through a rendezvous' relay",
+            |p| p.relay_tx_packets,
+        ),
+        (
+            "peer_relay_rx_packets",
+            "WireGuard messages received from the peer through a rendezvous' relay",
+            |p| p.relay_rx_packets,
+        ),
+    ];
+    for (name, help, value) in per_peer {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for p in peers {
+            ConstCounter::new(value(p))
                 .encode(family.encode_family(&[("peer", p.name.as_str())])?)?;
         }
-        let mut family = encoder.encode_descriptor(
-            "peer_drops",
-            "Packets to or from the peer that were dropped, by reason",
-            None,
-            MetricType::Counter,
-        )?;
-        for p in &site.peers {
-            for (reason, n) in DropReason::ALL.iter().zip(p.drops) {
-                let labels = [("peer", p.name.as_str()), ("reason", reason.name())];
-                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "site_drops",
-            "Packets dropped before a peer was known (not WireGuard, unknown key, no route), by reason",
-            None,
-            MetricType::Counter,
-        )?;
-        for (reason, n) in DropReason::ALL.iter().zip(site.drops) {
-            ConstCounter::new(n).encode(family.encode_family(&[("reason", reason.name())])?)?;
-        }
-        Ok(())
     }
+    let mut family = encoder.encode_descriptor(
+        "peer_last_handshake_timestamp_seconds",
+        "Unix time of the last completed WireGuard handshake with the peer (0: none yet)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for p in peers {
+        let at = p.last_handshake.map_or(0.0, |h| unix_seconds(h.at));
+        ConstGauge::new(at).encode(family.encode_family(&[("peer", p.name.as_str())])?)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "peer_path",
+        "How packets reach the peer: 1 for the current path (static, direct, relay or none), 0 for the others",
+        None,
+        MetricType::Gauge,
+    )?;
+    for p in peers {
+        for path in PathKind::ALL {
+            let labels = [("peer", p.name.as_str()), ("path", path.name())];
+            ConstGauge::new(i64::from(p.path == path)).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "peer_rtt_seconds",
+        "Round-trip time to the peer: path probes on a direct path, else the last handshake this site initiated (absent until known)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for p in peers {
+        if let Some(rtt) = p.rtt {
+            ConstGauge::new(rtt.as_secs_f64())
+                .encode(family.encode_family(&[("peer", p.name.as_str())])?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "peer_drops",
+        "Packets to or from the peer that were dropped, by reason",
+        None,
+        MetricType::Counter,
+    )?;
+    for p in peers {
+        for (reason, n) in p.drops.iter() {
+            let labels = [("peer", p.name.as_str()), ("reason", reason.name())];
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "site_drops",
+        "Packets dropped before a peer was known (not WireGuard, unknown key, no route), by reason",
+        None,
+        MetricType::Counter,
+    )?;
+    for (reason, n) in site.drops.iter() {
+        ConstCounter::new(n).encode(family.encode_family(&[("reason", reason.name())])?)?;
+    }
+    encode_rendezvous_clients(snapshot, encoder)
+}
+
+/// The `causeway_rendezvous_client_*` series: the site's side of each
+/// rendezvous.
+fn encode_rendezvous_clients(
+    snapshot: &Snapshot,
+    encoder: &mut DescriptorEncoder<'_>,
+) -> fmt::Result {
+    let clients: Vec<(String, &_)> = snapshot
+        .site
+        .rendezvous
+        .iter()
+        .map(|r| (r.server.to_string(), r))
+        .collect();
+    let mut family = encoder.encode_descriptor(
+        "rendezvous_client_connected",
+        "Whether the site is connected and registered to the rendezvous now (1) or not (0)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (server, r) in &clients {
+        ConstGauge::new(i64::from(r.connected))
+            .encode(family.encode_family(&[("rendezvous", server.as_str())])?)?;
+    }
+    type Value = fn(&ClientStats) -> u64;
+    let counters: [(&str, &str, Value); 9] = [
+        (
+            "rendezvous_client_connections",
+            "Connections to the rendezvous established (1 + reconnects)",
+            |s| s.connections,
+        ),
+        (
+            "rendezvous_client_relay_tx_packets",
+            "WireGuard messages sent through the rendezvous' relay",
+            |s| s.relay_tx_packets,
+        ),
+        (
+            "rendezvous_client_relay_tx_bytes",
+            "Bytes of WireGuard messages sent through the relay",
+            |s| s.relay_tx_bytes,
+        ),
+        (
+            "rendezvous_client_relay_tx_datagrams",
+            "Relay datagrams sent (more than messages when fragmented)",
+            |s| s.relay_tx_datagrams,
+        ),
+        (
+            "rendezvous_client_relay_rx_packets",
+            "WireGuard messages received whole through the relay",
+            |s| s.relay_rx_packets,
+        ),
+        (
+            "rendezvous_client_relay_rx_bytes",
+            "Bytes of WireGuard messages received through the relay",
+            |s| s.relay_rx_bytes,
+        ),
+        (
+            "rendezvous_client_relay_incomplete",
+            "Relayed messages dropped half-received (fragments missing)",
+            |s| s.relay_incomplete,
+        ),
+        (
+            "rendezvous_client_relay_malformed",
+            "Relay datagrams dropped as malformed or from an unknown peer",
+            |s| s.relay_malformed,
+        ),
+        (
+            "rendezvous_client_relay_rx_overflow",
+            "Relayed messages dropped because the daemon did not take them fast enough",
+            |s| s.events_dropped,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (server, r) in &clients {
+            ConstCounter::new(value(&r.stats))
+                .encode(family.encode_family(&[("rendezvous", server.as_str())])?)?;
+        }
+    }
+    Ok(())
 }
 
 /// `causeway_build_info{version}` (the prefix comes from the registry).
@@ -698,47 +640,19 @@ fn parse_max_fds(text: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    use super::super::http::tests::{get, http};
+    use super::super::snapshot::{self, N_REASONS};
     use super::*;
-    use std::collections::BTreeMap;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    fn sample() -> SiteSample {
-        let mut b_drops = [0; N_REASONS];
-        b_drops[DropReason::SpoofedSource as usize] = 5;
-        b_drops[DropReason::PolicyPort as usize] = 2;
-        let mut site_drops = [0; N_REASONS];
-        site_drops[DropReason::Malformed as usize] = 400;
-        SiteSample {
-            peers: vec![
-                PeerSample {
-                    name: "b".into(),
-                    public_key: "YmJi".into(),
-                    tx_bytes: 1000,
-                    tx_packets: 10,
-                    rx_bytes: 2000,
-                    rx_packets: 20,
-                    last_handshake: Some(1_700_000_000.5),
-                    drops: b_drops,
-                },
-                PeerSample {
-                    name: "c-\"quoted\"".into(),
-                    public_key: "Y2Nj".into(),
-                    tx_bytes: 0,
-                    tx_packets: 0,
-                    rx_bytes: 0,
-                    rx_packets: 0,
-                    last_handshake: None,
-                    drops: [0; N_REASONS],
-                },
-            ],
-            drops: site_drops,
-        }
-    }
+    use crate::core::DropReason;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use tokio::net::TcpListener;
 
     /// Parses the text format into `series{labels} → value`, checking that
     /// every sample follows its `# HELP` and `# TYPE` lines.
-    fn parse(text: &str) -> BTreeMap<String, f64> {
+    pub(crate) fn parse(text: &str) -> BTreeMap<String, f64> {
         let mut series = BTreeMap::new();
         let mut typed = String::new();
         for line in text.lines() {
@@ -764,21 +678,37 @@ mod tests {
         series
     }
 
-    fn encode(registry: &Registry) -> String {
+    pub(crate) fn encode(registry: &Registry) -> String {
         let mut text = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut text, registry).expect("encode");
         text
     }
 
+    /// The `causeway_` series names in `series`.
+    fn names(series: &BTreeMap<String, f64>) -> Vec<&str> {
+        let names: BTreeSet<&str> = series
+            .keys()
+            .filter(|k| k.starts_with("causeway_"))
+            .filter_map(|k| k.split('{').next())
+            .collect();
+        names.into_iter().collect()
+    }
+
+    /// The exposition of the example snapshot.
+    pub(crate) fn site_exposition() -> String {
+        encode(&registry(snapshot::example))
+    }
+
     #[test]
     fn exposition_has_every_series() {
-        let text = encode(&registry(sample));
+        let text = site_exposition();
         let series = parse(&text);
         let get = |key: &str| {
             *series
                 .get(key)
                 .unwrap_or_else(|| panic!("no {key} in\n{text}"))
         };
+        let key = |b: u8| keys::encode_public(&x25519_dalek::PublicKey::from([b; 32]));
         assert_eq!(
             get(&format!(
                 "causeway_build_info{{version=\"{}\"}}",
@@ -786,22 +716,58 @@ mod tests {
             )),
             1.0
         );
-        assert_eq!(get("causeway_peers_configured"), 2.0);
         assert_eq!(
-            get("causeway_peer_info{peer=\"b\",public_key=\"YmJi\"}"),
+            get(&format!(
+                "causeway_site_info{{site=\"a\",interface=\"causeway0\",public_key=\"{}\"}}",
+                key(0xaa)
+            )),
+            1.0
+        );
+        assert_eq!(get("causeway_packet_threads_alive"), 1.0);
+        assert_eq!(get("causeway_peers_configured"), 3.0);
+        assert_eq!(
+            get(&format!(
+                "causeway_peer_info{{peer=\"b\",public_key=\"{}\"}}",
+                key(0xbb)
+            )),
             1.0
         );
         assert_eq!(get("causeway_peer_tx_bytes_total{peer=\"b\"}"), 1000.0);
         assert_eq!(get("causeway_peer_rx_bytes_total{peer=\"b\"}"), 2000.0);
         assert_eq!(get("causeway_peer_tx_packets_total{peer=\"b\"}"), 10.0);
         assert_eq!(get("causeway_peer_rx_packets_total{peer=\"b\"}"), 20.0);
+        assert_eq!(get("causeway_peer_relay_tx_packets_total{peer=\"c\"}"), 7.0);
+        assert_eq!(get("causeway_peer_relay_rx_packets_total{peer=\"c\"}"), 8.0);
+        assert_eq!(get("causeway_peer_relay_tx_packets_total{peer=\"b\"}"), 0.0);
         assert_eq!(
             get("causeway_peer_last_handshake_timestamp_seconds{peer=\"b\"}"),
             1_700_000_000.5
         );
+        let quoted = "d-\\\"quoted\\\"";
         assert_eq!(
-            get("causeway_peer_last_handshake_timestamp_seconds{peer=\"c-\\\"quoted\\\"\"}"),
+            get(&format!(
+                "causeway_peer_last_handshake_timestamp_seconds{{peer=\"{quoted}\"}}"
+            )),
             0.0
+        );
+        // Paths: one 1 per peer, every value exported.
+        for (peer, current) in [("b", "static"), ("c", "relay"), (quoted, "none")] {
+            for path in ["static", "direct", "relay", "none"] {
+                assert_eq!(
+                    get(&format!(
+                        "causeway_peer_path{{peer=\"{peer}\",path=\"{path}\"}}"
+                    )),
+                    f64::from(u8::from(path == current)),
+                    "{peer} {path}"
+                );
+            }
+        }
+        // RTT: in seconds, and absent until known.
+        assert_eq!(get("causeway_peer_rtt_seconds{peer=\"b\"}"), 0.0015);
+        assert_eq!(get("causeway_peer_rtt_seconds{peer=\"c\"}"), 0.04);
+        assert!(
+            !series.contains_key(&format!("causeway_peer_rtt_seconds{{peer=\"{quoted}\"}}")),
+            "{text}"
         );
         assert_eq!(
             get("causeway_peer_drops_total{peer=\"b\",reason=\"spoofed_source\"}"),
@@ -817,7 +783,7 @@ mod tests {
         );
         // Every reason, for every peer and the site, zeros included.
         for reason in DropReason::ALL {
-            for peer in ["b", "c-\\\"quoted\\\""] {
+            for peer in ["b", "c", quoted] {
                 get(&format!(
                     "causeway_peer_drops_total{{peer=\"{peer}\",reason=\"{}\"}}",
                     reason.name()
@@ -828,14 +794,81 @@ mod tests {
                 reason.name()
             ));
         }
-        assert!(
-            text.contains("# TYPE causeway_peer_rx_bytes_total counter\n"),
-            "{text}"
+        // The rendezvous client.
+        let r = "{rendezvous=\"192.0.2.9:4433\"}";
+        for (name, value) in [
+            ("connected", 1.0),
+            ("connections_total", 4.0),
+            ("relay_tx_packets_total", 11.0),
+            ("relay_tx_bytes_total", 1100.0),
+            ("relay_tx_datagrams_total", 13.0),
+            ("relay_rx_packets_total", 12.0),
+            ("relay_rx_bytes_total", 1200.0),
+            ("relay_incomplete_total", 1.0),
+            ("relay_malformed_total", 2.0),
+            ("relay_rx_overflow_total", 3.0),
+        ] {
+            assert_eq!(get(&format!("causeway_rendezvous_client_{name}{r}")), value);
+        }
+        for (name, kind) in [
+            ("causeway_site_info", "gauge"),
+            ("causeway_packet_threads_alive", "gauge"),
+            ("causeway_peer_rx_bytes_total", "counter"),
+            ("causeway_peer_relay_tx_packets_total", "counter"),
+            ("causeway_peer_last_handshake_timestamp_seconds", "gauge"),
+            ("causeway_peer_path", "gauge"),
+            ("causeway_peer_rtt_seconds", "gauge"),
+            ("causeway_rendezvous_client_connected", "gauge"),
+            (
+                "causeway_rendezvous_client_relay_rx_overflow_total",
+                "counter",
+            ),
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} is not a {kind}:\n{text}"
+            );
+        }
+        // Exactly the documented series: the old ones unchanged, and the new.
+        assert_eq!(
+            names(&series),
+            [
+                "causeway_build_info",
+                "causeway_packet_threads_alive",
+                "causeway_peer_drops_total",
+                "causeway_peer_info",
+                "causeway_peer_last_handshake_timestamp_seconds",
+                "causeway_peer_path",
+                "causeway_peer_relay_rx_packets_total",
+                "causeway_peer_relay_tx_packets_total",
+                "causeway_peer_rtt_seconds",
+                "causeway_peer_rx_bytes_total",
+                "causeway_peer_rx_packets_total",
+                "causeway_peer_tx_bytes_total",
+                "causeway_peer_tx_packets_total",
+                "causeway_peers_configured",
+                "causeway_rendezvous_client_connected",
+                "causeway_rendezvous_client_connections_total",
+                "causeway_rendezvous_client_relay_incomplete_total",
+                "causeway_rendezvous_client_relay_malformed_total",
+                "causeway_rendezvous_client_relay_rx_bytes_total",
+                "causeway_rendezvous_client_relay_rx_overflow_total",
+                "causeway_rendezvous_client_relay_rx_packets_total",
+                "causeway_rendezvous_client_relay_tx_bytes_total",
+                "causeway_rendezvous_client_relay_tx_datagrams_total",
+                "causeway_rendezvous_client_relay_tx_packets_total",
+                "causeway_site_drops_total",
+                "causeway_site_info",
+            ]
         );
-        assert!(
-            text.contains("# TYPE causeway_peer_last_handshake_timestamp_seconds gauge\n"),
-            "{text}"
-        );
+        // Every series is listed in the module documentation's table.
+        let doc = include_str!("prometheus.rs");
+        for name in names(&series) {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} is not documented"
+            );
+        }
         // This process' own series.
         assert!(get("process_cpu_seconds_total") >= 0.0);
         assert!(get("process_resident_memory_bytes") > 1e5);
@@ -855,12 +888,16 @@ mod tests {
 
     #[test]
     fn no_peers_still_exports_the_site() {
-        let text = encode(&registry(|| SiteSample {
-            peers: vec![],
-            drops: [0; N_REASONS],
+        let text = encode(&registry(|| {
+            let mut s = snapshot::example();
+            s.peers.clear();
+            s.site.rendezvous.clear();
+            s.site.packet_threads_alive = false;
+            s
         }));
         let series = parse(&text);
         assert_eq!(series.get("causeway_peers_configured"), Some(&0.0));
+        assert_eq!(series.get("causeway_packet_threads_alive"), Some(&0.0));
         assert_eq!(
             series
                 .keys()
@@ -869,7 +906,10 @@ mod tests {
             N_REASONS
         );
         assert!(
-            !series.keys().any(|k| k.starts_with("causeway_peer_")),
+            !series
+                .keys()
+                .any(|k| k.starts_with("causeway_peer_")
+                    || k.starts_with("causeway_rendezvous_client_")),
             "{text}"
         );
     }
@@ -909,99 +949,6 @@ mod tests {
         assert!(
             own.resident_bytes > 0 && own.open_fds.is_some() && own.max_fds.is_some(),
             "{own:?}"
-        );
-    }
-
-    /// One HTTP/1.1 exchange; returns the status code, the headers (lower
-    /// case) and the body.
-    async fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
-        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        conn.write_all(request.as_bytes()).await.expect("send");
-        let mut raw = Vec::new();
-        conn.read_to_end(&mut raw).await.expect("read");
-        let raw = String::from_utf8(raw).expect("utf-8");
-        let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
-        let status = head
-            .split(' ')
-            .nth(1)
-            .expect("status")
-            .parse()
-            .expect("code");
-        (status, head.to_ascii_lowercase(), body.to_owned())
-    }
-
-    fn get(path: &str) -> String {
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    }
-
-    #[tokio::test]
-    async fn endpoints() {
-        let ready = Arc::new(AtomicBool::new(false));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = serve_on(listener, registry(sample), Arc::clone(&ready)).expect("serve");
-
-        let (status, head, body) = http(addr, &get("/metrics")).await;
-        assert_eq!(status, 200, "{head}");
-        assert!(
-            head.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
-            "{head}"
-        );
-        assert_eq!(
-            parse(&body).get("causeway_peer_rx_bytes_total{peer=\"b\"}"),
-            Some(&2000.0)
-        );
-
-        assert_eq!(http(addr, &get("/healthz")).await.0, 200);
-        assert_eq!(http(addr, &get("/readyz")).await.0, 503);
-        ready.store(true, Ordering::Release);
-        assert_eq!(http(addr, &get("/readyz")).await.0, 200);
-        assert_eq!(http(addr, &get("/metrics?x=1")).await.0, 200);
-        assert_eq!(http(addr, &get("/nope")).await.0, 404);
-
-        let (status, head, body) = http(
-            addr,
-            "HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        assert_eq!((status, body.as_str()), (200, ""), "{head}");
-        let (status, head, _) = http(
-            addr,
-            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        assert_eq!(status, 405);
-        assert!(head.contains("allow: get, head"), "{head}");
-
-        // Keep-alive: several requests on one connection.
-        let pipelined = format!(
-            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\n\r\n{}",
-            get("/readyz")
-        );
-        let (status, _, rest) = http(addr, &pipelined).await;
-        assert_eq!(status, 200);
-        assert_eq!(rest.matches("HTTP/1.1 200 OK").count(), 2, "{rest}");
-
-        // Garbage gets a 400 or a closed connection, and the server goes on.
-        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        conn.write_all(b"\x00\x01\x02 not http at all\r\n\r\n")
-            .await
-            .expect("send");
-        let mut out = Vec::new();
-        let _ = conn.read_to_end(&mut out).await;
-        assert!(
-            out.is_empty() || out.starts_with(b"HTTP/1.1 400"),
-            "{}",
-            String::from_utf8_lossy(&out)
-        );
-        assert_eq!(http(addr, &get("/healthz")).await.0, 200);
-
-        // Dropping the server closes the port.
-        drop(server);
-        tokio::task::yield_now().await;
-        assert!(
-            tokio::net::TcpStream::connect(addr).await.is_err(),
-            "still listening after drop"
         );
     }
 
@@ -1215,14 +1162,5 @@ mod tests {
         let _ = stop.send(());
         running.await.expect("join").expect("rendezvous ran");
         drop(metrics);
-    }
-
-    #[tokio::test]
-    async fn bind_errors_name_the_address() {
-        let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = taken.local_addr().expect("addr");
-        let err = bind(addr).await.expect_err("port in use");
-        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
-        assert!(err.to_string().contains(&addr.to_string()), "{err}");
     }
 }
