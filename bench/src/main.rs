@@ -117,7 +117,7 @@ enum Command {
         /// Comma-separated scenarios: lan, delay<ms>, loss<percent>, or parts joined by + (delay50+loss1).
         #[arg(long, value_delimiter = ',', default_value = lab::DEFAULT_SCENARIOS)]
         scenario: Vec<String>,
-        /// Comma-separated systems [default: all]: raw, causeway, causeway-remap, causeway-nat, causeway-relay, wireguard-go, boringtun-cli.
+        /// Comma-separated systems [default: all; causeway-baseline only with --baseline]: raw, causeway, causeway-baseline, causeway-remap, causeway-nat, causeway-relay, wireguard-go, boringtun-cli.
         #[arg(long, value_delimiter = ',')]
         systems: Option<Vec<String>>,
         /// Runs per cell (median and min–max are reported).
@@ -135,6 +135,10 @@ enum Command {
         /// The causeway binary [default: next to this one].
         #[arg(long)]
         causeway: Option<PathBuf>,
+        /// Another causeway binary, measured side by side as the system
+        /// causeway-baseline (e.g. the last release, for a before/after).
+        #[arg(long)]
+        baseline: Option<PathBuf>,
         /// The boringtun-cli binary [default: on PATH or in ~/.cargo/bin].
         #[arg(long)]
         boringtun: Option<PathBuf>,
@@ -196,6 +200,7 @@ fn main() -> ExitCode {
             out,
             doc,
             causeway,
+            baseline,
             boringtun,
             udp_bitrate,
         } => lab::run(lab::Args {
@@ -206,6 +211,7 @@ fn main() -> ExitCode {
             out,
             doc,
             causeway,
+            baseline,
             boringtun,
             udp_bitrate,
         }),

@@ -353,8 +353,8 @@ async fn relay_carries_full_size_and_small_packets_both_ways() {
     let sa = server.stats.site("a").unwrap();
     let sb = server.stats.site("b").unwrap();
     // Every send reached the rendezvous as one packet.
-    assert_eq!(sa.relayed_packets + sb.relayed_packets, sends as u64);
-    assert!(sa.relayed_bytes >= 1452 * 2 + 60 + 1 + 9000);
+    assert_eq!(sa.relay_rx_packets + sb.relay_rx_packets, sends as u64);
+    assert!(sa.relay_rx_bytes >= 1452 * 2 + 60 + 1 + 9000);
     assert_eq!(sa.relay_dropped, 0);
     let stats = ca.handle().stats();
     assert!(stats.relay_rx_packets >= 5);

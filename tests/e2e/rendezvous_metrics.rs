@@ -99,8 +99,8 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
     for site in ["a", "b"] {
         for series in [
             "site_connected",
-            "relayed_packets_total",
-            "relayed_bytes_total",
+            "relay_rx_packets_total",
+            "relay_rx_bytes_total",
             "relay_dropped_total",
         ] {
             assert_eq!(
@@ -163,7 +163,7 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
 
     let relayed = |s: &BTreeMap<String, f64>, site: &str| {
         s.get(&format!(
-            "causeway_rendezvous_relayed_packets_total{{site=\"{site}\"}}"
+            "causeway_rendezvous_relay_rx_packets_total{{site=\"{site}\"}}"
         ))
         .copied()
         .unwrap_or(0.0)
@@ -185,7 +185,7 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
     let a_relay_tx = daemon_a.status().peers[0].relay_tx_packets;
     let (packets_a, bytes_a) = (
         relayed(&s, "a"),
-        value(&s, "causeway_rendezvous_relayed_bytes_total{site=\"a\"}"),
+        value(&s, "causeway_rendezvous_relay_rx_bytes_total{site=\"a\"}"),
     );
     // a sent the megabyte: at least that many bytes (plus WireGuard's
     // overhead), in at least as many packets as a counted sending.

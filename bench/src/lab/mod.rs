@@ -37,6 +37,7 @@ pub(crate) struct Args {
     pub(crate) out: PathBuf,
     pub(crate) doc: Option<PathBuf>,
     pub(crate) causeway: Option<PathBuf>,
+    pub(crate) baseline: Option<PathBuf>,
     pub(crate) boringtun: Option<PathBuf>,
     pub(crate) udp_bitrate: u64,
 }
@@ -124,7 +125,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         .map(|s| Scenario::parse(s))
         .collect::<anyhow::Result<_>>()?;
     let systems: Vec<System> = match &args.systems {
-        None => System::ALL.to_vec(),
+        // Every system but the baseline, which needs --baseline.
+        None => System::ALL
+            .into_iter()
+            .filter(|s| *s != System::CausewayBaseline || args.baseline.is_some())
+            .collect(),
         Some(names) => names
             .iter()
             .map(|n| {
@@ -137,7 +142,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?,
     };
-    let tools = Tools::find(args.causeway.clone(), args.boringtun.clone());
+    let tools = Tools::find(
+        args.causeway.clone(),
+        args.baseline.clone(),
+        args.boringtun.clone(),
+    );
     for (name, tool) in [
         ("causeway", &tools.causeway),
         ("wireguard-go", &tools.wireguard_go),

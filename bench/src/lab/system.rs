@@ -40,6 +40,9 @@ pub(crate) enum System {
     Raw,
     /// Causeway with static endpoints, distinct pod CIDRs.
     Causeway,
+    /// The same as [`System::Causeway`] with another causeway binary
+    /// (`--baseline`): a before/after comparison in one run.
+    CausewayBaseline,
     /// Causeway, both sites on the same pod CIDR, reached through views.
     CausewayRemap,
     /// Causeway with both gateways behind port-preserving NATs.
@@ -62,9 +65,10 @@ pub(crate) enum Readiness {
 
 impl System {
     /// Every system, in table order.
-    pub(crate) const ALL: [System; 7] = [
+    pub(crate) const ALL: [System; 8] = [
         System::Raw,
         System::Causeway,
+        System::CausewayBaseline,
         System::CausewayRemap,
         System::CausewayNat,
         System::CausewayRelay,
@@ -77,6 +81,7 @@ impl System {
         match self {
             System::Raw => "raw",
             System::Causeway => "causeway",
+            System::CausewayBaseline => "causeway-baseline",
             System::CausewayRemap => "causeway-remap",
             System::CausewayNat => "causeway-nat",
             System::CausewayRelay => "causeway-relay",
@@ -92,6 +97,9 @@ impl System {
                 "no tunnel: the gateways and the internet router route the pod CIDRs in the clear (the ceiling)"
             }
             System::Causeway => "causeway, static endpoints, distinct pod CIDRs",
+            System::CausewayBaseline => {
+                "as causeway, with the binary given by --baseline (a before/after comparison in one run)"
+            }
             System::CausewayRemap => {
                 "causeway, both sites on 10.0.0.0/16, each reaching the other through its view CIDR"
             }
@@ -128,6 +136,7 @@ impl System {
             | System::CausewayRemap
             | System::CausewayNat
             | System::CausewayRelay => need(&tools.causeway),
+            System::CausewayBaseline => need(&tools.baseline),
             System::WireguardGo => match (&tools.wireguard_go, &tools.wg) {
                 (Err(how), _) | (_, Err(how)) => Readiness::Skipped(how.clone()),
                 _ => Readiness::Ready,
@@ -172,7 +181,9 @@ impl System {
     /// `causeway status --json`) before and after the tests.
     pub(crate) fn peer_path(self) -> Option<PeerPath> {
         match self {
-            System::Causeway | System::CausewayRemap => Some(PeerPath::Static),
+            System::Causeway | System::CausewayBaseline | System::CausewayRemap => {
+                Some(PeerPath::Static)
+            }
             System::CausewayNat => Some(PeerPath::Direct),
             System::CausewayRelay => Some(PeerPath::Relay),
             System::Raw | System::WireguardGo | System::BoringtunCli => None,
@@ -193,6 +204,10 @@ impl System {
                 let bin = tools.causeway.clone().map_err(anyhow::Error::msg)?;
                 prepare_causeway(self, &bin, lab, dir)
             }
+            System::CausewayBaseline => {
+                let bin = tools.baseline.clone().map_err(anyhow::Error::msg)?;
+                prepare_causeway(self, &bin, lab, dir)
+            }
             System::WireguardGo | System::BoringtunCli => {
                 let wg = tools.wg.clone().map_err(anyhow::Error::msg)?;
                 let (flavour, bin) = match self {
@@ -209,6 +224,8 @@ impl System {
 #[derive(Clone, Debug)]
 pub(crate) struct Tools {
     pub(crate) causeway: Result<PathBuf, String>,
+    /// The causeway binary of `causeway-baseline`.
+    pub(crate) baseline: Result<PathBuf, String>,
     pub(crate) wireguard_go: Result<PathBuf, String>,
     pub(crate) wg: Result<PathBuf, String>,
     pub(crate) boringtun: Result<PathBuf, String>,
@@ -217,7 +234,11 @@ pub(crate) struct Tools {
 impl Tools {
     /// Looks for each program: `causeway` where given or next to this
     /// binary, the others on `PATH` (boringtun-cli also in `~/.cargo/bin`).
-    pub(crate) fn find(causeway: Option<PathBuf>, boringtun: Option<PathBuf>) -> Tools {
+    pub(crate) fn find(
+        causeway: Option<PathBuf>,
+        baseline: Option<PathBuf>,
+        boringtun: Option<PathBuf>,
+    ) -> Tools {
         let causeway = match causeway {
             Some(p) => Ok(p),
             None => std::env::current_exe().map(|e| e.with_file_name("causeway")).map_err(|e| e.to_string()),
@@ -243,8 +264,19 @@ impl Tools {
             .or_else(|| cargo_bin.filter(|p| p.is_file()))
             .filter(|p| p.is_file())
             .ok_or_else(|| "boringtun-cli not found; install it with `cargo install boringtun-cli --locked` (or pass --boringtun PATH)".to_owned());
+        let baseline = match baseline {
+            Some(p) if p.is_file() => Ok(p),
+            Some(p) => Err(format!(
+                "baseline causeway binary not found at {}",
+                p.display()
+            )),
+            None => {
+                Err("causeway-baseline needs --baseline PATH (another causeway binary)".to_owned())
+            }
+        };
         Tools {
             causeway,
+            baseline,
             wireguard_go: apt("wireguard-go", "wireguard-go"),
             wg: apt("wg", "wireguard-tools"),
             boringtun,
@@ -256,6 +288,7 @@ impl Tools {
         let mut out = Vec::new();
         for (name, tool, arg) in [
             ("causeway", &self.causeway, "--version"),
+            ("causeway-baseline", &self.baseline, "--version"),
             ("wireguard-go", &self.wireguard_go, "--version"),
             ("boringtun-cli", &self.boringtun, "--version"),
         ] {
@@ -841,6 +874,7 @@ mod tests {
     fn readiness_follows_the_tools() {
         let tools = Tools {
             causeway: Ok("/bin/true".into()),
+            baseline: Err("pass --baseline".into()),
             wireguard_go: Ok("/bin/true".into()),
             wg: Ok("/bin/true".into()),
             boringtun: Err("install it".into()),

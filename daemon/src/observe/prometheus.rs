@@ -61,8 +61,8 @@
 //! |---|---|---|
 //! | `causeway_rendezvous_sites_configured` | gauge | |
 //! | `causeway_rendezvous_site_connected` | gauge (1: connected and authenticated, 0: not) | `site` |
-//! | `causeway_rendezvous_relayed_packets_total` | counter | `site` |
-//! | `causeway_rendezvous_relayed_bytes_total` | counter | `site` |
+//! | `causeway_rendezvous_relay_rx_packets_total` | counter | `site` |
+//! | `causeway_rendezvous_relay_rx_bytes_total` | counter | `site` |
 //! | `causeway_rendezvous_relay_dropped_total` | counter | `site` |
 //! | `causeway_rendezvous_stun_answered_total` | counter | |
 //!
@@ -458,14 +458,14 @@ impl Collector for RendezvousCollector {
         type Value = fn(&SiteStats) -> u64;
         let per_site: [(&str, &str, Value); 3] = [
             (
-                "rendezvous_relayed_packets",
+                "rendezvous_relay_rx_packets",
                 "WireGuard packets relayed from the site (once however many fragments they took)",
-                |s| s.relayed_packets,
+                |s| s.relay_rx_packets,
             ),
             (
-                "rendezvous_relayed_bytes",
+                "rendezvous_relay_rx_bytes",
                 "Bytes of WireGuard packets relayed from the site (relay headers excluded)",
-                |s| s.relayed_bytes,
+                |s| s.relay_rx_bytes,
             ),
             (
                 "rendezvous_relay_dropped",
@@ -960,16 +960,16 @@ pub(super) mod tests {
                     name: "a".into(),
                     public_key: key(1),
                     connected: true,
-                    relayed_packets: 30,
-                    relayed_bytes: 4500,
+                    relay_rx_packets: 30,
+                    relay_rx_bytes: 4500,
                     relay_dropped: 2,
                 },
                 SiteStats {
                     name: "b".into(),
                     public_key: key(2),
                     connected: false,
-                    relayed_packets: 0,
-                    relayed_bytes: 0,
+                    relay_rx_packets: 0,
+                    relay_rx_bytes: 0,
                     relay_dropped: 0,
                 },
             ],
@@ -997,11 +997,11 @@ pub(super) mod tests {
         assert_eq!(get("causeway_rendezvous_site_connected{site=\"a\"}"), 1.0);
         assert_eq!(get("causeway_rendezvous_site_connected{site=\"b\"}"), 0.0);
         assert_eq!(
-            get("causeway_rendezvous_relayed_packets_total{site=\"a\"}"),
+            get("causeway_rendezvous_relay_rx_packets_total{site=\"a\"}"),
             30.0
         );
         assert_eq!(
-            get("causeway_rendezvous_relayed_bytes_total{site=\"a\"}"),
+            get("causeway_rendezvous_relay_rx_bytes_total{site=\"a\"}"),
             4500.0
         );
         assert_eq!(
@@ -1010,11 +1010,11 @@ pub(super) mod tests {
         );
         // Sites that never connected are exported too, zeros included.
         assert_eq!(
-            get("causeway_rendezvous_relayed_packets_total{site=\"b\"}"),
+            get("causeway_rendezvous_relay_rx_packets_total{site=\"b\"}"),
             0.0
         );
         assert_eq!(
-            get("causeway_rendezvous_relayed_bytes_total{site=\"b\"}"),
+            get("causeway_rendezvous_relay_rx_bytes_total{site=\"b\"}"),
             0.0
         );
         assert_eq!(
@@ -1025,8 +1025,8 @@ pub(super) mod tests {
         for (name, kind) in [
             ("causeway_rendezvous_sites_configured", "gauge"),
             ("causeway_rendezvous_site_connected", "gauge"),
-            ("causeway_rendezvous_relayed_packets_total", "counter"),
-            ("causeway_rendezvous_relayed_bytes_total", "counter"),
+            ("causeway_rendezvous_relay_rx_packets_total", "counter"),
+            ("causeway_rendezvous_relay_rx_bytes_total", "counter"),
             ("causeway_rendezvous_relay_dropped_total", "counter"),
             ("causeway_rendezvous_stun_answered_total", "counter"),
         ] {
@@ -1055,8 +1055,8 @@ pub(super) mod tests {
             [
                 "causeway_build_info",
                 "causeway_rendezvous_relay_dropped_total",
-                "causeway_rendezvous_relayed_bytes_total",
-                "causeway_rendezvous_relayed_packets_total",
+                "causeway_rendezvous_relay_rx_bytes_total",
+                "causeway_rendezvous_relay_rx_packets_total",
                 "causeway_rendezvous_site_connected",
                 "causeway_rendezvous_sites_configured",
                 "causeway_rendezvous_stun_answered_total",
@@ -1149,7 +1149,7 @@ pub(super) mod tests {
             "{body}"
         );
         assert_eq!(
-            series.get("causeway_rendezvous_relayed_packets_total{site=\"west\"}"),
+            series.get("causeway_rendezvous_relay_rx_packets_total{site=\"west\"}"),
             Some(&0.0),
             "{body}"
         );

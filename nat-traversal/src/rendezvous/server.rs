@@ -77,9 +77,9 @@ pub struct SiteStats {
     pub connected: bool,
     /// WireGuard packets relayed from it (once per packet, however many
     /// fragments it took).
-    pub relayed_packets: u64,
+    pub relay_rx_packets: u64,
     /// Bytes of WireGuard packets relayed from it (relay headers excluded).
-    pub relayed_bytes: u64,
+    pub relay_rx_bytes: u64,
     /// Relay datagrams from it that were dropped: not addressed to a
     /// connected mutual peer, or malformed.
     pub relay_dropped: u64,
@@ -104,8 +104,8 @@ impl ServerStats {
                     name: name.to_owned(),
                     public_key: PublicKey::from(*key),
                     connected: state.registry.is_connected(key),
-                    relayed_packets: c.packets,
-                    relayed_bytes: c.bytes,
+                    relay_rx_packets: c.packets,
+                    relay_rx_bytes: c.bytes,
                     relay_dropped: c.dropped,
                 }
             })
