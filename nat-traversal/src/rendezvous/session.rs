@@ -825,7 +825,436 @@ impl ClientSession {
 
 #[cfg(test)]
 mod tests {
+    use x25519_dalek::StaticSecret;
+
     use super::*;
+    use crate::rendezvous::relay::HEADER_LEN;
+
+    const SERVER: &str = "192.0.2.1:7443";
+    const EXPORTER: Exporter = [9; 32];
+
+    fn key(seed: u8) -> (StaticSecret, PublicKey) {
+        let secret = StaticSecret::from([seed; 32]);
+        let public = PublicKey::from(&secret);
+        (secret, public)
+    }
+
+    /// A session with a virtual clock and the rendezvous' side of the
+    /// handshake.
+    struct Lab {
+        s: ClientSession,
+        now: Instant,
+        site: PublicKey,
+        rendezvous: (StaticSecret, PublicKey),
+    }
+
+    impl Lab {
+        fn new(peers: Vec<PublicKey>) -> Self {
+            let (site_secret, site) = key(1);
+            let rendezvous = key(2);
+            let auth = AuthKey::derive(&site_secret, &rendezvous.1).unwrap();
+            let now = Instant::now();
+            let s = ClientSession::new(
+                SERVER.parse().unwrap(),
+                rendezvous.1,
+                site,
+                auth,
+                peers,
+                now,
+                42,
+            );
+            Self {
+                s,
+                now,
+                site,
+                rendezvous,
+            }
+        }
+
+        fn advance(&mut self, by: Duration) {
+            self.now += by;
+            self.s.handle_timeout(self.now);
+        }
+
+        /// Advances to the session's next timeout, which must be `reason`.
+        fn wake(&mut self, reason: TimeoutReason) -> Duration {
+            let (at, why) = self.s.poll_timeout().unwrap();
+            assert_eq!(why, reason);
+            let waited = at.saturating_duration_since(self.now);
+            self.now = self.now.max(at);
+            self.s.handle_timeout(self.now);
+            waited
+        }
+
+        fn transmits(&mut self) -> Vec<Transmit> {
+            std::iter::from_fn(|| self.s.poll_transmit()).collect()
+        }
+
+        fn events(&mut self) -> Vec<RendezvousEvent> {
+            std::iter::from_fn(|| self.s.poll_event()).collect()
+        }
+
+        /// The messages written on the control stream (anything else asked
+        /// for is a failure).
+        fn sent(&mut self) -> Vec<SiteMessage> {
+            let mut decoder = FrameDecoder::default();
+            let mut out = Vec::new();
+            for t in self.transmits() {
+                let Transmit::Stream(bytes) = t else {
+                    panic!("unexpected {t:?}");
+                };
+                decoder.push(&bytes);
+                out.push(decoder.next().unwrap().unwrap());
+            }
+            out
+        }
+
+        fn receive(&mut self, message: &RendezvousMessage) {
+            self.s.stream_received(self.now, &encode_frame(message));
+        }
+
+        fn welcome(&self, relay_id: u32) -> RendezvousMessage {
+            let key = AuthKey::derive(&self.rendezvous.0, &self.site).unwrap();
+            let proof = key.proof(Role::Rendezvous, &EXPORTER, &self.site, &self.rendezvous.1);
+            RendezvousMessage::Welcome {
+                proof: Wire32(proof),
+                relay_id,
+                observed: "198.51.100.4:40123".parse().unwrap(),
+            }
+        }
+
+        /// Dials (the attempt must be due), authenticates and registers;
+        /// returns the `register` sent.
+        fn register(&mut self) -> SiteMessage {
+            assert_eq!(self.transmits(), [Transmit::Connect]);
+            self.s.connected(self.now, Some(EXPORTER));
+            let hello = self.sent();
+            assert!(
+                matches!(hello[..], [SiteMessage::Hello { .. }]),
+                "{hello:?}"
+            );
+            let welcome = self.welcome(17);
+            self.receive(&welcome);
+            assert!(self.s.is_registered());
+            let mut sent = self.sent();
+            assert_eq!(sent.len(), 1, "{sent:?}");
+            sent.remove(0)
+        }
+
+        fn lose(&mut self) {
+            self.s.connection_lost(
+                self.now,
+                Lost {
+                    closed_by_rendezvous: None,
+                    description: "timed out".into(),
+                },
+            );
+        }
+    }
+
+    fn registration(peers: &[&PublicKey], candidates: &[SocketAddr]) -> SiteMessage {
+        SiteMessage::Register {
+            peers: peers.iter().map(|k| Wire32(k.to_bytes())).collect(),
+            candidates: candidates.to_vec(),
+        }
+    }
+
+    fn peer_update(peer: &PublicKey, relay_id: u32, online: bool) -> RendezvousMessage {
+        RendezvousMessage::PeerUpdate {
+            peer: Wire32(peer.to_bytes()),
+            relay_id,
+            candidates: Vec::new(),
+            online,
+        }
+    }
+
+    fn within(d: Duration, base: Duration) -> bool {
+        d >= base.mul_f64(0.75) && d <= base.mul_f64(1.25)
+    }
+
+    #[test]
+    fn first_attempt_is_due_at_once_and_is_bounded_in_time() {
+        let mut lab = Lab::new(Vec::new());
+        assert_eq!(lab.wake(TimeoutReason::Reconnect), Duration::ZERO);
+        assert_eq!(lab.transmits(), [Transmit::Connect]);
+        // Nothing answers: the attempt gives up after CONNECT_TIMEOUT.
+        assert_eq!(lab.wake(TimeoutReason::ConnectTimeout), CONNECT_TIMEOUT);
+        assert!(matches!(lab.transmits()[..], [Transmit::Close { .. }]));
+        match &lab.events()[..] {
+            [RendezvousEvent::Disconnected { reason }] => {
+                assert!(reason.contains("no answer within 10 s"), "{reason}")
+            }
+            e => panic!("{e:?}"),
+        }
+        assert!(matches!(
+            lab.s.take_failure(),
+            Some(ConnectError::Unreachable { .. })
+        ));
+        let (_, why) = lab.s.poll_timeout().unwrap();
+        assert_eq!(why, TimeoutReason::Reconnect);
+    }
+
+    #[test]
+    fn reconnect_backoff_doubles_to_its_cap_and_resets_after_a_stable_connection() {
+        let mut lab = Lab::new(Vec::new());
+        lab.wake(TimeoutReason::Reconnect);
+        let mut base = MIN_BACKOFF;
+        for _ in 0..10 {
+            assert_eq!(lab.transmits(), [Transmit::Connect]);
+            lab.lose();
+            lab.transmits();
+            lab.events();
+            // Not a moment before its time.
+            let (at, _) = lab.s.poll_timeout().unwrap();
+            lab.s.handle_timeout(at - Duration::from_millis(1));
+            assert!(lab.transmits().is_empty());
+            let waited = lab.wake(TimeoutReason::Reconnect);
+            assert!(within(waited, base), "{waited:?} for {base:?}");
+            base = (base * 2).min(MAX_BACKOFF);
+        }
+        assert_eq!(base, MAX_BACKOFF);
+
+        // A short-lived connection does not reset the backoff...
+        lab.register();
+        lab.advance(STABLE / 2);
+        lab.lose();
+        assert!(matches!(lab.transmits()[..], [Transmit::Close { .. }]));
+        let waited = lab.wake(TimeoutReason::Reconnect);
+        assert!(within(waited, MAX_BACKOFF), "{waited:?}");
+        // ...one that lasted STABLE does.
+        lab.register();
+        lab.advance(STABLE);
+        lab.lose();
+        assert!(matches!(lab.transmits()[..], [Transmit::Close { .. }]));
+        let waited = lab.wake(TimeoutReason::Reconnect);
+        assert!(within(waited, MIN_BACKOFF), "{waited:?}");
+    }
+
+    #[test]
+    fn a_rejection_only_an_operator_can_fix_waits_the_longest() {
+        let mut lab = Lab::new(Vec::new());
+        lab.wake(TimeoutReason::Reconnect);
+        lab.transmits();
+        lab.s.connected(lab.now, Some(EXPORTER));
+        lab.transmits();
+        lab.receive(&RendezvousMessage::Reject {
+            code: CloseCode::UnknownSiteKey.as_u32(),
+            message: "unknown site key".into(),
+        });
+        assert!(matches!(
+            lab.s.take_failure(),
+            Some(ConnectError::UnknownSiteKey { .. })
+        ));
+        let waited = lab.wake(TimeoutReason::Reconnect);
+        assert!(within(waited, MAX_BACKOFF), "{waited:?}");
+    }
+
+    #[test]
+    fn a_rendezvous_that_cannot_prove_the_pinned_key_hears_nothing_of_our_peers() {
+        let (_, peer) = key(3);
+        let mut lab = Lab::new(vec![peer]);
+        lab.wake(TimeoutReason::Reconnect);
+        lab.transmits();
+        lab.s.connected(lab.now, Some(EXPORTER));
+        lab.transmits();
+        let RendezvousMessage::Welcome {
+            relay_id, observed, ..
+        } = lab.welcome(1)
+        else {
+            unreachable!()
+        };
+        lab.receive(&RendezvousMessage::Welcome {
+            proof: Wire32([0; 32]),
+            relay_id,
+            observed,
+        });
+        assert_eq!(
+            lab.transmits(),
+            [Transmit::Close {
+                code: CloseCode::WrongRendezvousKey,
+                reason: "the rendezvous did not prove the pinned key",
+            }]
+        );
+        assert!(!lab.s.is_registered());
+        assert!(matches!(
+            lab.s.take_failure(),
+            Some(ConnectError::WrongRendezvousKey { .. })
+        ));
+    }
+
+    #[test]
+    fn reregistering_after_a_reconnect_carries_the_latest_candidates_and_peers() {
+        let (_, b) = key(3);
+        let (_, c) = key(4);
+        let one: SocketAddr = "203.0.113.7:51820".parse().unwrap();
+        let two: SocketAddr = "[2001:db8::7]:51820".parse().unwrap();
+        let mut lab = Lab::new(vec![b]);
+        lab.wake(TimeoutReason::Reconnect);
+        assert_eq!(lab.register(), registration(&[&b], &[]));
+
+        // While registered, a change is sent at once.
+        lab.s.update_candidates(vec![one]);
+        assert_eq!(lab.sent(), [registration(&[&b], &[one])]);
+
+        // Changes while disconnected wait for the next registration.
+        lab.lose();
+        lab.transmits();
+        lab.s.update_peers(vec![b, c]);
+        lab.s.update_candidates(vec![two]);
+        assert!(lab.transmits().is_empty());
+        lab.wake(TimeoutReason::Reconnect);
+        assert_eq!(lab.register(), registration(&[&b, &c], &[two]));
+    }
+
+    #[test]
+    fn updates_while_connecting_are_sent_once_after_welcome() {
+        let (_, b) = key(3);
+        let one: SocketAddr = "203.0.113.7:51820".parse().unwrap();
+        let mut lab = Lab::new(Vec::new());
+        lab.wake(TimeoutReason::Reconnect);
+        assert_eq!(lab.transmits(), [Transmit::Connect]);
+        lab.s.update_candidates(vec![one]);
+        assert!(lab.transmits().is_empty());
+        lab.s.connected(lab.now, Some(EXPORTER));
+        // Only `hello` before the rendezvous has proven itself.
+        lab.s.update_peers(vec![b]);
+        assert!(matches!(lab.sent()[..], [SiteMessage::Hello { .. }]));
+        let welcome = lab.welcome(5);
+        lab.receive(&welcome);
+        assert_eq!(lab.sent(), [registration(&[&b], &[one])]);
+    }
+
+    #[test]
+    fn events_are_emitted_in_order() {
+        let (_, b) = key(3);
+        let (_, c) = key(4);
+        let mut lab = Lab::new(vec![b, c]);
+        lab.wake(TimeoutReason::Reconnect);
+        lab.register();
+        // Two peers come online, b relays a packet in two fragments, c
+        // goes offline again.
+        lab.receive(&peer_update(&b, 20, true));
+        lab.receive(&peer_update(&c, 30, true));
+        let packet: Vec<u8> = (0..100u8).collect();
+        let datagrams = relay::fragment(20, 1, &packet, HEADER_LEN + 60).unwrap();
+        assert_eq!(datagrams.len(), 2);
+        for d in &datagrams {
+            lab.s.datagram_received(lab.now, d);
+        }
+        lab.receive(&peer_update(&c, 30, false));
+        lab.lose();
+        let online = |peer: &PublicKey, online| RendezvousEvent::PeerUpdate {
+            peer: *peer,
+            candidates: Vec::new(),
+            online,
+        };
+        assert_eq!(
+            lab.events(),
+            [
+                RendezvousEvent::Connected {
+                    observed: "198.51.100.4:40123".parse().unwrap()
+                },
+                online(&b, true),
+                online(&c, true),
+                RendezvousEvent::Relayed { from: b, packet },
+                online(&c, false),
+                // The connection ends: b, still online, goes offline first.
+                online(&b, false),
+                RendezvousEvent::Disconnected {
+                    reason: "timed out".into()
+                },
+            ]
+        );
+        let stats = lab.s.stats();
+        assert_eq!((stats.relay_rx_packets, stats.relay_rx_bytes), (1, 100));
+        assert_eq!(stats.connections, 1);
+    }
+
+    #[test]
+    fn relay_targets_need_a_registration_and_an_online_peer() {
+        let (_, b) = key(3);
+        let mut lab = Lab::new(vec![b]);
+        assert_eq!(lab.s.relay_target(&b), Err(RelayError::NotConnected));
+        lab.wake(TimeoutReason::Reconnect);
+        lab.register();
+        assert_eq!(lab.s.relay_target(&b), Err(RelayError::PeerUnavailable));
+        lab.receive(&peer_update(&b, 20, true));
+        let first = lab.s.relay_target(&b).unwrap();
+        let second = lab.s.relay_target(&b).unwrap();
+        assert_eq!((first.relay_id, second.relay_id), (20, 20));
+        assert_eq!(second.packet_id, first.packet_id.wrapping_add(1));
+        lab.lose();
+        assert_eq!(lab.s.relay_target(&b), Err(RelayError::NotConnected));
+    }
+
+    #[test]
+    fn incomplete_relayed_packets_expire_on_the_session_clock() {
+        let (_, b) = key(3);
+        let mut lab = Lab::new(vec![b]);
+        lab.wake(TimeoutReason::Reconnect);
+        lab.register();
+        assert_eq!(lab.s.poll_timeout(), None);
+        lab.receive(&peer_update(&b, 20, true));
+        let packet = vec![7; 100];
+        let datagrams = relay::fragment(20, 1, &packet, HEADER_LEN + 60).unwrap();
+        lab.s.datagram_received(lab.now, &datagrams[0]);
+        // From an unknown relay id, or garbage: counted, dropped.
+        let stranger = relay::fragment(99, 1, &packet, 1200).unwrap();
+        lab.s.datagram_received(lab.now, &stranger[0]);
+        lab.s.datagram_received(lab.now, &[1, 2, 3]);
+        assert_eq!(
+            lab.wake(TimeoutReason::ExpireFragments),
+            relay::REASSEMBLY_TIMEOUT
+        );
+        let stats = lab.s.stats();
+        assert_eq!((stats.relay_incomplete, stats.relay_malformed), (1, 2));
+        assert_eq!(lab.s.poll_timeout(), None);
+        // The missing fragment, too late, does not make a packet.
+        lab.s.datagram_received(lab.now, &datagrams[1]);
+        assert!(
+            !lab.events()
+                .iter()
+                .any(|e| matches!(e, RendezvousEvent::Relayed { .. }))
+        );
+    }
+
+    #[test]
+    fn protocol_errors_close_the_connection() {
+        let mut lab = Lab::new(Vec::new());
+        lab.wake(TimeoutReason::Reconnect);
+        lab.register();
+        lab.events();
+        let welcome = lab.welcome(1);
+        lab.receive(&welcome);
+        assert_eq!(
+            lab.transmits(),
+            [Transmit::Close {
+                code: CloseCode::Protocol,
+                reason: "unexpected message",
+            }]
+        );
+        match &lab.events()[..] {
+            [RendezvousEvent::Disconnected { reason }] => {
+                assert!(reason.starts_with("protocol error: unexpected"), "{reason}")
+            }
+            e => panic!("{e:?}"),
+        }
+        // Bytes from the old connection are not read any more.
+        lab.receive(&peer_update(&key(3).1, 2, true));
+        assert!(lab.events().is_empty());
+
+        lab.wake(TimeoutReason::Reconnect);
+        lab.register();
+        lab.s
+            .stream_received(lab.now, &[0xff, 0xff, 0xff, 0xff, b'{']);
+        assert_eq!(
+            lab.transmits(),
+            [Transmit::Close {
+                code: CloseCode::Protocol,
+                reason: "bad frame",
+            }]
+        );
+    }
 
     #[test]
     fn backoff_grows_to_its_cap_with_jitter() {
