@@ -6,8 +6,8 @@ use std::time::Duration;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::Error;
-use crate::netns::{self, Netns};
-use crate::wire::Wire;
+use crate::netns::{self, BASE_SYSCTLS, Netns, check_label};
+use crate::wire::{Wan, WanStats, Wire};
 
 /// What to build: the sites, in order (site `i` gets access link `198.18.(i+1).0/24`).
 #[derive(Debug, Clone, Default)]
@@ -75,34 +75,6 @@ pub enum Nat {
     Symmetric,
 }
 
-/// User-space WAN emulation on an access link, applied to each direction
-/// independently. The default (zero) means none.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub struct Wan {
-    /// One-way delay added to every frame.
-    pub delay: Duration,
-    /// Probability of dropping a frame, `0.0..=1.0`.
-    pub loss: f64,
-}
-
-impl Wan {
-    /// True when this adds neither delay nor loss.
-    pub fn is_none(&self) -> bool {
-        self.delay.is_zero() && self.loss == 0.0
-    }
-}
-
-/// Counters of the WAN emulators, summed over all of a lab's sites.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct WanStats {
-    /// Frames delivered.
-    pub forwarded: u64,
-    /// Frames dropped on purpose (`Wan::loss`).
-    pub lost: u64,
-    /// Frames dropped because the queue was full, a frame was too large, or sending failed.
-    pub dropped: u64,
-}
-
 /// A built topology. Dropping it tears everything down (see the crate docs).
 pub struct Lab {
     id: String,
@@ -146,19 +118,6 @@ pub struct Pod {
     /// The gateway's IPv6 address on this pod's link.
     pub gateway_addr6: Option<Ipv6Addr>,
 }
-
-/// Sysctls every namespace gets.
-pub(crate) const BASE_SYSCTLS: &[(&str, &str)] = &[
-    ("net.ipv4.conf.all.rp_filter", "0"),
-    ("net.ipv4.conf.default.rp_filter", "0"),
-    ("net.ipv6.conf.all.accept_dad", "0"),
-    ("net.ipv6.conf.default.accept_dad", "0"),
-    // Otherwise addresses join their solicited-node group (and answer
-    // neighbour solicitations) only after a random delay of up to a second.
-    ("net.ipv6.conf.all.router_solicitation_delay", "0"),
-    ("net.ipv6.conf.default.router_solicitation_delay", "0"),
-    ("net.ipv4.ping_group_range", "0 2147483647"),
-];
 
 /// Sysctls of namespaces that route (internet, NAT routers, gateways).
 const ROUTER_SYSCTLS: &[(&str, &str)] = &[
@@ -626,21 +585,6 @@ fn pod_v6(cidr: Ipv6Net, j: usize, host: u16) -> Result<Ipv6Addr, Error> {
     Ok(Ipv6Addr::from(
         u128::from(cidr.network()) + ((j as u128 + 1) << 16) + u128::from(host),
     ))
-}
-
-pub(crate) fn check_label(what: &str, label: &str) -> Result<(), Error> {
-    let ok = !label.is_empty()
-        && label.len() <= 24
-        && label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Spec(format!(
-            "{what} {label:?}: use 1–24 ASCII letters, digits, '-' or '_'"
-        )))
-    }
 }
 
 fn validate(spec: &LabSpec) -> Result<(), Error> {

@@ -90,8 +90,9 @@ mod probe;
 mod wire;
 
 pub use error::Error;
-pub use lab::{Lab, LabSpec, Nat, Pod, Site, SiteSpec, Wan, WanStats};
+pub use lab::{Lab, LabSpec, Nat, Pod, Site, SiteSpec};
 pub use netns::{ChildGuard, Netns, run_command, sweep_stale_namespaces};
+pub use wire::{Wan, WanStats};
 
 /// The CIDR type used for pod networks (re-exported from `ipnet`).
 pub use ipnet::IpNet;

@@ -15,6 +15,19 @@ use std::time::{Duration, Instant};
 
 use crate::Error;
 
+/// Sysctls every namespace gets.
+pub(crate) const BASE_SYSCTLS: &[(&str, &str)] = &[
+    ("net.ipv4.conf.all.rp_filter", "0"),
+    ("net.ipv4.conf.default.rp_filter", "0"),
+    ("net.ipv6.conf.all.accept_dad", "0"),
+    ("net.ipv6.conf.default.accept_dad", "0"),
+    // Otherwise addresses join their solicited-node group (and answer
+    // neighbour solicitations) only after a random delay of up to a second.
+    ("net.ipv6.conf.all.router_solicitation_delay", "0"),
+    ("net.ipv6.conf.default.router_solicitation_delay", "0"),
+    ("net.ipv4.ping_group_range", "0 2147483647"),
+];
+
 /// How long teardown waits after SIGTERM before SIGKILL.
 const GRACE: Duration = Duration::from_secs(1);
 
@@ -43,9 +56,9 @@ impl Netns {
     /// one more host. Connect it with [`Netns::veth`]. Removed on drop; a
     /// crashed process's leftovers are swept like a lab's.
     pub fn create(label: &str) -> Result<Netns, Error> {
-        crate::lab::check_label("namespace label", label)?;
+        check_label("namespace label", label)?;
         let ns = Netns::add(format!("{}-{label}", next_id()))?;
-        ns.sysctls(crate::lab::BASE_SYSCTLS)?;
+        ns.sysctls(BASE_SYSCTLS)?;
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -455,6 +468,22 @@ fn process_exists(pid: u32) -> bool {
     // SAFETY: signal 0 only checks whether the process exists.
     let alive = unsafe { libc::kill(pid, 0) } == 0;
     alive || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Checks a name that becomes part of a namespace or interface name.
+pub(crate) fn check_label(what: &str, label: &str) -> Result<(), Error> {
+    let ok = !label.is_empty()
+        && label.len() <= 24
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Spec(format!(
+            "{what} {label:?}: use 1–24 ASCII letters, digits, '-' or '_'"
+        )))
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,36 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
-use crate::{Error, Netns, Wan, WanStats};
+use crate::Error;
+use crate::netns::Netns;
+
+/// User-space WAN emulation on an access link, applied to each direction
+/// independently. The default (zero) means none.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Wan {
+    /// One-way delay added to every frame.
+    pub delay: Duration,
+    /// Probability of dropping a frame, `0.0..=1.0`.
+    pub loss: f64,
+}
+
+impl Wan {
+    /// True when this adds neither delay nor loss.
+    pub fn is_none(&self) -> bool {
+        self.delay.is_zero() && self.loss == 0.0
+    }
+}
+
+/// Counters of the WAN emulators, summed over all of a lab's sites.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WanStats {
+    /// Frames delivered.
+    pub forwarded: u64,
+    /// Frames dropped on purpose (`Wan::loss`).
+    pub lost: u64,
+    /// Frames dropped because the queue was full, a frame was too large, or sending failed.
+    pub dropped: u64,
+}
 
 /// Largest frame carried: a 1500-byte MTU plus Ethernet and VLAN headers, rounded up.
 const SLOT: usize = 2048;

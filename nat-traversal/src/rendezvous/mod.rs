@@ -12,8 +12,8 @@
 //!   packets).
 //!
 //! The protocol (messages and framing, authentication, relay datagrams,
-//! who is introduced to whom) is sans-IO in private modules; the quinn
-//! driver around it is thin. The construction and the threat model are in
+//! who is introduced to whom, the site's session with its reconnects) is
+//! sans-IO in private modules; the quinn drivers around it are thin. The construction and the threat model are in
 //! docs/rendezvous.md.
 //!
 //! What it does not do: hole punching and path selection (the daemon's job,
@@ -28,15 +28,14 @@ mod proto;
 mod registry;
 mod relay;
 mod server;
+mod session;
 mod stream;
 #[cfg(test)]
 mod tests;
 mod tls;
 
 pub use crate::keys::KeyError;
-pub use client::{
-    ClientStats, ConnectError, RelayError, RendezvousClient, RendezvousEvent, RendezvousHandle,
-};
+pub use client::{RendezvousClient, RendezvousHandle};
 pub use config::{
     ConfigErrors, DEFAULT_LISTEN, DEFAULT_PRIVATE_KEY_FILE, DEFAULT_STUN_LISTEN, ServerConfig,
     SiteEntry,
@@ -45,6 +44,7 @@ pub use proto::CloseCode;
 pub use registry::{ConnId, Registry, RelayCounters, RouteError, SiteKey, Update};
 pub use relay::FragmentError;
 pub use server::{RendezvousServer, ServeError, ServerStats, SiteStats, serve};
+pub use session::{ClientStats, ConnectError, RelayError, RendezvousEvent};
 pub use tls::TlsError;
 
 /// The default QUIC port of a rendezvous.

@@ -341,6 +341,13 @@ impl Reassembler {
         None
     }
 
+    /// When [`expire`](Self::expire) has something to drop next (`None`
+    /// when nothing waits). May be early: a packet completed since does not
+    /// count, but is only skipped when that time comes.
+    pub(crate) fn next_expiry(&self) -> Option<Instant> {
+        self.order.front().map(|&(_, seen)| seen + self.timeout)
+    }
+
     /// Drops packets whose first fragment is older than the timeout.
     pub(crate) fn expire(&mut self, now: Instant) {
         while let Some(&(key, seen)) = self.order.front() {
