@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-pub use causeway_nat::config_problems::ConfigErrors;
-use causeway_nat::config_problems::Problems;
+pub use causeway_common::problems::ConfigErrors;
+use causeway_common::problems::Problems;
 
 use crate::keys::{self, PublicKey, StaticSecret};
 use crate::packet::View;
@@ -42,7 +42,7 @@ pub const MTU_RANGE: RangeInclusive<u16> = 576..=9000;
 /// The smallest tunnel MTU accepted when any CIDR is IPv6 (RFC 8200).
 pub const MIN_MTU_IPV6: u16 = 1280;
 /// Longest site or peer name.
-pub use causeway_nat::config_problems::MAX_NAME_LEN;
+pub use causeway_common::problems::MAX_NAME_LEN;
 /// Where view CIDRs come from unless `site.remap_pool` says otherwise: the
 /// RFC 6598 shared address space for IPv4 and a fixed ULA /48 for IPv6
 /// ("cause" in ASCII after `fd`).
@@ -1022,7 +1022,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
     use std::os::unix::fs::PermissionsExt;
 
-    // `wg pubkey` of the keys in keys.rs's known vectors.
+    // `wg pubkey` of the keys in causeway_common::keys's known vectors.
     const KEY_A: &str = "ZkgvCW+DIoRG24ZST7MmKM5j/X9m/LO8XA0qLN0Fxm0=";
     const KEY_B: &str = "pOCSkrZRwni5dyxWn1+puxPZBrRqtoyd+dwrRAn4ogk=";
 

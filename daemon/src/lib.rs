@@ -11,7 +11,7 @@ pub mod control;
 pub mod daemon;
 mod datapath;
 pub mod invite;
-pub use causeway_nat::keys;
+pub use causeway_common::keys;
 pub mod metrics;
 pub mod notify;
 pub mod packet;

@@ -19,7 +19,7 @@ use super::proto::{
 use super::relay::{self, FragmentError, Reassembler};
 use super::stream::{ReadFailure, read_frame, write_frame};
 use super::tls::{self, SERVER_NAME, TlsError};
-use crate::keys;
+use causeway_common::keys;
 
 /// How long one connection attempt (QUIC handshake plus authentication)
 /// may take.

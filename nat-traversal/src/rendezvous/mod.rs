@@ -31,7 +31,7 @@ mod stream;
 mod tests;
 mod tls;
 
-pub use crate::keys::KeyError;
+pub use causeway_common::keys::KeyError;
 pub use client::{
     ClientStats, ConnectError, RelayError, RendezvousClient, RendezvousEvent, RendezvousHandle,
 };
