@@ -5,9 +5,11 @@
 //!   private key files.
 //! - [`problems`]: collecting every problem of a configuration file at
 //!   once, each naming the file and the field at fault.
+//! - [`fs`]: replacing a file atomically.
 //!
 //! It holds no protocol, no network code and no configuration schema: those
 //! live in the crates that use it.
 
+pub mod fs;
 pub mod keys;
 pub mod problems;

@@ -60,14 +60,15 @@
 //! `[[rendezvous]]` was added too, when it restarts: a reload that changes
 //! the rendezvous is refused. The report says which applies.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use causeway_common::fs::atomic_replace_owned;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -735,62 +736,26 @@ fn expected_views(
     }
 }
 
-/// Replaces `path` (whose text was `original`) with `text`: a temporary
-/// file in the same directory with the same mode and owner, flushed, then
-/// renamed over it, unless the file changed meanwhile.
+/// Replaces `path` (whose text was `original`) with `text`, atomically
+/// and keeping its mode and owner, unless the file changed meanwhile.
 fn replace_file(path: &Path, original: &str, text: &str) -> Result<(), JoinError> {
     let write_error = |source| JoinError::Write {
         path: path.to_owned(),
         source,
     };
     let meta = fs::metadata(path).map_err(write_error)?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map_or_else(|| "config".into(), |n| n.to_string_lossy().into_owned());
-    let temp = dir.join(format!(".{name}.join.{}.tmp", std::process::id()));
-    let _ = fs::remove_file(&temp);
-    let written = (|| -> io::Result<bool> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)?;
-        let mine = file.metadata()?;
-        if (mine.uid(), mine.gid()) != (meta.uid(), meta.gid()) {
-            std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))?;
-        }
-        file.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        if fs::read_to_string(path)? != original {
-            return Ok(false);
-        }
-        fs::rename(&temp, path)?;
-        Ok(true)
-    })();
-    match written {
-        Ok(true) => {
-            // Make the rename durable; a failure here loses nothing yet.
-            if let Ok(dir) = fs::File::open(dir) {
-                let _ = dir.sync_all();
-            }
-            Ok(())
-        }
-        Ok(false) => {
-            let _ = fs::remove_file(&temp);
-            Err(JoinError::Changed {
-                path: path.to_owned(),
-            })
-        }
-        Err(e) => {
-            let _ = fs::remove_file(&temp);
-            Err(write_error(e))
-        }
+    if fs::read_to_string(path).map_err(write_error)? != original {
+        return Err(JoinError::Changed {
+            path: path.to_owned(),
+        });
     }
+    atomic_replace_owned(
+        path,
+        text.as_bytes(),
+        meta.mode() & 0o7777,
+        (meta.uid(), meta.gid()),
+    )
+    .map_err(write_error)
 }
 
 /// Checks `host:port` as the config file takes it: an IP literal (IPv6 in
@@ -809,6 +774,7 @@ fn quote(s: &str) -> String {
 #[allow(clippy::unwrap_used)] // tests may panic
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     const KEY_A: &str = "pOCSkrZRwni5dyxWn1+puxPZBrRqtoyd+dwrRAn4ogk=";
     const KEY_B: &str = "ZkgvCW+DIoRG24ZST7MmKM5j/X9m/LO8XA0qLN0Fxm0=";
