@@ -72,7 +72,7 @@ use causeway_common::fs::atomic_replace_owned;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{self, Config, ConfigErrors};
+use crate::config::{self, Config, ConfigErrors, Parsed, PeerConfig};
 use crate::keys::{self, KeyError, PublicKey};
 use crate::packet::View;
 use crate::views::{self, Persisted};
@@ -285,7 +285,7 @@ impl Invite {
     /// The invite of the site `config` describes, whose public key is
     /// `public_key`: `endpoints` first, then `site.advertise_endpoints`,
     /// without repeats.
-    pub fn of_site(config: &Config, public_key: PublicKey, endpoints: &[String]) -> Invite {
+    pub fn of_site(config: &Config<Parsed>, public_key: PublicKey, endpoints: &[String]) -> Invite {
         let mut all: Vec<String> = Vec::new();
         let advertised = config
             .site
@@ -460,9 +460,12 @@ pub fn invite(path: &Path, endpoints: &[String]) -> Result<Invite, InviteError> 
 pub struct Joined {
     /// The file that was changed (after following symbolic links).
     pub path: PathBuf,
-    /// The peer as added, with the views it is expected to get (computed
-    /// from `views.json` now; the daemon gives them when it reloads).
-    pub peer: config::PeerConfig,
+    /// The peer as added.
+    pub peer: PeerConfig<Parsed>,
+    /// The views it is expected to get, index-aligned with its `cidrs`
+    /// (computed from `views.json` now; the daemon gives them when it
+    /// reloads).
+    pub views: Vec<View>,
     /// The rendezvous servers added.
     pub rendezvous_added: Vec<InviteRendezvous>,
     /// The token's rendezvous servers the file pinned already.
@@ -477,7 +480,7 @@ impl Joined {
     pub fn report(&self) -> String {
         let peer = &self.peer;
         let mut out = format!("{}: added\n", self.path.display());
-        let cidrs: Vec<String> = peer.views.iter().map(View::to_string).collect();
+        let cidrs: Vec<String> = self.views.iter().map(View::to_string).collect();
         out += &format!(
             "  peer {:?}: public key {}, cidrs {}",
             peer.name,
@@ -572,13 +575,14 @@ pub fn join(
         path: path.clone(),
         source,
     })?;
-    let peer = expected_views(&config, &persisted, &origin)?;
+    let (peer, views) = expected_views(&config, &persisted, &origin)?;
 
     replace_file(&path, &original, &appended.text)?;
     Ok(Joined {
         invite: Invite::of_site(&config, own, endpoints),
         path,
         peer,
+        views,
         rendezvous_added: appended.rendezvous_added,
         rendezvous_known: appended.rendezvous_known,
     })
@@ -588,7 +592,7 @@ pub fn join(
 #[derive(Debug)]
 struct Appended {
     text: String,
-    config: Config,
+    config: Config<Parsed>,
     rendezvous_added: Vec<InviteRendezvous>,
     rendezvous_known: Vec<InviteRendezvous>,
 }
@@ -598,7 +602,7 @@ struct Appended {
 fn append_peer(
     text: &str,
     origin: &str,
-    current: &Config,
+    current: &Config<Parsed>,
     own: &PublicKey,
     theirs: &Invite,
     name: Option<&str>,
@@ -695,15 +699,15 @@ fn append_peer(
     })
 }
 
-/// The last peer of `config` (the one just added) with the views it would
+/// The last peer of `config` (the one just added) and the views it would
 /// get now, as the daemon computes them when it loads the file; every CIDR
 /// that would get none is an error.
 fn expected_views(
-    config: &Config,
+    config: &Config<Parsed>,
     persisted: &Persisted,
     origin: &str,
-) -> Result<config::PeerConfig, JoinError> {
-    let mut peer = config
+) -> Result<(PeerConfig<Parsed>, Vec<View>), JoinError> {
+    let peer = config
         .peers
         .last()
         .cloned()
@@ -712,10 +716,11 @@ fn expected_views(
         })?;
     match config::assign_views(config, persisted) {
         Ok((views, _)) => {
-            if let Some(views) = views.into_iter().last() {
-                peer.views = views;
-            }
-            Ok(peer)
+            let views = views
+                .into_iter()
+                .last()
+                .unwrap_or_else(|| peer.cidrs.iter().copied().map(View::identity).collect());
+            Ok((peer, views))
         }
         Err(errors) => {
             let problems = errors
@@ -1071,7 +1076,7 @@ mod tests {
         assert!(matches!(err, InviteError::Config(_)), "{err:?}");
     }
 
-    fn current(text: &str) -> Config {
+    fn current(text: &str) -> Config<Parsed> {
         config::parse(text, "c.toml").unwrap()
     }
 
@@ -1238,7 +1243,7 @@ mod tests {
         theirs.pod_cidrs.truncate(1); // 10.0.0.0/16, ours too
         let joined = join(&path, &theirs.encode(), None, &[]).unwrap();
         assert_eq!(
-            joined.peer.views[0].to_string(),
+            joined.views[0].to_string(),
             "10.0.0.0/16 seen as 100.64.0.0/16"
         );
         let report = joined.report();

@@ -188,7 +188,7 @@ impl Peer {
         pod_cidrs: &[IpNet],
         traversal: bool,
     ) -> Self {
-        let static_endpoint = config.endpoint.as_ref().and_then(|e| e.addr).is_some();
+        let static_endpoint = config.endpoint.is_some();
         let tunn = Tunn::new(
             private_key.clone(),
             config.public_key,
@@ -213,7 +213,7 @@ impl Peer {
                 .flatten(),
             state: Mutex::new(PeerState {
                 tunn,
-                endpoint: config.endpoint.as_ref().and_then(|e| e.addr),
+                endpoint: config.endpoint.as_ref().map(|e| e.addr),
                 paths: (traversal && !static_endpoint).then(crate::traversal::new_paths),
             }),
         }
@@ -236,10 +236,7 @@ impl Peer {
 
     /// Whether the operator configured a static endpoint.
     pub fn has_static_endpoint(&self) -> bool {
-        self.config
-            .endpoint
-            .as_ref()
-            .is_some_and(|e| e.addr.is_some())
+        self.config.endpoint.is_some()
     }
 
     /// Locks the peer's WireGuard state. A panic while it was held poisons
