@@ -30,10 +30,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let site = &config.site;
-    let private_key = site
-        .private_key
-        .clone()
-        .context("private key not loaded (use config::load)")?;
+    let private_key = site.private_key.secret().clone();
     let udp = UdpPort::bind(site.listen_port).with_context(|| {
         format!(
             "cannot listen on UDP port {} ([site] listen_port)",
@@ -279,7 +276,7 @@ impl Reloader {
                 return;
             }
         };
-        if let Some(field) = needs_restart(&self.running, &new) {
+        if let Some(field) = crate::config::needs_restart(&self.running, &new) {
             warn!(
                 "config reload refused: changing {field} needs a restart; the running config stays"
             );
@@ -303,39 +300,6 @@ impl Reloader {
     }
 }
 
-/// The first setting that differs between `old` and `new` and that only a
-/// restart can apply (it is built into sockets, the interface or the
-/// data path's site state).
-fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
-    let (a, b) = (&old.site, &new.site);
-    let public = |s: &crate::config::SiteConfig| s.public_key().map(|k| k.to_bytes());
-    [
-        ("[site] name", a.name != b.name),
-        ("the private key", public(a) != public(b)),
-        ("[site] interface", a.interface != b.interface),
-        ("[site] listen_port", a.listen_port != b.listen_port),
-        ("[site] pod_cidrs", a.pod_cidrs != b.pod_cidrs),
-        ("[site] mtu", a.mtu != b.mtu),
-        (
-            "[site] control_socket",
-            a.control_socket != b.control_socket,
-        ),
-        ("[site] uapi_socket", a.uapi_socket != b.uapi_socket),
-        (
-            "[site] metrics_listen",
-            a.metrics_listen != b.metrics_listen,
-        ),
-        (
-            "[site] advertise_endpoints",
-            a.advertise_endpoints != b.advertise_endpoints,
-        ),
-        ("[site] stun_servers", a.stun_servers != b.stun_servers),
-        ("[[rendezvous]]", old.rendezvous != new.rendezvous),
-    ]
-    .into_iter()
-    .find_map(|(field, differs)| differs.then_some(field))
-}
-
 /// What NAT traversal starts from, when the site has a rendezvous or STUN
 /// servers.
 fn traversal_params(config: &Config, listen_port: u16) -> Option<TraversalParams> {
@@ -343,8 +307,8 @@ fn traversal_params(config: &Config, listen_port: u16) -> Option<TraversalParams
     let stun_servers: Vec<std::net::SocketAddr> = config
         .rendezvous
         .iter()
-        .filter_map(|r| r.stun.addr)
-        .chain(site.stun_servers.iter().filter_map(|s| s.addr))
+        .map(|r| r.stun.addr)
+        .chain(site.stun_servers.iter().map(|s| s.addr))
         .collect();
     if config.rendezvous.is_empty() && stun_servers.is_empty() {
         return None;

@@ -11,7 +11,8 @@ pub mod core;
 pub mod daemon;
 mod datapath;
 pub mod invite;
-pub use causeway_nat::keys;
+pub use causeway_common::keys;
+
 pub mod notify;
 pub mod observe;
 pub mod packet;

@@ -21,12 +21,13 @@
 //! [`Persisted::save`] are the only I/O.
 
 use std::fmt;
-use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, DirBuilder};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
+use causeway_common::fs::atomic_replace;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -127,14 +128,10 @@ impl Persisted {
         })
     }
 
-    /// Writes the state file atomically: a temporary file in the same
-    /// directory (mode 0600), flushed to disk, then renamed over the old
-    /// one. The directory is created with mode 0700 if it is missing.
+    /// Writes the state file atomically (mode 0600, see
+    /// [`causeway_common::fs::atomic_replace`]). The directory is created
+    /// with mode 0700 if it is missing.
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
-        let write_error = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StateError::Write { path, source }
-        };
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -143,34 +140,14 @@ impl Persisted {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(write_error(dir))?;
-        let name = path
-            .file_name()
-            .map_or_else(|| STATE_FILE.into(), |n| n.to_string_lossy().into_owned());
-        let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let result = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&temp)?;
-            file.write_all(self.to_json().as_bytes())?;
-            file.sync_all()?;
-            fs::rename(&temp, path)
-        })();
-        if let Err(source) = result {
-            let _ = fs::remove_file(&temp);
-            return Err(StateError::Write {
-                path: path.to_owned(),
+            .map_err(|source| StateError::Write {
+                path: dir.to_owned(),
                 source,
-            });
-        }
-        // Make the rename itself durable; a failure here loses nothing yet.
-        if let Ok(dir) = fs::File::open(dir) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
+            })?;
+        atomic_replace(path, self.to_json().as_bytes(), 0o600).map_err(|source| StateError::Write {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// The state file's text: pretty JSON ending in a newline.

@@ -18,8 +18,6 @@
 //! - [`path`]: per-peer candidate probing and path selection (`PeerPaths`):
 //!   direct path or relay, keepalives, dead-path detection.
 
-pub mod config_problems;
-pub mod keys;
 pub mod path;
 pub mod probe;
 pub mod rendezvous;

@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(400);
 
 fn keypair() -> (StaticSecret, PublicKey) {
-    let secret = causeway_nat::keys::generate();
+    let secret = causeway_common::keys::generate();
     let public = PublicKey::from(&secret);
     (secret, public)
 }
@@ -200,7 +200,7 @@ async fn unknown_site_is_rejected() {
     let text = err.to_string();
     assert!(text.contains("unknown site key"), "{text}");
     assert!(
-        text.contains(&causeway_nat::keys::encode_public(&stranger.public)),
+        text.contains(&causeway_common::keys::encode_public(&stranger.public)),
         "names the key: {text}"
     );
     assert!(!server.stats.site("a").unwrap().connected);
@@ -637,7 +637,7 @@ fn each_rejection_logs_one_clear_line_on_each_side() {
         let a = site("a");
         let stranger = site("stranger");
         let (server, _) = start_server(&[&a]);
-        let key = causeway_nat::keys::encode_public(&stranger.public);
+        let key = causeway_common::keys::encode_public(&stranger.public);
 
         connect(&server, &stranger, &[]).await.err().unwrap();
         let lines = capture.take();

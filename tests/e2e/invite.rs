@@ -63,7 +63,7 @@ fn write_site(files: &SiteFiles, name: &str, pod_cidr: &str, extra: &str) -> std
     path
 }
 
-fn parse(path: &Path) -> config::Config {
+fn parse(path: &Path) -> config::Config<config::Parsed> {
     let text = std::fs::read_to_string(path).expect("read config");
     config::parse(&text, &path.display().to_string()).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }

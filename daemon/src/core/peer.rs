@@ -185,7 +185,7 @@ pub struct Peer {
 impl Peer {
     /// Makes the peer with id (and WireGuard session index) `id`.
     fn new(config: &PeerConfig, id: u32, cx: &PeerContext<'_>, rng: &mut impl RngCore) -> Self {
-        let static_endpoint = config.endpoint.as_ref().and_then(|e| e.addr).is_some();
+        let static_endpoint = config.endpoint.is_some();
         let tunn = Tunn::new(
             cx.private_key.clone(),
             config.public_key,
@@ -208,7 +208,7 @@ impl Peer {
                 .and_then(|_| ProbeKey::derive(cx.private_key, &config.public_key).ok()),
             state: Mutex::new(PeerState {
                 tunn,
-                endpoint: config.endpoint.as_ref().and_then(|e| e.addr),
+                endpoint: config.endpoint.as_ref().map(|e| e.addr),
                 paths: cx
                     .paths
                     .filter(|_| !static_endpoint)
@@ -234,10 +234,7 @@ impl Peer {
 
     /// Whether the operator configured a static endpoint.
     pub fn has_static_endpoint(&self) -> bool {
-        self.config
-            .endpoint
-            .as_ref()
-            .is_some_and(|e| e.addr.is_some())
+        self.config.endpoint.is_some()
     }
 
     /// Locks the peer's WireGuard state. A panic while it was held poisons

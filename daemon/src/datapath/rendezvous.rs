@@ -28,7 +28,7 @@ pub(crate) fn start(ctx: &Arc<Ctx>, config: &Config) -> Vec<tokio::task::JoinHan
     let mut tasks = Vec::new();
     let keys: Vec<_> = config.peers.iter().map(|p| p.public_key).collect();
     for r in &config.rendezvous {
-        let Some(addr) = r.address.addr else { continue };
+        let addr = r.address.addr;
         let client = match RendezvousClient::start(
             addr,
             r.public_key,

@@ -239,7 +239,7 @@ fn split(path: &str) -> (&str, &str) {
     path.rsplit_once('/').expect("an absolute path")
 }
 
-fn example_site(name: &str) -> causeway::config::Config {
+fn example_site(name: &str) -> causeway::config::Config<causeway::config::Parsed> {
     let path = kube().join("examples").join(name).join("causeway.toml");
     let text = fs::read_to_string(&path).expect("read example");
     causeway::config::parse(&text, &path.display().to_string()).unwrap_or_else(|e| panic!("{e}"))

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-pub use crate::config_problems::ConfigErrors;
-use crate::config_problems::{Problems, valid_name};
-use crate::keys::{self, KeyError};
+use causeway_common::keys::{self, KeyError};
+pub use causeway_common::problems::ConfigErrors;
+use causeway_common::problems::{Problems, valid_name};
 
 /// Where the rendezvous' private key lives unless `private_key_file` says otherwise.
 pub const DEFAULT_PRIVATE_KEY_FILE: &str = "/var/lib/causeway/rendezvous.key";

@@ -34,7 +34,7 @@ mod stream;
 mod tests;
 mod tls;
 
-pub use crate::keys::KeyError;
+pub use causeway_common::keys::KeyError;
 pub use client::{RendezvousClient, RendezvousHandle};
 pub use config::{
     ConfigErrors, DEFAULT_LISTEN, DEFAULT_PRIVATE_KEY_FILE, DEFAULT_STUN_LISTEN, ServerConfig,

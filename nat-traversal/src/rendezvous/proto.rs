@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::keys;
+use causeway_common::keys;
 
 /// The protocol version a site offers in `Hello`.
 pub(crate) const PROTOCOL_VERSION: u32 = 1;

@@ -26,8 +26,8 @@ use super::registry::{ConnId, Registry, RouteError, Update};
 use super::relay;
 use super::stream::{ReadFailure, read_frame, write_frame};
 use super::tls::{self, TlsError};
-use crate::keys::{self, KeyError};
 use crate::stun;
+use causeway_common::keys::{self, KeyError};
 
 /// How long a new connection has to open its control stream and prove its key.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);

@@ -40,7 +40,7 @@ use super::proto::{
 };
 use super::relay::{self, FragmentError, Reassembler};
 use super::tls::TlsError;
-use crate::keys;
+use causeway_common::keys;
 
 /// How long one connection attempt (QUIC handshake plus authentication)
 /// may take.

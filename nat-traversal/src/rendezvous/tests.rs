@@ -18,7 +18,7 @@ use super::{ConnectError, RendezvousClient, RendezvousEvent, RendezvousServer, S
 const WAIT: Duration = Duration::from_secs(5);
 
 fn keypair() -> (StaticSecret, PublicKey) {
-    let secret = crate::keys::generate();
+    let secret = causeway_common::keys::generate();
     let public = PublicKey::from(&secret);
     (secret, public)
 }

@@ -6,9 +6,9 @@
 //! and stock WireGuard tools in either direction.
 
 use std::fmt;
-use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, DirBuilder};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -146,8 +146,10 @@ fn decode(text: &str, kind: KeyKind) -> Result<[u8; 32], KeyError> {
 /// does not exist.
 ///
 /// A new key file is created with mode 0600 from the start (its directory,
-/// if missing, with 0700) and holds the key and a newline. An existing file
-/// whose mode lets group or others in is used, with a warning.
+/// if missing, with 0700) and holds the key and a newline; it appears whole
+/// or not at all, and never replaces a key file that appeared meanwhile
+/// (that one is used). An existing file whose mode lets group or others in
+/// is used, with a warning.
 pub fn load_or_create_private_key(path: &Path) -> Result<StaticSecret, KeyError> {
     match fs::File::open(path) {
         Ok(file) => read_key_file(path, file),
@@ -192,13 +194,10 @@ fn create_key_file(path: &Path) -> Result<StaticSecret, KeyError> {
             .create(dir)
             .map_err(create_error)?;
     }
-    let mut file = match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(file) => file,
+    let key = generate();
+    let text = format!("{}\n", encode_private(&key));
+    match crate::fs::atomic_create(path, text.as_bytes(), 0o600) {
+        Ok(()) => {}
         // Another process created it between our open and create: use theirs.
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             let file = fs::File::open(path).map_err(|source| KeyError::Read {
@@ -208,15 +207,6 @@ fn create_key_file(path: &Path) -> Result<StaticSecret, KeyError> {
             return read_key_file(path, file);
         }
         Err(e) => return Err(create_error(e)),
-    };
-    let key = generate();
-    let written = file
-        .write_all(format!("{}\n", encode_private(&key)).as_bytes())
-        .and_then(|()| file.sync_all());
-    if let Err(e) = written {
-        // Never leave a truncated key behind for the next start to trip on.
-        let _ = fs::remove_file(path);
-        return Err(create_error(e));
     }
     tracing::info!(
         path = %path.display(),
