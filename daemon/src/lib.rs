@@ -1,9 +1,11 @@
-//! Causeway daemon library: configuration, keys, the WireGuard data path and
-//! the control socket. `main.rs` is a thin CLI over this crate.
+//! Causeway daemon library; `main.rs` is a thin CLI over it.
 //!
-//! The data path ([`datapath`]) runs on two OS threads and moves packets in
-//! batches; everything else (netlink, the control socket, boringtun's
-//! timers) runs on a small tokio runtime.
+//! In layers, each using only the ones below (docs/ARCHITECTURE.md;
+//! `tests/layers.rs` checks it): [`packet`] (pure packet operations),
+//! [`views`], [`config`] (raw → parsed → loaded), [`core`] (the site core,
+//! no I/O) and [`invite`], `datapath` (the threads and tasks that move
+//! bytes and time in and out of the core), [`observe`] (status, metrics,
+//! `wg show`), and [`daemon`] (bring-up, reload, teardown).
 
 pub mod candidates;
 pub mod config;

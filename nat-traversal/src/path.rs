@@ -9,7 +9,7 @@
 //! the random generator (transaction ids, jitter) is seeded by the caller.
 //!
 //! Rules (docs/nat-traversal.md has the reasoning, the timers and the NAT
-//! matrix that tests/sim.rs checks them against):
+//! matrix that daemon/tests/nat_matrix.rs checks them against):
 //! - New candidates are all pinged at once, in a burst (0, 200 ms, 500 ms,
 //!   1 s, 2 s, 4 s), then every [`PathConfig::relay_retry_interval`] while
 //!   there is no direct path, every [`PathConfig::upgrade_interval`] once
