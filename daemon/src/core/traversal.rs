@@ -374,3 +374,83 @@ impl Site {
             .collect()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod tests {
+    use super::*;
+    use crate::core::SiteParams;
+    use x25519_dalek::StaticSecret;
+
+    #[derive(Default)]
+    struct Sent {
+        datagrams: Vec<(SocketAddr, Vec<u8>)>,
+        published: Vec<Vec<SocketAddr>>,
+    }
+
+    impl Io for Sent {
+        fn send(&mut self, to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
+            self.datagrams.push((to, bytes.to_vec()));
+            Ok(())
+        }
+        fn relay(&mut self, _: &Arc<Peer>, _: &[u8]) -> bool {
+            true
+        }
+        fn publish_candidates(&mut self, candidates: &[SocketAddr]) {
+            self.published.push(candidates.to_vec());
+        }
+    }
+
+    fn transaction(datagram: &[u8]) -> [u8; 12] {
+        match stun::parse(datagram).unwrap() {
+            StunMessage::BindingRequest { tx } => tx.0,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unanswered_stun_is_retransmitted_until_answered() {
+        let server: SocketAddr = "192.0.2.1:3478".parse().unwrap();
+        let host: SocketAddr = "192.0.2.9:51820".parse().unwrap();
+        let t0 = Instant::now();
+        let site = Site::new(
+            SiteParams {
+                private_key: StaticSecret::from([7; 32]),
+                pod_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
+                mtu: 1420,
+                traversal: Some(TraversalParams::new(vec![server], Vec::new(), vec![host])),
+                seed: 1,
+            },
+            &[],
+            t0,
+        );
+        assert_eq!(site.poll_timeout(), Some(t0));
+        let mut io = Sent::default();
+        site.handle_timeout(t0, &mut io);
+        // First timeout: the candidates go out, and one STUN request.
+        assert_eq!(io.published, vec![vec![host]]);
+        assert_eq!(io.datagrams.len(), 1);
+        let tx = transaction(&io.datagrams[0].1);
+        assert_eq!(site.poll_timeout(), Some(t0 + STUN_RTO));
+
+        // Unanswered: the same transaction again after 500 ms, then 1 s.
+        for at in [t0 + STUN_RTO, t0 + 3 * STUN_RTO] {
+            site.handle_timeout(at, &mut io);
+            let (to, last) = io.datagrams.last().unwrap();
+            assert_eq!((*to, transaction(last)), (server, tx));
+        }
+        assert_eq!(io.datagrams.len(), 3);
+
+        // The answer ends it: a new reflexive address is published, and
+        // nothing more goes out until the next STUN round.
+        let mapped: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let mut buf = [0u8; stun::MAX_ENCODED_LEN];
+        let n = stun::encode_binding_success(&TransactionId(tx), mapped, &mut buf);
+        site.handle_stun(server, &buf[..n], &mut io);
+        assert_eq!(io.published.last().unwrap(), &vec![mapped, host]);
+        let next = site.poll_timeout().unwrap();
+        assert_eq!(next, t0 + Duration::from_secs(20));
+        site.handle_timeout(t0 + Duration::from_secs(4), &mut io);
+        assert_eq!(io.datagrams.len(), 3);
+    }
+}
