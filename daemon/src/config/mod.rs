@@ -44,7 +44,7 @@ mod tests;
 pub(crate) use load::assign_views;
 pub use load::load;
 pub use parse::parse;
-pub(crate) use parse::{default_stun, parse_endpoint};
+pub(crate) use parse::{default_stun, parse_cidr, parse_endpoint};
 pub use restart::needs_restart;
 
 /// Where the site's private key lives unless `site.private_key_file` says otherwise.

@@ -471,7 +471,7 @@ fn cidr_list(p: &mut Problems<'_>, field: &str, list: Vec<String>) -> Vec<(usize
 }
 
 /// One CIDR in canonical form; on error, what is wrong.
-fn parse_cidr(text: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_cidr(text: &str) -> Result<IpNet, String> {
     match text.parse::<IpNet>() {
         Err(_) => Err(format!(
             "{text:?} is not a valid CIDR; write address/prefix-length, e.g. \"10.1.0.0/16\""

@@ -2,11 +2,21 @@
 //! for the token's site and a `[[rendezvous]]` table for each of its
 //! rendezvous servers the file does not pin yet, validated with
 //! [`config::parse`] before anything is written. Pure.
+//!
+//! Three walls keep a token's text from becoming anything but the values
+//! of the new tables: the invite is checked ([`Invite::check`]) even when
+//! it did not come from [`Invite::decode`]; every value is written as a
+//! one-line TOML basic string with quotes, backslashes and control
+//! characters escaped ([`quote`]), and comments hold only escaped text;
+//! and the parsed result must hold exactly the file's previous peers and
+//! rendezvous plus the new ones ([`check_appended`]).
 
 use std::path::PathBuf;
 
-use super::{Invite, InviteRendezvous, JoinError};
-use crate::config::{self, Config, Parsed};
+use causeway_common::problems::valid_name;
+
+use super::{Invite, InviteRendezvous, JoinError, TokenError};
+use crate::config::{self, Config, Parsed, PeerConfig, RendezvousConfig};
 use crate::keys::{self, PublicKey};
 
 /// The file's text with the peer (and rendezvous) appended, validated.
@@ -28,6 +38,15 @@ pub(super) fn append_peer(
     theirs: &Invite,
     name: Option<&str>,
 ) -> Result<Appended, JoinError> {
+    theirs.check().map_err(|refusal| TokenError::Invalid {
+        field: refusal.field,
+        reason: refusal.reason,
+    })?;
+    if let Some(name) = name.filter(|name| !valid_name(name)) {
+        return Err(JoinError::Name {
+            name: name.to_owned(),
+        });
+    }
     if theirs.public_key == *own {
         return Err(JoinError::OwnToken {
             public_key: keys::encode_public(own),
@@ -66,9 +85,12 @@ pub(super) fn append_peer(
     let renamed = if name == theirs.site {
         String::new()
     } else {
-        format!(" (site {})", theirs.site)
+        format!(" (site {})", theirs.site.escape_default())
     };
-    out += &format!("# Peer {name}{renamed}, added by `causeway join`.\n[[peer]]\n");
+    out += &format!(
+        "# Peer {}{renamed}, added by `causeway join`.\n[[peer]]\n",
+        name.escape_default()
+    );
     out += &format!("name = {}\n", quote(name));
     out += &format!(
         "public_key = {}\n",
@@ -97,7 +119,10 @@ pub(super) fn append_peer(
             rendezvous_known.push(r.clone());
             continue;
         }
-        out += &format!("\n# Rendezvous of {name}, added by `causeway join`.\n[[rendezvous]]\n");
+        out += &format!(
+            "\n# Rendezvous of {}, added by `causeway join`.\n[[rendezvous]]\n",
+            name.escape_default()
+        );
         out += &format!("address = {}\n", quote(&r.address));
         out += &format!(
             "public_key = {}\n",
@@ -112,6 +137,13 @@ pub(super) fn append_peer(
         name: name.to_owned(),
         problems: errors.problems().to_vec(),
     })?;
+    check_appended(current, &config, name, theirs, &rendezvous_added).map_err(|why| {
+        JoinError::NotJustThePeer {
+            path: PathBuf::from(origin),
+            name: name.to_owned(),
+            why,
+        }
+    })?;
     Ok(Appended {
         text: out,
         config,
@@ -120,9 +152,93 @@ pub(super) fn append_peer(
     })
 }
 
-/// A TOML basic string.
-fn quote(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
+/// Whether `after` (the file with the text appended, parsed) holds exactly
+/// `before` plus the peer `name` of `theirs` and the rendezvous `added`:
+/// the same site, the same peers and rendezvous first, then only the new
+/// ones, with the values of the token. On error, what else would change.
+pub(super) fn check_appended(
+    before: &Config<Parsed>,
+    after: &Config<Parsed>,
+    name: &str,
+    theirs: &Invite,
+    added: &[InviteRendezvous],
+) -> Result<(), String> {
+    // `SiteConfig` has no `PartialEq` (a loaded one holds the private key);
+    // a parsed one's `Debug` shows every field.
+    if format!("{:?}", before.site) != format!("{:?}", after.site) {
+        return Err("change the [site] table".into());
+    }
+    let names = |peers: &[PeerConfig<Parsed>]| -> Vec<String> {
+        peers.iter().map(|p| p.name.clone()).collect()
+    };
+    let endpoint = match theirs.endpoints.first() {
+        Some(spec) => Some(
+            config::parse_endpoint(spec)
+                .map_err(|why| format!("have endpoint {spec:?}, which {why}"))?,
+        ),
+        None => None,
+    };
+    let expected = PeerConfig {
+        name: name.to_owned(),
+        public_key: theirs.public_key,
+        cidrs: theirs.pod_cidrs.clone(),
+        views: (),
+        allow: Vec::new(),
+        endpoint,
+        persistent_keepalive: None,
+    };
+    match after.peers.split_last() {
+        Some((new, old)) if old == before.peers.as_slice() && *new == expected => {}
+        _ => {
+            return Err(format!(
+                "hold the peers {:?} instead of {:?} and {name:?}",
+                names(&after.peers),
+                names(&before.peers)
+            ));
+        }
+    }
+    let mut expected = before.rendezvous.clone();
+    for r in added {
+        let address = config::parse_endpoint(&r.address)
+            .map_err(|why| format!("have rendezvous address {:?}, which {why}", r.address))?;
+        let stun = r
+            .stun
+            .clone()
+            .unwrap_or_else(|| config::default_stun(&address));
+        let stun = config::parse_endpoint(&stun)
+            .map_err(|why| format!("have rendezvous STUN address {stun:?}, which {why}"))?;
+        expected.push(RendezvousConfig {
+            address,
+            public_key: r.public_key,
+            stun,
+        });
+    }
+    if after.rendezvous != expected {
+        return Err(format!(
+            "hold {} [[rendezvous]] tables instead of {} (or other values than the token's)",
+            after.rendezvous.len(),
+            expected.len()
+        ));
+    }
+    Ok(())
+}
+
+/// `s` as a TOML basic string on one line: `"` and `\` escaped, and every
+/// control character (newlines included) written as `\uXXXX`, so that no
+/// value can end its string, its line or its table.
+pub(super) fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out += &format!("\\u{:04X}", u32::from(c)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 #[cfg(test)]
@@ -267,24 +383,21 @@ mod tests {
             "{err}"
         );
 
-        // A name the config does not take is reported by the config check.
+        // A --name the config does not take is refused before anything
+        // is written, and never reaches the file's text.
         theirs.public_key = key(KEY_R);
-        let err = append_peer(
-            &text,
-            "c.toml",
-            &config,
-            &key(KEY_A),
-            &theirs,
-            Some("Bad Name"),
-        )
-        .unwrap_err();
-        let JoinError::Invalid { problems, .. } = err else {
-            panic!("{err:?}")
-        };
-        assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(
-            problems[0].starts_with("c.toml: peer[1] \"Bad Name\": name:"),
-            "{problems:?}"
-        );
+        for bad in ["Bad Name", "", "a\n[[peer]]", &"a".repeat(33)] {
+            let err =
+                append_peer(&text, "c.toml", &config, &key(KEY_A), &theirs, Some(bad)).unwrap_err();
+            assert!(
+                matches!(&err, JoinError::Name { name } if name == bad),
+                "{err:?}"
+            );
+            assert!(
+                err.to_string()
+                    .contains("use 1 to 32 characters from a-z, 0-9 and '-'"),
+                "{err}"
+            );
+        }
     }
 }

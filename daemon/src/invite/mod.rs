@@ -32,14 +32,29 @@
 //! right public key (the join output repeats it, to compare). Unknown JSON
 //! fields are ignored, so that later releases can add optional ones
 //! without a new version. A typical token is 250 to 400 characters long;
-//! whitespace inside it (a line broken by a mail client) is ignored.
+//! whitespace inside it (a line broken by a mail client) is ignored; one
+//! longer than [`MAX_TOKEN_LEN`] (4096) characters is refused.
+//!
+//! Every value of a decoded token is checked ([`Invite::check`]) by the
+//! rules the config file applies, and a token is refused naming the
+//! field at fault: `site` must be a peer name (`[a-z0-9-]{1,32}`), keys
+//! 32 bytes of base64, endpoints and rendezvous addresses `host:port` as
+//! the config takes them, `pod_cidrs` non-empty, in canonical form and not
+//! overlapping each other. A token's pod CIDR is also refused when it is
+//! the default route, broader than a `/8` (IPv4) or a `/32` (IPv6), or
+//! overlaps one of [`NOT_POD_NETWORKS`] ("this network" 0.0.0.0/8,
+//! loopback, link-local, multicast, 240.0.0.0/4, the unspecified IPv6
+//! address, IPv4-mapped IPv6): joining it would route traffic that is no
+//! pod network's into the tunnel. `invite` checks its own token the same
+//! way and prints none that `join` would refuse.
 //!
 //! # Join
 //!
-//! [`join`] checks the token (not damaged, of this version, not this
-//! site's own: same public key), refuses a peer whose public key or name
-//! the file already has (naming that peer), then appends to the file, as
-//! text so that the operator's comments and layout stay:
+//! [`join`] checks the token (not damaged, of this version, every value
+//! as above, not this site's own: same public key) and `--name`, refuses a
+//! peer whose public key or name the file already has (naming that peer),
+//! then appends to the file, as text so that the operator's comments and
+//! layout stay:
 //!
 //! - a `[[peer]]` table: `name` (the token's site name, or `--name`),
 //!   `public_key`, `cidrs` (the token's `pod_cidrs`, which may overlap ours:
@@ -50,10 +65,16 @@
 //!
 //! Appending at the end is always safe in TOML: a `[[peer.allow]]` written
 //! before stays with its own peer, and nothing of the operator's can attach
-//! to the new tables. The new text is validated with [`config::parse`] and
-//! the views the new peer would get are computed from `views.json` (read,
-//! never written) before anything is written; on any problem the file is
-//! left untouched and every problem reported. The file is then replaced
+//! to the new tables. Every value is written as a one-line TOML basic
+//! string (quotes, backslashes and control characters escaped), and the
+//! comments above the tables hold only the checked names. The new text is
+//! validated with [`config::parse`], which must give exactly the file's
+//! previous site, peers and rendezvous plus the new ones with the token's
+//! values, and the views the new peer would get are computed from
+//! `views.json` (read, never written) before anything is written: a token
+//! CIDR that overlaps this site's networks gets a view, and one that
+//! cannot get one (no room in `remap_pool`) is refused. On any problem the
+//! file is left untouched and every problem reported. The file is then replaced
 //! atomically (a temporary file in the same directory, then a rename,
 //! keeping its mode and owner; a symbolic link is followed and its target
 //! replaced), and only if it did not change while `join` ran.
@@ -79,12 +100,17 @@ use crate::views::{self, Persisted};
 mod append;
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod hostile;
 mod report;
 mod token;
 
 use append::append_peer;
 use token::check_endpoint;
-pub use token::{Invite, InviteRendezvous, TOKEN_PREFIX, TOKEN_VERSION, TokenError};
+pub use token::{
+    Invite, InviteRendezvous, MAX_TOKEN_LEN, MIN_POD_PREFIX_V4, MIN_POD_PREFIX_V6,
+    NOT_POD_NETWORKS, Refusal, TOKEN_PREFIX, TOKEN_VERSION, TokenError,
+};
 
 /// Why `causeway invite` printed no token.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +141,14 @@ pub enum InviteError {
         spec: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// `causeway join` would refuse the token (see [`Invite::check`]).
+    #[error("{}: no token printed: `causeway join` would refuse it: {}: {}", path.display(), refusal.field, refusal.reason)]
+    Unjoinable {
+        /// The config file.
+        path: PathBuf,
+        /// What `join` would refuse.
+        refusal: Refusal,
     },
 }
 
@@ -151,6 +185,14 @@ pub enum JoinError {
         /// What went wrong with the key.
         source: KeyError,
     },
+    /// `--name` is not a valid peer name.
+    #[error(
+        "--name {name:?} is not a valid peer name; use 1 to 32 characters from a-z, 0-9 and '-'; nothing was changed"
+    )]
+    Name {
+        /// The name as given.
+        name: String,
+    },
     /// The token was made by this very site.
     #[error(
         "this token is this site's own invite (public key {public_key}): send it to the other site, and join the token it prints; nothing was changed"
@@ -175,6 +217,17 @@ pub enum JoinError {
         name: String,
         /// Every problem, one line each, naming the file and the field.
         problems: Vec<String>,
+    },
+    /// The file with the new text appended would not hold exactly what it
+    /// held before plus the one peer (and its rendezvous): a bug of `join`.
+    #[error("{}: with the text for peer {name:?} appended, the file would {why}; nothing was changed (this is a bug of `causeway join`: please report it with the token)", path.display())]
+    NotJustThePeer {
+        /// The config file.
+        path: PathBuf,
+        /// The name the peer would have had.
+        name: String,
+        /// What else would have changed.
+        why: String,
     },
     /// `<state_dir>/views.json` could not be read to check the views.
     #[error("{}: site.state_dir: {source}; nothing was changed", path.display())]
@@ -223,7 +276,12 @@ pub fn invite(path: &Path, endpoints: &[String]) -> Result<Invite, InviteError> 
                 source,
             }
         })?;
-    Ok(Invite::of_site(&config, PublicKey::from(&key), endpoints))
+    let invite = Invite::of_site(&config, PublicKey::from(&key), endpoints);
+    invite.check().map_err(|refusal| InviteError::Unjoinable {
+        path: path.to_owned(),
+        refusal,
+    })?;
+    Ok(invite)
 }
 
 /// What [`join`] did.
@@ -445,6 +503,14 @@ mod tests {
         fs::write(&path, "[site]\n").unwrap();
         let err = super::invite(&path, &[]).unwrap_err();
         assert!(matches!(err, InviteError::Config(_)), "{err:?}");
+
+        // No token is printed that `join` would refuse.
+        fs::write(&path, text.replace("10.0.0.0/16", "16.0.0.0/4")).unwrap();
+        let err = super::invite(&path, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("no token printed: `causeway join` would refuse it: pod_cidrs[0]: 16.0.0.0/4 is broader than /8"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,21 +2,66 @@
 //! its one-line text form (see the [module doc](super) for the format).
 //! Pure: no files, no network.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use causeway_common::problems::valid_name;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, Config, Parsed};
 use crate::keys::{self, PublicKey};
+use crate::views::overlaps;
 
 /// The version of the token format this release writes and reads.
 pub const TOKEN_VERSION: u32 = 1;
 
 /// What every token starts with, before its version and a `.`.
 pub const TOKEN_PREFIX: &str = "cw";
+
+/// The longest token read, in characters (whitespace not counted). A
+/// typical token is 250 to 400 characters long.
+pub const MAX_TOKEN_LEN: usize = 4096;
+
+/// The broadest IPv4 pod CIDR a token may carry: a `/8`. Anything broader
+/// would route a large part of the Internet into the tunnel.
+pub const MIN_POD_PREFIX_V4: u8 = 8;
+
+/// The broadest IPv6 pod CIDR a token may carry: a `/32`.
+pub const MIN_POD_PREFIX_V6: u8 = 32;
+
+/// Networks that are no site's pod network: a token's pod CIDR may not
+/// overlap any of them.
+pub const NOT_POD_NETWORKS: [(IpNet, &str); 10] = [
+    (v4(0, 0, 0, 0, 8), "\"this network\""),
+    (v4(127, 0, 0, 0, 8), "loopback"),
+    (v4(169, 254, 0, 0, 16), "link-local"),
+    (v4(224, 0, 0, 0, 4), "multicast"),
+    (v4(240, 0, 0, 0, 4), "reserved and broadcast"),
+    (v6(Ipv6Addr::UNSPECIFIED, 128), "unspecified"),
+    (v6(Ipv6Addr::LOCALHOST, 128), "loopback"),
+    (
+        v6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96),
+        "IPv4-mapped",
+    ),
+    (
+        v6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10),
+        "link-local",
+    ),
+    (
+        v6(Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8),
+        "multicast",
+    ),
+];
+
+const fn v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> IpNet {
+    IpNet::new_assert(IpAddr::V4(Ipv4Addr::new(a, b, c, d)), len)
+}
+
+const fn v6(addr: Ipv6Addr, len: u8) -> IpNet {
+    IpNet::new_assert(IpAddr::V6(addr), len)
+}
 
 /// What a site tells another one so that it can be added as a peer: the
 /// content of an invite token.
@@ -60,6 +105,14 @@ pub enum TokenError {
     Version {
         /// The version the token says it is.
         found: u64,
+    },
+    /// Longer than [`MAX_TOKEN_LEN`]: no token `causeway invite` prints.
+    #[error(
+        "the invite token is {len} characters long, more than the {MAX_TOKEN_LEN} a token may have; copy only the line printed by `causeway invite`"
+    )]
+    TooLong {
+        /// Its length, whitespace not counted.
+        len: usize,
     },
     /// Not base64url, or not the JSON expected: cut short or altered.
     #[error(
@@ -165,9 +218,15 @@ impl Invite {
         )
     }
 
-    /// Reads a token; whitespace anywhere in it is ignored.
+    /// Reads a token; whitespace anywhere in it is ignored. Every value is
+    /// checked as [`check`](Self::check) does; on any problem the error
+    /// names the token field.
     pub fn decode(token: &str) -> Result<Invite, TokenError> {
         let token: String = token.chars().filter(|c| !c.is_whitespace()).collect();
+        let len = token.chars().count();
+        if len > MAX_TOKEN_LEN {
+            return Err(TokenError::TooLong { len });
+        }
         let (head, body) = token.split_once('.').ok_or(TokenError::NotAToken)?;
         let version = head
             .strip_prefix(TOKEN_PREFIX)
@@ -188,51 +247,24 @@ impl Invite {
         if wire.v != u64::from(TOKEN_VERSION) {
             return Err(TokenError::Version { found: wire.v });
         }
-        let invalid = |field: &str, reason: String| TokenError::Invalid {
-            field: field.into(),
-            reason,
-        };
-        if wire.site.is_empty() {
-            return Err(invalid("site", "the site name is empty".into()));
-        }
+        let invalid = |field: String, reason: String| TokenError::Invalid { field, reason };
         let public_key = keys::decode_public(&wire.public_key)
-            .map_err(|e| invalid("public_key", e.to_string()))?;
-        if wire.pod_cidrs.is_empty() {
-            return Err(invalid("pod_cidrs", "the list is empty".into()));
-        }
+            .map_err(|e| invalid("public_key".into(), e.to_string()))?;
         let pod_cidrs = wire
             .pod_cidrs
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                c.parse::<IpNet>().map_err(|_| {
-                    invalid(&format!("pod_cidrs[{i}]"), format!("{c:?} is not a CIDR"))
-                })
+                config::parse_cidr(c).map_err(|why| invalid(format!("pod_cidrs[{i}]"), why))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        for (i, endpoint) in wire.endpoints.iter().enumerate() {
-            check_endpoint(endpoint).map_err(|why| {
-                invalid(&format!("endpoints[{i}]"), format!("{endpoint:?} {why}"))
-            })?;
-        }
         let rendezvous = wire
             .rendezvous
             .into_iter()
             .enumerate()
             .map(|(i, r)| {
-                check_endpoint(&r.address).map_err(|why| {
-                    invalid(
-                        &format!("rendezvous[{i}].address"),
-                        format!("{:?} {why}", r.address),
-                    )
-                })?;
-                if let Some(stun) = &r.stun {
-                    check_endpoint(stun).map_err(|why| {
-                        invalid(&format!("rendezvous[{i}].stun"), format!("{stun:?} {why}"))
-                    })?;
-                }
                 let public_key = keys::decode_public(&r.public_key)
-                    .map_err(|e| invalid(&format!("rendezvous[{i}].public_key"), e.to_string()))?;
+                    .map_err(|e| invalid(format!("rendezvous[{i}].public_key"), e.to_string()))?;
                 Ok(InviteRendezvous {
                     address: r.address,
                     public_key,
@@ -240,13 +272,143 @@ impl Invite {
                 })
             })
             .collect::<Result<Vec<_>, TokenError>>()?;
-        Ok(Invite {
+        let invite = Invite {
             site: wire.site,
             public_key,
             pod_cidrs,
             endpoints: wire.endpoints,
             rendezvous,
-        })
+        };
+        invite
+            .check()
+            .map_err(|Refusal { field, reason }| invalid(field, reason))?;
+        Ok(invite)
+    }
+
+    /// Checks every value against the rules the config file applies, so
+    /// that `join` can add the peer without any of them leaving its TOML
+    /// string, and against the rules for what a peer may route here:
+    ///
+    /// - `site`: a peer name, `[a-z0-9-]{1,32}`;
+    /// - `pod_cidrs`: at least one, none overlapping another, each at most
+    ///   as broad as [`MIN_POD_PREFIX_V4`] / [`MIN_POD_PREFIX_V6`] (so not
+    ///   the default route), none overlapping [`NOT_POD_NETWORKS`], each in
+    ///   canonical form (no host bits set);
+    /// - `endpoints`, and the `address` and `stun` of each rendezvous:
+    ///   `host:port` as the config file takes it;
+    /// - the encoded token at most [`MAX_TOKEN_LEN`] characters long.
+    ///
+    /// (Keys are checked when decoding: the type holds only valid ones.)
+    /// `causeway invite` checks its own
+    /// invite this way too, so that it never prints a token `join` refuses.
+    pub fn check(&self) -> Result<(), Refusal> {
+        let refuse = |field: String, reason: String| Err(Refusal { field, reason });
+        if !valid_name(&self.site) {
+            return refuse(
+                "site".into(),
+                format!(
+                    "{} is not a valid site name (1 to 32 characters from a-z, 0-9 and '-')",
+                    shown(&self.site)
+                ),
+            );
+        }
+        if self.pod_cidrs.is_empty() {
+            return refuse("pod_cidrs".into(), "the list is empty".into());
+        }
+        for (i, net) in self.pod_cidrs.iter().enumerate() {
+            if let Err(reason) = check_pod_cidr(net) {
+                return refuse(format!("pod_cidrs[{i}]"), reason);
+            }
+            if let Some((k, earlier)) = self.pod_cidrs[..i]
+                .iter()
+                .enumerate()
+                .find(|(_, earlier)| overlaps(earlier, net))
+            {
+                return refuse(
+                    format!("pod_cidrs[{i}]"),
+                    format!("{net} overlaps pod_cidrs[{k}] {earlier}"),
+                );
+            }
+        }
+        let endpoint = |field: String, spec: &str| match check_endpoint(spec) {
+            Ok(()) => Ok(()),
+            Err(why) => refuse(field, format!("{} {why}", shown(spec))),
+        };
+        for (i, spec) in self.endpoints.iter().enumerate() {
+            endpoint(format!("endpoints[{i}]"), spec)?;
+        }
+        for (i, r) in self.rendezvous.iter().enumerate() {
+            endpoint(format!("rendezvous[{i}].address"), &r.address)?;
+            if let Some(stun) = &r.stun {
+                endpoint(format!("rendezvous[{i}].stun"), stun)?;
+            }
+        }
+        let len = self.encode().chars().count();
+        if len > MAX_TOKEN_LEN {
+            return refuse(
+                "length".into(),
+                format!(
+                    "the token would be {len} characters long, more than {MAX_TOKEN_LEN}; list fewer pod_cidrs, endpoints or rendezvous"
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Why [`Invite::check`] refused an invite: the token field at fault and
+/// what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The token field, e.g. `pod_cidrs[1]`.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Whether `net` may be a pod network of a peer: in canonical form (no
+/// host bits set, as the config file requires), not broader than a `/8`
+/// (IPv4) or `/32` (IPv6), and overlapping none of [`NOT_POD_NETWORKS`].
+fn check_pod_cidr(net: &IpNet) -> Result<(), String> {
+    if *net != net.trunc() {
+        return Err(format!(
+            "{net} has host bits set; the network is {}",
+            net.trunc()
+        ));
+    }
+    let broadest = match net {
+        IpNet::V4(_) => MIN_POD_PREFIX_V4,
+        IpNet::V6(_) => MIN_POD_PREFIX_V6,
+    };
+    if net.prefix_len() == 0 {
+        return Err(format!(
+            "{net} is the default route: it would send all of this site's traffic into the tunnel; pod_cidrs must list only the site's own pod networks"
+        ));
+    }
+    if net.prefix_len() < broadest {
+        return Err(format!(
+            "{net} is broader than /{broadest}: it would route a large part of the Internet into the tunnel; pod_cidrs must list the site's own pod networks, each /{MIN_POD_PREFIX_V4} or narrower (IPv6: /{MIN_POD_PREFIX_V6} or narrower)"
+        ));
+    }
+    if let Some((special, what)) = NOT_POD_NETWORKS.iter().find(|(s, _)| overlaps(s, net)) {
+        return Err(format!(
+            "{net} overlaps {special} ({what}), which is no pod network"
+        ));
+    }
+    Ok(())
+}
+
+/// A value from a token as an error message shows it: quoted, control
+/// characters escaped, and cut after 64 characters.
+fn shown(value: &str) -> String {
+    const MAX: usize = 64;
+    match value.char_indices().nth(MAX) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!(
+            "{:?}… ({} characters)",
+            &value[..end],
+            value.chars().count()
+        ),
     }
 }
 
