@@ -206,3 +206,81 @@ fn a_peer_whose_pod_cidrs_overlap_ours_is_joined_with_a_view() {
         "10.0.0.0/16 seen as 100.64.0.0/16"
     );
 }
+
+/// A token with `json` inside, as `causeway invite` would print it.
+fn token_of(json: &serde_json::Value) -> String {
+    use base64::Engine;
+    format!(
+        "cw1.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+    )
+}
+
+#[test]
+fn a_hostile_token_is_refused_and_changes_nothing() {
+    let a = SiteFiles::new();
+    let b = SiteFiles::new();
+    let b_path = write_site(&b, "b", "10.1.0.0/16", "");
+    let before = std::fs::read(&b_path).expect("read");
+    let evil_key = SiteFiles::new().public_key;
+    // A site name that closes the comment `join` writes and adds a peer of
+    // its own, routing half of the IPv4 Internet into the tunnel.
+    let injected = format!(
+        "x\n[[peer]]\nname = \"evil\"\npublic_key = \"{evil_key}\"\ncidrs = [\"128.0.0.0/1\"]\n#"
+    );
+    let token = |site: &str, pod_cidrs: &[&str]| {
+        token_of(&serde_json::json!({
+            "v": 1, "site": site, "public_key": a.public_key, "pod_cidrs": pod_cidrs,
+        }))
+    };
+    let cases = [
+        // (token, --name, what the error must say)
+        (
+            token(&injected, &["10.0.0.0/16"]),
+            Some("a"),
+            "invalid site: \"x\\n[[peer]]",
+        ),
+        (
+            token(&injected, &["10.0.0.0/16"]),
+            None,
+            "is not a valid site name",
+        ),
+        (
+            token("a", &["0.0.0.0/1"]),
+            None,
+            "invalid pod_cidrs[0]: 0.0.0.0/1 is broader than /8",
+        ),
+        (
+            token("a", &["10.0.0.0/16", "::/0"]),
+            None,
+            "invalid pod_cidrs[1]: ::/0 is the default route",
+        ),
+        (
+            token("a", &["127.0.0.0/8"]),
+            None,
+            "invalid pod_cidrs[0]: 127.0.0.0/8 overlaps 127.0.0.0/8 (loopback)",
+        ),
+    ];
+    for (token, name, expected) in cases {
+        let mut args = vec!["join", token.as_str()];
+        if let Some(name) = name {
+            args.extend(["--name", name]);
+        }
+        let out = causeway(&args, &b_path);
+        let err = stderr(&out);
+        assert!(
+            !out.status.success(),
+            "{args:?} was accepted:\n{}\n{}",
+            stdout(&out),
+            String::from_utf8_lossy(&std::fs::read(&b_path).expect("read"))
+        );
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(err.contains("ask the other site for a new token"), "{err}");
+        assert_eq!(stdout(&out), "", "{args:?}");
+        assert_eq!(
+            std::fs::read(&b_path).expect("read"),
+            before,
+            "{args:?} changed the file"
+        );
+    }
+}
