@@ -4,7 +4,7 @@
 
 mod cell;
 pub(crate) mod daemon;
-mod procfs;
+pub(crate) mod procfs;
 mod report;
 mod results;
 mod svg;
