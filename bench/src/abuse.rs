@@ -8,7 +8,9 @@
 //! - *strangers* open connections, each from a new source port, and never
 //!   authenticate: a third stay silent, a third announce a maximal (1 MiB)
 //!   control frame and send as much of it as flow control lets through, a
-//!   third send a hello-sized frame of garbage; all send maximal datagrams;
+//!   third send a hello-sized frame of garbage; all send 1.25 MB of
+//!   maximal datagrams (quinn's default receive buffer) as fast as
+//!   congestion control allows;
 //! - a *flooder* holds a valid site key (listed in the rendezvous config):
 //!   it authenticates once, floods registrations (2,000 bogus peers, 40
 //!   candidates each) and replays its hello on new connections.
@@ -51,6 +53,9 @@ const SERVER_NAME: &str = "causeway-rendezvous";
 const GIVE_UP: Duration = Duration::from_secs(20);
 /// Connection attempts one stranger keeps in flight.
 const IN_FLIGHT: usize = 64;
+/// Datagram bytes each stranger connection sends: quinn's default
+/// datagram receive buffer (1.25 MB).
+const DATAGRAM_BYTES: usize = 1_250_000;
 /// Concurrent replayers of the valid site's hello.
 const REPLAYERS: u32 = 4;
 /// Bogus peers in each flooded registration.
@@ -585,16 +590,29 @@ async fn stranger(target: SocketAddr, i: u32, deadline: tokio::time::Instant) ->
     let Some((_ep, conn)) = dial(target, &mut r).await else {
         return r;
     };
-    if let Some(max) = conn.max_datagram_size() {
-        for _ in 0..64 {
-            if conn.send_datagram(vec![0xa5; max].into()).is_ok() {
-                r.datagrams += 1;
+    // Maximal datagrams, as many as quinn's default receive buffer holds,
+    // at the pace congestion control allows.
+    let datagrams = async {
+        let mut sent = 0u64;
+        if let Some(max) = conn.max_datagram_size() {
+            for _ in 0..DATAGRAM_BYTES / max {
+                let send = conn.send_datagram_wait(vec![0xa5; max].into());
+                match tokio::time::timeout_at(deadline, send).await {
+                    Ok(Ok(())) => sent += 1,
+                    _ => break,
+                }
             }
         }
-    }
-    if !i.is_multiple_of(3)
-        && let Ok(mut send) = conn.open_bi().await.map(|(s, _)| s)
-    {
+        sent
+    };
+    let frame = async {
+        let mut written = 0u64;
+        if i.is_multiple_of(3) {
+            return written;
+        }
+        let Ok(mut send) = conn.open_bi().await.map(|(s, _)| s) else {
+            return written;
+        };
         let (len, body) = if i % 3 == 1 {
             (1u32 << 20, 1 << 20)
         } else {
@@ -606,11 +624,15 @@ async fn stranger(target: SocketAddr, i: u32, deadline: tokio::time::Instant) ->
         // closes the connection or the attack ends.
         for chunk in frame.chunks(16 * 1024) {
             match tokio::time::timeout_at(deadline, send.write_all(chunk)).await {
-                Ok(Ok(())) => r.stream_bytes += chunk.len() as u64,
+                Ok(Ok(())) => written += chunk.len() as u64,
                 _ => break,
             }
         }
-    }
+        written
+    };
+    let (sent, written) = tokio::join!(datagrams, frame);
+    r.datagrams += sent;
+    r.stream_bytes += written;
     // Hold the connection until the rendezvous closes it or the attack ends.
     match tokio::time::timeout_at(deadline, conn.closed()).await {
         Ok(e) => *r.closes.entry(close_name(&e)).or_default() += 1,
