@@ -855,3 +855,34 @@ async fn an_oversized_frame_before_authentication_closes_the_connection() {
     assert_eq!(server.stats.abuse().auth_failures, 1);
     server.stop().await;
 }
+
+/// A connection that never says hello is closed within 5 s of its first
+/// packet (the QUIC handshake counts), and its place is given back.
+#[tokio::test]
+async fn a_silent_connection_is_closed_within_5_s() {
+    let a = site("a");
+    let (server, _) = start_server(&[&a]);
+    let ep = stranger_endpoint("127.0.0.1:0");
+    let started = std::time::Instant::now();
+    let conn = ep
+        .connect(server.addr, "causeway-rendezvous")
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(server.stats.pending_auth(), 1);
+    let closed = timeout(Duration::from_secs(7), conn.closed())
+        .await
+        .expect("closed at the authentication timeout");
+    let elapsed = started.elapsed();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(
+            c.error_code.into_inner(),
+            u64::from(causeway_nat::rendezvous::CloseCode::Timeout.as_u32())
+        ),
+        e => panic!("{e:?}"),
+    }
+    assert!(elapsed <= Duration::from_millis(5_500), "{elapsed:?}");
+    assert_eq!(server.stats.pending_auth(), 0);
+    assert_eq!(server.stats.abuse().auth_timeouts, 1);
+    server.stop().await;
+}

@@ -1,5 +1,5 @@
 //! What the rendezvous allows each client, without I/O: connections
-//! waiting to authenticate (in all and per source address), registrations
+//! waiting to authenticate (in all and per source), registrations
 //! per site (a token bucket that coalesces the excess), and the peer
 //! updates queued for one site (one per peer, the latest).
 //!
@@ -14,7 +14,7 @@ use super::registry::{SiteKey, Update};
 
 /// Most connections authenticating at once, from all sources.
 pub(crate) const MAX_PENDING_AUTH: usize = 256;
-/// Most connections authenticating at once from one source address.
+/// Most connections authenticating at once from one source (see [`source`]).
 pub(crate) const MAX_PENDING_PER_IP: usize = 8;
 /// Above this many connections authenticating at once, a new connection
 /// from an address not yet validated is sent a QUIC Retry first.
@@ -40,7 +40,21 @@ pub(crate) enum Admission {
     Refuse,
 }
 
-/// Connections waiting to authenticate, in all and per source address.
+/// The source a connection counts against: its IPv4 address, or the /64
+/// of its IPv6 address (one host, or one subnet's worth of them, usually
+/// holds a whole /64).
+pub(crate) fn source(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// Connections waiting to authenticate, in all and per source (see
+/// [`source`]).
 #[derive(Debug, Default)]
 pub(crate) struct PendingTable {
     total: usize,
@@ -55,6 +69,7 @@ impl PendingTable {
     /// already has a connection authenticating or when many are, so that a
     /// spoofed source cannot use up another address' share.
     pub(crate) fn admit(&mut self, ip: IpAddr, validated: bool) -> Admission {
+        let ip = source(ip);
         let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
         if self.total >= MAX_PENDING_AUTH || from_ip >= MAX_PENDING_PER_IP {
             return Admission::Refuse;
@@ -69,6 +84,7 @@ impl PendingTable {
 
     /// Gives back the slot an accepted connection from `ip` held.
     pub(crate) fn release(&mut self, ip: IpAddr) {
+        let ip = source(ip);
         if let Some(n) = self.per_ip.get_mut(&ip) {
             self.total = self.total.saturating_sub(1);
             *n = n.saturating_sub(1);
@@ -119,13 +135,14 @@ impl<T> Coalescer<T> {
         }
     }
 
-    /// `item` arrived: returned if it may be applied now, else kept (in
-    /// place of any item already waiting, which is returned nowhere: the
-    /// newer one supersedes it).
+    /// `item` arrived: returned if it may be applied now, else kept; either
+    /// way it supersedes any item already waiting (which is dropped).
     pub(crate) fn offer(&mut self, now: Instant, item: T) -> Option<T> {
         self.refill(now);
-        if self.waiting.is_none() && self.tokens > 0 {
+        if self.tokens > 0 {
+            // A waiting item whose token has come is superseded by this one.
             self.tokens -= 1;
+            self.waiting = None;
             return Some(item);
         }
         self.waiting = Some(item);
@@ -235,6 +252,24 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_source_is_its_slash_64() {
+        let mut t = PendingTable::default();
+        for i in 0..MAX_PENDING_PER_IP as u16 {
+            let ip = IpAddr::from([0x2001, 0xdb8, 0, 1, i, i, i, i]);
+            assert_eq!(t.admit(ip, true), Admission::Accept);
+        }
+        let same_64 = IpAddr::from([0x2001, 0xdb8, 0, 1, 0xffff, 0, 0, 9]);
+        assert_eq!(t.admit(same_64, true), Admission::Refuse);
+        let other_64 = IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1]);
+        assert_eq!(t.admit(other_64, true), Admission::Accept);
+        // IPv4-mapped addresses count as the IPv4 address.
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(source(mapped), ip(1));
+        t.release(IpAddr::from([0x2001, 0xdb8, 0, 1, 7, 7, 7, 7]));
+        assert_eq!(t.admit(same_64, true), Admission::Accept);
+    }
+
+    #[test]
     fn many_sources_fill_the_global_pool_then_are_refused() {
         let mut t = PendingTable::default();
         let mut n = 0usize;
@@ -285,6 +320,11 @@ mod tests {
         assert_eq!(c.offer(wake, 1000), None);
         assert_eq!(c.offer(wake, 1001), None);
         assert_eq!(c.poll(wake + Duration::from_millis(100)), Some(1001));
+        // A token that came while one waits goes to the newest at once.
+        assert_eq!(c.offer(wake + Duration::from_millis(150), 1002), None);
+        assert_eq!(c.offer(wake + Duration::from_millis(200), 1003), Some(1003));
+        assert_eq!(c.wake_at(), None);
+        assert_eq!(c.poll(wake + Duration::from_secs(1)), None);
         // Idle refills the bucket, to the burst and no more.
         let later = wake + Duration::from_secs(10);
         for i in 0..3 {

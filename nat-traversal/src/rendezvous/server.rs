@@ -98,7 +98,7 @@ pub struct SiteStats {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct AbuseCounters {
     /// Connection attempts refused: too many authenticating, in all or from
-    /// their source address.
+    /// their source.
     pub refused: u64,
     /// Connection attempts asked to validate their address (QUIC Retry).
     pub retried: u64,
