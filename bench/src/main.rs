@@ -10,7 +10,11 @@
 //!   boringtun-cli, interleaved run by run; writes a Markdown table, a JSON
 //!   file and an SVG chart.
 //! - `demo`: joins two sites with the real daemon and shows traffic crossing.
+//! - `abuse`: attacks a live rendezvous in a lab while a legitimate pair of
+//!   sites registers and relays; reports the rendezvous' memory and CPU and
+//!   the pair's times.
 
+mod abuse;
 mod client;
 mod demo;
 mod interrupt;
@@ -39,6 +43,46 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Attack a live rendezvous in a lab (thousands of unauthenticated
+    /// connections, maximal pre-authentication frames and datagrams,
+    /// replayed hellos, a registration flood from a valid site) while a
+    /// legitimate pair of `causeway up` daemons behind symmetric NATs
+    /// registers and relays. Reports the rendezvous' peak RSS and CPU
+    /// seconds and the pair's time to registration and to its first
+    /// relayed packet. Needs root; tears the lab down.
+    Abuse {
+        /// The `causeway` binary (default: next to this one).
+        #[arg(long)]
+        causeway: Option<PathBuf>,
+        /// Connection attempts of all strangers together.
+        #[arg(long, default_value_t = 2000)]
+        connections: u32,
+        /// Stranger sites, each with its own address (1 to 16).
+        #[arg(long, default_value_t = 4)]
+        strangers: u32,
+        /// How long the attack lasts, in seconds (at most 120).
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One attacker of `abuse` (started by it in an attacker's namespace).
+    #[command(hide = true)]
+    AbuseWorker {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        connections: u32,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long)]
+        site_key_file: Option<PathBuf>,
+        #[arg(long)]
+        rendezvous_key: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<String>,
+    },
     /// Join two sites in a local lab and show traffic crossing (needs root).
     Demo {
         /// The causeway binary [default: next to this one].
@@ -151,6 +195,34 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Abuse {
+            causeway,
+            connections,
+            strangers,
+            seconds,
+            json,
+        } => abuse::run(abuse::Args {
+            causeway,
+            connections,
+            strangers,
+            seconds,
+            json,
+        }),
+        Command::AbuseWorker {
+            target,
+            connections,
+            seconds,
+            site_key_file,
+            rendezvous_key,
+            peers,
+        } => abuse::worker(abuse::WorkerArgs {
+            target,
+            connections,
+            seconds,
+            site_key_file,
+            rendezvous_key,
+            peers,
+        }),
         Command::Demo {
             causeway,
             seconds,

@@ -180,6 +180,62 @@ fn lab_smoke_writes_a_well_formed_report() {
     assert_no_leftovers(pid);
 }
 
+/// A short `causeway-bench abuse`: the attack runs against a live
+/// rendezvous and the legitimate pair still registers and relays.
+#[test]
+fn abuse_smoke_the_pair_gets_through_the_attack() {
+    if !is_root() {
+        eprintln!("skipped: the lab needs root (network namespaces)");
+        return;
+    }
+    let bench = Path::new(env!("CARGO_BIN_EXE_causeway-bench"));
+    if !bench.with_file_name("causeway").exists() {
+        eprintln!("skipped: build the causeway binary first (cargo build -p causeway)");
+        return;
+    }
+    let child = Command::new(bench)
+        .args([
+            "abuse",
+            "--connections",
+            "150",
+            "--strangers",
+            "2",
+            "--seconds",
+            "3",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run causeway-bench abuse");
+    let pid = child.id();
+    let run = child
+        .wait_with_output()
+        .expect("wait for causeway-bench abuse");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "causeway-bench abuse failed:\n{stdout}\n{stderr}"
+    );
+    eprintln!("{stdout}");
+    let r: Value = serde_json::from_str(&stdout).expect("a JSON report");
+    assert_eq!(r["path"], "relay", "{r}");
+    let registration = r["registration_ms"].as_u64().expect("registration_ms");
+    let relayed = r["first_relayed_ms"].as_u64().expect("first_relayed_ms");
+    assert!(registration > 0 && relayed >= registration, "{r}");
+    let attack = &r["attack"];
+    assert!(attack["attempts"].as_u64().is_some_and(|n| n >= 150), "{r}");
+    assert!(
+        attack["registrations"].as_u64().is_some_and(|n| n > 0),
+        "{r}"
+    );
+    assert!(attack["replays"].as_u64().is_some_and(|n| n > 0), "{r}");
+    assert_eq!(attack["replays_welcomed"], 0, "{r}");
+    assert!(r["rss_peak_mib"].as_f64().is_some_and(|m| m > 0.0), "{r}");
+    assert_no_leftovers(pid);
+}
+
 fn check_metric(system: &str, name: &str, v: &Value) {
     match v {
         Value::String(s) => assert_eq!(s, "not_applicable", "{system} {name}"),

@@ -718,3 +718,171 @@ async fn started_client_connects_once_the_rendezvous_is_up() {
     cb.close().await;
     server.stop().await;
 }
+
+/// Accepts any server certificate (the tests below are not sites; they
+/// only need a QUIC connection to the rendezvous).
+#[derive(Debug)]
+struct AnyCert(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A QUIC client endpoint on `bind` that speaks the rendezvous' ALPN but
+/// never authenticates.
+fn stranger_endpoint(bind: &str) -> quinn::Endpoint {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"causeway-rendezvous/1".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client(bind.parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    ep
+}
+
+/// One source opens many connections and never authenticates: only a few
+/// are let in to authenticate at once, the rest are refused, and a site
+/// from another address still connects and is introduced.
+#[tokio::test]
+async fn one_source_cannot_lock_out_the_others() {
+    let a = site("a");
+    let b = site("b");
+    let (server, _) = start_server(&[&a, &b]);
+    // The attacker is 127.0.0.2; the sites dial from 127.0.0.1.
+    let attacker = stranger_endpoint("127.0.0.2:0");
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..40 {
+        match timeout(
+            WAIT,
+            attacker
+                .connect(server.addr, "causeway-rendezvous")
+                .unwrap(),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => {
+                // Datagrams before authentication are dropped unread.
+                let _ = conn.send_datagram(vec![0u8; 1000].into());
+                held.push(conn);
+            }
+            Ok(Err(_)) => refused += 1,
+            Err(_) => panic!("a connection attempt neither succeeded nor failed"),
+        }
+    }
+    assert!(
+        held.len() <= 8,
+        "{} of 40 connections from one source are authenticating",
+        held.len()
+    );
+    assert_eq!(held.len() + refused, 40);
+    let abuse = server.stats.abuse();
+    assert!(abuse.refused >= 32, "{abuse:?}");
+    let mut ca = connect(&server, &a, &[&b]).await.unwrap();
+    let mut cb = connect(&server, &b, &[&a]).await.unwrap();
+    expect_online(&mut ca, &b, &[]).await;
+    expect_online(&mut cb, &a, &[]).await;
+    assert!(server.stats.abuse().unauthenticated_datagrams >= 1);
+    ca.close().await;
+    cb.close().await;
+    drop(held);
+    server.stop().await;
+}
+
+/// Before authentication a frame may not be longer than a hello: an
+/// oversized length prefix closes the connection at once, with a protocol
+/// error, before its body is read.
+#[tokio::test]
+async fn an_oversized_frame_before_authentication_closes_the_connection() {
+    let a = site("a");
+    let (server, _) = start_server(&[&a]);
+    let ep = stranger_endpoint("127.0.0.1:0");
+    let conn = ep
+        .connect(server.addr, "causeway-rendezvous")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&4096u32.to_be_bytes()).await.unwrap();
+    send.write_all(&[b' '; 1000]).await.unwrap();
+    let closed = timeout(Duration::from_secs(2), conn.closed())
+        .await
+        .expect("closed at once, not at the authentication timeout");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                c.error_code.into_inner(),
+                u64::from(causeway_nat::rendezvous::CloseCode::Protocol.as_u32())
+            );
+            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+            assert!(reason.contains("4096"), "{reason}");
+        }
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(server.stats.abuse().auth_failures, 1);
+    server.stop().await;
+}
+
+/// A connection that never says hello is closed within 5 s of its first
+/// packet (the QUIC handshake counts), and its place is given back.
+#[tokio::test]
+async fn a_silent_connection_is_closed_within_5_s() {
+    let a = site("a");
+    let (server, _) = start_server(&[&a]);
+    let ep = stranger_endpoint("127.0.0.1:0");
+    let started = std::time::Instant::now();
+    let conn = ep
+        .connect(server.addr, "causeway-rendezvous")
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(server.stats.pending_auth(), 1);
+    let closed = timeout(Duration::from_secs(7), conn.closed())
+        .await
+        .expect("closed at the authentication timeout");
+    let elapsed = started.elapsed();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(
+            c.error_code.into_inner(),
+            u64::from(causeway_nat::rendezvous::CloseCode::Timeout.as_u32())
+        ),
+        e => panic!("{e:?}"),
+    }
+    assert!(elapsed <= Duration::from_millis(5_500), "{elapsed:?}");
+    assert_eq!(server.stats.pending_auth(), 0);
+    assert_eq!(server.stats.abuse().auth_timeouts, 1);
+    server.stop().await;
+}

@@ -4,7 +4,7 @@
 
 mod cell;
 pub(crate) mod daemon;
-mod procfs;
+pub(crate) mod procfs;
 mod report;
 mod results;
 mod svg;
@@ -269,12 +269,30 @@ fn write_reports(results: &Results, out: &Path, doc: Option<&Path>) -> anyhow::R
     std::fs::write(out.join("report.md"), &md)?;
     if let Some(doc) = doc {
         let link = relative(doc.parent().unwrap_or(Path::new(".")), &svg_path);
-        let text = report::document(results, &link);
+        let old = std::fs::read_to_string(doc).unwrap_or_default();
+        let text = keep_abuse_section(report::document(results, &link), &old);
         std::fs::write(doc, text).with_context(|| format!("writing {}", doc.display()))?;
     }
     println!();
     print!("{}", report::tables(results));
     Ok(())
+}
+
+/// The heading of the section `causeway-bench abuse` figures go under; the
+/// lab does not measure them, so it keeps that section of the page as it
+/// was.
+const ABUSE_HEADING: &str = "\n## Abuse\n";
+
+/// `new` with the "Abuse" section of `old` (to its end) appended, if
+/// `old` has one.
+fn keep_abuse_section(mut new: String, old: &str) -> String {
+    if let Some(at) = old.find(ABUSE_HEADING) {
+        if !new.ends_with('\n') {
+            new.push('\n');
+        }
+        new.push_str(&old[at..]);
+    }
+    new
 }
 
 /// `to` relative to directory `from` (both made absolute first), for links.
@@ -380,6 +398,16 @@ mod tests {
         for name in DEFAULT_SCENARIOS.split(',') {
             assert!(Scenario::parse(name).is_ok(), "{name}");
         }
+    }
+
+    #[test]
+    fn the_abuse_section_survives_a_new_report() {
+        let old = "# Performance\nold numbers\n\n## Abuse\n\nfigures\n";
+        assert_eq!(
+            keep_abuse_section("# Performance\nnew numbers\n".into(), old),
+            "# Performance\nnew numbers\n\n## Abuse\n\nfigures\n"
+        );
+        assert_eq!(keep_abuse_section("x\n".into(), "no section"), "x\n");
     }
 
     #[test]

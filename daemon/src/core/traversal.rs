@@ -21,7 +21,7 @@ use causeway_nat::path::{Event, Path, PathConfig};
 use causeway_nat::probe::{self, Probe};
 use causeway_nat::stun::{self, StunMessage, TransactionId};
 use rand::RngCore;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{DropReason, Io, Peer, PeerState, Site};
 
@@ -279,7 +279,13 @@ impl Site {
             return;
         };
         let peer = peers.get(index);
-        info!(peer = peer.name(), online, candidates = ?candidates, "peer update from the rendezvous");
+        info!(
+            peer = peer.name(),
+            online,
+            candidates = candidates.len(),
+            "peer update from the rendezvous"
+        );
+        debug!(peer = peer.name(), candidates = ?candidates, "candidates from the rendezvous");
         let candidates = self.reachable(candidates);
         let mut state = peer.lock();
         if let Some(paths) = state.paths.as_mut() {

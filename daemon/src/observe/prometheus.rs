@@ -65,6 +65,8 @@
 //! | `causeway_rendezvous_relay_rx_bytes_total` | counter | `site` |
 //! | `causeway_rendezvous_relay_dropped_total` | counter | `site` |
 //! | `causeway_rendezvous_stun_answered_total` | counter | |
+//! | `causeway_rendezvous_pending_auth` | gauge | |
+//! | `causeway_rendezvous_abuse_total` | counter | `what` |
 //!
 //! `site` is the name in the rendezvous' `[[site]]` table; every configured
 //! site is exported, connected or not. Relay counters count what the site
@@ -83,7 +85,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use causeway_nat::rendezvous::{ClientStats, ServerStats, SiteStats};
+use causeway_nat::rendezvous::{AbuseCounters, ClientStats, ServerStats, SiteStats};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -413,6 +415,10 @@ struct RendezvousSample {
     sites: Vec<SiteStats>,
     /// STUN Binding requests answered.
     stun_answered: u64,
+    /// Connections authenticating now.
+    pending_auth: usize,
+    /// What was refused or dropped from clients.
+    abuse: AbuseCounters,
 }
 
 impl RendezvousSample {
@@ -420,6 +426,8 @@ impl RendezvousSample {
         RendezvousSample {
             sites: stats.sites(),
             stun_answered: stats.stun_answered(),
+            pending_auth: stats.pending_auth(),
+            abuse: stats.abuse(),
         }
     }
 }
@@ -487,6 +495,34 @@ impl Collector for RendezvousCollector {
             None,
             stun.metric_type(),
         )?)?;
+        gauge(
+            &mut encoder,
+            "rendezvous_pending_auth",
+            "Connections authenticating now",
+            rendezvous.pending_auth as i64,
+        )?;
+        let a = &rendezvous.abuse;
+        let mut family = encoder.encode_descriptor(
+            "rendezvous_abuse",
+            "What the rendezvous refused, dropped or coalesced from clients",
+            None,
+            MetricType::Counter,
+        )?;
+        for (what, n) in [
+            ("refused", a.refused),
+            ("retried", a.retried),
+            ("auth_timeouts", a.auth_timeouts),
+            ("auth_failures", a.auth_failures),
+            ("unauthenticated_datagrams", a.unauthenticated_datagrams),
+            ("registrations_coalesced", a.registrations_coalesced),
+            (
+                "registration_entries_dropped",
+                a.registration_entries_dropped,
+            ),
+            ("updates_coalesced", a.updates_coalesced),
+        ] {
+            ConstCounter::new(n).encode(family.encode_family(&[("what", what)])?)?;
+        }
         Ok(())
     }
 }
@@ -974,6 +1010,12 @@ pub(super) mod tests {
                 },
             ],
             stun_answered: 17,
+            pending_auth: 3,
+            abuse: AbuseCounters {
+                refused: 5,
+                auth_failures: 2,
+                ..AbuseCounters::default()
+            },
         }
     }
 
@@ -1022,6 +1064,19 @@ pub(super) mod tests {
             0.0
         );
         assert_eq!(get("causeway_rendezvous_stun_answered_total"), 17.0);
+        assert_eq!(get("causeway_rendezvous_pending_auth"), 3.0);
+        assert_eq!(
+            get("causeway_rendezvous_abuse_total{what=\"refused\"}"),
+            5.0
+        );
+        assert_eq!(
+            get("causeway_rendezvous_abuse_total{what=\"auth_failures\"}"),
+            2.0
+        );
+        assert_eq!(
+            get("causeway_rendezvous_abuse_total{what=\"updates_coalesced\"}"),
+            0.0
+        );
         for (name, kind) in [
             ("causeway_rendezvous_sites_configured", "gauge"),
             ("causeway_rendezvous_site_connected", "gauge"),
@@ -1029,6 +1084,8 @@ pub(super) mod tests {
             ("causeway_rendezvous_relay_rx_bytes_total", "counter"),
             ("causeway_rendezvous_relay_dropped_total", "counter"),
             ("causeway_rendezvous_stun_answered_total", "counter"),
+            ("causeway_rendezvous_pending_auth", "gauge"),
+            ("causeway_rendezvous_abuse_total", "counter"),
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} {kind}\n")),
@@ -1054,6 +1111,8 @@ pub(super) mod tests {
             names.into_iter().collect::<Vec<_>>(),
             [
                 "causeway_build_info",
+                "causeway_rendezvous_abuse_total",
+                "causeway_rendezvous_pending_auth",
                 "causeway_rendezvous_relay_dropped_total",
                 "causeway_rendezvous_relay_rx_bytes_total",
                 "causeway_rendezvous_relay_rx_packets_total",
@@ -1069,6 +1128,8 @@ pub(super) mod tests {
         let text = encode(&rendezvous_registry(|| RendezvousSample {
             sites: vec![],
             stun_answered: 0,
+            pending_auth: 0,
+            abuse: AbuseCounters::default(),
         }));
         let series = parse(&text);
         assert_eq!(

@@ -24,6 +24,7 @@
 mod auth;
 mod client;
 mod config;
+mod limits;
 mod proto;
 mod registry;
 mod relay;
@@ -43,7 +44,7 @@ pub use config::{
 pub use proto::CloseCode;
 pub use registry::{ConnId, Registry, RelayCounters, RouteError, SiteKey, Update};
 pub use relay::FragmentError;
-pub use server::{RendezvousServer, ServeError, ServerStats, SiteStats, serve};
+pub use server::{AbuseCounters, RendezvousServer, ServeError, ServerStats, SiteStats, serve};
 pub use session::{ClientStats, ConnectError, RelayError, RendezvousEvent};
 pub use tls::TlsError;
 

@@ -19,8 +19,13 @@ use causeway_common::keys;
 /// The protocol version a site offers in `Hello`.
 pub(crate) const PROTOCOL_VERSION: u32 = 1;
 
-/// Largest frame body accepted (a `Register` with thousands of peers fits).
-pub(crate) const MAX_FRAME_LEN: usize = 1 << 20;
+/// Largest frame body accepted from an authenticated site or from the
+/// rendezvous (a `Register` with 5,000 peers fits).
+pub(crate) const MAX_FRAME_LEN: usize = 256 * 1024;
+
+/// Largest frame body the rendezvous accepts before authentication: a
+/// `Hello` is about 200 bytes.
+pub(crate) const MAX_HELLO_LEN: usize = 1024;
 
 /// The QUIC ALPN of the rendezvous protocol.
 pub(crate) const ALPN: &[u8] = b"causeway-rendezvous/1";
@@ -34,9 +39,12 @@ pub enum CloseCode {
     Normal = 0,
     /// The peer broke the protocol (bad frame, unexpected message).
     Protocol = 1,
-    /// The site's key is not in the rendezvous' `sites` list.
+    /// The site's key is not in the rendezvous' `sites` list, or its proof
+    /// did not verify: the rendezvous answers both alike, so that nobody
+    /// can ask it which keys it serves.
     UnknownSiteKey = 2,
-    /// The site's proof did not verify.
+    /// The site's proof did not verify. Sent by rendezvous of older
+    /// versions; this one sends [`Self::UnknownSiteKey`] instead.
     BadProof = 3,
     /// The site pinned another rendezvous key, or the rendezvous could not
     /// prove the pinned key.
@@ -83,7 +91,7 @@ impl fmt::Display for CloseCode {
         f.write_str(match self {
             Self::Normal => "closed",
             Self::Protocol => "protocol error",
-            Self::UnknownSiteKey => "unknown site key",
+            Self::UnknownSiteKey => "unknown site key or bad proof",
             Self::BadProof => "bad proof",
             Self::WrongRendezvousKey => "wrong rendezvous key",
             Self::Replaced => "replaced by a newer connection",
@@ -164,11 +172,13 @@ pub(crate) enum RendezvousMessage {
 /// A frame that cannot be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum FrameError {
-    /// The length prefix exceeds [`MAX_FRAME_LEN`].
-    #[error("control frame of {len} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
+    /// The length prefix exceeds the decoder's limit.
+    #[error("control frame of {len} bytes exceeds the {limit}-byte limit")]
     TooLong {
         /// The announced length.
         len: usize,
+        /// The limit.
+        limit: usize,
     },
     /// The body is not a valid message.
     #[error("malformed control message: {0}")]
@@ -187,12 +197,34 @@ pub(crate) fn encode_frame<T: Serialize>(message: &T) -> Vec<u8> {
 }
 
 /// Accumulates stream bytes and yields whole messages.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct FrameDecoder {
     buf: Vec<u8>,
+    limit: usize,
+}
+
+impl Default for FrameDecoder {
+    /// A decoder of frames up to [`MAX_FRAME_LEN`].
+    fn default() -> Self {
+        Self::with_limit(MAX_FRAME_LEN)
+    }
 }
 
 impl FrameDecoder {
+    /// A decoder of frames up to `limit` bytes.
+    pub(crate) fn with_limit(limit: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            limit,
+        }
+    }
+
+    /// Changes the limit (the rendezvous raises it once a site is
+    /// authenticated).
+    pub(crate) fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
     /// Appends bytes read from the stream.
     pub(crate) fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
@@ -205,8 +237,11 @@ impl FrameDecoder {
             return Ok(None);
         };
         let len = u32::from_be_bytes(*prefix) as usize;
-        if len > MAX_FRAME_LEN {
-            return Err(FrameError::TooLong { len });
+        if len > self.limit {
+            return Err(FrameError::TooLong {
+                len,
+                limit: self.limit,
+            });
         }
         let Some(body) = self.buf.get(4..4 + len) else {
             return Ok(None);
@@ -361,6 +396,35 @@ mod tests {
         // A partial frame is not an error.
         let mut dec = FrameDecoder::default();
         dec.push(&[0, 0]);
+        assert_eq!(dec.next::<SiteMessage>(), Ok(None));
+    }
+
+    #[test]
+    fn the_limit_is_checked_on_the_length_prefix() {
+        let hello = encode_frame(&SiteMessage::Hello {
+            version: 1,
+            site_key: key(1),
+            rendezvous_key: key(2),
+            proof: key(3),
+        });
+        assert!(hello.len() - 4 <= MAX_HELLO_LEN / 4, "{}", hello.len());
+        let mut dec = FrameDecoder::with_limit(MAX_HELLO_LEN);
+        dec.push(&hello);
+        assert!(dec.next::<SiteMessage>().unwrap().is_some());
+        // An oversized frame is refused on its first 4 bytes, before its body.
+        let mut dec = FrameDecoder::with_limit(MAX_HELLO_LEN);
+        dec.push(&((MAX_HELLO_LEN + 1) as u32).to_be_bytes());
+        assert_eq!(
+            dec.next::<SiteMessage>(),
+            Err(FrameError::TooLong {
+                len: MAX_HELLO_LEN + 1,
+                limit: MAX_HELLO_LEN
+            })
+        );
+        // Raised after authentication.
+        let mut dec = FrameDecoder::with_limit(MAX_HELLO_LEN);
+        dec.set_limit(MAX_FRAME_LEN);
+        dec.push(&((MAX_HELLO_LEN + 1) as u32).to_be_bytes());
         assert_eq!(dec.next::<SiteMessage>(), Ok(None));
     }
 

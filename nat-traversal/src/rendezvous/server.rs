@@ -6,21 +6,26 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, warn};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::auth::{self, AuthKey, Role};
 use super::config::{ServerConfig, SiteEntry};
+use super::limits::{
+    Admission, Coalescer, MAX_CANDIDATES, PendingTable, REGISTER_BURST, REGISTER_INTERVAL,
+    UpdateQueue, configured_peers,
+};
 use super::proto::{
-    CloseCode, FrameDecoder, PROTOCOL_VERSION, RendezvousMessage, SiteMessage, Wire32, encode_frame,
+    CloseCode, FrameDecoder, MAX_FRAME_LEN, MAX_HELLO_LEN, PROTOCOL_VERSION, RendezvousMessage,
+    SiteMessage, Wire32, encode_frame,
 };
 use super::registry::{ConnId, Registry, RouteError, Update};
 use super::relay;
@@ -29,12 +34,16 @@ use super::tls::{self, TlsError};
 use crate::stun;
 use causeway_common::keys::{self, KeyError};
 
-/// How long a new connection has to open its control stream and prove its key.
-const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most connections waiting to authenticate at once; more are refused.
-const MAX_PENDING_AUTH: usize = 1024;
-/// Control messages queued for one site before it counts as overloaded.
+/// How long a new connection has to finish the QUIC handshake, open its
+/// control stream and prove its key.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Peer updates queued for one site before it counts as overloaded. The
+/// queue holds one update per peer, so only a rendezvous serving more
+/// sites than this reaches it.
 const CONTROL_QUEUE: usize = 1024;
+/// Connection-level flow-control window of an authenticated site (before
+/// authentication it is the transport's, a few KiB).
+const SITE_RECEIVE_WINDOW: u32 = 2 * MAX_FRAME_LEN as u32;
 /// Rejections logged per [`REJECTION_LOG_WINDOW`]; the rest are counted.
 const REJECTION_LOG_BUDGET: u32 = 20;
 /// See [`REJECTION_LOG_BUDGET`].
@@ -85,6 +94,30 @@ pub struct SiteStats {
     pub relay_dropped: u64,
 }
 
+/// What the rendezvous refused or dropped from clients, cumulative.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AbuseCounters {
+    /// Connection attempts refused: too many authenticating, in all or from
+    /// their source.
+    pub refused: u64,
+    /// Connection attempts asked to validate their address (QUIC Retry).
+    pub retried: u64,
+    /// Connections closed for not authenticating in time.
+    pub auth_timeouts: u64,
+    /// Connections that failed to authenticate (bad hello, unknown key,
+    /// bad proof, oversized frame…).
+    pub auth_failures: u64,
+    /// Datagrams received before authentication, dropped unread.
+    pub unauthenticated_datagrams: u64,
+    /// Registrations coalesced into a later one (rate limit).
+    pub registrations_coalesced: u64,
+    /// Peer keys and candidates dropped from registrations (not a
+    /// configured site, duplicates, beyond 16 candidates).
+    pub registration_entries_dropped: u64,
+    /// Queued peer updates replaced by a newer one about the same peer.
+    pub updates_coalesced: u64,
+}
+
 /// A handle on a running (or about to run) server's counters.
 #[derive(Clone)]
 pub struct ServerStats {
@@ -123,11 +156,62 @@ impl ServerStats {
     pub fn stun_answered(&self) -> u64 {
         self.shared.stun_answered.load(Ordering::Relaxed)
     }
+
+    /// What was refused or dropped from clients.
+    pub fn abuse(&self) -> AbuseCounters {
+        let a = &self.shared.abuse;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        AbuseCounters {
+            refused: get(&a.refused),
+            retried: get(&a.retried),
+            auth_timeouts: get(&a.auth_timeouts),
+            auth_failures: get(&a.auth_failures),
+            unauthenticated_datagrams: get(&a.unauthenticated_datagrams),
+            registrations_coalesced: get(&a.registrations_coalesced),
+            registration_entries_dropped: get(&a.registration_entries_dropped),
+            updates_coalesced: get(&a.updates_coalesced),
+        }
+    }
+
+    /// Connections authenticating now.
+    pub fn pending_auth(&self) -> usize {
+        self.shared.pending_total()
+    }
+}
+
+/// The atomic form of [`AbuseCounters`].
+#[derive(Default)]
+struct Abuse {
+    refused: AtomicU64,
+    retried: AtomicU64,
+    auth_timeouts: AtomicU64,
+    auth_failures: AtomicU64,
+    unauthenticated_datagrams: AtomicU64,
+    registrations_coalesced: AtomicU64,
+    registration_entries_dropped: AtomicU64,
+    updates_coalesced: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The peer updates waiting for one site, and the wake-up of its writer.
+#[derive(Default)]
+struct Outbox {
+    queue: Mutex<UpdateQueue>,
+    ready: Notify,
+}
+
+impl Outbox {
+    fn lock(&self) -> MutexGuard<'_, UpdateQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 struct ConnHandle {
     conn: quinn::Connection,
-    tx: mpsc::Sender<RendezvousMessage>,
+    outbox: Arc<Outbox>,
 }
 
 struct State {
@@ -139,9 +223,14 @@ struct Shared {
     state: Mutex<State>,
     secret: StaticSecret,
     public: PublicKey,
+    /// A key that no site has, to verify the proofs of unknown keys with
+    /// (so that they take as long to refuse as bad proofs).
+    decoy: PublicKey,
     next_conn: AtomicU64,
-    pending_auth: AtomicUsize,
+    pending: Mutex<PendingTable>,
+    pending_total: AtomicUsize,
     stun_answered: AtomicU64,
+    abuse: Abuse,
     rejection_log: Mutex<LogBudget>,
 }
 
@@ -191,23 +280,32 @@ impl Shared {
         // counters and routing; keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn pending(&self) -> MutexGuard<'_, PendingTable> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pending_total(&self) -> usize {
+        self.pending_total.load(Ordering::Relaxed)
+    }
 }
 
 impl State {
-    /// Queues updates on their connections; a site that does not keep up is
-    /// disconnected (it reconnects and gets a fresh picture).
-    fn dispatch(&mut self, updates: Vec<Update>) {
+    /// Queues updates on their connections, replacing a queued update about
+    /// the same peer (the newer one says all). A site whose queue still
+    /// grows beyond [`CONTROL_QUEUE`] is disconnected (it reconnects and
+    /// gets a fresh picture).
+    fn dispatch(&mut self, updates: Vec<Update>, abuse: &Abuse) {
         for u in updates {
             let Some(handle) = self.conns.get(&u.to) else {
                 continue;
             };
-            let message = RendezvousMessage::PeerUpdate {
-                peer: Wire32(u.peer),
-                relay_id: u.relay_id,
-                candidates: u.candidates,
-                online: u.online,
-            };
-            if handle.tx.try_send(message).is_err() {
+            let mut queue = handle.outbox.lock();
+            bump(&abuse.updates_coalesced, queue.push(u) as u64);
+            let overloaded = queue.len() > CONTROL_QUEUE;
+            drop(queue);
+            handle.outbox.ready.notify_one();
+            if overloaded {
                 handle
                     .conn
                     .close(CloseCode::Overloaded.varint(), b"control stream overloaded");
@@ -294,9 +392,12 @@ impl RendezvousServer {
                 }),
                 secret,
                 public,
+                decoy: PublicKey::from(&keys::generate()),
                 next_conn: AtomicU64::new(1),
-                pending_auth: AtomicUsize::new(0),
+                pending: Mutex::new(PendingTable::default()),
+                pending_total: AtomicUsize::new(0),
                 stun_answered: AtomicU64::new(0),
+                abuse: Abuse::default(),
                 rejection_log: Mutex::new(LogBudget::default()),
             }),
             quic,
@@ -331,7 +432,8 @@ impl RendezvousServer {
     /// tokio runtime (a current-thread one is enough).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
         let quic_addr = self.quic.local_addr().map_err(ServeError::Endpoint)?;
-        let server_config = tls::server_config()?;
+        let mut server_config = tls::server_config()?;
+        tls::limit_incoming(&mut server_config);
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server_config),
@@ -366,14 +468,13 @@ impl RendezvousServer {
                 () = &mut shutdown => break,
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    if self.shared.pending_auth.load(Ordering::Relaxed) >= MAX_PENDING_AUTH {
-                        debug!(remote = %incoming.remote_address(), "too many connections authenticating; refused");
-                        incoming.refuse();
+                    // The slot is taken here, before the task runs, so that
+                    // a burst of attempts cannot overshoot the limits.
+                    let Some((incoming, slot)) = admit(incoming, &self.shared) else {
                         continue;
-                    }
+                    };
                     let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
-                    let shared = self.shared.clone();
-                    connections.spawn(handle_connection(incoming, id, shared));
+                    connections.spawn(handle_connection(incoming, id, slot));
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
@@ -430,12 +531,52 @@ async fn stun_responder(socket: tokio::net::UdpSocket, shared: Arc<Shared>) {
     }
 }
 
-/// Decrements the pending-authentication count when dropped.
-struct PendingAuth<'a>(&'a AtomicUsize);
+/// A connection's place among those authenticating; given back when dropped.
+struct PendingSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
 
-impl Drop for PendingAuth<'_> {
+impl Drop for PendingSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.shared.pending().release(self.ip);
+        self.shared.pending_total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Decides about a connection attempt (see [`PendingTable::admit`]):
+/// a slot, or `None` after sending a Retry or a refusal.
+fn admit(
+    incoming: quinn::Incoming,
+    shared: &Arc<Shared>,
+) -> Option<(quinn::Incoming, PendingSlot)> {
+    let remote = canonical(incoming.remote_address());
+    let ip = remote.ip();
+    let admission = shared
+        .pending()
+        .admit(ip, incoming.remote_address_validated());
+    match admission {
+        Admission::Accept => {
+            shared.pending_total.fetch_add(1, Ordering::Relaxed);
+            let slot = PendingSlot {
+                shared: shared.clone(),
+                ip,
+            };
+            Some((incoming, slot))
+        }
+        Admission::Validate => {
+            bump(&shared.abuse.retried, 1);
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
+            None
+        }
+        Admission::Refuse => {
+            bump(&shared.abuse.refused, 1);
+            debug!(%remote, "too many connections authenticating; refused");
+            incoming.refuse();
+            None
+        }
     }
 }
 
@@ -455,38 +596,65 @@ struct Authenticated {
     auth_key: AuthKey,
 }
 
-async fn handle_connection(incoming: quinn::Incoming, id: ConnId, shared: Arc<Shared>) {
+async fn handle_connection(incoming: quinn::Incoming, id: ConnId, slot: PendingSlot) {
+    let shared = slot.shared.clone();
     let remote = canonical(incoming.remote_address());
-    shared.pending_auth.fetch_add(1, Ordering::Relaxed);
-    let pending = PendingAuth(&shared.pending_auth);
-    let conn = match incoming.await {
-        Ok(conn) => conn,
+    let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
         Err(e) => {
             debug!(%remote, error = %e, "QUIC handshake failed");
             return;
         }
     };
-    let result =
-        match tokio::time::timeout(AUTH_TIMEOUT, authenticate(&conn, &shared, remote)).await {
+    let conn = match tokio::time::timeout_at(deadline, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            debug!(%remote, error = %e, "QUIC handshake failed");
+            return;
+        }
+        Err(_) => {
+            bump(&shared.abuse.auth_timeouts, 1);
+            debug!(%remote, "QUIC handshake did not finish in time");
+            return;
+        }
+    };
+    let result = tokio::select! {
+        result = tokio::time::timeout_at(deadline, authenticate(&conn, &shared, remote)) => match result {
             Ok(result) => result,
-            Err(_) => Err(Some(Rejection {
-                code: CloseCode::Timeout,
-                message: format!("no valid hello within {} s", AUTH_TIMEOUT.as_secs()),
-            })),
-        };
-    drop(pending);
+            Err(_) => {
+                bump(&shared.abuse.auth_timeouts, 1);
+                Err(Some(Rejection {
+                    code: CloseCode::Timeout,
+                    message: format!("no valid hello within {} s", AUTH_TIMEOUT.as_secs()),
+                }))
+            }
+        },
+        // Datagrams before authentication are read and dropped, so that
+        // they do not fill the connection's buffer.
+        () = drain_datagrams(&conn, &shared) => Err(None),
+    };
+    drop(slot);
     let authed = match result {
         Ok(authed) => authed,
         Err(Some(rejection)) => {
+            bump(&shared.abuse.auth_failures, 1);
             reject(&conn, None, rejection).await;
             return;
         }
-        Err(None) => return, // the connection went away
+        Err(None) => return, // the connection went away, or was rejected
     };
     let span = tracing::info_span!("site", name = %authed.site_name);
     run_session(conn, id, authed, shared, remote)
         .instrument(span)
         .await;
+}
+
+/// Reads and drops datagrams until the connection is gone.
+async fn drain_datagrams(conn: &quinn::Connection, shared: &Shared) {
+    while conn.read_datagram().await.is_ok() {
+        bump(&shared.abuse.unauthenticated_datagrams, 1);
+    }
 }
 
 /// Sends `Reject` (if the stream is there), gives the site a moment to read
@@ -513,7 +681,7 @@ async fn authenticate(
     remote: SocketAddr,
 ) -> Result<Authenticated, Option<Rejection>> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|_| None)?;
-    let mut decoder = FrameDecoder::default();
+    let mut decoder = FrameDecoder::with_limit(MAX_HELLO_LEN);
     let hello = match read_frame::<SiteMessage>(&mut recv, &mut decoder).await {
         Ok(Some(m)) => m,
         Ok(None) | Err(ReadFailure::Closed(_)) => return Err(None),
@@ -546,6 +714,7 @@ async fn authenticate(
             auth_key,
         }),
         Err(rejection) => {
+            bump(&shared.abuse.auth_failures, 1);
             reject(conn, Some(&mut send), rejection).await;
             Err(None)
         }
@@ -594,33 +763,37 @@ fn check_hello(
             message: format!("the site pinned {pinned}, but this rendezvous' public key is {own}"),
         });
     }
-    let state = shared.lock();
-    let Some(name) = state.registry.site_name(&site_key.0).map(str::to_owned) else {
-        drop(state);
-        if shared.may_log_rejection() {
-            warn!(%remote, site_key = %site_text, "rejected a site: unknown site key {site_text}; add it as a [[site]] in the rendezvous config if it should connect");
-        }
-        return Err(Rejection {
-            code: CloseCode::UnknownSiteKey,
-            message: format!("unknown site key {site_text}: this rendezvous does not serve it"),
-        });
-    };
-    drop(state);
+    let name = shared
+        .lock()
+        .registry
+        .site_name(&site_key.0)
+        .map(str::to_owned);
+    // An unknown key is refused exactly like a bad proof (same work, same
+    // code and message), so that the answer does not tell which keys this
+    // rendezvous serves. Only the local log says which it was.
     let site = PublicKey::from(site_key.0);
-    let key = AuthKey::derive(&shared.secret, &site);
+    let checked = if name.is_some() { site } else { shared.decoy };
+    let key = AuthKey::derive(&shared.secret, &checked);
     let valid = key
         .as_ref()
-        .is_some_and(|k| k.verify(Role::Site, exporter, &site, &shared.public, &proof.0));
-    match key {
-        Some(key) if valid => Ok((site, name, key)),
-        _ => {
+        .is_some_and(|k| k.verify(Role::Site, exporter, &checked, &shared.public, &proof.0));
+    let refusal = Rejection {
+        code: CloseCode::UnknownSiteKey,
+        message: "unknown site key or bad proof".into(),
+    };
+    match (name, key) {
+        (Some(name), Some(key)) if valid => Ok((site, name, key)),
+        (None, _) => {
+            if shared.may_log_rejection() {
+                warn!(%remote, site_key = %site_text, "rejected a site: unknown site key {site_text}; add it as a [[site]] in the rendezvous config if it should connect");
+            }
+            Err(refusal)
+        }
+        (Some(name), _) => {
             if shared.may_log_rejection() {
                 warn!(%remote, site = %name, site_key = %site_text, "rejected a site: bad proof; it does not hold the private key of {site_text}, or its proof was made for another session (a man in the middle)");
             }
-            Err(Rejection {
-                code: CloseCode::BadProof,
-                message: "bad proof".into(),
-            })
+            Err(refusal)
         }
     }
 }
@@ -641,7 +814,10 @@ async fn run_session(
         exporter,
         auth_key,
     } = authed;
-    let (tx, mut rx) = mpsc::channel(CONTROL_QUEUE);
+    // Authenticated: frames and flow control up to a registered site's size.
+    decoder.set_limit(MAX_FRAME_LEN);
+    conn.set_receive_window(quinn::VarInt::from_u32(SITE_RECEIVE_WINDOW));
+    let outbox = Arc::new(Outbox::default());
     let relay_id = {
         let mut state = shared.lock();
         let (relay_id, replaced, updates) = state.registry.connect(id, site_key.to_bytes());
@@ -655,12 +831,13 @@ async fn run_session(
             id,
             ConnHandle {
                 conn: conn.clone(),
-                tx,
+                outbox: outbox.clone(),
             },
         );
-        state.dispatch(updates);
+        state.dispatch(updates, &shared.abuse);
         relay_id
     };
+    let mut registrations = Coalescer::new(Instant::now(), REGISTER_BURST, REGISTER_INTERVAL);
     let welcome = RendezvousMessage::Welcome {
         proof: Wire32(auth_key.proof(Role::Rendezvous, &exporter, &site_key, &shared.public)),
         relay_id,
@@ -673,13 +850,18 @@ async fn run_session(
             .await
             .map_err(|e| (CloseCode::Normal, e))?;
         loop {
+            let wake = registrations.wake_at().map(tokio::time::Instant::from_std);
             tokio::select! {
                 read = read_frame::<SiteMessage>(&mut recv, &mut decoder) => match read {
                     Ok(Some(SiteMessage::Register { peers, candidates })) => {
-                        debug!(peers = peers.len(), candidates = ?candidates, "register");
-                        let mut state = shared.lock();
-                        let updates = state.registry.register(id, peers.into_iter().map(|k| k.0), candidates);
-                        state.dispatch(updates);
+                        // Applied now, or coalesced into the latest one and
+                        // applied when the site's rate allows.
+                        if registrations.waiting() {
+                            bump(&shared.abuse.registrations_coalesced, 1);
+                        }
+                        if let Some(r) = registrations.offer(Instant::now(), (peers, candidates)) {
+                            apply_registration(&shared, id, r);
+                        }
                     }
                     Ok(Some(SiteMessage::Hello { .. })) => {
                         return Err((CloseCode::Protocol, "hello after authentication".into()));
@@ -688,11 +870,30 @@ async fn run_session(
                     Err(ReadFailure::Closed(e)) => return Err((CloseCode::Normal, e)),
                     Err(ReadFailure::Protocol(e)) => return Err((CloseCode::Protocol, e)),
                 },
-                message = rx.recv() => {
-                    let Some(message) = message else { return Ok(()) };
-                    write_frame(&mut send, &message)
-                        .await
-                        .map_err(|e| (CloseCode::Normal, e))?;
+                () = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(r) = registrations.poll(Instant::now()) {
+                        apply_registration(&shared, id, r);
+                    }
+                }
+                () = outbox.ready.notified() => {
+                    loop {
+                        let next = outbox.lock().pop();
+                        let Some(u) = next else { break };
+                        let message = RendezvousMessage::PeerUpdate {
+                            peer: Wire32(u.peer),
+                            relay_id: u.relay_id,
+                            candidates: u.candidates,
+                            online: u.online,
+                        };
+                        write_frame(&mut send, &message)
+                            .await
+                            .map_err(|e| (CloseCode::Normal, e))?;
+                    }
                 }
                 datagram = conn.read_datagram() => match datagram {
                     Ok(d) => forward(&shared, id, d),
@@ -717,7 +918,7 @@ async fn run_session(
         .unwrap_or_default();
     let mut state = shared.lock();
     let updates = state.registry.disconnect(id);
-    state.dispatch(updates);
+    state.dispatch(updates, &shared.abuse);
     if state
         .conns
         .get(&id)
@@ -727,6 +928,25 @@ async fn run_session(
     }
     drop(state);
     info!(%remote, %reason, "site disconnected");
+}
+
+/// Applies a site's registration, bounded: only configured sites count as
+/// peers (each once), and at most [`MAX_CANDIDATES`] candidates are kept.
+fn apply_registration(
+    shared: &Shared,
+    id: ConnId,
+    (peers, mut candidates): (Vec<Wire32>, Vec<std::net::SocketAddr>),
+) {
+    let mut state = shared.lock();
+    let (peers, mut dropped) = configured_peers(peers.into_iter().map(|k| k.0), |k| {
+        state.registry.site_name(k).is_some()
+    });
+    dropped += candidates.len().saturating_sub(MAX_CANDIDATES);
+    candidates.truncate(MAX_CANDIDATES);
+    bump(&shared.abuse.registration_entries_dropped, dropped as u64);
+    debug!(peers = peers.len(), candidates = ?candidates, dropped, "register");
+    let updates = state.registry.register(id, peers, candidates);
+    state.dispatch(updates, &shared.abuse);
 }
 
 /// Forwards one relay datagram from connection `from`, if its destination

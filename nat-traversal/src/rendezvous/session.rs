@@ -122,9 +122,10 @@ pub enum ConnectError {
         /// Why.
         reason: String,
     },
-    /// The rendezvous does not list this site's key.
+    /// The rendezvous does not list this site's key, or this site's proof
+    /// did not verify (the rendezvous does not say which).
     #[error(
-        "rendezvous {server} rejected this site: unknown site key {site_key}; ask its operator to add it as a [[site]]"
+        "rendezvous {server} rejected this site: unknown site key {site_key} or bad proof; ask its operator to add this key as a [[site]]"
     )]
     UnknownSiteKey {
         /// The rendezvous.

@@ -127,13 +127,17 @@ async fn man_in_the_middle_cannot_forward_proofs() {
         .await
         .err()
         .expect("the MITM must not get through");
-    assert!(matches!(err, ConnectError::BadProof { .. }), "{err:?}");
+    // A bad proof is answered like an unknown key (no key oracle).
+    assert!(
+        matches!(err, ConnectError::UnknownSiteKey { .. }),
+        "{err:?}"
+    );
     let closed = timeout(WAIT, relay_task).await.unwrap().unwrap();
     match closed {
         quinn::ConnectionError::ApplicationClosed(c) => {
             assert_eq!(
                 c.error_code.into_inner(),
-                u64::from(super::CloseCode::BadProof.as_u32())
+                u64::from(super::CloseCode::UnknownSiteKey.as_u32())
             );
         }
         e => panic!("{e:?}"),
@@ -278,5 +282,154 @@ async fn relay_refuses_unauthorized_pairs() {
     assert!(stats.relay_dropped >= 41, "{stats:?}");
     assert_eq!(a.handle().stats().relay_rx_packets, 1);
     drop((a, b, c));
+    server.stop().await;
+}
+
+/// A raw QUIC connection to the rendezvous with its control stream open.
+async fn raw_connection(
+    addr: SocketAddr,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep
+        .connect_with(tls::client_config().unwrap(), addr, SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (ep, conn, send, recv)
+}
+
+/// Sends a hello for `site` with the proof `prove` makes from the
+/// session's exporter; returns how the rendezvous closed the connection,
+/// or the live connection if it answered `Welcome`.
+async fn hello(
+    server: &Running,
+    site: &PublicKey,
+    prove: impl Fn(&auth::Exporter) -> [u8; 32],
+) -> Result<
+    (
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::SendStream,
+        quinn::RecvStream,
+    ),
+    (u64, Vec<u8>),
+> {
+    let (ep, conn, mut send, mut recv) = raw_connection(server.addr).await;
+    let mut exporter = [0u8; 32];
+    conn.export_keying_material(&mut exporter, auth::EXPORTER_LABEL, auth::EXPORTER_CONTEXT)
+        .unwrap();
+    let hello = SiteMessage::Hello {
+        version: super::proto::PROTOCOL_VERSION,
+        site_key: Wire32(site.to_bytes()),
+        rendezvous_key: Wire32(server.public.to_bytes()),
+        proof: Wire32(prove(&exporter)),
+    };
+    write_frame(&mut send, &hello).await.unwrap();
+    let mut dec = FrameDecoder::default();
+    match timeout(WAIT, read_frame::<RendezvousMessage>(&mut recv, &mut dec))
+        .await
+        .unwrap()
+    {
+        Ok(Some(RendezvousMessage::Welcome { .. })) => Ok((ep, conn, send, recv)),
+        _ => match timeout(WAIT, conn.closed()).await.unwrap() {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                Err((c.error_code.into_inner(), c.reason.to_vec()))
+            }
+            e => panic!("{e:?}"),
+        },
+    }
+}
+
+/// The rendezvous must not tell "this key is not served here" from "this
+/// proof is wrong": otherwise anyone can ask it which keys it serves.
+#[tokio::test]
+async fn unknown_key_and_bad_proof_are_answered_alike() {
+    let (_, served) = keypair();
+    let (_, stranger) = keypair();
+    let server = start(&[("a", served)]);
+    let bad_proof = hello(&server, &served, |_| [7; 32]).await.err().unwrap();
+    let unknown = hello(&server, &stranger, |_| [7; 32]).await.err().unwrap();
+    assert_eq!(bad_proof, unknown);
+    assert_eq!(
+        bad_proof.0,
+        u64::from(super::CloseCode::UnknownSiteKey.as_u32())
+    );
+    assert_eq!(server.stats.abuse().auth_failures, 2);
+    server.stop().await;
+}
+
+/// A valid site floods registrations, each with new candidates: its peer
+/// hears a few (the burst, then one per interval), the latest last, and the
+/// rendezvous keeps at most 16 candidates and only configured peers.
+#[tokio::test]
+async fn a_registration_flood_is_coalesced_and_bounded() {
+    let (sa, pa) = keypair();
+    let (sb, pb) = keypair();
+    let server = start(&[("a", pa), ("b", pb)]);
+    let mut b = RendezvousClient::connect(server.addr, server.public, sb, vec![pa])
+        .await
+        .unwrap();
+    let key = AuthKey::derive(&sa, &server.public).unwrap();
+    let (_ep, _conn, mut send, _recv) = hello(&server, &pa, |exporter| {
+        key.proof(Role::Site, exporter, &pa, &server.public)
+    })
+    .await
+    .unwrap();
+    const FLOOD: u16 = 2000;
+    let candidates = |port: u16| -> Vec<SocketAddr> {
+        (0..40)
+            .map(|i| SocketAddr::from(([192, 0, 2, i], port)))
+            .collect()
+    };
+    let strangers: Vec<Wire32> = (0..100u8).map(|i| Wire32([i; 32])).collect();
+    for port in 1..=FLOOD {
+        let mut peers = strangers.clone();
+        peers.push(Wire32(pb.to_bytes()));
+        let register = SiteMessage::Register {
+            peers,
+            candidates: candidates(port),
+        };
+        write_frame(&mut send, &register).await.unwrap();
+    }
+    let mut heard = 0;
+    let last = timeout(WAIT, async {
+        loop {
+            match b.next_event().await.unwrap() {
+                RendezvousEvent::PeerUpdate {
+                    peer, candidates, ..
+                } => {
+                    assert_eq!(peer, pa);
+                    heard += 1;
+                    if candidates.first().map(SocketAddr::port) == Some(FLOOD) {
+                        return candidates;
+                    }
+                }
+                RendezvousEvent::Connected { .. } => {}
+                e => panic!("{e:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the latest registration reaches the peer");
+    assert_eq!(last, candidates(FLOOD)[..16].to_vec());
+    // The burst, and one per interval of the few seconds at most the flood
+    // took to arrive; nowhere near one per registration.
+    assert!(
+        heard <= 40,
+        "the peer heard {heard} of {FLOOD} registrations"
+    );
+    let abuse = server.stats.abuse();
+    assert!(
+        abuse.registrations_coalesced >= u64::from(FLOOD) - 40,
+        "{abuse:?}"
+    );
+    assert!(abuse.registration_entries_dropped >= 100 + 24, "{abuse:?}");
+    drop(b);
     server.stop().await;
 }

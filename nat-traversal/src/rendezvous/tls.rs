@@ -34,10 +34,33 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Stream data the rendezvous buffers for a connection before it has
+/// authenticated (the server raises it per connection afterwards, see
+/// `set_receive_window`).
+pub(crate) const UNAUTHENTICATED_RECEIVE_WINDOW: u32 = 8 * 1024;
+/// Flow-control window of the rendezvous' one control stream.
+const STREAM_RECEIVE_WINDOW: u32 = 64 * 1024;
+/// Relay datagrams the rendezvous buffers per connection, each way.
+const DATAGRAM_BUFFER: usize = 256 * 1024;
+/// Connection attempts quinn holds before the server decides about them.
+const MAX_INCOMING: usize = 512;
+/// Bytes buffered per connection attempt before the server decides.
+const INCOMING_BUFFER: u64 = 16 * 1024;
+/// Bytes buffered for all connection attempts before the server decides.
+const INCOMING_BUFFER_TOTAL: u64 = 2 * 1024 * 1024;
+
 /// Transport settings; `for_site`: the site's side (which sends keep-alives
 /// and accepts no streams).
 fn transport(for_site: bool) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    if !for_site {
+        // quinn's defaults buffer over 1 MiB of stream data and as much of
+        // datagrams per connection, before anyone proved anything.
+        t.receive_window(UNAUTHENTICATED_RECEIVE_WINDOW.into());
+        t.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
+        t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+        t.datagram_send_buffer_size(DATAGRAM_BUFFER);
+    }
     // One control stream, opened by the site.
     t.max_concurrent_bidi_streams(if for_site { 0u8 } else { 1u8 }.into());
     t.max_concurrent_uni_streams(0u8.into());
@@ -69,6 +92,15 @@ pub(crate) fn server_config() -> Result<quinn::ServerConfig, TlsError> {
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport(false));
     Ok(config)
+}
+
+/// Bounds what quinn holds for connection attempts the server has not
+/// decided about yet.
+pub(crate) fn limit_incoming(config: &mut quinn::ServerConfig) {
+    config
+        .max_incoming(MAX_INCOMING)
+        .incoming_buffer_size(INCOMING_BUFFER)
+        .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
 }
 
 /// A site's QUIC client configuration.
