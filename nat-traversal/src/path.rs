@@ -819,9 +819,31 @@ pub fn local_candidates(
     out
 }
 
-fn is_valid_candidate(addr: SocketAddr) -> bool {
-    let ip = addr.ip();
-    addr.port() != 0 && !ip.is_unspecified() && !ip.is_multicast()
+/// Whether `addr` can be a peer's address on the internet or a LAN: not
+/// port 0, and not an unspecified, loopback, link-local, multicast or
+/// broadcast address (IPv4-mapped IPv6 judged as the IPv4 address). A
+/// rendezvous that hands out such addresses (malicious or confused) would
+/// make the site probe itself or its own link.
+pub fn is_valid_candidate(addr: SocketAddr) -> bool {
+    let ip = addr.ip().to_canonical();
+    let bad = match ip {
+        std::net::IpAddr::V4(v4) => {
+            v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                // 0.0.0.0/8: "this network", never a destination.
+                || v4.octets()[0] == 0
+        }
+        std::net::IpAddr::V6(v6) => {
+            v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_unicast_link_local()
+                || v6.is_multicast()
+        }
+    };
+    addr.port() != 0 && !bad
 }
 
 #[cfg(test)]
@@ -1093,6 +1115,46 @@ mod tests {
             1,
             "the direct path is checked at once"
         );
+    }
+
+    #[test]
+    fn addresses_that_are_no_peer_are_never_candidates() {
+        for bad in [
+            "0.0.0.0:51820",
+            "0.1.2.3:51820",
+            "127.0.0.1:51820",
+            "127.9.9.9:51820",
+            "169.254.1.1:51820",
+            "224.0.0.1:51820",
+            "239.1.2.3:51820",
+            "255.255.255.255:51820",
+            "192.0.2.1:0",
+            "[::]:51820",
+            "[::1]:51820",
+            "[fe80::1]:51820",
+            "[ff02::1]:51820",
+            "[::ffff:127.0.0.1]:51820",
+            "[::ffff:169.254.0.1]:51820",
+        ] {
+            assert!(!is_valid_candidate(addr(bad)), "{bad}");
+        }
+        for good in ["192.0.2.1:1", "10.0.0.1:51820", "[2001:db8::1]:51820"] {
+            assert!(is_valid_candidate(addr(good)), "{good}");
+        }
+        // A malicious rendezvous cannot make the site probe them.
+        let t0 = Instant::now();
+        let mut p = PeerPaths::new(PathConfig::default(), 9);
+        p.set_remote_candidates(
+            t0,
+            vec![
+                addr("127.0.0.1:51820"),
+                addr("169.254.1.1:51820"),
+                addr("255.255.255.255:51820"),
+                addr("[ff02::1]:51820"),
+            ],
+        );
+        assert!(drain(&mut p).is_empty());
+        assert_eq!(p.candidates().count(), 0);
     }
 
     #[test]

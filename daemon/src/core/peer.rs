@@ -50,11 +50,15 @@ pub enum DropReason {
     PolicyProtocol,
     /// Allow-list: a rule covers destination and protocol, not the port.
     PolicyPort,
+    /// A candidate address from a rendezvous that no peer can have
+    /// (loopback, link-local, multicast, broadcast, unspecified, port 0),
+    /// one of this site's own, or inside the overlay: not probed.
+    BadCandidate,
 }
 
 impl DropReason {
     /// Every reason, in the order status prints them.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         Self::SpoofedSource,
         Self::NoEndpoint,
         Self::Rejected,
@@ -67,6 +71,7 @@ impl DropReason {
         Self::PolicyNoRule,
         Self::PolicyProtocol,
         Self::PolicyPort,
+        Self::BadCandidate,
     ];
 
     /// The snake_case name used in status output and logs.
@@ -84,6 +89,7 @@ impl DropReason {
             Self::PolicyNoRule => "policy_no_rule",
             Self::PolicyProtocol => "policy_protocol",
             Self::PolicyPort => "policy_port",
+            Self::BadCandidate => "bad_candidate",
         }
     }
 

@@ -280,7 +280,7 @@ impl Site {
         };
         let peer = peers.get(index);
         info!(peer = peer.name(), online, candidates = ?candidates, "peer update from the rendezvous");
-        let candidates = self.reachable(candidates);
+        let candidates = self.reachable(peer, candidates);
         let mut state = peer.lock();
         if let Some(paths) = state.paths.as_mut() {
             if online {
@@ -360,18 +360,34 @@ impl Site {
         }
     }
 
-    /// The candidates worth probing: not inside our own pod networks or any
-    /// peer's view (those route into the tunnel itself, not to the peer's
-    /// gateway).
-    fn reachable(&self, candidates: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    /// The candidates worth probing: addresses a peer can have (see
+    /// [`causeway_nat::path::is_valid_candidate`]), not one of this site's
+    /// own, and not inside our own pod networks or any peer's view (those
+    /// route into the tunnel itself, not to the peer's gateway). The rest
+    /// are counted against the peer as `bad_candidate` and dropped.
+    fn reachable(&self, peer: &Peer, candidates: Vec<SocketAddr>) -> Vec<SocketAddr> {
         let peers = self.peers();
         let inside_overlay = |ip: std::net::IpAddr| {
             self.pod_cidrs.iter().any(|n| n.contains(&ip)) || peers.route(ip).is_some()
         };
-        candidates
-            .into_iter()
-            .filter(|c| !inside_overlay(c.ip()))
-            .collect()
+        let own = self.candidates();
+        let mut kept = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            let c = SocketAddr::new(c.ip().to_canonical(), c.port());
+            if !causeway_nat::path::is_valid_candidate(c)
+                || own.contains(&c)
+                || inside_overlay(c.ip())
+            {
+                self.drop_packet(
+                    Some(peer),
+                    DropReason::BadCandidate,
+                    format_args!("candidate {c} from the rendezvous: not a peer address"),
+                );
+            } else {
+                kept.push(c);
+            }
+        }
+        kept
     }
 }
 
@@ -399,6 +415,80 @@ mod tests {
         fn publish_candidates(&mut self, candidates: &[SocketAddr]) {
             self.published.push(candidates.to_vec());
         }
+    }
+
+    const PEER_SECRET: [u8; 32] = [8; 32];
+
+    /// A site with NAT traversal, host address 192.0.2.9:51820, and one
+    /// peer (key [`PEER_SECRET`]) without a static endpoint.
+    fn site_with_peer(t0: Instant) -> Site {
+        let peer_cidr: ipnet::IpNet = "10.1.0.0/16".parse().unwrap();
+        let peer = crate::config::PeerConfig {
+            name: "b".to_owned(),
+            public_key: x25519_dalek::PublicKey::from(&StaticSecret::from(PEER_SECRET)),
+            cidrs: vec![peer_cidr],
+            views: vec![crate::packet::View::identity(peer_cidr)],
+            allow: Vec::new(),
+            endpoint: None,
+            persistent_keepalive: None,
+        };
+        Site::new(
+            SiteParams {
+                private_key: StaticSecret::from([7; 32]),
+                pod_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
+                mtu: 1420,
+                traversal: Some(TraversalParams::new(
+                    Vec::new(),
+                    Vec::new(),
+                    vec!["192.0.2.9:51820".parse().unwrap()],
+                )),
+                seed: 1,
+            },
+            &[peer],
+            t0,
+        )
+    }
+
+    #[test]
+    fn candidates_no_peer_can_have_are_dropped_and_counted() {
+        let t0 = Instant::now();
+        let site = site_with_peer(t0);
+        let key = x25519_dalek::PublicKey::from(&StaticSecret::from(PEER_SECRET)).to_bytes();
+        let good: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let bad: Vec<SocketAddr> = [
+            "127.0.0.1:51820",
+            "[::1]:51820",
+            "169.254.0.1:51820",
+            "[fe80::1]:51820",
+            "224.0.0.1:51820",
+            "255.255.255.255:51820",
+            "0.0.0.0:51820",
+            "198.51.100.8:0",
+            // Our own host address, and addresses inside the overlay.
+            "192.0.2.9:51820",
+            "10.0.3.4:51820",
+            "10.1.3.4:51820",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let mut io = Sent::default();
+        let mut all = bad.clone();
+        all.push(good);
+        site.handle_peer_update(t0, &key, all, true, &mut io);
+        let probed: Vec<SocketAddr> = io
+            .datagrams
+            .iter()
+            .filter(|(_, d)| probe::is_probe(d))
+            .map(|(to, _)| *to)
+            .collect();
+        assert_eq!(probed, vec![good]);
+        let peers = site.peers();
+        let peer = peers.get(0);
+        assert_eq!(
+            peer.counters.drops.get(DropReason::BadCandidate),
+            bad.len() as u64
+        );
     }
 
     fn transaction(datagram: &[u8]) -> [u8; 12] {
