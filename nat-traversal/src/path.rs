@@ -370,7 +370,7 @@ impl PeerPaths {
     /// Handles an authenticated probe from the peer that arrived from `from`.
     pub fn handle_probe(&mut self, now: Instant, from: SocketAddr, probe: Probe) {
         match probe {
-            Probe::Ping { tx } => self.handle_ping(now, from, tx),
+            Probe::Ping { tx, .. } => self.handle_ping(now, from, tx),
             Probe::Pong { tx, observed } => self.handle_pong(now, from, tx, observed),
         }
     }
@@ -589,7 +589,8 @@ impl PeerPaths {
         }
         self.queue(Transmit {
             dst,
-            probe: Probe::Ping { tx },
+            // The driver stamps the counter (its `PingClock`) when encoding.
+            probe: Probe::Ping { tx, counter: 0 },
         });
     }
 
@@ -863,7 +864,7 @@ mod tests {
             .iter()
             .filter(|t| t.dst == dst)
             .filter_map(|t| match t.probe {
-                Probe::Ping { tx } => Some(tx),
+                Probe::Ping { tx, .. } => Some(tx),
                 Probe::Pong { .. } => None,
             })
             .collect()

@@ -150,6 +150,12 @@ pub struct PeerState {
     /// Candidate probing and path selection, for a peer without a static
     /// endpoint when the site uses a rendezvous.
     pub paths: Option<PeerPaths>,
+    /// The counters of the peer's pings seen lately: replays are dropped.
+    pub(super) ping_replay: causeway_nat::probe::ReplayWindow,
+    /// Pongs this site may still send to a peer without a path machine
+    /// (static endpoint): a token bucket, so that replayed or spoofed-source
+    /// pings cannot make it a reflector.
+    pub(super) pong_budget: super::traversal::AnswerBudget,
 }
 
 impl PeerState {
@@ -219,6 +225,8 @@ impl Peer {
                     .paths
                     .filter(|_| !static_endpoint)
                     .map(|config| PeerPaths::new(config, rng.next_u64())),
+                ping_replay: Default::default(),
+                pong_budget: Default::default(),
             }),
         }
     }
