@@ -203,6 +203,16 @@ impl Traversal {
         }
         local.next_stun = now + self.stun_interval;
         for &server in &self.stun_servers {
+            // A request sent moments ago is still on its way (a round
+            // brought forward by a rescue or a fallback): wait for its
+            // answer instead.
+            if local
+                .pending
+                .iter()
+                .any(|p| p.server == server && now.saturating_duration_since(p.sent) < STUN_RTO)
+            {
+                continue;
+            }
             let tx = TransactionId::random(rng);
             let n = stun::encode_binding_request(&tx, &mut buf);
             if io.send(server, &buf[..n]).is_ok() {
@@ -392,8 +402,19 @@ impl Site {
                     tracing::debug!(peer = peer.name(), "probe to {}: {e}", t.dst);
                 }
             }
-            let Some(Event::PathChanged(path)) = paths.poll_event() else {
-                return;
+            let path = match paths.poll_event() {
+                None => return,
+                Some(Event::PathChanged(path)) => path,
+                Some(Event::Silent) => {
+                    info!(
+                        peer = peer.name(),
+                        "traffic to the peer unanswered: probing every candidate, asking STUN again, announcing our candidates"
+                    );
+                    if let Some(traversal) = &self.traversal {
+                        traversal.path_lost(now, io);
+                    }
+                    continue;
+                }
             };
             io.path_changed(peer, path);
             match path {

@@ -42,8 +42,11 @@ impl Site {
     /// Prepares one packet from the TUN (remap, MSS clamp) and encrypts it
     /// into `out` (room for the packet plus 148 bytes); or answers it with
     /// ICMP "too big" in `icmp`; or hands it to the relay; or drops it.
+    /// `now` tells the peer's path machine that traffic went out on the
+    /// direct path (see `PeerPaths::notify_traffic_sent`).
     pub fn encapsulate(
         &self,
+        now: Instant,
         peers: &Peers,
         packet: &mut [u8],
         out: &mut [u8],
@@ -117,6 +120,11 @@ impl Site {
         }
         match state.tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(message) => {
+                if endpoint.is_some()
+                    && let Some(paths) = state.paths.as_mut()
+                {
+                    paths.notify_traffic_sent(now);
+                }
                 drop(state);
                 peer.counters.tx_packets.fetch_add(1, Relaxed);
                 peer.counters
