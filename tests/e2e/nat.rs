@@ -311,6 +311,84 @@ fn relayed_sites_handshake_while_a_flood_of_initiations_hits_one() {
     eprintln!("flood: {} initiations sent", flood.sent());
 }
 
+/// Runs a ping train from `from` to `to` for `total` (one ping every 20 ms,
+/// each waiting up to 100 ms for its reply), calling `during` after `at`;
+/// returns the longest time without a reply (from the start, between
+/// replies, and to the end) and the number of replies.
+fn ping_train(
+    from: &Netns,
+    to: std::net::Ipv4Addr,
+    total: Duration,
+    at: Duration,
+    during: impl FnOnce(),
+) -> (Duration, usize) {
+    std::thread::scope(|scope| {
+        let start = Instant::now();
+        let train = scope.spawn(move || {
+            let mut replies = Vec::new();
+            while start.elapsed() < total {
+                let sent = Instant::now();
+                if let Ok(Some(_)) = from.ping(to.into(), Duration::from_millis(100)) {
+                    replies.push(Instant::now());
+                }
+                if let Some(wait) =
+                    (sent + Duration::from_millis(20)).checked_duration_since(Instant::now())
+                {
+                    std::thread::sleep(wait);
+                }
+            }
+            replies
+        });
+        std::thread::sleep(at);
+        during();
+        let replies = train.join().expect("ping thread");
+        let mut longest = Duration::ZERO;
+        let mut last = start;
+        for t in replies
+            .iter()
+            .copied()
+            .chain(std::iter::once(start + total))
+        {
+            longest = longest.max(t.saturating_duration_since(last));
+            last = t;
+        }
+        (longest, replies.len())
+    })
+}
+
+#[test]
+fn nat_rebinding_under_a_ping_train_heals_within_3_seconds() {
+    let pair = NatPair::new(Some(Nat::PortPreserving), Some(Nat::PortPreserving));
+    let [(pod_a, _), (_, addr_b)] = pair.pods();
+    assert_ping(pod_a, addr_b.into());
+    pair.wait_path(0, "direct", Duration::from_secs(15));
+    pair.wait_path(1, "direct", Duration::from_secs(15));
+    // Site a's pod pings b's every 20 ms. After 4 s one NAT router moves
+    // to a new public port and forgets every mapping: first the pinging
+    // side's, then the answering side's.
+    for (site, port) in [(0, 40001), (1, 40002)] {
+        let (gap, replies) = ping_train(
+            pod_a,
+            addr_b,
+            Duration::from_secs(12),
+            Duration::from_secs(4),
+            || {
+                pair.lab.sites()[site].rebind_nat(port).expect("rebind");
+            },
+        );
+        eprintln!("NAT of site {site} rebound: longest gap {gap:?}, {replies} replies");
+        assert!(
+            gap <= Duration::from_secs(3),
+            "NAT of site {site} rebound: {gap:?} without a reply\n--- a:\n{}\n--- b:\n{}",
+            pair.daemons[0].log_text(),
+            pair.daemons[1].log_text()
+        );
+        // And the direct path is back, through the new port.
+        pair.wait_path(0, "direct", Duration::from_secs(5));
+        pair.wait_path(1, "direct", Duration::from_secs(5));
+    }
+}
+
 #[test]
 fn a_conntrack_flush_mid_transfer_is_survived() {
     let pair = NatPair::new(Some(Nat::PortPreserving), Some(Nat::PortPreserving));
