@@ -18,7 +18,8 @@ struct NatPair {
     lab: Lab,
     rendezvous: Rendezvous,
     /// Keeps the sites' key and config files alive.
-    _files: Vec<SiteFiles>,
+    files: Vec<SiteFiles>,
+    configs: Vec<std::path::PathBuf>,
     daemons: Vec<Daemon>,
 }
 
@@ -79,7 +80,8 @@ impl NatPair {
         NatPair {
             lab,
             rendezvous,
-            _files: files,
+            files,
+            configs: vec![cfg_a, cfg_b],
             daemons,
         }
     }
@@ -386,6 +388,50 @@ fn nat_rebinding_under_a_ping_train_heals_within_3_seconds() {
         // And the direct path is back, through the new port.
         pair.wait_path(0, "direct", Duration::from_secs(5));
         pair.wait_path(1, "direct", Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn kill_9_and_restart_of_a_gateway_under_a_ping_train() {
+    let mut pair = NatPair::new(Some(Nat::PortPreserving), Some(Nat::PortPreserving));
+    let addr_b = pair.lab.sites()[1].pods[0].addr;
+    assert_ping(&pair.lab.sites()[0].pods[0].ns, addr_b.into());
+    pair.wait_path(0, "direct", Duration::from_secs(15));
+    pair.wait_path(1, "direct", Duration::from_secs(15));
+    // a's pod pings b's every 20 ms; after 3 s one gateway's daemon is
+    // killed with SIGKILL and started again at once: b's (the answering
+    // side), then a's (the pinging side).
+    let NatPair {
+        lab,
+        files,
+        configs,
+        daemons,
+        ..
+    } = &mut pair;
+    for site in [1, 0] {
+        let mut down = Duration::ZERO;
+        let (gap, replies) = ping_train(
+            &lab.sites()[0].pods[0].ns,
+            addr_b,
+            Duration::from_secs(10),
+            Duration::from_secs(3),
+            || {
+                let t = Instant::now();
+                daemons[site].child.kill9().expect("kill -9");
+                daemons[site] =
+                    Daemon::start(&lab.sites()[site].gateway, &files[site], &configs[site]);
+                down = t.elapsed();
+            },
+        );
+        eprintln!(
+            "kill -9 and restart of site {site}: longest gap {gap:?} ({down:?} from the kill until the new daemon answered its socket), {replies} replies"
+        );
+        assert!(
+            gap.saturating_sub(down) <= Duration::from_secs(3),
+            "site {site}: {gap:?} without a reply, {down:?} of it down\n--- a:\n{}\n--- b:\n{}",
+            daemons[0].log_text(),
+            daemons[1].log_text()
+        );
     }
 }
 
