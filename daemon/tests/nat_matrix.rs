@@ -367,6 +367,90 @@ fn rebinding_is_detected_and_the_path_reestablished() {
     assert!(checked > 80, "{checked}");
 }
 
+/// The longest time between two echo replies at site 0 while it sends a
+/// request every 20 ms for `d`, with `event` applied after `at`.
+fn longest_gap(
+    w: &mut World,
+    d: Duration,
+    at: Duration,
+    event: impl FnOnce(&mut World),
+) -> Duration {
+    let tick = Duration::from_millis(20);
+    let start = w.elapsed();
+    let mut event = Some(event);
+    while w.elapsed() < start + d {
+        if w.elapsed() >= start + at
+            && let Some(event) = event.take()
+        {
+            event(w);
+        }
+        w.send_request(0);
+        w.run_for(tick);
+    }
+    let replies: Vec<Duration> = w.sites[0]
+        .replies
+        .iter()
+        .copied()
+        .filter(|t| *t >= start)
+        .collect();
+    let mut longest = replies.first().map_or(d, |t| *t - start);
+    for pair in replies.windows(2) {
+        longest = longest.max(pair[1] - pair[0]);
+    }
+    longest.max(start + d - replies.last().copied().unwrap_or(start))
+}
+
+#[test]
+fn rebinding_while_traffic_flows_heals_within_3_seconds() {
+    // Every pairing that goes direct, each NAT rebound in turn, while site 0
+    // sends a request every 20 ms and site 1 answers each: the longest time
+    // without an answer, rebinding included.
+    let all = SiteNat::all();
+    let mut worst = (Duration::ZERO, String::new());
+    let mut failures = Vec::new();
+    for &a in &all {
+        for &b in &all {
+            if !direct_possible(a, b) {
+                continue;
+            }
+            for rebound in 0..2 {
+                let mut w = established(a, b, SimConfig::default());
+                if w.sites[rebound].nat.is_none() {
+                    continue;
+                }
+                w.run_for(Duration::from_secs(3));
+                let gap = longest_gap(
+                    &mut w,
+                    Duration::from_secs(20),
+                    Duration::from_secs(5),
+                    |w| {
+                        if let Some(nat) = w.sites[rebound].nat.as_mut() {
+                            nat.rebind();
+                        }
+                    },
+                );
+                let label = format!("{} x {}, NAT {rebound} rebound", a.label(), b.label());
+                if gap >= Duration::from_secs(3) {
+                    failures.push(format!(
+                        "{label}: {gap:?} {:?} / {:?}",
+                        w.sites[0].path_log, w.sites[1].path_log
+                    ));
+                }
+                if gap > worst.0 {
+                    worst = (gap, label);
+                }
+            }
+        }
+    }
+    println!("longest gap: {:?} ({})", worst.0, worst.1);
+    assert!(
+        failures.is_empty(),
+        "{} pairings:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 #[test]
 fn relay_pairings_probe_at_a_low_rate() {
     let mut w = World::new(

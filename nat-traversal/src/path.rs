@@ -75,6 +75,12 @@ const MAX_QUEUED_TRANSMITS: usize = 64;
 const SEEN_PINGS: usize = 64;
 /// A peer-reflexive candidate not confirmed by a pong for this long is forgotten.
 const PEER_REFLEXIVE_TTL: Duration = Duration::from_secs(60);
+/// Traffic sent on the direct path with nothing authenticated back from the
+/// peer for this long starts a rescue (see [`Event::Silent`]).
+const SILENCE: Duration = Duration::from_secs(1);
+/// At most one rescue in this interval: a one-way stream (the peer has
+/// nothing to answer) must not turn into a rescue every second.
+const RESCUE_INTERVAL: Duration = Duration::from_secs(10);
 /// Minimum gap between a triggered ping and the previous ping to that address.
 const TRIGGERED_GAP: Duration = Duration::from_millis(500);
 /// Probes sent in answer to incoming pings (pongs, triggered pings): burst
@@ -123,6 +129,13 @@ pub enum Path {
 pub enum Event {
     /// The path changed; send subsequent WireGuard packets this way.
     PathChanged(Path),
+    /// Traffic went to the peer on the direct path and nothing
+    /// authenticated came back for a second (a NAT on the way probably
+    /// rebound or forgot its mappings). The machine pings the direct path
+    /// and starts a discovery burst on every other candidate now; the
+    /// driver should ask STUN again and announce its candidates again, so
+    /// that the peer learns a changed address and probes back.
+    Silent,
 }
 
 /// A probe to send on the WireGuard socket: encode it with
@@ -149,6 +162,8 @@ pub enum TimeoutReason {
     /// The last ping on the direct path is unanswered: ping again, or give
     /// the path up.
     PathCheck,
+    /// Traffic to the peer has gone unanswered: rescue the path now.
+    Silence,
 }
 
 /// One remote candidate, as [`PeerPaths::candidates`] reports it.
@@ -255,6 +270,10 @@ pub struct PeerPaths {
     observed: Option<SocketAddr>,
     answer_budget: u32,
     answer_budget_at: Option<Instant>,
+    /// First traffic sent on the direct path since the peer was last heard.
+    unanswered_since: Option<Instant>,
+    /// When the last rescue started.
+    last_rescue: Option<Instant>,
 }
 
 impl PeerPaths {
@@ -276,6 +295,8 @@ impl PeerPaths {
             observed: None,
             answer_budget: ANSWER_BURST,
             answer_budget_at: None,
+            unanswered_since: None,
+            last_rescue: None,
         }
     }
 
@@ -370,7 +391,7 @@ impl PeerPaths {
     /// Handles an authenticated probe from the peer that arrived from `from`.
     pub fn handle_probe(&mut self, now: Instant, from: SocketAddr, probe: Probe) {
         match probe {
-            Probe::Ping { tx } => self.handle_ping(now, from, tx),
+            Probe::Ping { tx, .. } => self.handle_ping(now, from, tx),
             Probe::Pong { tx, observed } => self.handle_pong(now, from, tx, observed),
         }
     }
@@ -390,6 +411,12 @@ impl PeerPaths {
             self.seen_next = (self.seen_next + 1) % SEEN_PINGS;
         }
         self.mark_seen(now, from);
+        // A ping from elsewhere says nothing about the address our traffic
+        // goes to (the peer's NAT may have rebound: its pings come from a
+        // new address while our traffic goes to the old one).
+        if self.active == Some(from) {
+            self.unanswered_since = None;
+        }
         if !self.take_answer_budget(now) {
             return;
         }
@@ -412,6 +439,9 @@ impl PeerPaths {
         let Some(ping) = self.take_in_flight(now, tx) else {
             return;
         };
+        if self.active == Some(ping.dst) {
+            self.unanswered_since = None;
+        }
         self.observed = Some(observed);
         let rtt = now.saturating_duration_since(ping.sent_at);
         let keepalive = self.jitter(self.config.keepalive_interval);
@@ -455,6 +485,7 @@ impl PeerPaths {
     /// Called for every packet: one scan of the candidates, and a random
     /// draw only when a keepalive is rescheduled.
     pub fn notify_traffic_received(&mut self, now: Instant, from: SocketAddr) {
+        self.unanswered_since = None;
         let Some(i) = self.candidates.iter().position(|c| c.addr == from) else {
             return;
         };
@@ -471,10 +502,57 @@ impl PeerPaths {
         }
     }
 
-    /// Advances timers: sends due pings, declares a silent direct path dead.
+    /// Tells the state machine that a WireGuard packet went to the peer on
+    /// the direct path. If nothing authenticated comes back from the peer
+    /// within a second (a pong, a ping, traffic), the path is rescued at
+    /// once ([`Event::Silent`]) instead of at the next keepalive.
+    ///
+    /// Called for every packet: a comparison, no allocation.
+    pub fn notify_traffic_sent(&mut self, now: Instant) {
+        if self.active.is_some() && self.unanswered_since.is_none() {
+            self.unanswered_since = Some(now);
+        }
+    }
+
+    /// Advances timers: sends due pings, rescues a path whose traffic goes
+    /// unanswered, declares a silent direct path dead.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.expire_peer_reflexive(now);
+        if self.rescue_due().is_some_and(|at| at <= now) {
+            self.rescue(now);
+        }
         self.ping_due(now);
+    }
+
+    /// When traffic to the peer will have gone unanswered long enough for a
+    /// rescue (at most one per [`RESCUE_INTERVAL`]).
+    fn rescue_due(&self) -> Option<Instant> {
+        self.active?;
+        let since = self.unanswered_since?;
+        let at = since + SILENCE;
+        Some(match self.last_rescue {
+            Some(last) => at.max(last + RESCUE_INTERVAL),
+            None => at,
+        })
+    }
+
+    /// Traffic goes unanswered: ping the direct path now, start a burst on
+    /// every other candidate, and tell the driver ([`Event::Silent`]).
+    fn rescue(&mut self, now: Instant) {
+        self.last_rescue = Some(now);
+        self.unanswered_since = None;
+        let active = self.active;
+        for c in &mut self.candidates {
+            if Some(c.addr) == active {
+                if !c.awaiting {
+                    // The path check runs from now: ping, then every second.
+                    c.keepalive_due = now;
+                }
+            } else {
+                c.restart_burst(now);
+            }
+        }
+        self.events.push_back(Event::Silent);
     }
 
     /// The next probe to send, if any.
@@ -490,9 +568,11 @@ impl PeerPaths {
     /// When to call [`PeerPaths::handle_timeout`] next, and why. `None` when
     /// there is nothing to probe.
     pub fn poll_timeout(&self) -> Option<(Instant, TimeoutReason)> {
+        let rescue = self.rescue_due().map(|at| (at, TimeoutReason::Silence));
         self.candidates
             .iter()
             .map(|c| self.next_action(c))
+            .chain(rescue)
             .min_by_key(|(at, _)| *at)
     }
 
@@ -589,7 +669,8 @@ impl PeerPaths {
         }
         self.queue(Transmit {
             dst,
-            probe: Probe::Ping { tx },
+            // The driver stamps the counter (its `PingClock`) when encoding.
+            probe: Probe::Ping { tx, counter: 0 },
         });
     }
 
@@ -693,9 +774,25 @@ impl PeerPaths {
     /// Whether the direct path answers its pings and the peer sends from
     /// it: then it needs nothing better.
     fn direct_is_settled(&self, now: Instant) -> bool {
+        !self.rescuing()
+            && self
+                .active
+                .and_then(|a| self.candidates.iter().find(|c| c.addr == a))
+                .is_some_and(|c| c.missed == 0 && self.is_recent(c.seen_from, now))
+    }
+
+    /// Whether a rescue ([`Event::Silent`]) started and the direct path has
+    /// not been heard from since: then any address the peer reaches us
+    /// from is worth learning, and the first to answer takes over.
+    fn rescuing(&self) -> bool {
+        let Some(rescue) = self.last_rescue else {
+            return false;
+        };
         self.active
             .and_then(|a| self.candidates.iter().find(|c| c.addr == a))
-            .is_some_and(|c| c.missed == 0 && self.is_recent(c.seen_from, now))
+            .is_some_and(|c| {
+                c.last_pong.is_none_or(|t| t < rescue) && c.seen_from.is_none_or(|t| t < rescue)
+            })
     }
 
     /// Whether `t` is within three keepalive intervals of `now`.
@@ -703,11 +800,14 @@ impl PeerPaths {
         t.is_some_and(|t| now.saturating_duration_since(t) < self.config.keepalive_interval * 3)
     }
 
-    /// Whether the direct path has missed at least one ping.
+    /// Whether the direct path has missed at least one ping, or is being
+    /// rescued.
     fn direct_is_failing(&self) -> bool {
-        self.active
-            .and_then(|a| self.candidates.iter().find(|c| c.addr == a))
-            .is_some_and(|c| c.missed > 0)
+        self.rescuing()
+            || self
+                .active
+                .and_then(|a| self.candidates.iter().find(|c| c.addr == a))
+                .is_some_and(|c| c.missed > 0)
     }
 
     /// Makes room for `room` more peer-reflexive candidates by forgetting the
@@ -819,9 +919,31 @@ pub fn local_candidates(
     out
 }
 
-fn is_valid_candidate(addr: SocketAddr) -> bool {
-    let ip = addr.ip();
-    addr.port() != 0 && !ip.is_unspecified() && !ip.is_multicast()
+/// Whether `addr` can be a peer's address on the internet or a LAN: not
+/// port 0, and not an unspecified, loopback, link-local, multicast or
+/// broadcast address (IPv4-mapped IPv6 judged as the IPv4 address). A
+/// rendezvous that hands out such addresses (malicious or confused) would
+/// make the site probe itself or its own link.
+pub fn is_valid_candidate(addr: SocketAddr) -> bool {
+    let ip = addr.ip().to_canonical();
+    let bad = match ip {
+        std::net::IpAddr::V4(v4) => {
+            v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                // 0.0.0.0/8: "this network", never a destination.
+                || v4.octets()[0] == 0
+        }
+        std::net::IpAddr::V6(v6) => {
+            v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_unicast_link_local()
+                || v6.is_multicast()
+        }
+    };
+    addr.port() != 0 && !bad
 }
 
 #[cfg(test)]
@@ -841,7 +963,7 @@ mod tests {
             .iter()
             .filter(|t| t.dst == dst)
             .filter_map(|t| match t.probe {
-                Probe::Ping { tx } => Some(tx),
+                Probe::Ping { tx, .. } => Some(tx),
                 Probe::Pong { .. } => None,
             })
             .collect()
@@ -1093,6 +1215,115 @@ mod tests {
             1,
             "the direct path is checked at once"
         );
+    }
+
+    #[test]
+    fn unanswered_traffic_is_rescued_after_a_second_not_at_the_keepalive() {
+        let t0 = Instant::now();
+        let mut p = PeerPaths::new(PathConfig::default(), 10);
+        let (a, b) = (addr("192.0.2.1:1000"), addr("192.0.2.1:2000"));
+        p.set_remote_candidates(t0, vec![a, b]);
+        let tx = pings_to(&drain(&mut p), a)[0];
+        p.handle_pong(t0, a, tx, a);
+        assert_eq!(p.poll_event(), Some(Event::PathChanged(Path::Direct(a))));
+        // Let the discovery bursts end, with traffic answered.
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(4) + BURST[5] {
+            now += Duration::from_millis(20);
+            p.notify_traffic_sent(now);
+            p.notify_traffic_received(now, a);
+            if p.poll_timeout().is_some_and(|(at, _)| at <= now) {
+                p.handle_timeout(now);
+            }
+        }
+        drain(&mut p);
+        // Traffic keeps going out; nothing comes back (a ping from another
+        // address of the peer does not count).
+        let silent_from = now;
+        p.notify_traffic_sent(now);
+        p.handle_ping(now, b, TransactionId([3; 12]));
+        drain(&mut p);
+        // Timers run (a keepalive may come first, unanswered); the rescue
+        // comes a second after the traffic, not at the next keepalive.
+        let mut sent = Vec::new();
+        let at = loop {
+            let (at, reason) = p.poll_timeout().unwrap();
+            assert!(
+                at <= silent_from + SILENCE,
+                "{reason:?} at {:?}",
+                at - silent_from
+            );
+            p.handle_timeout(at);
+            sent.extend(drain(&mut p));
+            if reason == TimeoutReason::Silence {
+                break at;
+            }
+        };
+        assert_eq!(at, silent_from + SILENCE);
+        assert_eq!(p.poll_event(), Some(Event::Silent));
+        assert_eq!(pings_to(&sent, a).len(), 1, "direct path checked");
+        assert!(!pings_to(&sent, b).is_empty(), "every candidate pinged");
+        // A one-way stream: the path answers, the peer sends nothing. At
+        // most one rescue per RESCUE_INTERVAL.
+        let mut rescues = 1;
+        let mut now = at;
+        while now < at + Duration::from_secs(30) {
+            now += Duration::from_millis(20);
+            p.notify_traffic_sent(now);
+            if p.poll_timeout().is_some_and(|(t, _)| t <= now) {
+                p.handle_timeout(now);
+            }
+            for t in drain(&mut p) {
+                if let Probe::Ping { tx, .. } = t.probe {
+                    p.handle_pong(now, t.dst, tx, t.dst);
+                }
+            }
+            while let Some(e) = p.poll_event() {
+                rescues += usize::from(e == Event::Silent);
+            }
+        }
+        assert!(rescues <= 4, "{rescues} rescues in 30 s");
+        assert!(matches!(p.path(), Path::Direct(_)));
+    }
+
+    #[test]
+    fn addresses_that_are_no_peer_are_never_candidates() {
+        for bad in [
+            "0.0.0.0:51820",
+            "0.1.2.3:51820",
+            "127.0.0.1:51820",
+            "127.9.9.9:51820",
+            "169.254.1.1:51820",
+            "224.0.0.1:51820",
+            "239.1.2.3:51820",
+            "255.255.255.255:51820",
+            "192.0.2.1:0",
+            "[::]:51820",
+            "[::1]:51820",
+            "[fe80::1]:51820",
+            "[ff02::1]:51820",
+            "[::ffff:127.0.0.1]:51820",
+            "[::ffff:169.254.0.1]:51820",
+        ] {
+            assert!(!is_valid_candidate(addr(bad)), "{bad}");
+        }
+        for good in ["192.0.2.1:1", "10.0.0.1:51820", "[2001:db8::1]:51820"] {
+            assert!(is_valid_candidate(addr(good)), "{good}");
+        }
+        // A malicious rendezvous cannot make the site probe them.
+        let t0 = Instant::now();
+        let mut p = PeerPaths::new(PathConfig::default(), 9);
+        p.set_remote_candidates(
+            t0,
+            vec![
+                addr("127.0.0.1:51820"),
+                addr("169.254.1.1:51820"),
+                addr("255.255.255.255:51820"),
+                addr("[ff02::1]:51820"),
+            ],
+        );
+        assert!(drain(&mut p).is_empty());
+        assert_eq!(p.candidates().count(), 0);
     }
 
     #[test]

@@ -13,12 +13,20 @@
 //! ```text
 //!  0        4    5                     37           49                  49+n    49+n+16
 //!  +--------+----+---------------------+------------+-------------------+-------+
-//!  | magic  |kind| sender public key   | tx id      | observed (pong)   | MAC   |
-//!  | CA 63  | 1  | 32 bytes            | 12 bytes   | port(2) + IPv4(4) | 16    |
-//!  | 77 01  |2|3 |                     |            |  or IPv6(16)      |       |
+//!  | magic  |kind| sender public key   | tx id      | counter (ping: 8) | MAC   |
+//!  | CA 63  | 1  | 32 bytes            | 12 bytes   | observed (pong):  | 16    |
+//!  | 77 02  |2|3 |                     |            | port(2) + IPv4(4) |       |
+//!  |        |    |                     |            |  or IPv6(16)      |       |
 //!  +--------+----+---------------------+------------+-------------------+-------+
-//!  kind 1 = ping (65 bytes), 2 = pong with IPv4 (71 bytes), 3 = pong with IPv6 (83 bytes)
+//!  kind 1 = ping (73 bytes), 2 = pong with IPv4 (71 bytes), 3 = pong with IPv6 (83 bytes)
 //! ```
+//!
+//! A ping's *counter* is the sender's [`PingClock`]: microseconds of its
+//! wall clock at start plus its monotonic clock since, strictly increasing.
+//! It sits under the MAC, so the receiver's [`ReplayWindow`] can refuse a
+//! ping it has seen, or one older than [`REPLAY_WINDOW`] before the newest
+//! (however many pings came in between), without synchronised clocks.
+//! Pongs need none: one counts only while its ping is in flight, once.
 //!
 //! The first byte, 0xCA, has its top bit set: a probe is never a WireGuard
 //! message (first byte 1..=4, then three zero bytes) nor a STUN message (first
@@ -39,11 +47,11 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::stun::TransactionId;
 
-/// The first four bytes of every probe (version 1).
-pub const MAGIC: [u8; 4] = [0xCA, b'c', b'w', 0x01];
+/// The first four bytes of every probe (version 2: pings carry a counter).
+pub const MAGIC: [u8; 4] = [0xCA, b'c', b'w', 0x02];
 
 /// Length of a ping.
-pub const PING_LEN: usize = BODY_START + MAC_LEN;
+pub const PING_LEN: usize = BODY_START + 8 + MAC_LEN;
 /// Length of a pong carrying an IPv4 address.
 pub const PONG_V4_LEN: usize = BODY_START + 6 + MAC_LEN;
 /// Length of a pong carrying an IPv6 address.
@@ -130,6 +138,9 @@ pub enum Probe {
     Ping {
         /// Random transaction id, echoed in the pong.
         tx: TransactionId,
+        /// The sender's [`PingClock`] when it sent the ping. The path
+        /// machine leaves it 0; the driver stamps it before encoding.
+        counter: u64,
     },
     /// The answer to a ping.
     Pong {
@@ -144,7 +155,7 @@ impl Probe {
     /// The transaction id.
     pub fn tx(&self) -> TransactionId {
         match *self {
-            Probe::Ping { tx } | Probe::Pong { tx, .. } => tx,
+            Probe::Ping { tx, .. } | Probe::Pong { tx, .. } => tx,
         }
     }
 }
@@ -171,8 +182,8 @@ pub enum ProbeError {
 ///
 /// # Panics
 /// If `out` is shorter than [`PING_LEN`].
-pub fn encode_ping(key: &ProbeKey, tx: &TransactionId, out: &mut [u8]) -> usize {
-    encode(key, &Probe::Ping { tx: *tx }, out)
+pub fn encode_ping(key: &ProbeKey, tx: &TransactionId, counter: u64, out: &mut [u8]) -> usize {
+    encode(key, &Probe::Ping { tx: *tx, counter }, out)
 }
 
 /// Encodes a pong answering the ping `tx` that arrived from `observed`, and
@@ -198,9 +209,10 @@ pub fn encode(key: &ProbeKey, probe: &Probe, out: &mut [u8]) -> usize {
     out[SENDER_START..TX_START].copy_from_slice(&key.own_public);
     out[TX_START..BODY_START].copy_from_slice(&probe.tx().0);
     let body_end = match *probe {
-        Probe::Ping { .. } => {
+        Probe::Ping { counter, .. } => {
             out[4] = KIND_PING;
-            BODY_START
+            out[BODY_START..BODY_START + 8].copy_from_slice(&counter.to_be_bytes());
+            BODY_START + 8
         }
         Probe::Pong { observed, .. } => {
             out[BODY_START..BODY_START + 2].copy_from_slice(&observed.port().to_be_bytes());
@@ -283,8 +295,95 @@ pub fn open(key: &ProbeKey, datagram: &[u8]) -> Result<Probe, ProbeError> {
                 observed: SocketAddr::new(Ipv6Addr::from(octets).into(), port(body)),
             }
         }
-        _ => Probe::Ping { tx },
+        _ => {
+            let mut counter = [0u8; 8];
+            counter.copy_from_slice(&body[..8]);
+            Probe::Ping {
+                tx,
+                counter: u64::from_be_bytes(counter),
+            }
+        }
     })
+}
+
+/// How far (in counter microseconds) a ping may trail the newest one seen
+/// from the same peer and still be accepted (reordering, pings to several
+/// candidates in flight together).
+pub const REPLAY_WINDOW: u64 = 10_000_000;
+/// Ping counters remembered inside the window.
+const REPLAY_SEEN: usize = 64;
+
+/// A site's ping counter: its wall clock at start (microseconds since the
+/// Unix epoch) advanced by the monotonic clock, strictly increasing. A
+/// restarted site starts above what it sent before as long as its wall
+/// clock did not go back; no state is kept across restarts.
+#[derive(Clone, Copy, Debug)]
+pub struct PingClock {
+    base: std::time::Instant,
+    base_micros: u64,
+    last: u64,
+}
+
+impl PingClock {
+    /// A clock that reads `wall` at `now` (the only wall-clock reading).
+    pub fn new(now: std::time::Instant, wall: std::time::SystemTime) -> Self {
+        let base_micros = wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        Self {
+            base: now,
+            base_micros,
+            last: 0,
+        }
+    }
+
+    /// The counter for a ping sent at `now`: greater than every earlier one.
+    pub fn next(&mut self, now: std::time::Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.base).as_micros();
+        let t = self
+            .base_micros
+            .saturating_add(u64::try_from(elapsed).unwrap_or(u64::MAX));
+        self.last = t.max(self.last.saturating_add(1));
+        self.last
+    }
+}
+
+/// The receiving side of [`PingClock`], one per peer: accepts each ping
+/// counter once, and none more than [`REPLAY_WINDOW`] below the newest, or
+/// below the oldest one it had to forget to make room. A ping recorded
+/// long ago and replayed is refused however many pings came since.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayWindow {
+    seen: Vec<u64>,
+    highest: u64,
+    floor: u64,
+}
+
+impl ReplayWindow {
+    /// Whether a ping with `counter` is new; if so, remembers it.
+    pub fn accept(&mut self, counter: u64) -> bool {
+        if counter <= self.floor
+            || counter.saturating_add(REPLAY_WINDOW) <= self.highest
+            || self.seen.contains(&counter)
+        {
+            return false;
+        }
+        // Forget what fell out of the window, then the oldest if still full.
+        let low = self.highest.max(counter).saturating_sub(REPLAY_WINDOW);
+        self.seen.retain(|&c| c > low);
+        if self.seen.len() >= REPLAY_SEEN
+            && let Some((i, &oldest)) = self.seen.iter().enumerate().min_by_key(|(_, c)| **c)
+        {
+            self.floor = self.floor.max(oldest);
+            self.seen.swap_remove(i);
+        }
+        if counter <= self.floor {
+            return false;
+        }
+        self.seen.push(counter);
+        self.highest = self.highest.max(counter);
+        true
+    }
 }
 
 #[cfg(test)]
@@ -313,11 +412,17 @@ mod tests {
         let (ka, kb) = keys(1, 2);
         let tx = TransactionId([5; 12]);
         let mut buf = [0u8; MAX_PROBE_LEN];
-        let n = encode_ping(&ka, &tx, &mut buf);
+        let n = encode_ping(&ka, &tx, 0x0102_0304_0506_0708, &mut buf);
         assert_eq!(n, PING_LEN);
         assert!(is_probe(&buf[..n]));
         assert_eq!(sender(&buf[..n]), Some(*ka.own_public()));
-        assert_eq!(open(&kb, &buf[..n]), Ok(Probe::Ping { tx }));
+        assert_eq!(
+            open(&kb, &buf[..n]),
+            Ok(Probe::Ping {
+                tx,
+                counter: 0x0102_0304_0506_0708
+            })
+        );
         for (observed, len) in [
             ("198.51.100.7:4500", PONG_V4_LEN),
             ("[2001:db8::1]:51820", PONG_V6_LEN),
@@ -354,7 +459,7 @@ mod tests {
         // A third site (with the right sender field but another key) cannot forge.
         let (kc, _) = keys(3, 2);
         let mut forged = [0u8; MAX_PROBE_LEN];
-        let m = encode_ping(&kc, &TransactionId([5; 12]), &mut forged);
+        let m = encode_ping(&kc, &TransactionId([5; 12]), 1, &mut forged);
         forged[SENDER_START..TX_START].copy_from_slice(ka.own_public());
         assert_eq!(open(&kb, &forged[..m]), Err(ProbeError::BadMac));
         // Truncated or extended.
@@ -376,7 +481,7 @@ mod tests {
         let (ka, _) = keys(1, 2);
         let mut buf = [0u8; MAX_PROBE_LEN];
         for n in [
-            encode_ping(&ka, &TransactionId([0; 12]), &mut buf),
+            encode_ping(&ka, &TransactionId([0; 12]), 0, &mut buf),
             encode_pong(
                 &ka,
                 &TransactionId([0; 12]),
@@ -389,7 +494,7 @@ mod tests {
         }
         // WireGuard messages are never probes.
         for ty in 1u8..=4 {
-            for len in [32usize, 64, 65, 71, 83, 92, 148] {
+            for len in [32usize, 64, 65, 71, 73, 83, 92, 148] {
                 let mut msg = vec![0u8; len];
                 msg[0] = ty;
                 assert!(!is_probe(&msg));
@@ -399,6 +504,49 @@ mod tests {
         let mut stun_buf = [0u8; stun::MAX_ENCODED_LEN];
         let n = stun::encode_binding_request(&TransactionId([0; 12]), &mut stun_buf);
         assert!(!is_probe(&stun_buf[..n]));
+    }
+
+    #[test]
+    fn ping_clock_counts_up_and_survives_a_restart() {
+        let t0 = std::time::Instant::now();
+        let wall = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let mut clock = PingClock::new(t0, wall);
+        let a = clock.next(t0);
+        let b = clock.next(t0);
+        let c = clock.next(t0 + std::time::Duration::from_secs(1));
+        assert!(a < b && b < c);
+        assert_eq!(a, 1_700_000_000_000_000);
+        // Restarted a minute later: above everything sent before.
+        let mut restarted = PingClock::new(
+            t0 + std::time::Duration::from_secs(60),
+            wall + std::time::Duration::from_secs(60),
+        );
+        assert!(restarted.next(t0 + std::time::Duration::from_secs(60)) > c);
+    }
+
+    #[test]
+    fn replays_are_refused_however_old() {
+        let mut w = ReplayWindow::default();
+        let base = 1_700_000_000_000_000u64;
+        assert!(w.accept(base));
+        assert!(!w.accept(base), "the same ping twice");
+        // Reordered within the window: accepted once.
+        assert!(w.accept(base + 500_000));
+        assert!(w.accept(base + 200_000));
+        assert!(!w.accept(base + 200_000));
+        // Far more pings than remembered, all within the window: the
+        // oldest forgotten ones raise the floor, so no earlier ping (seen
+        // or not) gets in again.
+        for i in 1..=200u64 {
+            assert!(w.accept(base + 1_000_000 + i * 1000));
+        }
+        assert!(!w.accept(base));
+        assert!(!w.accept(base + 1_000_000 + 1000));
+        assert!(!w.accept(base + 300_000), "never seen, but below the floor");
+        // Older than the window before the newest: refused.
+        assert!(w.accept(base + 60_000_000));
+        assert!(!w.accept(base + 60_000_000 - REPLAY_WINDOW));
+        assert!(w.accept(base + 60_000_000 - REPLAY_WINDOW + 1));
     }
 
     proptest::proptest! {

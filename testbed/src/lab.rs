@@ -435,6 +435,23 @@ impl Site {
             .map(drop)
     }
 
+    /// Rebinds the site's NAT router, as a router reboot or a carrier NAT
+    /// does: from now on it translates to source port `port` (one port:
+    /// still one mapping for every destination), and every mapping it had
+    /// is forgotten. Does nothing for a site without NAT.
+    pub fn rebind_nat(&self, port: u16) -> Result<(), Error> {
+        let Some(nat) = &self.nat_router else {
+            return Ok(());
+        };
+        let rules = format!(
+            "flush chain ip nat postrouting\n\
+             add rule ip nat postrouting oifname \"wan0\" meta l4proto {{ tcp, udp }} masquerade to :{port}\n\
+             add rule ip nat postrouting oifname \"wan0\" masquerade\n"
+        );
+        nat.run_with_input("nft", &["-f", "-"], &rules)?;
+        self.flush_nat_mappings()
+    }
+
     /// Forgets every NAT mapping of the site's NAT router (like `conntrack
     /// -F`, over ctnetlink), as if the router had rebooted or its mappings had
     /// timed out. Does nothing for a site without NAT.

@@ -18,12 +18,23 @@ struct NatPair {
     lab: Lab,
     rendezvous: Rendezvous,
     /// Keeps the sites' key and config files alive.
-    _files: Vec<SiteFiles>,
+    files: Vec<SiteFiles>,
+    configs: Vec<std::path::PathBuf>,
     daemons: Vec<Daemon>,
 }
 
 impl NatPair {
     fn new(nat_a: Option<Nat>, nat_b: Option<Nat>) -> NatPair {
+        Self::new_with(nat_a, nat_b, |_, _| {})
+    }
+
+    /// Like [`NatPair::new`], calling `before` with the lab and the sites'
+    /// files before the daemons start.
+    fn new_with(
+        nat_a: Option<Nat>,
+        nat_b: Option<Nat>,
+        before: impl FnOnce(&Lab, &[SiteFiles]),
+    ) -> NatPair {
         let site = |name: &str, cidr: &str, nat: Option<Nat>| {
             let spec = SiteSpec::new(name, vec![cidr.parse().expect("cidr")]);
             match nat {
@@ -61,6 +72,7 @@ impl NatPair {
             &["10.1.0.0/16"],
             &(peer_toml("a", &files[0].public_key, &["10.0.0.0/16"], None) + &rdv),
         );
+        before(&lab, &files);
         let daemons = vec![
             Daemon::start(&lab.sites()[0].gateway, &files[0], &cfg_a),
             Daemon::start(&lab.sites()[1].gateway, &files[1], &cfg_b),
@@ -68,7 +80,8 @@ impl NatPair {
         NatPair {
             lab,
             rendezvous,
-            _files: files,
+            files,
+            configs: vec![cfg_a, cfg_b],
             daemons,
         }
     }
@@ -195,6 +208,231 @@ fn symmetric_meets_cone_and_public_meets_symmetric() {
     assert_ping(pod_a, addr_b.into());
     pair.wait_path(0, "direct", Duration::from_secs(15));
     pair.wait_path(1, "direct", Duration::from_secs(15));
+}
+
+/// Sends WireGuard handshake initiations with a valid mac1 (anyone who
+/// knows the site's public key can) from a pod of the site to its
+/// gateway's UDP port, about `per_second`, until dropped.
+struct Flood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flood {
+    fn start(lab: &Lab, site: usize, public_key: &str, per_second: u32) -> Flood {
+        use std::sync::atomic::Ordering::Relaxed;
+        let target = SocketAddr::new(lab.sites()[site].wan_addr, PORT);
+        let socket = lab.sites()[site].pods[0]
+            .ns
+            .enter(|| std::net::UdpSocket::bind("0.0.0.0:0").expect("bind"));
+        let key = keys::decode_public(public_key).expect("key");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop2, sent2) = (stop.clone(), sent.clone());
+        let thread = std::thread::spawn(move || {
+            // One initiation, sent again and again: its mac1 stays valid,
+            // and each copy counts against the site's handshake rate.
+            let mut tunn = boringtun::noise::Tunn::new(keys::generate(), key, None, None, 7, None);
+            let mut buf = [0u8; 256];
+            let boringtun::noise::TunnResult::WriteToNetwork(init) =
+                tunn.format_handshake_initiation(&mut buf, true)
+            else {
+                panic!("no initiation");
+            };
+            // In batches every 10 ms.
+            let batch = per_second.div_ceil(100);
+            let start = Instant::now();
+            let mut n = 0u32;
+            while !stop2.load(Relaxed) {
+                for _ in 0..batch {
+                    if socket.send_to(init, target).is_ok() {
+                        sent2.fetch_add(1, Relaxed);
+                    }
+                }
+                n += 1;
+                let due = start + Duration::from_millis(10) * n;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        });
+        Flood {
+            stop,
+            sent,
+            thread: Some(thread),
+        }
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn relayed_sites_handshake_while_a_flood_of_initiations_hits_one() {
+    // 5000 mac1-valid initiations a second at site a's UDP port, from
+    // before the daemons start: a's handshake rate limiter (100 a second) is
+    // under load within milliseconds of each window, so every handshake
+    // needs a cookie, also the ones through the relay.
+    let mut flood = None;
+    let pair = NatPair::new_with(Some(Nat::Symmetric), Some(Nat::Symmetric), |lab, files| {
+        flood = Some(Flood::start(lab, 0, &files[0].public_key, 5000));
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let [(pod_a, addr_a), (pod_b, addr_b)] = pair.pods();
+    let t = Instant::now();
+    assert!(
+        ping_until(pod_b, addr_a.into(), Duration::from_secs(20)).is_some(),
+        "no tunnel under the flood:\n{}",
+        pair.daemons[0].log_text()
+    );
+    eprintln!(
+        "first ping through the relay under the flood after {:?}",
+        t.elapsed()
+    );
+    // And it keeps working: every second for 10 s, both ways.
+    for _ in 0..10 {
+        assert_ping(pod_a, addr_b.into());
+        assert_ping(pod_b, addr_a.into());
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    let flood = flood.as_ref().expect("flood");
+    let a = pair.peer(0);
+    assert_eq!(a.path, "relay", "{a:?}");
+    assert!(flood.sent() > 30_000, "flood sent {}", flood.sent());
+    eprintln!("flood: {} initiations sent", flood.sent());
+}
+
+/// Runs a ping train from `from` to `to` for `total` (one ping every 20 ms,
+/// each waiting up to 100 ms for its reply), calling `during` after `at`;
+/// returns the longest time without a reply (from the start, between
+/// replies, and to the end) and the number of replies.
+fn ping_train(
+    from: &Netns,
+    to: std::net::Ipv4Addr,
+    total: Duration,
+    at: Duration,
+    during: impl FnOnce(),
+) -> (Duration, usize) {
+    std::thread::scope(|scope| {
+        let start = Instant::now();
+        let train = scope.spawn(move || {
+            let mut replies = Vec::new();
+            while start.elapsed() < total {
+                let sent = Instant::now();
+                if let Ok(Some(_)) = from.ping(to.into(), Duration::from_millis(100)) {
+                    replies.push(Instant::now());
+                }
+                if let Some(wait) =
+                    (sent + Duration::from_millis(20)).checked_duration_since(Instant::now())
+                {
+                    std::thread::sleep(wait);
+                }
+            }
+            replies
+        });
+        std::thread::sleep(at);
+        during();
+        let replies = train.join().expect("ping thread");
+        let mut longest = Duration::ZERO;
+        let mut last = start;
+        for t in replies
+            .iter()
+            .copied()
+            .chain(std::iter::once(start + total))
+        {
+            longest = longest.max(t.saturating_duration_since(last));
+            last = t;
+        }
+        (longest, replies.len())
+    })
+}
+
+#[test]
+fn nat_rebinding_under_a_ping_train_heals_within_3_seconds() {
+    let pair = NatPair::new(Some(Nat::PortPreserving), Some(Nat::PortPreserving));
+    let [(pod_a, _), (_, addr_b)] = pair.pods();
+    assert_ping(pod_a, addr_b.into());
+    pair.wait_path(0, "direct", Duration::from_secs(15));
+    pair.wait_path(1, "direct", Duration::from_secs(15));
+    // Site a's pod pings b's every 20 ms. After 4 s one NAT router moves
+    // to a new public port and forgets every mapping: first the pinging
+    // side's, then the answering side's.
+    for (site, port) in [(0, 40001), (1, 40002)] {
+        let (gap, replies) = ping_train(
+            pod_a,
+            addr_b,
+            Duration::from_secs(12),
+            Duration::from_secs(4),
+            || {
+                pair.lab.sites()[site].rebind_nat(port).expect("rebind");
+            },
+        );
+        eprintln!("NAT of site {site} rebound: longest gap {gap:?}, {replies} replies");
+        assert!(
+            gap <= Duration::from_secs(3),
+            "NAT of site {site} rebound: {gap:?} without a reply\n--- a:\n{}\n--- b:\n{}",
+            pair.daemons[0].log_text(),
+            pair.daemons[1].log_text()
+        );
+        // And the direct path is back, through the new port.
+        pair.wait_path(0, "direct", Duration::from_secs(5));
+        pair.wait_path(1, "direct", Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn kill_9_and_restart_of_a_gateway_under_a_ping_train() {
+    let mut pair = NatPair::new(Some(Nat::PortPreserving), Some(Nat::PortPreserving));
+    let addr_b = pair.lab.sites()[1].pods[0].addr;
+    assert_ping(&pair.lab.sites()[0].pods[0].ns, addr_b.into());
+    pair.wait_path(0, "direct", Duration::from_secs(15));
+    pair.wait_path(1, "direct", Duration::from_secs(15));
+    // a's pod pings b's every 20 ms; after 3 s one gateway's daemon is
+    // killed with SIGKILL and started again at once: b's (the answering
+    // side), then a's (the pinging side).
+    let NatPair {
+        lab,
+        files,
+        configs,
+        daemons,
+        ..
+    } = &mut pair;
+    for site in [1, 0] {
+        let mut down = Duration::ZERO;
+        let (gap, replies) = ping_train(
+            &lab.sites()[0].pods[0].ns,
+            addr_b,
+            Duration::from_secs(10),
+            Duration::from_secs(3),
+            || {
+                let t = Instant::now();
+                daemons[site].child.kill9().expect("kill -9");
+                daemons[site] =
+                    Daemon::start(&lab.sites()[site].gateway, &files[site], &configs[site]);
+                down = t.elapsed();
+            },
+        );
+        eprintln!(
+            "kill -9 and restart of site {site}: longest gap {gap:?} ({down:?} from the kill until the new daemon answered its socket), {replies} replies"
+        );
+        assert!(
+            gap.saturating_sub(down) <= Duration::from_secs(3),
+            "site {site}: {gap:?} without a reply, {down:?} of it down\n--- a:\n{}\n--- b:\n{}",
+            daemons[0].log_text(),
+            daemons[1].log_text()
+        );
+    }
 }
 
 #[test]

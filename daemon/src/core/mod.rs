@@ -13,7 +13,9 @@
 //!
 //! Two things read the clock themselves, at the edge: boringtun's `Tunn`
 //! (handshake timestamps, session expiry) and the rate limit of drop log
-//! lines. Neither takes part in path selection.
+//! lines. Neither takes part in path selection. [`Site::new`] also reads
+//! the wall clock once: where the counter of its path pings starts
+//! (`causeway_nat::probe::PingClock`, the replay defence of probes).
 //!
 //! The core is shared by the packet threads (`&self` everywhere): each
 //! peer's state sits behind its own lock, taken once per packet; the peer
@@ -126,6 +128,8 @@ pub struct Site {
     /// Path machine settings for new peers.
     path_config: PathConfig,
     rng: Mutex<StdRng>,
+    /// The counter stamped on our path pings (see `causeway_nat::probe`).
+    ping_clock: Mutex<causeway_nat::probe::PingClock>,
     /// When the rate limiter's window restarts next.
     next_rate_reset: Mutex<Option<Instant>>,
     started: Instant,
@@ -174,6 +178,11 @@ impl Site {
             traversal,
             path_config,
             rng: Mutex::new(rng),
+            // The one wall-clock reading of the core: where ping counters start.
+            ping_clock: Mutex::new(causeway_nat::probe::PingClock::new(
+                now,
+                std::time::SystemTime::now(),
+            )),
             next_rate_reset: Mutex::new(None),
             started: Instant::now(),
             next_log_ms: Default::default(),
@@ -301,6 +310,14 @@ impl Site {
             .as_ref()
             .map(traversal::Traversal::poll_timeout);
         paths.into_iter().chain(stun).min()
+    }
+
+    /// The counter for a path ping sent at `now`.
+    fn next_ping_counter(&self, now: Instant) -> u64 {
+        self.ping_clock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next(now)
     }
 
     /// Sends a WireGuard message to `peer`: straight to `endpoint` when

@@ -50,11 +50,15 @@ pub enum DropReason {
     PolicyProtocol,
     /// Allow-list: a rule covers destination and protocol, not the port.
     PolicyPort,
+    /// A candidate address from a rendezvous that no peer can have
+    /// (loopback, link-local, multicast, broadcast, unspecified, port 0),
+    /// one of this site's own, or inside the overlay: not probed.
+    BadCandidate,
 }
 
 impl DropReason {
     /// Every reason, in the order status prints them.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         Self::SpoofedSource,
         Self::NoEndpoint,
         Self::Rejected,
@@ -67,6 +71,7 @@ impl DropReason {
         Self::PolicyNoRule,
         Self::PolicyProtocol,
         Self::PolicyPort,
+        Self::BadCandidate,
     ];
 
     /// The snake_case name used in status output and logs.
@@ -84,6 +89,7 @@ impl DropReason {
             Self::PolicyNoRule => "policy_no_rule",
             Self::PolicyProtocol => "policy_protocol",
             Self::PolicyPort => "policy_port",
+            Self::BadCandidate => "bad_candidate",
         }
     }
 
@@ -144,6 +150,12 @@ pub struct PeerState {
     /// Candidate probing and path selection, for a peer without a static
     /// endpoint when the site uses a rendezvous.
     pub paths: Option<PeerPaths>,
+    /// The counters of the peer's pings seen lately: replays are dropped.
+    pub(super) ping_replay: causeway_nat::probe::ReplayWindow,
+    /// Pongs this site may still send to a peer without a path machine
+    /// (static endpoint): a token bucket, so that replayed or spoofed-source
+    /// pings cannot make it a reflector.
+    pub(super) pong_budget: super::traversal::AnswerBudget,
 }
 
 impl PeerState {
@@ -213,6 +225,8 @@ impl Peer {
                     .paths
                     .filter(|_| !static_endpoint)
                     .map(|config| PeerPaths::new(config, rng.next_u64())),
+                ping_replay: Default::default(),
+                pong_budget: Default::default(),
             }),
         }
     }

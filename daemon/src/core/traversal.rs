@@ -31,6 +31,46 @@ const STUN_TIMEOUT: Duration = Duration::from_secs(5);
 /// twice as long (RFC 8489 §6.2.1), until [`STUN_TIMEOUT`].
 const STUN_RTO: Duration = Duration::from_millis(500);
 
+/// Pongs to a peer with a static endpoint: bursts of this many, then
+/// [`PONG_RATE`] a second (the path machine's own answer budget has the
+/// same numbers).
+const PONG_BURST: u32 = 64;
+const PONG_RATE: u32 = 20;
+
+/// A token bucket for answers to pings ([`PONG_BURST`], [`PONG_RATE`]).
+#[derive(Debug)]
+pub(crate) struct AnswerBudget {
+    tokens: u32,
+    at: Option<Instant>,
+}
+
+impl Default for AnswerBudget {
+    fn default() -> Self {
+        AnswerBudget {
+            tokens: PONG_BURST,
+            at: None,
+        }
+    }
+}
+
+impl AnswerBudget {
+    /// Takes one token if there is one.
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        let last = *self.at.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(last).as_millis();
+        let refill = u32::try_from(elapsed * u128::from(PONG_RATE) / 1000).unwrap_or(u32::MAX);
+        if refill > 0 {
+            self.tokens = self.tokens.saturating_add(refill).min(PONG_BURST);
+            self.at = Some(now);
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
 /// What NAT traversal starts from.
 #[derive(Debug, Clone)]
 pub struct TraversalParams {
@@ -163,6 +203,16 @@ impl Traversal {
         }
         local.next_stun = now + self.stun_interval;
         for &server in &self.stun_servers {
+            // A request sent moments ago is still on its way (a round
+            // brought forward by a rescue or a fallback): wait for its
+            // answer instead.
+            if local
+                .pending
+                .iter()
+                .any(|p| p.server == server && now.saturating_duration_since(p.sent) < STUN_RTO)
+            {
+                continue;
+            }
             let tx = TransactionId::random(rng);
             let n = stun::encode_binding_request(&tx, &mut buf);
             if io.send(server, &buf[..n]).is_ok() {
@@ -246,16 +296,36 @@ impl Site {
             }
         };
         let mut state = peer.lock();
+        if let Probe::Ping { counter, .. } = probe
+            && !state.ping_replay.accept(counter)
+        {
+            drop(state);
+            self.drop_packet(
+                Some(peer),
+                DropReason::Rejected,
+                format_args!("probe from {from}: replayed or stale ping"),
+            );
+            return;
+        }
         match state.paths.as_mut() {
             Some(paths) => {
                 paths.handle_probe(now, from, probe);
                 self.pump_paths(now, peer, &mut state, io, false);
             }
             None => {
-                drop(state);
                 // A peer with a static endpoint needs no path selection here,
-                // but the other side may: answer its pings.
-                if let Probe::Ping { tx } = probe {
+                // but the other side may: answer its pings, at a bounded rate.
+                if let Probe::Ping { tx, .. } = probe {
+                    if !state.pong_budget.take(now) {
+                        drop(state);
+                        self.drop_packet(
+                            Some(peer),
+                            DropReason::Rejected,
+                            format_args!("probe from {from}: over the pong rate limit"),
+                        );
+                        return;
+                    }
+                    drop(state);
                     let mut buf = [0u8; probe::MAX_PROBE_LEN];
                     let n = probe::encode(key, &Probe::Pong { tx, observed: from }, &mut buf);
                     let _ = io.send(from, &buf[..n]);
@@ -286,7 +356,7 @@ impl Site {
             "peer update from the rendezvous"
         );
         debug!(peer = peer.name(), candidates = ?candidates, "candidates from the rendezvous");
-        let candidates = self.reachable(candidates);
+        let candidates = self.reachable(peer, candidates);
         let mut state = peer.lock();
         if let Some(paths) = state.paths.as_mut() {
             if online {
@@ -325,13 +395,32 @@ impl Site {
                 return;
             };
             while let Some(t) = paths.poll_transmit() {
-                let n = probe::encode(key, &t.probe, &mut buf);
+                // Pings carry our ping clock, under the MAC (replay defence).
+                let probe = match t.probe {
+                    Probe::Ping { tx, .. } => Probe::Ping {
+                        tx,
+                        counter: self.next_ping_counter(now),
+                    },
+                    pong => pong,
+                };
+                let n = probe::encode(key, &probe, &mut buf);
                 if let Err(e) = io.send(t.dst, &buf[..n]) {
                     tracing::debug!(peer = peer.name(), "probe to {}: {e}", t.dst);
                 }
             }
-            let Some(Event::PathChanged(path)) = paths.poll_event() else {
-                return;
+            let path = match paths.poll_event() {
+                None => return,
+                Some(Event::PathChanged(path)) => path,
+                Some(Event::Silent) => {
+                    info!(
+                        peer = peer.name(),
+                        "traffic to the peer unanswered: probing every candidate, asking STUN again, announcing our candidates"
+                    );
+                    if let Some(traversal) = &self.traversal {
+                        traversal.path_lost(now, io);
+                    }
+                    continue;
+                }
             };
             io.path_changed(peer, path);
             match path {
@@ -366,18 +455,34 @@ impl Site {
         }
     }
 
-    /// The candidates worth probing: not inside our own pod networks or any
-    /// peer's view (those route into the tunnel itself, not to the peer's
-    /// gateway).
-    fn reachable(&self, candidates: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    /// The candidates worth probing: addresses a peer can have (see
+    /// [`causeway_nat::path::is_valid_candidate`]), not one of this site's
+    /// own, and not inside our own pod networks or any peer's view (those
+    /// route into the tunnel itself, not to the peer's gateway). The rest
+    /// are counted against the peer as `bad_candidate` and dropped.
+    fn reachable(&self, peer: &Peer, candidates: Vec<SocketAddr>) -> Vec<SocketAddr> {
         let peers = self.peers();
         let inside_overlay = |ip: std::net::IpAddr| {
             self.pod_cidrs.iter().any(|n| n.contains(&ip)) || peers.route(ip).is_some()
         };
-        candidates
-            .into_iter()
-            .filter(|c| !inside_overlay(c.ip()))
-            .collect()
+        let own = self.candidates();
+        let mut kept = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            let c = SocketAddr::new(c.ip().to_canonical(), c.port());
+            if !causeway_nat::path::is_valid_candidate(c)
+                || own.contains(&c)
+                || inside_overlay(c.ip())
+            {
+                self.drop_packet(
+                    Some(peer),
+                    DropReason::BadCandidate,
+                    format_args!("candidate {c} from the rendezvous: not a peer address"),
+                );
+            } else {
+                kept.push(c);
+            }
+        }
+        kept
     }
 }
 
@@ -405,6 +510,157 @@ mod tests {
         fn publish_candidates(&mut self, candidates: &[SocketAddr]) {
             self.published.push(candidates.to_vec());
         }
+    }
+
+    const PEER_SECRET: [u8; 32] = [8; 32];
+
+    /// A site with NAT traversal, host address 192.0.2.9:51820, and one
+    /// peer (key [`PEER_SECRET`]) without a static endpoint.
+    fn site_with_peer(t0: Instant) -> Site {
+        site_with_peer_at(t0, None)
+    }
+
+    fn site_with_peer_at(t0: Instant, endpoint: Option<SocketAddr>) -> Site {
+        let peer_cidr: ipnet::IpNet = "10.1.0.0/16".parse().unwrap();
+        let peer = crate::config::PeerConfig {
+            name: "b".to_owned(),
+            public_key: x25519_dalek::PublicKey::from(&StaticSecret::from(PEER_SECRET)),
+            cidrs: vec![peer_cidr],
+            views: vec![crate::packet::View::identity(peer_cidr)],
+            allow: Vec::new(),
+            endpoint: endpoint.map(|addr| crate::config::Endpoint {
+                spec: addr.to_string(),
+                addr,
+            }),
+            persistent_keepalive: None,
+        };
+        Site::new(
+            SiteParams {
+                private_key: StaticSecret::from([7; 32]),
+                pod_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
+                mtu: 1420,
+                traversal: Some(TraversalParams::new(
+                    Vec::new(),
+                    Vec::new(),
+                    vec!["192.0.2.9:51820".parse().unwrap()],
+                )),
+                seed: 1,
+            },
+            &[peer],
+            t0,
+        )
+    }
+
+    #[test]
+    fn candidates_no_peer_can_have_are_dropped_and_counted() {
+        let t0 = Instant::now();
+        let site = site_with_peer(t0);
+        let key = x25519_dalek::PublicKey::from(&StaticSecret::from(PEER_SECRET)).to_bytes();
+        let good: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let bad: Vec<SocketAddr> = [
+            "127.0.0.1:51820",
+            "[::1]:51820",
+            "169.254.0.1:51820",
+            "[fe80::1]:51820",
+            "224.0.0.1:51820",
+            "255.255.255.255:51820",
+            "0.0.0.0:51820",
+            "198.51.100.8:0",
+            // Our own host address, and addresses inside the overlay.
+            "192.0.2.9:51820",
+            "10.0.3.4:51820",
+            "10.1.3.4:51820",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let mut io = Sent::default();
+        let mut all = bad.clone();
+        all.push(good);
+        site.handle_peer_update(t0, &key, all, true, &mut io);
+        let probed: Vec<SocketAddr> = io
+            .datagrams
+            .iter()
+            .filter(|(_, d)| probe::is_probe(d))
+            .map(|(to, _)| *to)
+            .collect();
+        assert_eq!(probed, vec![good]);
+        let peers = site.peers();
+        let peer = peers.get(0);
+        assert_eq!(
+            peer.counters.drops.get(DropReason::BadCandidate),
+            bad.len() as u64
+        );
+    }
+
+    /// The peer's pings to the site, each with its own counter.
+    fn peer_ping(tx: u8, counter: u64) -> Vec<u8> {
+        let key = probe::ProbeKey::derive(
+            &StaticSecret::from(PEER_SECRET),
+            &x25519_dalek::PublicKey::from(&StaticSecret::from([7; 32])),
+        )
+        .unwrap();
+        let mut buf = [0u8; probe::MAX_PROBE_LEN];
+        let n = probe::encode_ping(&key, &TransactionId([tx; 12]), counter, &mut buf);
+        buf[..n].to_vec()
+    }
+
+    fn pongs(io: &Sent) -> usize {
+        io.datagrams
+            .iter()
+            .filter(|(_, d)| d.len() != probe::PING_LEN && probe::is_probe(d))
+            .count()
+    }
+
+    #[test]
+    fn old_pings_replayed_get_no_answer() {
+        // With a path machine (no static endpoint) and without one.
+        for endpoint in [None, Some("198.51.100.1:51820".parse().unwrap())] {
+            let t0 = Instant::now();
+            let site = site_with_peer_at(t0, endpoint);
+            let from: SocketAddr = "198.51.100.1:51820".parse().unwrap();
+            let mut io = Sent::default();
+            let recorded = peer_ping(0, 1_000);
+            site.handle_probe(t0, from, &recorded, &mut io);
+            assert_eq!(pongs(&io), 1);
+            // 100 later pings, a second apart: more than any ring of ids.
+            for i in 1..=100u8 {
+                let at = t0 + Duration::from_secs(u64::from(i));
+                site.handle_probe(at, from, &peer_ping(i, 1_000 + u64::from(i)), &mut io);
+            }
+            assert_eq!(pongs(&io), 101, "{endpoint:?}");
+            // The first one, replayed from another address: refused.
+            let later = t0 + Duration::from_secs(200);
+            let elsewhere: SocketAddr = "203.0.113.66:4000".parse().unwrap();
+            site.handle_probe(later, elsewhere, &recorded, &mut io);
+            assert_eq!(pongs(&io), 101, "{endpoint:?}: replay answered");
+            assert!(io.datagrams.iter().all(|(to, _)| *to != elsewhere));
+            let peers = site.peers();
+            assert_eq!(peers.get(0).counters.drops.get(DropReason::Rejected), 1);
+            // And the latest one replayed, too.
+            site.handle_probe(later, elsewhere, &peer_ping(100, 1_100), &mut io);
+            assert_eq!(pongs(&io), 101);
+        }
+    }
+
+    #[test]
+    fn a_static_endpoint_peer_answers_pings_at_a_bounded_rate() {
+        let t0 = Instant::now();
+        let site = site_with_peer_at(t0, Some("198.51.100.1:51820".parse().unwrap()));
+        let victim: SocketAddr = "203.0.113.66:4000".parse().unwrap();
+        let mut io = Sent::default();
+        // A thousand distinct authenticated pings at once (say, recorded
+        // and replayed from a spoofed source before the real ones arrived).
+        for i in 0..1000u64 {
+            site.handle_probe(t0, victim, &peer_ping((i % 250) as u8, 5_000 + i), &mut io);
+        }
+        assert_eq!(pongs(&io), PONG_BURST as usize);
+        // A second later, the rate's worth more.
+        for i in 0..100u64 {
+            let at = t0 + Duration::from_secs(1);
+            site.handle_probe(at, victim, &peer_ping(1, 10_000 + i), &mut io);
+        }
+        assert_eq!(pongs(&io), (PONG_BURST + PONG_RATE) as usize);
     }
 
     fn transaction(datagram: &[u8]) -> [u8; 12] {

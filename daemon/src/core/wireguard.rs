@@ -42,8 +42,11 @@ impl Site {
     /// Prepares one packet from the TUN (remap, MSS clamp) and encrypts it
     /// into `out` (room for the packet plus 148 bytes); or answers it with
     /// ICMP "too big" in `icmp`; or hands it to the relay; or drops it.
+    /// `now` tells the peer's path machine that traffic went out on the
+    /// direct path (see `PeerPaths::notify_traffic_sent`).
     pub fn encapsulate(
         &self,
+        now: Instant,
         peers: &Peers,
         packet: &mut [u8],
         out: &mut [u8],
@@ -117,6 +120,11 @@ impl Site {
         }
         match state.tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(message) => {
+                if endpoint.is_some()
+                    && let Some(paths) = state.paths.as_mut()
+                {
+                    paths.notify_traffic_sent(now);
+                }
                 drop(state);
                 peer.counters.tx_packets.fetch_add(1, Relaxed);
                 peer.counters
@@ -179,11 +187,15 @@ impl Site {
         out: &mut [u8],
         io: &mut impl Io,
     ) -> Option<usize> {
-        let from_ip = match source {
-            Source::Udp(from) => Some(from.ip()),
-            Source::Relay(_) => None,
+        // Under load, boringtun accepts a handshake only with a cookie for
+        // its source address (mac2), and refuses it outright without one.
+        // Relayed messages get a stable address of their own per peer, so
+        // that the cookie mechanism works through the relay too.
+        let (from_ip, relayed) = match source {
+            Source::Udp(from) => (from.ip(), false),
+            Source::Relay(id) => (relay_cookie_address(id), true),
         };
-        let relayed = from_ip.is_none();
+        let from_ip = Some(from_ip);
         let mut cookie = [0u8; 64];
         let packet = match self
             .rate_limiter
@@ -260,6 +272,16 @@ impl Site {
                 // A keepalive or a completed handshake: authenticated either way.
                 if matches!(packet, Packet::PacketData(_) | Packet::HandshakeResponse(_)) {
                     state.roam(source, now);
+                }
+                // The peer is under load and sent a cookie for our handshake:
+                // initiate again now, with it, rather than after boringtun's
+                // 5-second retry. (A cookie reply decrypts only for our latest
+                // handshake message, so this happens once per message.)
+                if matches!(packet, Packet::PacketCookieReply(_))
+                    && let TunnResult::WriteToNetwork(init) =
+                        state.tunn.format_handshake_initiation(out, true)
+                {
+                    self.reply(source, init, io);
                 }
                 None
             }
@@ -343,9 +365,142 @@ impl Site {
     }
 }
 
+/// The address that stands for the relay link to the peer with `id` in
+/// WireGuard's cookie mechanism: a multicast address (ff0e::/16 prefix
+/// with a private tag), which is never the source of a datagram on the
+/// UDP socket, so no one can share a relayed peer's cookies.
+pub(crate) fn relay_cookie_address(id: u32) -> IpAddr {
+    let [a, b, c, d] = id.to_be_bytes();
+    IpAddr::V6(std::net::Ipv6Addr::new(
+        0xff0e,
+        0x6361,
+        0x7573,
+        0x6577,
+        0x6179,
+        0,
+        u16::from_be_bytes([a, b]),
+        u16::from_be_bytes([c, d]),
+    ))
+}
+
 fn is_link_local_noise(dst: IpAddr) -> bool {
     match dst {
         IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
         IpAddr::V6(a) => a.is_multicast() || a.is_unicast_link_local(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod tests {
+    use super::*;
+    use crate::core::{SiteParams, TraversalParams};
+    use x25519_dalek::{PublicKey, StaticSecret};
+
+    /// Collects what a site hands to the relay and sends over UDP.
+    #[derive(Default)]
+    struct Wire {
+        relayed: Vec<Vec<u8>>,
+        sent: Vec<(SocketAddr, Vec<u8>)>,
+    }
+
+    impl Io for Wire {
+        fn send(&mut self, to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
+            self.sent.push((to, bytes.to_vec()));
+            Ok(())
+        }
+        fn relay(&mut self, _: &Arc<Peer>, bytes: &[u8]) -> bool {
+            self.relayed.push(bytes.to_vec());
+            true
+        }
+        fn publish_candidates(&mut self, _: &[SocketAddr]) {}
+    }
+
+    /// A site with traversal (so a relay) whose only peer has `peer_secret`.
+    fn site(secret: [u8; 32], peer_secret: [u8; 32], own: &str, peer: &str) -> Site {
+        let peer_cidr: ipnet::IpNet = peer.parse().unwrap();
+        let cfg = crate::config::PeerConfig {
+            name: "peer".to_owned(),
+            public_key: PublicKey::from(&StaticSecret::from(peer_secret)),
+            cidrs: vec![peer_cidr],
+            views: vec![crate::packet::View::identity(peer_cidr)],
+            allow: Vec::new(),
+            endpoint: None,
+            persistent_keepalive: None,
+        };
+        Site::new(
+            SiteParams {
+                private_key: StaticSecret::from(secret),
+                pod_cidrs: vec![own.parse().unwrap()],
+                mtu: 1420,
+                traversal: Some(TraversalParams::new(Vec::new(), Vec::new(), Vec::new())),
+                seed: u64::from(secret[0]),
+            },
+            &[cfg],
+            Instant::now(),
+        )
+    }
+
+    fn has_session(site: &Site) -> bool {
+        let peers = site.peers();
+        let state = peers.get(0).lock();
+        state.tunn.time_since_last_handshake().is_some()
+    }
+
+    #[test]
+    fn relayed_handshake_completes_while_the_udp_port_is_flooded() {
+        let (sa, sb) = ([0xA1; 32], [0xB2; 32]);
+        let a = site(sa, sb, "10.0.0.0/16", "10.1.0.0/16");
+        let b = site(sb, sa, "10.1.0.0/16", "10.0.0.0/16");
+        let now = Instant::now();
+        // A flood of initiations with a valid mac1 (anyone who knows B's
+        // public key can make them) puts B's rate limiter under load.
+        let flooder = StaticSecret::from([0xEE; 32]);
+        let mut tunn = boringtun::noise::Tunn::new(flooder, *b.public_key(), None, None, 1, None);
+        let attacker: SocketAddr = "203.0.113.66:4000".parse().unwrap();
+        let mut flood_io = Wire::default();
+        let mut buf = [0u8; 2048];
+        let mut out = [0u8; 2048];
+        for _ in 0..500 {
+            let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, true)
+            else {
+                panic!("no initiation");
+            };
+            let peers = b.peers();
+            b.decapsulate(
+                now,
+                &peers,
+                Source::Udp(attacker),
+                init,
+                &mut out,
+                &mut flood_io,
+            );
+        }
+        assert!(
+            flood_io.sent.iter().any(|(_, m)| m[0] == COOKIE_REPLY),
+            "B is under load: the flood gets cookies"
+        );
+
+        // A and B reach each other only through the relay.
+        let (a_key, b_key) = (a.public_key().to_bytes(), b.public_key().to_bytes());
+        let mut to_b = Wire::default();
+        a.handle_peer_update(now, &b_key, Vec::new(), true, &mut to_b);
+        assert_eq!(to_b.relayed.len(), 1, "A initiates through the relay");
+        for _ in 0..10 {
+            let mut to_a = Wire::default();
+            for m in std::mem::take(&mut to_b.relayed) {
+                let peers = b.peers();
+                b.decapsulate_relayed(now, &peers, &a_key, &m, &mut out, &mut to_a);
+            }
+            for m in to_a.relayed {
+                let peers = a.peers();
+                a.decapsulate_relayed(now, &peers, &b_key, &m, &mut out, &mut to_b);
+            }
+        }
+        assert!(
+            has_session(&a) && has_session(&b),
+            "no handshake under load"
+        );
+        assert_eq!(b.drops.get(DropReason::Malformed), 0);
     }
 }

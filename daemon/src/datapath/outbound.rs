@@ -146,12 +146,13 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
         // One peer-table snapshot per batch, not per packet.
         let peers = ctx.site.peers();
         let mut io = ctx.io();
+        let now = std::time::Instant::now();
         for (buf, &len) in bufs.iter_mut().zip(&lens[..n]) {
             let packet = &mut buf[..len];
             let out = queue.slot(packet.len());
             match ctx
                 .site
-                .encapsulate(&peers, packet, out, &mut icmp, &mut io)
+                .encapsulate(now, &peers, packet, out, &mut icmp, &mut io)
             {
                 Outbound::Send { to, len } => queue.commit(to, len, ctx.udp.max_segments()),
                 Outbound::Icmp(len) => {

@@ -109,6 +109,9 @@ pub(crate) struct Site {
     pub(crate) probes_sent: u64,
     /// WireGuard messages this site handed to the relay.
     pub(crate) relayed: u64,
+    /// When echo replies to this site's requests ([`World::send_request`])
+    /// arrived, since the start.
+    pub(crate) replies: Vec<Duration>,
 }
 
 /// What a core sent during one call, collected for the world to carry.
@@ -195,6 +198,39 @@ pub(crate) struct World {
     pub(crate) trace: bool,
 }
 
+const ECHO_REQUEST: u8 = b'Q';
+const ECHO_REPLY: u8 = b'R';
+
+/// The address of site `i`'s pod (inside its pod network, see [`core`]).
+fn pod_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 200 + i as u8, 0, 1)
+}
+
+/// A minimal IPv4/UDP packet with a one-byte payload (UDP checksum 0:
+/// none, allowed for IPv4).
+fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, payload: u8) -> Vec<u8> {
+    let mut p = vec![0u8; 29];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&29u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let mut sum: u32 = p[..20]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p[20..22].copy_from_slice(&4000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&4000u16.to_be_bytes());
+    p[24..26].copy_from_slice(&9u16.to_be_bytes());
+    p[28] = payload;
+    p
+}
+
 /// The core the daemon would build for site `i` with peer `peer`.
 fn core(
     i: usize,
@@ -273,6 +309,7 @@ impl World {
                 path_log: Vec::new(),
                 probes_sent: 0,
                 relayed: 0,
+                replies: Vec::new(),
             }
         };
         let registry = Registry::new(
@@ -394,7 +431,13 @@ impl World {
                         let peers = core.peers();
                         let mut buf = vec![0u8; 2048];
                         let from = self.sites[1 - to].public;
-                        core.decapsulate_relayed(now, &peers, &from, &message, &mut buf, &mut out);
+                        let inner = core
+                            .decapsulate_relayed(now, &peers, &from, &message, &mut buf, &mut out);
+                        self.carry(to, out);
+                        if let Some(len) = inner {
+                            self.inner_packet(to, &buf[..len]);
+                        }
+                        continue;
                     }
                 }
                 self.carry(to, out);
@@ -555,8 +598,48 @@ impl World {
         } else {
             let peers = core.peers();
             let mut buf = vec![0u8; 2048];
-            core.decapsulate(now, &peers, Source::Udp(from), datagram, &mut buf, &mut out);
+            let inner =
+                core.decapsulate(now, &peers, Source::Udp(from), datagram, &mut buf, &mut out);
+            self.carry(i, out);
+            if let Some(len) = inner {
+                self.inner_packet(i, &buf[..len]);
+            }
+            return;
         }
         self.carry(i, out);
+    }
+
+    /// Site `i`'s pod sends an echo request to the other site's pod, through
+    /// the core as the daemon's outbound thread does.
+    pub(crate) fn send_request(&mut self, i: usize) {
+        self.send_inner(i, ECHO_REQUEST);
+    }
+
+    fn send_inner(&mut self, i: usize, kind: u8) {
+        let mut packet = ipv4_udp(pod_addr(i), pod_addr(1 - i), kind);
+        let mut out = vec![0u8; 2048];
+        let mut icmp = vec![0u8; 2048];
+        let mut io = Outbox::default();
+        let core = &self.sites[i].core;
+        let peers = core.peers();
+        let result = core.encapsulate(self.now, &peers, &mut packet, &mut out, &mut icmp, &mut io);
+        drop(peers);
+        self.carry(i, io);
+        if let causeway::core::Outbound::Send { to, len } = result {
+            self.send(i, to, out[..len].to_vec());
+        }
+    }
+
+    /// A decrypted packet reached site `i`'s TUN: requests are answered,
+    /// replies recorded.
+    fn inner_packet(&mut self, i: usize, packet: &[u8]) {
+        match packet.get(28) {
+            Some(&ECHO_REQUEST) => self.send_inner(i, ECHO_REPLY),
+            Some(&ECHO_REPLY) => {
+                let at = self.elapsed();
+                self.sites[i].replies.push(at);
+            }
+            _ => {}
+        }
     }
 }
