@@ -24,9 +24,9 @@
 mod auth;
 mod client;
 mod config;
-mod proto;
+pub(crate) mod proto;
 mod registry;
-mod relay;
+pub(crate) mod relay;
 mod server;
 mod session;
 mod stream;
