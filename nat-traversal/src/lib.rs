@@ -22,3 +22,6 @@ pub mod path;
 pub mod probe;
 pub mod rendezvous;
 pub mod stun;
+
+#[doc(hidden)]
+pub mod fuzz;

@@ -193,7 +193,16 @@ impl Site {
         // that the cookie mechanism works through the relay too.
         let (from_ip, relayed) = match source {
             Source::Udp(from) => (from.ip(), false),
-            Source::Relay(id) => (relay_cookie_address(id), true),
+            Source::Relay(id) if peers.by_id(id).is_some() => (relay_cookie_address(id), true),
+            Source::Relay(_) => {
+                // Nobody to answer, and nobody it can be from.
+                self.drop_packet(
+                    None,
+                    DropReason::UnknownPeer,
+                    format_args!("relayed from a peer id we do not have"),
+                );
+                return None;
+            }
         };
         let from_ip = Some(from_ip);
         let mut cookie = [0u8; 64];

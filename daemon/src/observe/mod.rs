@@ -22,6 +22,8 @@ pub use prometheus::serve_rendezvous;
 pub(crate) use snapshot::LiveSite;
 pub(crate) use status::serve as serve_control;
 pub use status::{PeerStatus, RendezvousStatus, Status, ViewStatus, query};
+#[doc(hidden)]
+pub use uapi::fuzz_requests as fuzz_uapi_requests;
 pub(crate) use uapi::serve as serve_uapi;
 
 #[cfg(test)]

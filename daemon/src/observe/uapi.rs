@@ -257,6 +257,39 @@ async fn read_request<R: AsyncBufRead + Unpin>(
     }
 }
 
+/// Fuzzing entry point, not an API: reads requests from `input` the way a
+/// connection is served, and returns each outcome (`get`, `set <keys>`,
+/// then one of `closed`, `gone`, `invalid <why>`) with the bytes it took.
+#[doc(hidden)]
+pub fn fuzz_requests(input: &[u8]) -> Vec<(String, std::ops::Range<usize>)> {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        return Vec::new();
+    };
+    runtime.block_on(async {
+        let mut reader = input;
+        let mut out = Vec::new();
+        loop {
+            let start = input.len() - reader.len();
+            let result = read_request(&mut reader, READ_TIMEOUT).await;
+            let span = start..input.len() - reader.len();
+            let (what, end) = match result {
+                Ok(Request::Get) => ("get".to_owned(), false),
+                Ok(Request::Set { keys }) => (format!("set {}", keys.join(",")), false),
+                Err(End::Closed) => ("closed".to_owned(), true),
+                Err(End::Gone) => ("gone".to_owned(), true),
+                Err(End::Invalid(why)) => (format!("invalid {why}"), true),
+            };
+            out.push((what, span));
+            if end {
+                return out;
+            }
+        }
+    })
+}
+
 /// Serves one connection until it closes or breaks the protocol.
 /// A request must arrive within `timeout` of the previous one, and each
 /// of its lines within `timeout` of the last.

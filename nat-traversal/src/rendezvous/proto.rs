@@ -253,7 +253,6 @@ impl FrameDecoder {
     }
 
     /// Bytes buffered but not yet decoded.
-    #[cfg(test)]
     pub(crate) fn buffered(&self) -> usize {
         self.buf.len()
     }

@@ -232,6 +232,17 @@ impl Partial {
 
 type Key = (u32, u32);
 
+/// What a [`Reassembler`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Held {
+    /// Packets waiting for fragments.
+    pub(crate) packets: usize,
+    /// Bytes reserved for them, as counted against the bound.
+    pub(crate) bytes: usize,
+    /// The same, summed over the buffers themselves.
+    pub(crate) bytes_in_buffers: usize,
+}
+
 /// Puts fragmented packets back together, within fixed bounds of memory and
 /// time. Keyed by (sender relay id, packet id).
 pub(crate) struct Reassembler {
@@ -269,6 +280,15 @@ impl Reassembler {
     #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
         self.partial.len()
+    }
+
+    /// What is held for reassembly (for the fuzz target's bound checks).
+    pub(crate) fn held(&self) -> Held {
+        Held {
+            packets: self.partial.len(),
+            bytes: self.bytes,
+            bytes_in_buffers: self.partial.values().map(|p| p.buf.len()).sum(),
+        }
     }
 
     /// Takes one datagram's header and payload (as [`parse`] returned them)
