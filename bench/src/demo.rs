@@ -218,14 +218,19 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
             "causeway on {} exited with {exit}",
             site.name
         );
-        let left = site.gateway.ip(&["route", "show", "proto", "201"])?;
+        // The backstops (type blackhole) stay on purpose.
+        let left = site
+            .gateway
+            .ip(&["route", "show", "proto", "201", "type", "unicast"])?;
         ensure!(
             left.is_empty() && site.gateway.ip(&["link", "show", "causeway0"]).is_err(),
             "{} kept its routes or interface",
             site.name
         );
     }
-    println!("stop    daemons stopped; their interfaces and routes are gone");
+    println!(
+        "stop    daemons stopped; their interfaces and routes are gone, the backstop routes stay"
+    );
     drop(rendezvous);
     drop(lab);
     println!("done    lab torn down");

@@ -15,6 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use rand::RngCore;
 pub use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
 
 /// Length of a key in its base64 text form.
 pub const KEY_TEXT_LEN: usize = 44;
@@ -121,7 +122,7 @@ pub fn decode_bytes(text: &str) -> Result<[u8; 32], KeyError> {
 
 /// Decodes a private key in `wg genkey` form; surrounding whitespace is ignored.
 pub fn decode_private(text: &str) -> Result<StaticSecret, KeyError> {
-    decode(text, KeyKind::Private).map(StaticSecret::from)
+    decode(text, KeyKind::Private).map(|bytes| StaticSecret::from(*Zeroizing::new(bytes)))
 }
 
 /// Decodes a public key in `wg pubkey` form; surrounding whitespace is ignored.
@@ -174,7 +175,9 @@ fn read_key_file(path: &Path, mut file: fs::File) -> Result<StaticSecret, KeyErr
             "private key file is accessible to group or others; run `chmod 600` on it"
         );
     }
-    let mut text = String::new();
+    // Sized for a key and a newline up front, so that no smaller buffer
+    // holding part of the key is left behind unzeroized by a reallocation.
+    let mut text = Zeroizing::new(String::with_capacity(KEY_TEXT_LEN + 2));
     file.read_to_string(&mut text).map_err(read_error)?;
     decode_private(&text).map_err(|e| KeyError::Invalid {
         path: path.to_owned(),
@@ -195,7 +198,10 @@ fn create_key_file(path: &Path) -> Result<StaticSecret, KeyError> {
             .map_err(create_error)?;
     }
     let key = generate();
-    let text = format!("{}\n", encode_private(&key));
+    let mut text = Zeroizing::new(String::with_capacity(KEY_TEXT_LEN + 1));
+    let bytes = Zeroizing::new(key.to_bytes());
+    STANDARD.encode_string(bytes.as_slice(), &mut text);
+    text.push('\n');
     match crate::fs::atomic_create(path, text.as_bytes(), 0o600) {
         Ok(()) => {}
         // Another process created it between our open and create: use theirs.

@@ -100,6 +100,16 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let site = &config.site;
     netlink.ensure_link_up(link, u32::from(site.mtu)).await?;
+    // Backstops before the routes through the interface: from here on, peer
+    // traffic is dropped rather than sent in clear whatever happens to the
+    // interface (see `teardown`).
+    let backstops = netlink
+        .reconcile_backstops(&ctx.site.peers().all_views())
+        .await
+        .context("installing the backstop routes")?;
+    if !backstops.removed.is_empty() {
+        info!(removed = ?backstops.removed, "removed backstop routes of peers no longer configured");
+    }
     let changes = netlink
         .reconcile_routes(link, &ctx.site.peers().all_views())
         .await?;
@@ -284,6 +294,9 @@ impl Reloader {
         }
         let changes = ctx.site.update_peers(&new.peers);
         let views = ctx.site.peers().all_views();
+        if let Err(e) = netlink.reconcile_backstops(&views).await {
+            warn!("backstop routes after reload: {e}");
+        }
         if let Err(e) = netlink.reconcile_routes(link, &views).await {
             warn!("routes after reload: {e}");
         }
@@ -325,8 +338,10 @@ fn traversal_params(config: &Config, listen_port: u16) -> Option<TraversalParams
     ))
 }
 
-/// Removes our routes and the interface. Runs on every exit path after the
-/// TUN exists.
+/// Removes our routes through the interface and the interface. Runs on every
+/// exit path after the TUN exists. The backstop routes stay: until the next
+/// start (or `causeway down --purge`), peer traffic is dropped, never sent
+/// out by the default route in clear.
 async fn teardown(netlink: &Netlink, link: &Link, ctx: &Ctx) -> anyhow::Result<()> {
     let mut result = Ok(());
     for dst in ctx.site.peers().all_views() {
@@ -343,4 +358,49 @@ async fn teardown(netlink: &Netlink, link: &Link, ctx: &Ctx) -> anyhow::Result<(
         result = Err(e.into());
     }
     result
+}
+
+/// What [`down`] removed.
+#[derive(Debug, Default)]
+pub struct Down {
+    /// The interface, if a stopped or crashed run had left it.
+    pub interface: Option<String>,
+    /// Routes of ours through that interface (they go with it).
+    pub routes: Vec<ipnet::IpNet>,
+    /// Backstop routes (only with `purge`).
+    pub backstops: Vec<ipnet::IpNet>,
+}
+
+/// `causeway down`: removes what a stopped or crashed site left on the host
+/// in this network namespace: the TUN interface `interface` and our routes
+/// through it, and with `purge` every backstop route too (after which peer
+/// traffic follows whatever route the host has, in clear). Refuses while a
+/// daemon holds the interface (it has carrier), and never touches an
+/// interface that is not a TUN.
+pub async fn down(interface: &str, purge: bool) -> anyhow::Result<Down> {
+    let netlink = Netlink::connect()?;
+    let mut down = Down::default();
+    match netlink.link_by_name(interface).await? {
+        Some(link) if link.kind != "tun" => bail!(causeway_netlink::Error::NotTun {
+            name: link.name,
+            kind: link.kind
+        }),
+        Some(link) if link.carrier => bail!(
+            "interface {interface} is in use (it has carrier: a daemon holds it); \
+             stop that daemon first (e.g. `systemctl stop causeway`)"
+        ),
+        Some(link) => {
+            down.routes = netlink.owned_routes(&link).await?;
+            for &dst in &down.routes {
+                netlink.remove_route(&link, dst).await?;
+            }
+            netlink.delete_link(&link).await?;
+            down.interface = Some(link.name);
+        }
+        None => {}
+    }
+    if purge {
+        down.backstops = netlink.reconcile_backstops(&[]).await?.removed;
+    }
+    Ok(down)
 }

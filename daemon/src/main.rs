@@ -45,6 +45,22 @@ enum Command {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Remove what a stopped or crashed site left in this network namespace:
+    /// its TUN interface and routes. The backstop routes (`blackhole`, `proto
+    /// 201`, which keep peer traffic from leaving in clear while no daemon
+    /// runs) stay unless --purge is given. Refused while a daemon runs.
+    Down {
+        /// Also remove every backstop route: peer traffic then follows the
+        /// host's other routes (usually the default route) in clear.
+        #[arg(long)]
+        purge: bool,
+        /// Take the interface name from this config's `[site] interface`.
+        #[arg(long, short, conflicts_with = "interface")]
+        config: Option<PathBuf>,
+        /// The interface to remove [default: causeway0].
+        #[arg(long, short)]
+        interface: Option<String>,
+    },
     /// Show the running daemon's peers and counters.
     Status {
         /// Print JSON (stable field names) instead of text.
@@ -153,6 +169,11 @@ fn main() -> ExitCode {
             socket,
             interface,
         } => status(json, socket, interface),
+        Command::Down {
+            purge,
+            config,
+            interface,
+        } => down(purge, config, interface),
         Command::Invite { config, endpoint } => invite(config, &endpoint),
         Command::Join {
             config,
@@ -263,6 +284,41 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+fn down(purge: bool, path: Option<PathBuf>, interface: Option<String>) -> anyhow::Result<ExitCode> {
+    let interface = match (path, interface) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            match config::parse(&text, &path.display().to_string()) {
+                Ok(config) => config.site.interface,
+                Err(errors) => {
+                    eprintln!("causeway: {} has problems:\n{errors}", path.display());
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+        (None, Some(interface)) => interface,
+        (None, None) => config::DEFAULT_INTERFACE.to_owned(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let down = runtime.block_on(daemon::down(&interface, purge))?;
+    match &down.interface {
+        Some(name) => println!(
+            "removed interface {name} and {} route(s) through it",
+            down.routes.len()
+        ),
+        None => println!("no interface {interface}"),
+    }
+    if purge {
+        println!("removed {} backstop route(s)", down.backstops.len());
+    } else {
+        println!("backstop routes kept (peer traffic is dropped); --purge removes them");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn status(

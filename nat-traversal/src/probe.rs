@@ -79,6 +79,14 @@ pub struct ProbeKey {
     peer_public: [u8; 32],
 }
 
+impl Drop for ProbeKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.mac_key);
+    }
+}
+
+impl zeroize::ZeroizeOnDrop for ProbeKey {}
+
 impl std::fmt::Debug for ProbeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProbeKey").finish_non_exhaustive()
@@ -390,6 +398,12 @@ impl ReplayWindow {
 mod tests {
     use super::*;
     use crate::stun;
+
+    #[test]
+    fn probe_key_is_zeroized_on_drop() {
+        fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroized_on_drop::<ProbeKey>();
+    }
 
     fn keys(a: u8, b: u8) -> (ProbeKey, ProbeKey) {
         let sa = StaticSecret::from([a; 32]);

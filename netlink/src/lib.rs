@@ -6,7 +6,11 @@
 //! setup again. Routes this crate installs carry the route protocol
 //! [`ROUTE_PROTOCOL`] (`ip route` shows `proto 201`), which is how
 //! [`Netlink::reconcile_routes`] tells the routes it owns from anybody
-//! else's: it never touches a route without that mark.
+//! else's: it never touches a route without that mark. Besides the routes
+//! through the interface it keeps *backstops*: `blackhole` routes to the
+//! same CIDRs at the worst metric, which outlive the daemon so that peer
+//! traffic is dropped, never sent in clear, while the interface is gone or
+//! without carrier ([`Netlink::reconcile_backstops`]).
 //!
 //! What it does not do: addresses, rules, or anything outside the current
 //! network namespace.
@@ -18,7 +22,7 @@ mod tun;
 
 pub use error::Error;
 pub use link::Link;
-pub use route::{ROUTE_PROTOCOL, RouteChanges};
+pub use route::{BACKSTOP_METRIC, ROUTE_PROTOCOL, RouteChanges};
 pub use tun::{GroTable, MAX_SEGMENTS, RECV_SCRATCH, TUN_HEADROOM, Tun};
 
 /// A connection to the kernel's routing netlink socket.

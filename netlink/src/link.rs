@@ -22,6 +22,8 @@ pub struct Link {
     pub up: bool,
     /// The most segments the kernel puts into one offloaded packet for it.
     pub gso_max_segs: u32,
+    /// Has carrier; a TUN has it while a process holds it open.
+    pub carrier: bool,
 }
 
 impl Link {
@@ -33,12 +35,14 @@ impl Link {
             mtu: 0,
             up: msg.header.flags.contains(LinkFlags::Up),
             gso_max_segs: 0,
+            carrier: false,
         };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(name) => link.name = name.clone(),
                 LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
                 LinkAttribute::GsoMaxSegs(segs) => link.gso_max_segs = *segs,
+                LinkAttribute::Carrier(carrier) => link.carrier = *carrier != 0,
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(kind) = info {

@@ -130,3 +130,107 @@ fn a_non_tun_interface_is_not_taken_over() {
         assert!(err.to_string().contains("cwveth0"), "{err}");
     });
 }
+
+#[test]
+fn backstops_are_idempotent_reconciled_and_drop_when_the_tun_route_is_ignored() {
+    in_fresh_netns(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let nl = Netlink::connect().expect("netlink");
+            // A default route, as on a gateway: what a leak would follow.
+            for args in [
+                &["link", "add", "up0", "type", "veth", "peer", "name", "up1"][..],
+                &["link", "set", "up0", "up"],
+                &["link", "set", "up1", "up"],
+                &["addr", "add", "192.0.2.1/24", "dev", "up0"],
+                &["route", "add", "default", "via", "192.0.2.254"],
+            ] {
+                assert_eq!(ip(args), "", "ip {args:?}");
+            }
+            assert!(ip(&["route", "get", "10.1.2.3"]).contains("via 192.0.2.254"));
+            // Somebody else's blackhole is never touched.
+            ip(&["route", "add", "blackhole", "10.9.0.0/16"]);
+
+            let wanted = nets(&["10.1.0.0/16", "fd00:20::/64"]);
+            let changes = nl.reconcile_backstops(&wanted).await.expect("reconcile");
+            assert_eq!(changes.added, wanted);
+            let again = nl.reconcile_backstops(&wanted).await.expect("again");
+            assert!(
+                again.added.is_empty() && again.removed.is_empty(),
+                "{again:?}"
+            );
+            let shown = ip(&["route", "show", "proto", &ROUTE_PROTOCOL.to_string()]);
+            assert!(
+                shown.contains("blackhole 10.1.0.0/16")
+                    && shown.contains(&format!("metric {}", causeway_netlink::BACKSTOP_METRIC)),
+                "{shown}"
+            );
+            // Without the interface, the backstop answers, not the default route.
+            // (a lookup that hits a blackhole route fails with EINVAL).
+            let get = ip(&["route", "get", "10.1.2.3"]);
+            assert!(
+                !get.contains("via 192.0.2.254") && get.contains("Invalid argument"),
+                "{get}"
+            );
+
+            // With the TUN route, the TUN route wins...
+            let tun = Tun::create_or_attach("cwtest2").expect("tun");
+            let link = nl
+                .link_by_name("cwtest2")
+                .await
+                .expect("get")
+                .expect("link");
+            nl.ensure_link_up(&link, 1420).await.expect("up");
+            nl.reconcile_routes(&link, &wanted).await.expect("routes");
+            let get = ip(&["route", "get", "10.1.2.3"]);
+            assert!(get.contains("dev cwtest2"), "{get}");
+            // ...and the interface's own reconcile does not see the backstops.
+            assert_eq!(nl.owned_routes(&link).await.expect("owned"), wanted);
+
+            // A crash: the (persistent) interface stays without carrier, and
+            // with ignore_routes_with_linkdown its route is skipped: the
+            // backstop drops the packet instead of the default route taking it.
+            let sysctl = Command::new("sysctl")
+                .args(["-qw", "net.ipv4.conf.all.ignore_routes_with_linkdown=1"])
+                .status()
+                .expect("sysctl");
+            assert!(sysctl.success());
+            drop(tun);
+            // (the kernel marks the route linkdown within a second or so)
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !ip(&["route", "show", "dev", "cwtest2"]).contains("linkdown") {
+                assert!(std::time::Instant::now() < deadline, "carrier never went");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let get = ip(&["route", "get", "10.1.2.3"]);
+            assert!(
+                !get.contains("via 192.0.2.254") && get.contains("Invalid argument"),
+                "{get}"
+            );
+            // Without the backstop, that packet would have left by the default route.
+            nl.remove_backstop("10.1.0.0/16".parse().expect("cidr"))
+                .await
+                .expect("remove");
+            let get = ip(&["route", "get", "10.1.2.3"]);
+            assert!(get.contains("via 192.0.2.254"), "{get}");
+            nl.ensure_backstop("10.1.0.0/16".parse().expect("cidr"))
+                .await
+                .expect("add");
+
+            // A stale backstop from an older config goes; others' routes stay.
+            let changes = nl
+                .reconcile_backstops(&nets(&["10.1.0.0/16"]))
+                .await
+                .expect("shrink");
+            assert_eq!(changes.removed, nets(&["fd00:20::/64"]));
+            assert!(ip(&["route", "show"]).contains("blackhole 10.9.0.0/16"));
+            let purged = nl.reconcile_backstops(&[]).await.expect("purge");
+            assert_eq!(purged.removed, nets(&["10.1.0.0/16"]));
+            assert!(nl.backstop_routes().await.expect("list").is_empty());
+            assert!(ip(&["route", "show"]).contains("blackhole 10.9.0.0/16"));
+        });
+    });
+}

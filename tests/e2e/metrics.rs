@@ -153,3 +153,35 @@ fn metrics_show_peer_traffic_handshakes_and_drops_and_probes_answer() {
         "b serves metrics unasked"
     );
 }
+
+/// `/healthz` reflects the data path: once a packet thread is gone (here the
+/// outbound one, whose interface was deleted under it), the gateway is
+/// neither healthy nor ready, and the kubelet restarts it.
+#[test]
+fn healthz_fails_when_the_data_path_dies() {
+    let listen = format!("{METRICS:?}");
+    let p = Pair::start([&[("metrics_listen", listen.as_str())], &[]]);
+    let gw_a = p.gateway(0);
+    let addr: SocketAddr = METRICS.parse().expect("addr");
+    assert_eq!(get(gw_a, addr, "/healthz"), (200, "ok\n".to_owned()));
+    assert_eq!(get(gw_a, addr, "/readyz").0, 200);
+
+    gw_a.ip(&["link", "del", &p.ifnames[0]])
+        .expect("delete the TUN");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while get(gw_a, addr, "/healthz").0 != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/healthz still 200 with the data path dead"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        get(gw_a, addr, "/healthz"),
+        (503, "data path down\n".to_owned())
+    );
+    assert_eq!(get(gw_a, addr, "/readyz").0, 503);
+    assert!(!p.daemon(0).status().packet_threads_alive);
+    // Metrics are still served, for the post-mortem.
+    assert_eq!(get(gw_a, addr, "/metrics").0, 200);
+}

@@ -20,8 +20,14 @@ fn ip_n(ns: &str, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Our routes through the interface (not the backstops).
 fn our_routes(ns: &str) -> String {
-    ip_n(ns, &["route", "show", "proto", "201"]).unwrap_or_default()
+    ip_n(ns, &["route", "show", "proto", "201", "type", "unicast"]).unwrap_or_default()
+}
+
+/// Our backstop routes.
+fn backstops(ns: &str) -> String {
+    ip_n(ns, &["route", "show", "proto", "201", "type", "blackhole"]).unwrap_or_default()
 }
 
 #[test]
@@ -60,6 +66,7 @@ fn restart_mid_stream_keeps_the_tcp_connection() {
         "interface left after clean stop"
     );
     assert_eq!(our_routes(&gw_a), "", "routes left after clean stop");
+    assert!(backstops(&gw_a).contains("10.1.0.0/16"), "no backstop");
     // ...and a new run picks the stream up again.
     j.daemons[0] = Some(Daemon::start(
         &j.lab.sites()[0].gateway,
@@ -153,4 +160,171 @@ fn kill_9_then_start_reconciles_and_works() {
         "interface left after clean stop"
     );
     assert_eq!(our_routes(&gw_a), "");
+}
+
+/// Counters on the gateway: `sent`, packets from its pods to site b's pods
+/// (what the pod tried); `clear`, those that left by the underlay in clear.
+const CLEAR_NFT: &str = r#"
+table inet causeway_clear {
+    counter sent {}
+    counter clear {}
+    chain in {
+        type filter hook prerouting priority 0; policy accept;
+        iifname "pod0" ip daddr 10.1.0.0/16 counter name "sent"
+    }
+    chain out {
+        type filter hook postrouting priority 0; policy accept;
+        oifname "wan0" ip daddr 10.1.0.0/16 counter name "clear"
+    }
+}
+"#;
+
+fn cleartext_packets(gw: &causeway_testbed::Netns) -> u64 {
+    nft_counter(gw, "clear")
+}
+
+/// Asserts the pod keeps sending to site b across `window`, and returns
+/// how many of its packets left in clear meanwhile.
+fn leaked_while_sending(gw: &causeway_testbed::Netns, window: Duration) -> u64 {
+    let sent = nft_counter(gw, "sent");
+    std::thread::sleep(window);
+    assert!(
+        nft_counter(gw, "sent") >= sent + 10,
+        "the pod stopped sending"
+    );
+    cleartext_packets(gw)
+}
+
+fn nft_counter(gw: &causeway_testbed::Netns, name: &str) -> u64 {
+    let out = gw
+        .run("nft", &["list", "counter", "inet", "causeway_clear", name])
+        .expect("nft list counter");
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected nft output {out:?}"))
+}
+
+/// No stop, crash or restart lets a pod's traffic to a peer leave the
+/// gateway in clear: the backstop routes hold while no daemon runs, also
+/// with `ignore_routes_with_linkdown` (which makes the kernel skip the
+/// carrier-less interface's routes after a crash). Only `causeway down
+/// --purge` lets it go, and the counter sees that.
+#[test]
+fn no_cleartext_across_stop_crash_and_restart() {
+    let mut j = Joined::new();
+    let j = &mut j;
+    let gw = j.lab.sites()[0].gateway.name().to_owned();
+    let gateway = &j.lab.sites()[0].gateway;
+    let pod_a = &j.lab.sites()[0].pods[0].ns;
+    let addr_b = j.lab.sites()[1].pods[0].addr;
+    gateway
+        .run_with_input("nft", &["-f", "-"], CLEAR_NFT)
+        .expect("nft");
+    assert_ping(pod_a, addr_b.into());
+    // The pod sends to the remote pod throughout, 50 datagrams a second
+    // (the socket belongs to the pod's namespace, whichever thread sends).
+    let socket = pod_a
+        .enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+        .expect("udp socket in the pod");
+    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sender = {
+        let sending = std::sync::Arc::clone(&sending);
+        std::thread::spawn(move || {
+            while sending.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = socket.send_to(b"secret", (addr_b, 9));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _stop = StopOnDrop(sending);
+    let window = Duration::from_millis(1500);
+
+    // (a) clean stop.
+    j.daemons[0].take().expect("daemon a").stop();
+    assert_eq!(
+        leaked_while_sending(gateway, window),
+        0,
+        "leak after a clean stop"
+    );
+
+    // (c) start again: traffic flows, through the tunnel only.
+    j.daemons[0] = Some(Daemon::start(gateway, &j.files[0], &j.configs[0]));
+    assert_ping(pod_a, addr_b.into());
+    assert_eq!(cleartext_packets(gateway), 0, "leak across the restart");
+
+    // (b) kill -9 with ignore_routes_with_linkdown: the interface's route
+    // is skipped once the interface has no carrier.
+    gateway
+        .sysctls(&[
+            ("net.ipv4.conf.all.ignore_routes_with_linkdown", "1"),
+            ("net.ipv4.conf.default.ignore_routes_with_linkdown", "1"),
+        ])
+        .expect("sysctl");
+    j.daemons[0]
+        .take()
+        .expect("daemon a")
+        .child
+        .kill9()
+        .expect("kill -9");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !our_routes(&gw).contains("linkdown") {
+        assert!(
+            Instant::now() < deadline,
+            "route never linkdown: {}",
+            our_routes(&gw)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        leaked_while_sending(gateway, window),
+        0,
+        "leak after kill -9"
+    );
+
+    // (c) and a restart after the crash.
+    j.daemons[0] = Some(Daemon::start(gateway, &j.files[0], &j.configs[0]));
+    assert_ping(pod_a, addr_b.into());
+    j.daemons[0].take().expect("daemon a").stop();
+    assert_eq!(
+        leaked_while_sending(gateway, window),
+        0,
+        "leak after the last stop"
+    );
+
+    // `causeway down` keeps the backstops; `--purge` removes them, and
+    // only then does the (still pinging) pod's traffic leave in clear:
+    // the counter does see leaks.
+    let down = |args: &[&str]| {
+        let out = gateway
+            .command(causeway_bin())
+            .arg("down")
+            .args(args)
+            .arg("--config")
+            .arg(&j.configs[0])
+            .output()
+            .expect("causeway down");
+        assert!(out.status.success(), "causeway down {args:?}: {out:?}");
+    };
+    down(&[]);
+    assert!(backstops(&gw).contains("10.1.0.0/16"));
+    down(&["--purge"]);
+    assert_eq!(backstops(&gw), "");
+    assert_eq!(
+        ip_n(&gw, &["route", "show", "proto", "201"]),
+        Ok(String::new())
+    );
+    assert!(
+        leaked_while_sending(gateway, window) > 0,
+        "the leak counter sees nothing"
+    );
+    drop(_stop);
+    sender.join().expect("sender");
 }

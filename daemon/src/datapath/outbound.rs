@@ -128,8 +128,14 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
                     format_args!("offloaded packet from TUN: {e}"),
                 ),
                 Err(e) => {
-                    tracing::error!("reading from TUN {}: {e}", ctx.tun.name());
-                    break;
+                    // The interface was deleted (EBADFD) or the device
+                    // failed: polling again would spin. The thread ends, so
+                    // /healthz and the watchdog report the data path down.
+                    tracing::error!(
+                        "reading from TUN {}: {e}; the outbound packet thread stops",
+                        ctx.tun.name()
+                    );
+                    return;
                 }
             }
         }

@@ -3,8 +3,9 @@
 //! for what `/metrics` holds).
 //!
 //! Only `GET` and `HEAD` are accepted (405 otherwise); other paths are 404.
-//! `/healthz` answers 200 while the runtime does; `/readyz` 200 only while
-//! the caller's `ready` flag is set, 503 otherwise. At most
+//! `/healthz` answers 200 while the caller's `alive` check passes (for a
+//! site: both packet threads run), 503 otherwise; `/readyz` 200 only while
+//! the caller's `ready` flag is set *and* `alive` passes, 503 otherwise. At most
 //! [`MAX_CONNECTIONS`] connections are served at once, request headers
 //! must arrive within [`HEADER_TIMEOUT`], and a kept-alive connection is
 //! closed after [`MAX_CONNECTION_AGE`].
@@ -60,14 +61,20 @@ pub(super) async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     })
 }
 
-/// Serves `registry` on a bound `listener` (tests bind port 0).
+/// Serves `registry` on a bound `listener` (tests bind port 0); `alive`
+/// is asked at every `/healthz` and `/readyz`.
 pub(super) fn serve_on(
     listener: TcpListener,
     registry: Registry,
     ready: Arc<AtomicBool>,
+    alive: impl Fn() -> bool + Send + Sync + 'static,
 ) -> io::Result<MetricsServer> {
     let local_addr = listener.local_addr()?;
-    let state = Arc::new(State { registry, ready });
+    let state = Arc::new(State {
+        registry,
+        ready,
+        alive: Box::new(alive),
+    });
     let task = tokio::spawn(
         accept_loop(listener, state).instrument(tracing::info_span!("metrics", %local_addr)),
     );
@@ -78,6 +85,8 @@ pub(super) fn serve_on(
 struct State {
     registry: Registry,
     ready: Arc<AtomicBool>,
+    /// Whether the process does its job (the site's data path runs).
+    alive: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
@@ -162,8 +171,11 @@ fn respond(method: &Method, path: &str, state: &State) -> Response<Full<Bytes>> 
                 ),
             }
         }
-        "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+        "/healthz" if (state.alive)() => text(StatusCode::OK, "ok\n"),
+        "/healthz" => text(StatusCode::SERVICE_UNAVAILABLE, "data path down\n"),
+        "/readyz" if state.ready.load(Ordering::Acquire) && (state.alive)() => {
+            text(StatusCode::OK, "ready\n")
+        }
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ => text(
             StatusCode::NOT_FOUND,
@@ -218,7 +230,14 @@ pub(super) mod tests {
         let scraped = prometheus_client::metrics::counter::Counter::<u64>::default();
         scraped.inc_by(2000);
         registry.register("scraped", "A test counter", scraped);
-        let server = serve_on(listener, registry, Arc::clone(&ready)).expect("serve");
+        let alive = Arc::new(AtomicBool::new(true));
+        let server = {
+            let alive = Arc::clone(&alive);
+            serve_on(listener, registry, Arc::clone(&ready), move || {
+                alive.load(Ordering::Acquire)
+            })
+            .expect("serve")
+        };
 
         let (status, head, body) = http(addr, &get("/metrics")).await;
         assert_eq!(status, 200, "{head}");
@@ -231,6 +250,14 @@ pub(super) mod tests {
         assert_eq!(http(addr, &get("/healthz")).await.0, 200);
         assert_eq!(http(addr, &get("/readyz")).await.0, 503);
         ready.store(true, Ordering::Release);
+        assert_eq!(http(addr, &get("/readyz")).await.0, 200);
+        // A dead data path: neither healthy nor ready, metrics still served.
+        alive.store(false, Ordering::Release);
+        let (status, _, body) = http(addr, &get("/healthz")).await;
+        assert_eq!((status, body.as_str()), (503, "data path down\n"));
+        assert_eq!(http(addr, &get("/readyz")).await.0, 503);
+        assert_eq!(http(addr, &get("/metrics")).await.0, 200);
+        alive.store(true, Ordering::Release);
         assert_eq!(http(addr, &get("/readyz")).await.0, 200);
         assert_eq!(http(addr, &get("/metrics?x=1")).await.0, 200);
         assert_eq!(http(addr, &get("/nope")).await.0, 404);

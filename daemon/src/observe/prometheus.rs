@@ -99,18 +99,21 @@ use crate::keys;
 use super::http::{MetricsServer, bind, serve_on};
 use super::snapshot::{LiveSite, PathKind, PeerSnapshot, Snapshot};
 
-/// Serves `/metrics` for `site`, `/healthz` and `/readyz` (which answers
-/// 200 only while `ready` is true) on `addr`.
+/// Serves `/metrics` for `site`, `/healthz` (200 while both packet threads
+/// run) and `/readyz` (200 only while `ready` is true and the packet threads
+/// run) on `addr`.
 pub(crate) async fn serve(
     addr: SocketAddr,
     site: LiveSite,
     ready: Arc<AtomicBool>,
 ) -> io::Result<MetricsServer> {
     let listener = bind(addr).await?;
+    let alive = site.clone();
     serve_on(
         listener,
         registry(move || site.snapshot(SystemTime::now())),
         ready,
+        move || alive.alive(),
     )
 }
 
@@ -128,6 +131,8 @@ pub async fn serve_rendezvous(
         listener,
         rendezvous_registry(move || RendezvousSample::collect(&stats)),
         ready,
+        // The rendezvous has no threads of its own: answering is its health.
+        || true,
     )
 }
 
@@ -1173,6 +1178,7 @@ pub(super) mod tests {
             listener,
             rendezvous_registry(move || RendezvousSample::collect(&stats)),
             Arc::clone(&ready),
+            || true,
         )
         .expect("serve");
         assert_eq!(http(addr, &get("/healthz")).await.0, 200);

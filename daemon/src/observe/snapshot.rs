@@ -48,6 +48,11 @@ impl LiveSite {
         Snapshot::take(&self.ctx, &self.name, self.listen_port, now)
     }
 
+    /// Whether both packet threads still run (`/healthz`).
+    pub(crate) fn alive(&self) -> bool {
+        self.ctx.alive()
+    }
+
     /// The site's private key, for the UAPI's `get=1` only (it is not part
     /// of the [`Snapshot`], which may be logged or serialized).
     pub(crate) fn private_key(&self) -> Zeroizing<[u8; 32]> {
