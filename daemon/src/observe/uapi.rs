@@ -289,7 +289,7 @@ pub fn fuzz_requests(input: &[u8]) -> Vec<(String, std::ops::Range<usize>)> {
             let span = start..input.len() - reader.len();
             let (what, end) = match result {
                 Ok(Request::Get) => ("get".to_owned(), false),
-                Ok(Request::Set { keys }) => (format!("set {}", keys.join(",")), false),
+                Ok(Request::Set { keys, .. }) => (format!("set {}", keys.join(",")), false),
                 Err(End::Closed) => ("closed".to_owned(), true),
                 Err(End::Gone) => ("gone".to_owned(), true),
                 Err(End::Invalid(why)) => (format!("invalid {why}"), true),
