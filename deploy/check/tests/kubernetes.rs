@@ -340,6 +340,28 @@ fn gateway_daemonset_fits_the_daemon() {
     );
     assert_eq!(mount_path(c, "dev-net-tun"), "/dev/net/tun");
     assert_eq!(state["hostPath"]["type"], "DirectoryOrCreate");
+
+    // The UAPI socket is where wg(8) looks in the pod, but no volume gives
+    // the pod the node's shared WireGuard socket directory: root in the
+    // container could remove or replace other implementations' sockets.
+    assert_eq!(mount_path(c, "uapi"), "/var/run/wireguard");
+    let volumes = ds["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes");
+    for v in volumes {
+        let host = v["hostPath"]["path"].as_str().unwrap_or("");
+        assert!(
+            !["/var/run/wireguard", "/run/wireguard"]
+                .iter()
+                .any(|shared| host.trim_end_matches('/') == *shared),
+            "volume {} mounts the node's shared WireGuard socket directory {host}",
+            v["name"]
+        );
+    }
+    assert_eq!(
+        volume(&ds, "uapi")["hostPath"]["path"],
+        "/run/causeway-uapi"
+    );
 }
 
 #[test]
