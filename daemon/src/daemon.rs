@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use causeway_netlink::{Link, Netlink, Tun};
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Overrides};
 use crate::core::{Site, SiteParams, TraversalParams};
 use crate::datapath::{Ctx, Datapath, UdpPort};
 use crate::observe::LiveSite;
@@ -23,10 +23,11 @@ use crate::observe::LiveSite;
 /// are adopted and reconciled, not reported as conflicts.
 ///
 /// With `config_path`, the file is reloaded on SIGHUP and whenever its
-/// content changes (see [`reload`]).
+/// content changes (see [`reload`]); the command-line overrides are put into
+/// every reloaded config.
 pub async fn run(
     config: Config,
-    config_path: Option<PathBuf>,
+    config_path: Option<(PathBuf, Overrides)>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let site = &config.site;
@@ -77,7 +78,7 @@ pub async fn run(
 
     let served = serve(
         &config,
-        config_path.as_deref(),
+        config_path.as_ref().map(|(path, o)| (path.as_path(), *o)),
         &netlink,
         &link,
         &ctx,
@@ -91,7 +92,7 @@ pub async fn run(
 
 async fn serve(
     config: &Config,
-    config_path: Option<&Path>,
+    config_path: Option<(&Path, Overrides)>,
     netlink: &Netlink,
     link: &Link,
     ctx: &Arc<Ctx>,
@@ -224,6 +225,7 @@ enum Trigger {
 /// applies a new config without disturbing what did not change.
 struct Reloader {
     path: Option<PathBuf>,
+    overrides: Overrides,
     running: Config,
     last_text: Option<String>,
     hangup: Option<tokio::signal::unix::Signal>,
@@ -231,7 +233,11 @@ struct Reloader {
 }
 
 impl Reloader {
-    fn new(path: Option<&Path>, running: Config) -> Self {
+    fn new(from: Option<(&Path, Overrides)>, running: Config) -> Self {
+        let (path, overrides) = match from {
+            Some((path, overrides)) => (Some(path), overrides),
+            None => (None, Overrides::default()),
+        };
         let hangup = path.and_then(|_| {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
         });
@@ -240,6 +246,7 @@ impl Reloader {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Reloader {
             path: path.map(Path::to_owned),
+            overrides,
             running,
             last_text,
             hangup,
@@ -279,13 +286,14 @@ impl Reloader {
         };
         self.last_text = std::fs::read_to_string(&path).ok();
         info!(?trigger, file = %path.display(), "reloading the config");
-        let new = match crate::config::load(&path) {
+        let mut new = match crate::config::load(&path) {
             Ok(new) => new,
             Err(errors) => {
                 warn!("config reload refused, the running config stays:\n{errors}");
                 return;
             }
         };
+        self.overrides.apply(&mut new);
         if let Some(field) = crate::config::needs_restart(&self.running, &new) {
             warn!(
                 "config reload refused: changing {field} needs a restart; the running config stays"

@@ -220,13 +220,16 @@ fn up(
             return Ok(ExitCode::from(2));
         }
     };
-    if metrics_listen.is_some() {
-        config.site.metrics_listen = metrics_listen;
-    }
+    let overrides = config::Overrides { metrics_listen };
+    overrides.apply(&mut config);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(daemon::run(config, Some(path), shutdown_signal()))?;
+    runtime.block_on(daemon::run(
+        config,
+        Some((path, overrides)),
+        shutdown_signal(),
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 

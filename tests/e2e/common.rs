@@ -103,11 +103,17 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon and waits until its control socket answers.
     pub fn start(ns: &Netns, files: &SiteFiles, config: &Path) -> Daemon {
+        Self::start_with(ns, files, config, &[])
+    }
+
+    /// [`Daemon::start`] with extra `causeway up` arguments.
+    pub fn start_with(ns: &Netns, files: &SiteFiles, config: &Path, args: &[&str]) -> Daemon {
         let log = files.path(&format!("daemon-{}.log", now_ms()));
         let out = std::fs::File::create(&log).expect("log file");
         let mut cmd = ns.command(causeway_bin());
         cmd.args(["up", "--config"])
             .arg(config)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(out);
@@ -307,13 +313,19 @@ impl Mesh {
 
     /// Stops site `i`'s daemon (cleanly) and starts it again.
     pub fn restart(&mut self, i: usize) {
+        self.restart_with(i, &[]);
+    }
+
+    /// [`Mesh::restart`] with extra `causeway up` arguments.
+    pub fn restart_with(&mut self, i: usize, args: &[&str]) {
         if let Some(d) = self.daemons[i].take() {
             d.stop();
         }
-        self.daemons[i] = Some(Daemon::start(
+        self.daemons[i] = Some(Daemon::start_with(
             &self.lab.sites()[i].gateway,
             &self.files[i],
             &self.configs[i],
+            args,
         ));
     }
 }

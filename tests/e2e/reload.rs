@@ -208,6 +208,31 @@ fn a_bad_or_unappliable_config_is_refused_and_the_running_one_stays() {
     assert_ping(pod_a, addr_b.into());
 }
 
+/// A setting given on the command line (`--metrics-listen`) wins over the
+/// file at every reload too; it is not taken for a change that needs a
+/// restart.
+#[test]
+fn a_command_line_override_does_not_block_reloads() {
+    let mut mesh = Mesh::new();
+    mesh.restart_with(0, &["--metrics-listen=127.0.0.1:9469"]);
+    let config = mesh.configs[0].clone();
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, text + "# touched\n").expect("write");
+    let d = mesh.daemon(0);
+    wait_for("a reload", d, || {
+        let log = d.log_text();
+        log.contains("config reloaded") || log.contains("config reload refused")
+    });
+    assert!(
+        !d.log_text().contains("config reload refused"),
+        "{}",
+        d.log_text()
+    );
+    let (pod_a, _) = mesh.pod(0);
+    let (_, addr_b) = mesh.pod(1);
+    assert_ping(pod_a, addr_b.into());
+}
+
 #[test]
 fn a_configmap_symlink_swap_is_picked_up() {
     let mut mesh = three_sites();

@@ -132,6 +132,23 @@ pub struct Config<S: Stage = Loaded> {
     pub rendezvous: Vec<RendezvousConfig<S>>,
 }
 
+/// Settings given on the command line. They win over the file at start
+/// and at every reload, so that a reload does not read them as a change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `causeway up --metrics-listen`.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Overrides {
+    /// Puts these settings into `config`.
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(addr) = self.metrics_listen {
+            config.site.metrics_listen = Some(addr);
+        }
+    }
+}
+
 /// A `[[rendezvous]]` table: a rendezvous server this site dials out to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RendezvousConfig<S: Stage = Loaded> {
