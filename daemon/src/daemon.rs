@@ -1,7 +1,6 @@
 //! `causeway up`: bring a site up, run until told to stop, take it down.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -10,7 +9,7 @@ use anyhow::{Context, bail};
 use causeway_netlink::{Link, Netlink, Tun};
 use tracing::{info, warn};
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, Source};
 use crate::core::{Site, SiteParams, TraversalParams};
 use crate::datapath::{Ctx, Datapath, UdpPort};
 use crate::observe::LiveSite;
@@ -22,12 +21,12 @@ use crate::observe::LiveSite;
 /// are known to be good. An interface and routes left by a run that crashed
 /// are adopted and reconciled, not reported as conflicts.
 ///
-/// With `config_path`, the file is reloaded on SIGHUP and whenever its
-/// content changes (see [`reload`]); the command-line overrides are put into
-/// every reloaded config.
+/// With a `source`, its file is reloaded on SIGHUP and whenever its
+/// content changes (see [`reload`]), command-line settings put over it as at
+/// start.
 pub async fn run(
     config: Config,
-    config_path: Option<(PathBuf, Overrides)>,
+    source: Option<Source>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let site = &config.site;
@@ -78,7 +77,7 @@ pub async fn run(
 
     let served = serve(
         &config,
-        config_path.as_ref().map(|(path, o)| (path.as_path(), *o)),
+        source,
         &netlink,
         &link,
         &ctx,
@@ -92,7 +91,7 @@ pub async fn run(
 
 async fn serve(
     config: &Config,
-    config_path: Option<(&Path, Overrides)>,
+    source: Option<Source>,
     netlink: &Netlink,
     link: &Link,
     ctx: &Arc<Ctx>,
@@ -185,7 +184,7 @@ async fn serve(
             }
         })
     });
-    let mut reloader = Reloader::new(config_path, config.clone());
+    let mut reloader = Reloader::new(source, config.clone());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -224,8 +223,7 @@ enum Trigger {
 /// Live reload: watches for SIGHUP and for changes of the config file, and
 /// applies a new config without disturbing what did not change.
 struct Reloader {
-    path: Option<PathBuf>,
-    overrides: Overrides,
+    source: Option<Source>,
     running: Config,
     last_text: Option<String>,
     hangup: Option<tokio::signal::unix::Signal>,
@@ -233,11 +231,8 @@ struct Reloader {
 }
 
 impl Reloader {
-    fn new(from: Option<(&Path, Overrides)>, running: Config) -> Self {
-        let (path, overrides) = match from {
-            Some((path, overrides)) => (Some(path), overrides),
-            None => (None, Overrides::default()),
-        };
+    fn new(source: Option<Source>, running: Config) -> Self {
+        let path = source.as_ref().map(|s| s.path.as_path());
         let hangup = path.and_then(|_| {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
         });
@@ -245,8 +240,7 @@ impl Reloader {
         let mut poll = tokio::time::interval(CONFIG_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Reloader {
-            path: path.map(Path::to_owned),
-            overrides,
+            source,
             running,
             last_text,
             hangup,
@@ -256,7 +250,7 @@ impl Reloader {
 
     /// Waits for the next reason to reload (forever without a config path).
     async fn next(&mut self) -> Trigger {
-        let Some(path) = self.path.clone() else {
+        let Some(path) = self.source.as_ref().map(|s| s.path.clone()) else {
             return std::future::pending().await;
         };
         loop {
@@ -281,19 +275,18 @@ impl Reloader {
     /// Loads the file again and applies it; a bad or unappliable config is
     /// refused with the reasons, and the running one stays.
     async fn reload(&mut self, trigger: Trigger, netlink: &Netlink, link: &Link, ctx: &Arc<Ctx>) {
-        let Some(path) = self.path.clone() else {
+        let Some(source) = &self.source else {
             return;
         };
-        self.last_text = std::fs::read_to_string(&path).ok();
-        info!(?trigger, file = %path.display(), "reloading the config");
-        let mut new = match crate::config::load(&path) {
+        self.last_text = std::fs::read_to_string(&source.path).ok();
+        info!(?trigger, file = %source.path.display(), "reloading the config");
+        let new = match source.load() {
             Ok(new) => new,
             Err(errors) => {
                 warn!("config reload refused, the running config stays:\n{errors}");
                 return;
             }
         };
-        self.overrides.apply(&mut new);
         if let Some(field) = crate::config::needs_restart(&self.running, &new) {
             warn!(
                 "config reload refused: changing {field} needs a restart; the running config stays"

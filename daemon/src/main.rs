@@ -27,7 +27,7 @@ enum Command {
         /// The site's TOML config (see docs/config.md).
         #[arg(long, short)]
         config: PathBuf,
-        /// Serve /metrics, /healthz and /readyz here (overrides `metrics_listen`).
+        /// Serve /metrics, /healthz and /readyz here (overrides `metrics_listen`, also on every reload).
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<std::net::SocketAddr>,
         #[command(flatten)]
@@ -210,26 +210,24 @@ fn up(
     log: &LogArgs,
 ) -> anyhow::Result<ExitCode> {
     init_logging(log)?;
-    let mut config = match config::load(&path) {
+    let source = config::Source {
+        path,
+        metrics_listen,
+    };
+    let config = match source.load() {
         Ok(config) => config,
         Err(errors) => {
             eprintln!(
                 "causeway: {} has problems, nothing was changed:\n{errors}",
-                path.display()
+                source.path.display()
             );
             return Ok(ExitCode::from(2));
         }
     };
-    let overrides = config::Overrides { metrics_listen };
-    overrides.apply(&mut config);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(daemon::run(
-        config,
-        Some((path, overrides)),
-        shutdown_signal(),
-    ))?;
+    runtime.block_on(daemon::run(config, Some(source), shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -132,20 +132,25 @@ pub struct Config<S: Stage = Loaded> {
     pub rendezvous: Vec<RendezvousConfig<S>>,
 }
 
-/// Settings given on the command line. They win over the file at start
-/// and at every reload, so that a reload does not read them as a change.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Overrides {
-    /// `causeway up --metrics-listen`.
+/// Where the daemon's config comes from: the file, with the settings given
+/// on the command line put over it. Loaded the same way at start and at
+/// every reload, so that a reload does not read an override as a change.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The TOML file (`causeway up --config`).
+    pub path: PathBuf,
+    /// `causeway up --metrics-listen`: wins over `[site] metrics_listen`.
     pub metrics_listen: Option<SocketAddr>,
 }
 
-impl Overrides {
-    /// Puts these settings into `config`.
-    pub fn apply(&self, config: &mut Config) {
-        if let Some(addr) = self.metrics_listen {
-            config.site.metrics_listen = Some(addr);
+impl Source {
+    /// [`load`]s the file and applies the command-line settings.
+    pub fn load(&self) -> Result<Config, ConfigErrors> {
+        let mut config = load(&self.path)?;
+        if self.metrics_listen.is_some() {
+            config.site.metrics_listen = self.metrics_listen;
         }
+        Ok(config)
     }
 }
 
