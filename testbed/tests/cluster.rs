@@ -156,6 +156,19 @@ fn a_cluster_site_routes_every_pod_to_every_node() {
         assert_eq!(recv(&server).1.ip(), IpAddr::V4(src));
     }
 
+    // A routed node can reach a gateway node over VXLAN, as a node agent will.
+    for (node, peer, inner) in [(0, 3, "192.168.42.1/30"), (3, 0, "192.168.42.2/30")] {
+        let (local, remote) = (cluster.node(node).addr, cluster.node(peer).addr);
+        let add = format!(
+            "link add vx0 type vxlan id 42 dstport 4789 local {local} remote {remote} dev eth0"
+        );
+        let ns = cluster.node_ns(node);
+        ns.ip(&add.split(' ').collect::<Vec<_>>()).expect("vxlan");
+        ns.ip(&["addr", "add", inner, "dev", "vx0"]).expect("addr");
+        ns.ip(&["link", "set", "vx0", "up"]).expect("up");
+    }
+    ping_until_reply(cluster.node_ns(3), ip("192.168.42.1"));
+
     // Out to the internet through the NAT, from a pod on the routed node.
     assert!(ping(&cluster.node(3).pods[0].ns, lab.internet_addr()).is_some());
     assert!(ping(&cluster.node(2).ns, b.public_addr).is_some());
