@@ -156,6 +156,26 @@ fn a_cluster_site_routes_every_pod_to_every_node() {
         assert_eq!(recv(&server).1.ip(), IpAddr::V4(src));
     }
 
+    // Link-local multicast (VRRP's 224.0.0.18) floods the node LAN, and
+    // stays on it.
+    let group = ip("224.0.0.18");
+    let listeners: Vec<UdpSocket> = [1, 3]
+        .map(|i| {
+            let socket = udp_socket(cluster.node_ns(i), Ipv4Addr::UNSPECIFIED, 5405);
+            socket
+                .join_multicast_v4(&group, &cluster.node(i).addr)
+                .expect("join");
+            socket
+        })
+        .into();
+    listeners[1]
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let advert = udp_socket(&a.gateway, a.wan_addr, 0);
+    advert.send_to(b"vrrp", (group, 5405)).expect("send");
+    assert_eq!(recv(&listeners[0]).0, b"vrrp");
+    assert!(listeners[1].recv_from(&mut [0; 16]).is_err(), "routed node");
+
     // A routed node can reach a gateway node over VXLAN, as a node agent will.
     for (node, peer, inner) in [(0, 3, "192.168.42.1/30"), (3, 0, "192.168.42.2/30")] {
         let (local, remote) = (cluster.node(node).addr, cluster.node(peer).addr);
