@@ -255,3 +255,35 @@ fn cluster_specs_are_checked_before_anything_is_built() {
     let msg = refused(small.nat(Nat::Symmetric).cluster(ClusterSpec::new(3, 1)));
     assert!(msg.contains("10.0.0.0/23"), "{msg}");
 }
+
+#[test]
+fn two_cluster_sites_build_side_by_side() {
+    let cluster = |name: &str, nat| {
+        SiteSpec::new(name, vec![net("10.0.0.0/16")])
+            .nat(nat)
+            .cluster(ClusterSpec::new(3, 2).routed_nodes(1).port_forward(51820))
+    };
+    let lab = Lab::build(&LabSpec {
+        sites: vec![
+            cluster("a", Nat::PortPreserving),
+            cluster("b", Nat::Symmetric),
+        ],
+    })
+    .expect("build");
+    let (a, b) = (lab.site("a"), lab.site("b"));
+    let (ca, cb) = (
+        a.cluster.as_ref().expect("cluster"),
+        b.cluster.as_ref().expect("cluster"),
+    );
+    assert_eq!(cb.vip, "172.16.2.100".parse::<Ipv4Addr>().expect("addr"));
+    assert_eq!(cb.node(2).addr.to_string(), "172.16.102.12");
+    // Same pod CIDR on both sites, each its own world behind its NAT.
+    assert_eq!(ca.node(2).pods[0].addr, cb.node(2).pods[0].addr);
+    for (site, other) in [(a, b), (b, a)] {
+        let c = site.cluster.as_ref().expect("cluster");
+        assert!(ping(&c.node(2).pods[0].ns, c.node(0).pods[0].addr).is_some());
+        assert!(ping(&c.node(2).pods[0].ns, other.public_addr).is_some());
+    }
+    // Pods went out masqueraded: nothing unroutable reached the internet.
+    assert_eq!(lab.leaked_packets().expect("counter"), 0);
+}
