@@ -379,7 +379,7 @@ pub fn tcp_transfer_via(server: &Netns, bind: IpAddr, client: &Netns, connect: I
     let sent_digest = Sha256::digest(&data);
     std::thread::scope(|s| {
         let receiver = s.spawn(|| {
-            let (mut conn, _) = listener.accept().expect("accept");
+            let mut conn = accept_within(&listener, Duration::from_secs(40));
             conn.set_read_timeout(Some(Duration::from_secs(30)))
                 .expect("timeout");
             let mut hasher = Sha256::new();
@@ -407,6 +407,26 @@ pub fn tcp_transfer_via(server: &Netns, bind: IpAddr, client: &Netns, connect: I
         assert_eq!(total, len, "byte count");
         assert_eq!(digest, sent_digest, "SHA-256 of the transfer");
     });
+}
+
+/// Accepts one connection, or panics after `within` (a client that never
+/// connects must fail the test, not hang it).
+pub fn accept_within(listener: &TcpListener, within: Duration) -> TcpStream {
+    listener.set_nonblocking(true).expect("nonblocking");
+    let deadline = Instant::now() + within;
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false).expect("blocking");
+                return conn;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "no connection within {within:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
 }
 
 /// The MSS a TCP connection from `client` to `connect` settles on, as the

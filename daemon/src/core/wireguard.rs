@@ -15,6 +15,18 @@ use boringtun::noise::{Packet, TunnResult};
 use super::{DropReason, Io, Peer, Peers, Site, Source};
 use crate::packet::{self, Verdict};
 
+/// How long after a handshake data under a session we do not have is
+/// taken for packets still in flight rather than for a peer that talks to
+/// another holder of our key.
+const STALE_SESSION_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether boringtun refused a data packet because it names a session we
+/// do not have (or one with other keys under the same index).
+fn is_stale_session(e: &boringtun::noise::errors::WireGuardError) -> bool {
+    use boringtun::noise::errors::WireGuardError as E;
+    matches!(e, E::WrongIndex | E::InvalidAeadTag | E::NoCurrentSession)
+}
+
 /// Message type of a WireGuard cookie reply: the one answer boringtun gives
 /// without having authenticated the sender.
 const COOKIE_REPLY: u8 = 3;
@@ -312,6 +324,9 @@ impl Site {
                 None
             }
             TunnResult::Err(e) => {
+                if matches!(packet, Packet::PacketData(_)) && is_stale_session(&e) {
+                    self.offer_new_session(peer, &mut state, source, io);
+                }
                 drop(state);
                 self.drop_packet(
                     Some(peer),
@@ -320,6 +335,39 @@ impl Site {
                 );
                 None
             }
+        }
+    }
+
+    /// The peer sends data under a session we do not have: it is talking
+    /// to another holder of our key (the other replica of our gateway,
+    /// before a failover or while both were active, or our own previous
+    /// run). Offer it a new session now, where the data came from, rather
+    /// than after WireGuard's 15 s of unanswered traffic. At most one
+    /// initiation per [`STALE_SESSION_GRACE`] and none while one is
+    /// pending: a spoofed packet gains nothing but a handshake.
+    fn offer_new_session(
+        &self,
+        peer: &Arc<Peer>,
+        state: &mut super::PeerState,
+        source: Source,
+        io: &mut impl Io,
+    ) {
+        if state
+            .tunn
+            .time_since_last_handshake()
+            .is_some_and(|age| age < STALE_SESSION_GRACE)
+        {
+            return;
+        }
+        let mut buf = [0u8; 256];
+        if let TunnResult::WriteToNetwork(init) =
+            state.tunn.format_handshake_initiation(&mut buf, false)
+        {
+            tracing::debug!(
+                peer = peer.name(),
+                "data under a session we do not have: new handshake"
+            );
+            self.reply(source, init, io);
         }
     }
 
