@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use causeway_netlink::{Link, Netlink, Tun};
 use tracing::{info, warn};
 
+use crate::cluster::Announcer;
 use crate::config::{Config, Source};
 use crate::core::{Site, SiteParams, TraversalParams};
 use crate::datapath::{Ctx, Datapath, UdpPort};
@@ -75,16 +76,29 @@ pub async fn run(
     );
     let ctx = Arc::new(Ctx::new(core, tun, udp));
 
-    let served = serve(
-        &config,
-        source,
-        &netlink,
-        &link,
-        &ctx,
-        listen_port,
-        shutdown,
-    )
-    .await;
+    let served = match start_cluster(&config, &netlink).await {
+        Ok(cluster) => {
+            let announcer = cluster.as_ref().map(|c| c.announcer().clone());
+            let served = serve(
+                &config,
+                source,
+                &netlink,
+                &link,
+                &ctx,
+                listen_port,
+                announcer,
+                shutdown,
+            )
+            .await;
+            if let Some(cluster) = cluster
+                && let Err(e) = cluster.stop(&netlink).await
+            {
+                warn!("removing the cluster VXLAN device: {e}");
+            }
+            served
+        }
+        Err(e) => Err(e),
+    };
     let removed = teardown(&netlink, &link, &ctx).await;
     served.and(removed)
 }
@@ -96,6 +110,7 @@ async fn serve(
     link: &Link,
     ctx: &Arc<Ctx>,
     listen_port: u16,
+    announcer: Option<Announcer>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let site = &config.site;
@@ -116,6 +131,7 @@ async fn serve(
     if !changes.removed.is_empty() {
         info!(removed = ?changes.removed, "removed stale routes of a previous run");
     }
+    announce_views(announcer.as_ref(), ctx);
     let datapath = Datapath::start(Arc::clone(ctx)).context("starting the packet threads")?;
     let traversal_tasks = crate::datapath::start_rendezvous(ctx, config);
     let abort_traversal = || traversal_tasks.iter().for_each(|t| t.abort());
@@ -184,7 +200,7 @@ async fn serve(
             }
         })
     });
-    let mut reloader = Reloader::new(source, config.clone());
+    let mut reloader = Reloader::new(source, config.clone(), announcer);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -228,10 +244,11 @@ struct Reloader {
     last_text: Option<String>,
     hangup: Option<tokio::signal::unix::Signal>,
     poll: tokio::time::Interval,
+    announcer: Option<Announcer>,
 }
 
 impl Reloader {
-    fn new(source: Option<Source>, running: Config) -> Self {
+    fn new(source: Option<Source>, running: Config, announcer: Option<Announcer>) -> Self {
         let path = source.as_ref().map(|s| s.path.as_path());
         let hangup = path.and_then(|_| {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
@@ -245,6 +262,7 @@ impl Reloader {
             last_text,
             hangup,
             poll,
+            announcer,
         }
     }
 
@@ -301,6 +319,7 @@ impl Reloader {
         if let Err(e) = netlink.reconcile_routes(link, &views).await {
             warn!("routes after reload: {e}");
         }
+        announce_views(self.announcer.as_ref(), ctx);
         let keys = new.peers.iter().map(|p| p.public_key).collect();
         crate::datapath::update_peers(ctx, keys);
         info!(
@@ -311,6 +330,31 @@ impl Reloader {
             "config reloaded"
         );
         self.running = new;
+    }
+}
+
+/// Starts the endpoint for the node agents when `[cluster]` is set, active
+/// with term 1. (The gateway role, when there is one, calls
+/// `Announcer::set_active` instead.)
+async fn start_cluster(
+    config: &Config,
+    netlink: &Netlink,
+) -> anyhow::Result<Option<crate::cluster::Gateway>> {
+    let Some(cluster) = &config.cluster else {
+        return Ok(None);
+    };
+    let gateway =
+        crate::cluster::Gateway::start(&config.site.name, &config.site.pod_cidrs, cluster, netlink)
+            .await?;
+    gateway.announcer().set_active(true, 1);
+    Ok(Some(gateway))
+}
+
+/// Tells the node agents the peer view CIDRs the site routes now; at
+/// start and after every reload.
+fn announce_views(announcer: Option<&Announcer>, ctx: &Ctx) {
+    if let Some(announcer) = announcer {
+        announcer.set_views(ctx.site.peers().all_views());
     }
 }
 

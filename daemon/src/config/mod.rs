@@ -34,6 +34,7 @@ use crate::keys::{self, PublicKey, StaticSecret};
 use crate::packet::View;
 pub use crate::packet::{AllowRule, Proto};
 
+mod cluster;
 mod load;
 mod parse;
 mod raw;
@@ -41,6 +42,9 @@ mod restart;
 #[cfg(test)]
 mod tests;
 
+pub use cluster::{
+    ClusterConfig, DEFAULT_GATEWAY_VXLAN_INTERFACE, DEFAULT_VXLAN_PORT, DEFAULT_VXLAN_VNI,
+};
 pub(crate) use load::assign_views;
 pub use load::load;
 pub use parse::parse;
@@ -130,6 +134,8 @@ pub struct Config<S: Stage = Loaded> {
     /// Rendezvous servers: peers without a static endpoint are found (and
     /// relayed) through them. The site registers with all of them.
     pub rendezvous: Vec<RendezvousConfig<S>>,
+    /// `[cluster]`: the endpoint for the node agents; `None`: no node agents.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Where the daemon's config comes from: the file, with the settings given
