@@ -241,6 +241,17 @@ impl Netns {
         }
     }
 
+    /// Another handle on this namespace that does not own it: dropping it
+    /// does nothing. The lab uses it where one namespace has two names
+    /// (a cluster site's node 0 is also its `gateway`); the owner must
+    /// outlive it, which holds inside one [`Site`](crate::Site).
+    pub(crate) fn alias(&self) -> Netns {
+        Netns {
+            name: self.name.clone(),
+            armed: false,
+        }
+    }
+
     /// Marks the namespace as already torn down by someone else.
     pub(crate) fn disarm(&mut self) {
         self.armed = false;
