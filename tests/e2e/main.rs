@@ -6,6 +6,7 @@
 mod common;
 
 mod cli;
+mod cluster;
 mod garbage;
 mod interop;
 mod invite;
