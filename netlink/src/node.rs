@@ -261,6 +261,27 @@ impl Netlink {
         Ok(link)
     }
 
+    /// Adds the address `ip/prefix_len` to `link` (replacing it if present).
+    pub async fn ensure_address(
+        &self,
+        link: &Link,
+        ip: IpAddr,
+        prefix_len: u8,
+    ) -> Result<(), Error> {
+        self.handle
+            .address()
+            .add(link.index, ip, prefix_len)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                Error::request(
+                    format!("add address {ip}/{prefix_len} dev {}", link.name),
+                    e,
+                )
+            })
+    }
+
     /// A permanent neighbour entry on `link`: `ip` is at `mac` (replaces
     /// whatever entry `ip` had there).
     pub async fn ensure_neighbour(

@@ -105,6 +105,33 @@ fn wait_routes(ns: &Netns, want: &[IpNet], within: Duration, agent: &NodeAgent) 
     }
 }
 
+/// Counts, in the internet namespace, packets from or to pod or view
+/// addresses (installed by [`Clusters::build`] before any daemon runs).
+fn count_plaintext(lab: &Lab) {
+    lab.internet()
+        .run_with_input(
+            "nft",
+            &["-f", "-"],
+            "table inet cluster_test_leaks {\n counter plaintext {}\n chain pre {\n  type filter hook prerouting priority raw - 10; policy accept;\n  ip saddr { 10.0.0.0/8, 100.64.0.0/10 } counter name plaintext\n  ip daddr { 10.0.0.0/8, 100.64.0.0/10 } counter name plaintext\n }\n}\n",
+        )
+        .expect("leak counter");
+}
+
+fn plaintext_leaks(lab: &Lab) -> u64 {
+    let out = lab
+        .internet()
+        .run(
+            "nft",
+            &["list", "counter", "inet", "cluster_test_leaks", "plaintext"],
+        )
+        .expect("leak counter");
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("counter output {out:?}"))
+}
+
 /// The view site `viewer`'s daemon gives peer `peer`.
 fn view_of(daemon: &Daemon, peer: &str) -> IpNet {
     let status = daemon.status();
@@ -160,6 +187,7 @@ impl Clusters {
         for site in lab.sites() {
             site.remove_ipv6_underlay().expect("flush IPv6");
         }
+        count_plaintext(&lab);
         let files = vec![SiteFiles::new(), SiteFiles::new(), SiteFiles::new()];
         let ip = IpAddr::V4(lab.internet_addr());
         let rendezvous = Rendezvous::start(
@@ -301,7 +329,27 @@ fn pods_on_non_gateway_nodes_reach_each_other_through_views_and_a_reload_adds_a_
     );
     // The routed node's pod, through the VXLAN device.
     let pod_a3 = &c.node("a", 3).pods[0];
-    assert_ping(&pod_a3.ns, through(pod_b.addr, b_in_a));
+    if ping_until(
+        &pod_a3.ns,
+        through(pod_b.addr, b_in_a),
+        Duration::from_secs(10),
+    )
+    .is_none()
+    {
+        let n3 = &c.node("a", 3).ns;
+        let n0 = &c.node("a", 0).ns;
+        panic!(
+            "routed node's pod cannot reach b's pod through VXLAN\n--- node3 link:\n{}\n--- node3 neigh:\n{}\n--- node3 fdb:\n{}\n--- node0 link:\n{}\n--- node0 routes:\n{}\n--- node3 agent:\n{}",
+            n3.ip(&["-d", "-s", "link", "show", "causeway-vx"]).unwrap_or_default(),
+            n3.ip(&["neigh", "show", "dev", "causeway-vx"]).unwrap_or_default(),
+            n3.run("bridge", &["fdb", "show", "dev", "causeway-vx"]).unwrap_or_default(),
+            n0.ip(&["-d", "-s", "link", "show", "causeway-gw-vx"]).unwrap_or_default(),
+            n0.ip(&["route"]).unwrap_or_default()
+                + &n0.ip(&["-s", "link", "show", "causeway0"]).unwrap_or_default()
+                + &n0.run("sh", &["-c", "grep . /proc/sys/net/ipv4/conf/*/rp_filter /proc/sys/net/ipv4/conf/*/forwarding; nstat -az | grep -v ' 0 '"]).unwrap_or_default(),
+            agents_a[3].log_text(),
+        );
+    }
     tcp_transfer_via(
         &pod_b.ns,
         pod_b.addr.into(),
@@ -368,7 +416,10 @@ fn pods_on_non_gateway_nodes_reach_each_other_through_views_and_a_reload_adds_a_
     let pod_c = &c.lab.site("c").pods[0];
     assert_ping(&pod_a.ns, through(pod_c.addr, c_in_a));
     assert_ping(&pod_a3.ns, through(pod_c.addr, c_in_a));
-    assert_eq!(c.lab.leaked_packets().expect("leaks"), 0);
+    // No pod or view address ever reached the internet in clear. (The
+    // lab's own leak counter also counts the daemons' probes of the other
+    // sites' private host candidates, which NAT tests always have.)
+    assert_eq!(plaintext_leaks(&c.lab), 0);
     drop(agents_a);
     drop(agents_b);
     let _ = &c.files;

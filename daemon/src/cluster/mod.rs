@@ -17,7 +17,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use causeway_netlink::{GATEWAY_VXLAN_MAC, Link, Netlink, VxlanSpec};
+use causeway_netlink::{GATEWAY_VXLAN_MAC, Link, Netlink, VXLAN_NEXT_HOP_V4, VxlanSpec};
 use ipnet::IpNet;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -114,7 +114,13 @@ impl Gateway {
             .await?;
         // Packets from pods of routed nodes arrive on the VXLAN device, but
         // the route back to their source goes through the CNI: strict
-        // reverse-path filtering would drop them.
+        // reverse-path filtering would drop them, and so would loose
+        // filtering on a device without an IPv4 address. The address is the
+        // nodes' next hop (their neighbour entry maps it to this device's
+        // MAC); the kernel gives the device the IPv6 one (EUI-64 of the MAC).
+        netlink
+            .ensure_address(&vxlan, VXLAN_NEXT_HOP_V4.into(), 32)
+            .await?;
         loose_rp_filter(&vxlan.name);
         let announcer = Announcer::new(Announcement {
             site: site.to_owned(),
