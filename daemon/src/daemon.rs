@@ -79,14 +79,14 @@ pub async fn run(
     let served = match start_cluster(&config, &netlink).await {
         Ok(cluster) => {
             let announcer = cluster.as_ref().map(|c| c.announcer().clone());
+            let reloader = Reloader::new(source, config.clone(), announcer);
             let served = serve(
                 &config,
-                source,
+                reloader,
                 &netlink,
                 &link,
                 &ctx,
                 listen_port,
-                announcer,
                 shutdown,
             )
             .await;
@@ -105,12 +105,11 @@ pub async fn run(
 
 async fn serve(
     config: &Config,
-    source: Option<Source>,
+    mut reloader: Reloader,
     netlink: &Netlink,
     link: &Link,
     ctx: &Arc<Ctx>,
     listen_port: u16,
-    announcer: Option<Announcer>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let site = &config.site;
@@ -131,7 +130,7 @@ async fn serve(
     if !changes.removed.is_empty() {
         info!(removed = ?changes.removed, "removed stale routes of a previous run");
     }
-    announce_views(announcer.as_ref(), ctx);
+    announce_views(reloader.announcer.as_ref(), ctx);
     let datapath = Datapath::start(Arc::clone(ctx)).context("starting the packet threads")?;
     let traversal_tasks = crate::datapath::start_rendezvous(ctx, config);
     let abort_traversal = || traversal_tasks.iter().for_each(|t| t.abort());
@@ -200,7 +199,6 @@ async fn serve(
             }
         })
     });
-    let mut reloader = Reloader::new(source, config.clone(), announcer);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -48,9 +48,17 @@ pub struct NodeStats {
     pub routes: AtomicU64,
     /// Whether an active gateway has been followed (for `/readyz`).
     pub ready: AtomicBool,
-    /// The gateway followed, its site and term, and each gateway address
-    /// with whether it is reachable.
-    pub gateways: Mutex<(Option<(SocketAddr, String, u64)>, Vec<(SocketAddr, bool)>)>,
+    /// The gateways, as last seen.
+    pub gateways: Mutex<GatewaysSeen>,
+}
+
+/// What the node agent knows of the gateways, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct GatewaysSeen {
+    /// The gateway followed: its address, site and term.
+    pub following: Option<(SocketAddr, String, u64)>,
+    /// Every gateway address, and whether its connection is up.
+    pub addresses: Vec<(SocketAddr, bool)>,
 }
 
 /// What the agent last put on the node.
@@ -95,7 +103,6 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         tokio::select! {
             _ = &mut shutdown => break,
             Some(heard) = rx.recv() => {
-                let mut force = false;
                 match heard {
                     Heard::Announcement(addr, a) => {
                         stats.announcements.fetch_add(1, Ordering::Relaxed);
@@ -107,7 +114,6 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
                         let g = gateways.entry(addr).or_default();
                         if g.reachable {
                             warn!(gateway = %addr, "lost the gateway: {why}");
-                            force = true;
                         }
                         g.reachable = false;
                     }
@@ -124,7 +130,6 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
                         Heard::Lost(addr, _) => gateways.entry(addr).or_default().reachable = false,
                     }
                 }
-                let _ = force;
                 reconcile(&config, &netlink, &gateways, &mut applied, &stats, false).await;
             }
             _ = refresh.tick() => {
@@ -200,7 +205,7 @@ async fn reconcile(
     repair: bool,
 ) {
     if let Ok(mut g) = stats.gateways.lock() {
-        g.1 = gateways.iter().map(|(a, s)| (*a, s.reachable)).collect();
+        g.addresses = gateways.iter().map(|(a, s)| (*a, s.reachable)).collect();
     }
     let Some((at, announcement)) = plan::active(gateways) else {
         if applied.plan.is_some() {
@@ -248,7 +253,7 @@ async fn reconcile(
             );
             stats.ready.store(true, Ordering::Release);
             if let Ok(mut g) = stats.gateways.lock() {
-                g.0 = Some((at, wanted.site.clone(), announcement.term));
+                g.following = Some((at, wanted.site.clone(), announcement.term));
             }
             applied.plan = Some(wanted);
         }
@@ -498,7 +503,7 @@ fn render_metrics(stats: &NodeStats) -> String {
     );
     if let Ok(g) = stats.gateways.lock() {
         s.push_str("# HELP causeway_node_gateway_up Whether the node agent's connection to this gateway address is up.\n# TYPE causeway_node_gateway_up gauge\n");
-        for (addr, up) in &g.1 {
+        for (addr, up) in &g.addresses {
             let _ = writeln!(
                 s,
                 "causeway_node_gateway_up{{gateway=\"{addr}\"}} {}",
@@ -506,7 +511,7 @@ fn render_metrics(stats: &NodeStats) -> String {
             );
         }
         s.push_str("# HELP causeway_node_active_gateway The gateway the node routes to (value: its term).\n# TYPE causeway_node_active_gateway gauge\n");
-        if let Some((addr, site, term)) = &g.0 {
+        if let Some((addr, site, term)) = &g.following {
             let _ = writeln!(
                 s,
                 "causeway_node_active_gateway{{gateway=\"{addr}\",site=\"{site}\"}} {term}"

@@ -14,5 +14,5 @@ pub mod config;
 pub mod nft;
 pub mod plan;
 
-pub use agent::{NodeStats, down, run};
+pub use agent::{GatewaysSeen, NodeStats, down, run};
 pub use config::{Encapsulation, NodeConfig, parse};
