@@ -25,12 +25,23 @@ struct NodeAgent {
 }
 
 impl NodeAgent {
-    fn start(ns: &Netns, dir: &Path, name: &str, gateway: Ipv4Addr, secret: &Path) -> NodeAgent {
+    fn start(
+        ns: &Netns,
+        dir: &Path,
+        name: &str,
+        gateways: &[Ipv4Addr],
+        secret: &Path,
+    ) -> NodeAgent {
         let config = dir.join(format!("{name}.toml"));
+        let gateways: Vec<String> = gateways
+            .iter()
+            .map(|g| format!("\"{g}:{CLUSTER_PORT}\""))
+            .collect();
         std::fs::write(
             &config,
             format!(
-                "gateways = [\"{gateway}:{CLUSTER_PORT}\"]\nsecret_file = {secret:?}\nmetrics_listen = \"{NODE_METRICS}\"\n"
+                "gateways = [{}]\nsecret_file = {secret:?}\nmetrics_listen = \"{NODE_METRICS}\"\n",
+                gateways.join(", ")
             ),
         )
         .expect("node config");
@@ -176,7 +187,7 @@ impl Clusters {
             sites: vec![
                 SiteSpec::new("a", cidr())
                     .nat(Nat::PortPreserving)
-                    .cluster(ClusterSpec::new(4, 1).routed_nodes(1)),
+                    .cluster(ClusterSpec::new(4, 2).routed_nodes(1)),
                 SiteSpec::new("b", cidr())
                     .nat(Nat::PortPreserving)
                     .cluster(ClusterSpec::new(3, 1)),
@@ -252,10 +263,16 @@ impl Clusters {
         self.secret_dir.path().join("cluster.secret")
     }
 
-    /// Starts a node agent on every node of `site`.
+    /// Starts a node agent on every node of `site`, watching node 0's
+    /// gateway.
     fn agents(&self, site: &str) -> Vec<NodeAgent> {
         let cluster = self.lab.site(site).cluster.as_ref().expect("cluster");
-        let gateway = cluster.node(0).addr;
+        self.agents_watching(site, &[cluster.node(0).addr])
+    }
+
+    /// Starts a node agent on every node of `site`, watching `gateways`.
+    fn agents_watching(&self, site: &str, gateways: &[Ipv4Addr]) -> Vec<NodeAgent> {
+        let cluster = self.lab.site(site).cluster.as_ref().expect("cluster");
         cluster
             .nodes
             .iter()
@@ -265,7 +282,7 @@ impl Clusters {
                     &n.ns,
                     self.secret_dir.path(),
                     &format!("{site}-node{i}"),
-                    gateway,
+                    gateways,
                     &self.secret(),
                 )
             })
@@ -514,4 +531,112 @@ fn node_agent_reports_masquerade_cleans_up_on_stop_and_adopts_after_kill() {
         agents_a[2].log_text()
     );
     let _ = &c.files;
+}
+
+#[test]
+fn nodes_follow_the_other_gateway_within_a_second_when_the_active_one_stops() {
+    let mut c = Clusters::build();
+    let mut daemons = std::mem::take(&mut c.daemons);
+    let c = c;
+    // A second gateway of site a on node 1: the same key and peers but its
+    // own state and sockets, its [cluster] on node 1's address, and no
+    // rendezvous, so that it never competes with node 0's gateway for the
+    // peer (two gateways with one key would; choosing which one carries
+    // the traffic is the gateway role's job, not the node agent's). Both
+    // announce themselves active with term 1: the nodes follow the lower
+    // address, node 0, and the other one when node 0's stops.
+    let files1 = SiteFiles::new();
+    std::fs::copy(c.files[0].path("private.key"), files1.path("private.key")).expect("key");
+    let node0 = c.node("a", 0).addr;
+    let node1 = c.node("a", 1).addr;
+    let text = std::fs::read_to_string(&c.configs[0]).expect("config");
+    let text = text
+        .replace(
+            &c.files[0].dir.path().display().to_string(),
+            &files1.dir.path().display().to_string(),
+        )
+        .replace(
+            &format!("{node0}:{CLUSTER_PORT}"),
+            &format!("{node1}:{CLUSTER_PORT}"),
+        );
+    let text = match (text.find("[[rendezvous]]"), text.find("[cluster]")) {
+        (Some(from), Some(to)) => format!("{}{}", &text[..from], &text[to..]),
+        _ => panic!("config without [[rendezvous]] or [cluster]:\n{text}"),
+    };
+    let config1 = files1.path("causeway.toml");
+    std::fs::write(&config1, text).expect("config of the second gateway");
+    let gateway1 = Daemon::start(&c.node("a", 1).ns, &files1, &config1);
+    let agents_a = c.agents_watching("a", &[node0, node1]);
+    let _agents_b = c.agents("b");
+    let b_in_a = view_of(&daemons[0], "b");
+    let ns2 = &c.node("a", 2).ns;
+    wait_routes(ns2, &[b_in_a], Duration::from_secs(10), &agents_a[2]);
+    assert!(
+        node_route_lines(ns2).contains(&format!("via {node0}")),
+        "{}",
+        node_route_lines(ns2)
+    );
+    // Node 1 runs a gateway too: its node route (metric 100000) is there,
+    // but its own TUN route (metric 0) wins.
+    wait_routes(
+        &c.node("a", 1).ns,
+        &[b_in_a],
+        Duration::from_secs(10),
+        &agents_a[1],
+    );
+    let pod_a = &c.node("a", 2).pods[0];
+    let pod_b = &c.node("b", 2).pods[0];
+    assert_ping(&pod_a.ns, through(pod_b.addr, b_in_a));
+
+    // Stop the active gateway: every node follows node 1 within a second.
+    let stopped = Instant::now();
+    daemons.remove(0).stop();
+    let t = Instant::now();
+    loop {
+        if node_route_lines(ns2).contains(&format!("via {node1}")) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "node 2 still routes via {node0}:\n{}\n{}",
+            node_route_lines(ns2),
+            agents_a[2].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = stopped.elapsed();
+    println!("active gateway stopped (SIGTERM returned) → node 2 routes via the other: {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "failover of the node routes took {took:?}"
+    );
+    // On node 1, now the active gateway's node, the agent's routes go.
+    wait_routes(
+        &c.node("a", 1).ns,
+        &[],
+        Duration::from_secs(2),
+        &agents_a[1],
+    );
+    // Pod traffic now reaches node 1's gateway (which has no path to b in
+    // this test): its TUN counts what node 2's pod sends.
+    let tun_tx = || -> u64 {
+        c.node("a", 1)
+            .ns
+            .run("cat", &["/sys/class/net/causeway0/statistics/tx_packets"])
+            .expect("tun counter")
+            .trim()
+            .parse()
+            .expect("number")
+    };
+    let before = tun_tx();
+    for _ in 0..3 {
+        let _ = pod_a
+            .ns
+            .ping(through(pod_b.addr, b_in_a), Duration::from_millis(200));
+    }
+    assert!(
+        tun_tx() >= before + 3,
+        "pod packets did not reach the second gateway's TUN"
+    );
+    drop(gateway1);
 }
