@@ -444,10 +444,12 @@ fn pods_on_non_gateway_nodes_reach_each_other_through_views_and_a_reload_adds_a_
 
 #[test]
 fn node_agent_reports_masquerade_cleans_up_on_stop_and_adopts_after_kill() {
-    let c = Clusters::build();
+    let mut c = Clusters::build();
+    let mut daemons = std::mem::take(&mut c.daemons);
+    let c = c;
     let mut agents_a = c.agents("a");
     let _agents_b = c.agents("b");
-    let b_in_a = view_of(&c.daemons[0], "b");
+    let b_in_a = view_of(&daemons[0], "b");
     let ns2 = &c.node("a", 2).ns;
     wait_routes(ns2, &[b_in_a], Duration::from_secs(10), &agents_a[2]);
     let pod_b = &c.node("b", 2).pods[0];
@@ -530,6 +532,17 @@ fn node_agent_reports_masquerade_cleans_up_on_stop_and_adopts_after_kill() {
         "{}",
         agents_a[2].log_text()
     );
+
+    // The gateway's VXLAN device: left by kill -9, adopted by the next
+    // run, removed by a clean stop.
+    let node0 = &c.node("a", 0).ns;
+    let mut gateway = daemons.remove(0);
+    gateway.child.kill9().expect("kill -9 the gateway");
+    assert!(node0.ip(&["link", "show", "causeway-gw-vx"]).is_ok());
+    let gateway = Daemon::start(node0, &c.files[0], &c.configs[0]);
+    assert_ping(&pod_a.ns, through(pod_b.addr, b_in_a));
+    gateway.stop();
+    assert!(node0.ip(&["link", "show", "causeway-gw-vx"]).is_err());
     let _ = &c.files;
 }
 

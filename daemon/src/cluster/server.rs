@@ -18,6 +18,9 @@ use super::wire::{self, Announcement, ClusterSecret, NONCE_LEN, Session, WireErr
 pub const LONG_POLL: Duration = Duration::from_secs(10);
 /// How long a node may take to send its next watch.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new connection may take to send its first (authenticated)
+/// frame: a stranger cannot hold a connection slot for longer.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a write to a node may take before the connection is dropped
 /// (a slow node never holds the gateway up).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -162,7 +165,9 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let server_nonce: [u8; NONCE_LEN] = rand::random();
     write_frame(&mut stream, &wire::hello(&server_nonce)).await?;
-    let first = read_frame(&mut stream).await?;
+    let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, read_frame_inner(&mut stream))
+        .await
+        .map_err(|_| ConnError::Timeout)??;
     let (client_nonce, sealed) = wire::split_first_watch(&first)?;
     let mut session = Session::server(secret, &server_nonce, &client_nonce);
     let mut known = wire::open_watch(&mut session, sealed)?;

@@ -281,6 +281,14 @@ async fn apply(
             remove_vxlan(netlink, &config.vxlan_interface, applied).await?;
             plan.views
                 .iter()
+                .filter(|v| {
+                    // An IPv6 route cannot go via an IPv4 address here.
+                    let ok = !(matches!(v, IpNet::V6(_)) && gateway.is_ipv4());
+                    if !ok {
+                        warn!(view = %v, %gateway, "no IPv6 route via an IPv4 gateway address: set encapsulation = \"vxlan\" for IPv6 views");
+                    }
+                    ok
+                })
                 .map(|v| (*v, NextHop::Via(gateway)))
                 .collect()
         }
@@ -431,10 +439,21 @@ async fn serve_metrics(addr: SocketAddr, stats: Arc<NodeStats>) -> std::io::Resu
             };
             let stats = Arc::clone(&stats);
             tokio::spawn(async move {
+                // The request head, up to 2 KiB, within 2 s.
                 let mut buf = [0u8; 2048];
-                let read =
-                    tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
-                let Ok(Ok(n)) = read else { return };
+                let mut n = 0;
+                let read = tokio::time::timeout(Duration::from_secs(2), async {
+                    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(more) => n += more,
+                        }
+                    }
+                })
+                .await;
+                if read.is_err() || n == 0 {
+                    return;
+                }
                 let request = String::from_utf8_lossy(&buf[..n]);
                 let path = request.split_whitespace().nth(1).unwrap_or("");
                 let (status, body) = match path {
