@@ -107,7 +107,12 @@
 //!   `public_addr:port` to `vip:port` (a static endpoint for peers).
 //! * Failover: [`Cluster::cut_node_links`] takes a node's switch port down
 //!   (the node looks unplugged), [`Cluster::restore_node_links`] plugs it
-//!   back in; [`Cluster::vip_holders`] says who holds the virtual IP.
+//!   back in; [`Cluster::vip_holders`] says who holds the virtual IP. The
+//!   switch bridges do no multicast snooping: VRRP adverts (224.0.0.18)
+//!   reach every node of the LAN, and no routed node.
+//! * Left to the test: running keepalived and assigning the virtual IP, and
+//!   `net.ipv4.ip_nonlocal_bind` (0 everywhere) should a backup's daemon
+//!   bind the virtual IP before it holds it.
 //!
 //! # WAN emulation
 //!

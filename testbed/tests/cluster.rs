@@ -156,6 +156,39 @@ fn a_cluster_site_routes_every_pod_to_every_node() {
         assert_eq!(recv(&server).1.ip(), IpAddr::V4(src));
     }
 
+    // Link-local multicast (VRRP's 224.0.0.18) floods the node LAN, and
+    // stays on it.
+    let group = ip("224.0.0.18");
+    let listeners: Vec<UdpSocket> = [1, 3]
+        .map(|i| {
+            let socket = udp_socket(cluster.node_ns(i), Ipv4Addr::UNSPECIFIED, 5405);
+            socket
+                .join_multicast_v4(&group, &cluster.node(i).addr)
+                .expect("join");
+            socket
+        })
+        .into();
+    listeners[1]
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let advert = udp_socket(&a.gateway, a.wan_addr, 0);
+    advert.send_to(b"vrrp", (group, 5405)).expect("send");
+    assert_eq!(recv(&listeners[0]).0, b"vrrp");
+    assert!(listeners[1].recv_from(&mut [0; 16]).is_err(), "routed node");
+
+    // A routed node can reach a gateway node over VXLAN, as a node agent will.
+    for (node, peer, inner) in [(0, 3, "192.168.42.1/30"), (3, 0, "192.168.42.2/30")] {
+        let (local, remote) = (cluster.node(node).addr, cluster.node(peer).addr);
+        let add = format!(
+            "link add vx0 type vxlan id 42 dstport 4789 local {local} remote {remote} dev eth0"
+        );
+        let ns = cluster.node_ns(node);
+        ns.ip(&add.split(' ').collect::<Vec<_>>()).expect("vxlan");
+        ns.ip(&["addr", "add", inner, "dev", "vx0"]).expect("addr");
+        ns.ip(&["link", "set", "vx0", "up"]).expect("up");
+    }
+    ping_until_reply(cluster.node_ns(3), ip("192.168.42.1"));
+
     // Out to the internet through the NAT, from a pod on the routed node.
     assert!(ping(&cluster.node(3).pods[0].ns, lab.internet_addr()).is_some());
     assert!(ping(&cluster.node(2).ns, b.public_addr).is_some());
@@ -221,4 +254,36 @@ fn cluster_specs_are_checked_before_anything_is_built() {
     let small = SiteSpec::new("a", vec![net("10.0.0.0/23")]);
     let msg = refused(small.nat(Nat::Symmetric).cluster(ClusterSpec::new(3, 1)));
     assert!(msg.contains("10.0.0.0/23"), "{msg}");
+}
+
+#[test]
+fn two_cluster_sites_build_side_by_side() {
+    let cluster = |name: &str, nat| {
+        SiteSpec::new(name, vec![net("10.0.0.0/16")])
+            .nat(nat)
+            .cluster(ClusterSpec::new(3, 2).routed_nodes(1).port_forward(51820))
+    };
+    let lab = Lab::build(&LabSpec {
+        sites: vec![
+            cluster("a", Nat::PortPreserving),
+            cluster("b", Nat::Symmetric),
+        ],
+    })
+    .expect("build");
+    let (a, b) = (lab.site("a"), lab.site("b"));
+    let (ca, cb) = (
+        a.cluster.as_ref().expect("cluster"),
+        b.cluster.as_ref().expect("cluster"),
+    );
+    assert_eq!(cb.vip, "172.16.2.100".parse::<Ipv4Addr>().expect("addr"));
+    assert_eq!(cb.node(2).addr.to_string(), "172.16.102.12");
+    // Same pod CIDR on both sites, each its own world behind its NAT.
+    assert_eq!(ca.node(2).pods[0].addr, cb.node(2).pods[0].addr);
+    for (site, other) in [(a, b), (b, a)] {
+        let c = site.cluster.as_ref().expect("cluster");
+        assert!(ping(&c.node(2).pods[0].ns, c.node(0).pods[0].addr).is_some());
+        assert!(ping(&c.node(2).pods[0].ns, other.public_addr).is_some());
+    }
+    // Pods went out masqueraded: nothing unroutable reached the internet.
+    assert_eq!(lab.leaked_packets().expect("counter"), 0);
 }
