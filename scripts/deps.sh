@@ -11,6 +11,7 @@ CAUSEWAY_PACKAGES=(
     ethtool:ethtool
     conntrack:conntrack
     turnserver:coturn
+    keepalived:keepalived
 )
 
 ensure_root() {

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use causeway_netlink::{Link, Netlink, Tun};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::cluster::Announcer;
-use crate::config::{Config, Source};
-use crate::core::{Site, SiteParams, TraversalParams};
-use crate::datapath::{Ctx, Datapath, UdpPort};
+use crate::config::{Config, Failover, Source};
+use crate::core::{Role, Site, SiteParams, TraversalParams};
+use crate::datapath::{Ctx, Datapath, Rendezvous, UdpPort};
 use crate::observe::LiveSite;
 
 /// Runs the site described by `config` until `shutdown` completes, then
@@ -70,6 +71,7 @@ pub async fn run(
             mtu: site.mtu,
             traversal: traversal_params(&config, listen_port),
             seed: rand::random(),
+            role: initial_role(&config.failover),
         },
         &config.peers,
         Instant::now(),
@@ -124,18 +126,27 @@ async fn serve(
     if !backstops.removed.is_empty() {
         info!(removed = ?backstops.removed, "removed backstop routes of peers no longer configured");
     }
-    let changes = netlink
-        .reconcile_routes(link, &ctx.site.peers().all_views())
-        .await?;
+    // Our routes through the interface: the active replica's; a standby
+    // removes any a previous run left (the backstops stay).
+    let wanted = match ctx.site.role() {
+        Role::Active => ctx.site.peers().all_views(),
+        Role::Standby => Vec::new(),
+    };
+    let changes = netlink.reconcile_routes(link, &wanted).await?;
     if !changes.removed.is_empty() {
         info!(removed = ?changes.removed, "removed stale routes of a previous run");
     }
     announce_views(reloader.announcer.as_ref(), ctx);
+    announce_role(reloader.announcer.as_ref(), ctx);
     let datapath = Datapath::start(Arc::clone(ctx)).context("starting the packet threads")?;
-    let traversal_tasks = crate::datapath::start_rendezvous(ctx, config);
-    let abort_traversal = || traversal_tasks.iter().for_each(|t| t.abort());
+    let mut rendezvous = ctx.site.is_active().then(|| Rendezvous::start(ctx, config));
+    let (roles, mut role_requests) = watch::channel(ctx.site.role());
     let live = LiveSite::new(Arc::clone(datapath.ctx()), &site.name, listen_port);
-    let control = crate::observe::serve_control(&site.control_socket, live.clone())
+    let role_control = match config.failover {
+        Failover::Keepalived => Some(roles),
+        Failover::None => None,
+    };
+    let control = crate::observe::serve_control(&site.control_socket, live.clone(), role_control)
         .await
         .with_context(|| {
             format!(
@@ -146,7 +157,6 @@ async fn serve(
     let control = match control {
         Ok(control) => control,
         Err(e) => {
-            abort_traversal();
             datapath.stop();
             return Err(e);
         }
@@ -170,7 +180,6 @@ async fn serve(
     let (uapi, metrics) = match (uapi, metrics) {
         (Ok(uapi), Ok(metrics)) => (uapi, metrics),
         (Err(e), _) | (_, Err(e)) => {
-            abort_traversal();
             datapath.stop();
             return Err(e);
         }
@@ -183,6 +192,7 @@ async fn serve(
         interface = site.interface,
         listen_port,
         peers = config.peers.len(),
+        role = %ctx.site.role(),
         "site is up"
     );
     crate::notify::notify("READY=1");
@@ -204,6 +214,16 @@ async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             trigger = reloader.next() => reloader.reload(trigger, netlink, link, ctx).await,
+            changed = role_requests.changed() => {
+                if changed.is_err() {
+                    // Nobody can ask for another role any more.
+                    role_requests = watch::channel(ctx.site.role()).1;
+                    continue;
+                }
+                let role = *role_requests.borrow_and_update();
+                take_role(role, &reloader.running, netlink, link, ctx, &mut rendezvous).await;
+                announce_role(reloader.announcer.as_ref(), ctx);
+            }
         }
     }
     info!("shutting down");
@@ -215,9 +235,45 @@ async fn serve(
         watchdog.abort();
     }
     drop(control);
-    abort_traversal();
+    drop(rendezvous);
     datapath.stop();
     Ok(())
+}
+
+/// Makes this replica `role`: becoming active, it starts carrying traffic
+/// at once (handshakes to every peer it can reach), then installs its
+/// routes through the interface and connects to the rendezvous servers
+/// (which introduce it to the other peers and relay meanwhile); becoming a
+/// standby, it stops sending at once, then withdraws its routes (the
+/// backstops stay, so nothing leaves in clear) and leaves the rendezvous.
+async fn take_role(
+    role: Role,
+    config: &Config,
+    netlink: &Netlink,
+    link: &Link,
+    ctx: &Arc<Ctx>,
+    rendezvous: &mut Option<Rendezvous>,
+) {
+    if !ctx.site.set_role(role, &mut ctx.io()) {
+        info!(%role, "role unchanged");
+        return;
+    }
+    let routes = match role {
+        Role::Active => ctx.site.peers().all_views(),
+        Role::Standby => Vec::new(),
+    };
+    if role == Role::Standby
+        && let Some(running) = rendezvous.take()
+    {
+        running.stop();
+    }
+    if let Err(e) = netlink.reconcile_routes(link, &routes).await {
+        warn!(%role, "routes for the new role: {e}");
+    }
+    if role == Role::Active && rendezvous.is_none() {
+        *rendezvous = Some(Rendezvous::start(ctx, config));
+    }
+    warn!(%role, "gateway role changed");
 }
 
 /// How often the config file is checked for changes (a Kubernetes
@@ -314,7 +370,10 @@ impl Reloader {
         if let Err(e) = netlink.reconcile_backstops(&views).await {
             warn!("backstop routes after reload: {e}");
         }
-        if let Err(e) = netlink.reconcile_routes(link, &views).await {
+        // A standby keeps no routes through the interface.
+        if ctx.site.is_active()
+            && let Err(e) = netlink.reconcile_routes(link, &views).await
+        {
             warn!("routes after reload: {e}");
         }
         announce_views(self.announcer.as_ref(), ctx);
@@ -331,9 +390,17 @@ impl Reloader {
     }
 }
 
-/// Starts the endpoint for the node agents when `[cluster]` is set, active
-/// with term 1. (The gateway role, when there is one, calls
-/// `Announcer::set_active` instead.)
+/// The role a replica starts in. (Here rather than on [`Failover`]: the
+/// config layer is below the core, which defines the role.)
+fn initial_role(failover: &Failover) -> Role {
+    match failover {
+        Failover::None => Role::Active,
+        Failover::Keepalived => Role::Standby,
+    }
+}
+
+/// Starts the endpoint for the node agents when `[cluster]` is set (not
+/// active until [`announce_role`] says so).
 async fn start_cluster(
     config: &Config,
     netlink: &Netlink,
@@ -344,7 +411,6 @@ async fn start_cluster(
     let gateway =
         crate::cluster::Gateway::start(&config.site.name, &config.site.pod_cidrs, cluster, netlink)
             .await?;
-    gateway.announcer().set_active(true, 1);
     Ok(Some(gateway))
 }
 
@@ -353,6 +419,27 @@ async fn start_cluster(
 fn announce_views(announcer: Option<&Announcer>, ctx: &Ctx) {
     if let Some(announcer) = announcer {
         announcer.set_views(ctx.site.peers().all_views());
+    }
+}
+
+/// Tells the node agents whether this replica is the active gateway; at
+/// start and after every role change. The term of an activation is the
+/// wall clock in milliseconds when it happened, so that a node hearing two
+/// replicas both say "active" (the old one has not noticed yet) follows
+/// the one activated last; it stays the same while the replica stays
+/// active.
+fn announce_role(announcer: Option<&Announcer>, ctx: &Ctx) {
+    let Some(announcer) = announcer else { return };
+    let active = ctx.site.is_active();
+    let current = announcer.current();
+    if active && !current.active {
+        let term = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .max(current.term.saturating_add(1));
+        announcer.set_active(true, term);
+    } else if !active && current.active {
+        announcer.set_active(false, current.term);
     }
 }
 

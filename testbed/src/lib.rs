@@ -143,6 +143,7 @@
 mod cluster;
 mod conntrack;
 mod error;
+mod keepalived;
 mod lab;
 mod links;
 mod netns;
@@ -152,6 +153,7 @@ mod wire;
 
 pub use cluster::{Cluster, ClusterSpec, Node};
 pub use error::Error;
+pub use keepalived::{Keepalived, Vrrp};
 pub use lab::{Lab, LabSpec, Nat, Site, SiteSpec};
 pub use netns::{ChildGuard, Netns, run_command, sweep_stale_namespaces};
 pub use pod::Pod;

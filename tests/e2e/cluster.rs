@@ -176,6 +176,8 @@ struct Clusters {
     secret_dir: tempfile::TempDir,
     /// Site a's config text without and with peer c.
     a_with_c: String,
+    /// The `[[rendezvous]]` table of every site.
+    rdv: String,
 }
 
 const POD_CIDR: &str = "10.0.0.0/16";
@@ -247,6 +249,7 @@ impl Clusters {
             daemons,
             secret_dir,
             a_with_c,
+            rdv,
         }
     }
 
@@ -546,110 +549,123 @@ fn node_agent_reports_masquerade_cleans_up_on_stop_and_adopts_after_kill() {
     let _ = &c.files;
 }
 
+/// `causeway ctl role <role>` to the daemon of `files` (what keepalived's
+/// notify scripts run).
+fn ctl_role(files: &SiteFiles, role: &str) {
+    let out = std::process::Command::new(causeway_bin())
+        .args(["ctl", "role", role, "--socket"])
+        .arg(files.socket())
+        .output()
+        .expect("causeway ctl");
+    assert!(
+        out.status.success(),
+        "ctl role {role}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until the node routes in `ns` go to `via` (directly or through
+/// the VXLAN device); returns how long.
+fn wait_via(ns: &Netns, via: Ipv4Addr, agent: &NodeAgent) -> Duration {
+    let t = Instant::now();
+    loop {
+        // Direct, or through the VXLAN device whose remote is `via`.
+        let vxlan = ns
+            .ip(&["-d", "link", "show", "causeway-vx"])
+            .unwrap_or_default();
+        let lines = node_route_lines(ns);
+        if lines.contains(&format!("via {via} "))
+            || (lines.contains("dev causeway-vx") && vxlan.contains(&format!("remote {via} ")))
+        {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{}: node routes not via {via}:\n{}\n--- agent:\n{}",
+            ns.name(),
+            node_route_lines(ns),
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 #[test]
-fn nodes_follow_the_other_gateway_within_a_second_when_the_active_one_stops() {
+fn nodes_follow_a_gateway_failover_within_a_second() {
     let mut c = Clusters::build();
     let mut daemons = std::mem::take(&mut c.daemons);
     let c = c;
-    // A second gateway of site a on node 1: the same key and peers but its
-    // own state and sockets, its [cluster] on node 1's address, and no
-    // rendezvous, so that it never competes with node 0's gateway for the
-    // peer (two gateways with one key would; choosing which one carries
-    // the traffic is the gateway role's job, not the node agent's). Both
-    // announce themselves active with term 1: the nodes follow the lower
-    // address, node 0, and the other one when node 0's stops.
-    let files1 = SiteFiles::new();
-    std::fs::copy(c.files[0].path("private.key"), files1.path("private.key")).expect("key");
-    let node0 = c.node("a", 0).addr;
-    let node1 = c.node("a", 1).addr;
-    let text = std::fs::read_to_string(&c.configs[0]).expect("config");
-    let text = text
-        .replace(
-            &c.files[0].dir.path().display().to_string(),
-            &files1.dir.path().display().to_string(),
-        )
-        .replace(
-            &format!("{node0}:{CLUSTER_PORT}"),
-            &format!("{node1}:{CLUSTER_PORT}"),
-        );
-    let text = match (text.find("[[rendezvous]]"), text.find("[cluster]")) {
-        (Some(from), Some(to)) => format!("{}{}", &text[..from], &text[to..]),
-        _ => panic!("config without [[rendezvous]] or [cluster]:\n{text}"),
-    };
-    let config1 = files1.path("causeway.toml");
-    std::fs::write(&config1, text).expect("config of the second gateway");
-    let gateway1 = Daemon::start(&c.node("a", 1).ns, &files1, &config1);
+    // Site a's gateway becomes two replicas ([failover] election =
+    // "keepalived") on nodes 0 and 1: the same key and peers, their own
+    // state and sockets, each its [cluster] on its node's address. The
+    // test plays keepalived with `causeway ctl role`.
+    daemons.remove(0).stop();
+    let (node0, node1) = (c.node("a", 0).addr, c.node("a", 1).addr);
+    let replicas: Vec<(SiteFiles, Daemon)> = [0, 1]
+        .into_iter()
+        .map(|n| {
+            let files = SiteFiles::new();
+            std::fs::copy(c.files[0].path("private.key"), files.path("private.key")).expect("key");
+            let addr = c.node("a", n).addr;
+            let text = peer_toml("b", &c.files[1].public_key, &[POD_CIDR], None)
+                + &c.rdv
+                + &format!(
+                    "[cluster]\nlisten = \"{addr}:{CLUSTER_PORT}\"\nsecret_file = {:?}\n\n[failover]\nelection = \"keepalived\"\n",
+                    c.secret()
+                );
+            let config = files.write_config("a", &[POD_CIDR], &text);
+            let daemon = Daemon::start(&c.node("a", n).ns, &files, &config);
+            (files, daemon)
+        })
+        .collect();
     let agents_a = c.agents_watching("a", &[node0, node1]);
     let _agents_b = c.agents("b");
-    let b_in_a = view_of(&daemons[0], "b");
+    // Both replicas are standby: the nodes follow nobody yet.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(node_routes(&c.node("a", 2).ns).is_empty());
+
+    ctl_role(&replicas[0].0, "active");
+    let b_in_a = view_of(&replicas[0].1, "b");
     let ns2 = &c.node("a", 2).ns;
     wait_routes(ns2, &[b_in_a], Duration::from_secs(10), &agents_a[2]);
-    assert!(
-        node_route_lines(ns2).contains(&format!("via {node0}")),
-        "{}",
-        node_route_lines(ns2)
-    );
-    // Node 1 runs a gateway too: its node route (metric 100000) is there,
-    // but its own TUN route (metric 0) wins.
-    wait_routes(
-        &c.node("a", 1).ns,
-        &[b_in_a],
-        Duration::from_secs(10),
-        &agents_a[1],
-    );
+    wait_via(ns2, node0, &agents_a[2]);
     let pod_a = &c.node("a", 2).pods[0];
     let pod_b = &c.node("b", 2).pods[0];
     assert_ping(&pod_a.ns, through(pod_b.addr, b_in_a));
 
-    // Stop the active gateway: every node follows node 1 within a second.
-    let stopped = Instant::now();
-    daemons.remove(0).stop();
-    let t = Instant::now();
-    loop {
-        if node_route_lines(ns2).contains(&format!("via {node1}")) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "node 2 still routes via {node0}:\n{}\n{}",
-            node_route_lines(ns2),
-            agents_a[2].log_text()
-        );
-        std::thread::sleep(Duration::from_millis(5));
+    // Failover in the order VRRP makes it: the new master is told first
+    // (both say active for a moment: the nodes follow the later term),
+    // then the old one backs off.
+    let switch = Instant::now();
+    ctl_role(&replicas[1].0, "active");
+    let mut slowest = Duration::ZERO;
+    for i in [0, 2, 3] {
+        wait_via(&c.node("a", i).ns, node1, &agents_a[i]);
+        slowest = slowest.max(switch.elapsed());
     }
-    let took = stopped.elapsed();
-    println!("active gateway stopped (SIGTERM returned) → node 2 routes via the other: {took:?}");
+    println!("ctl role active on the standby → every node routes via it: {slowest:?}");
     assert!(
-        took < Duration::from_secs(1),
-        "failover of the node routes took {took:?}"
+        slowest < Duration::from_secs(1),
+        "node failover took {slowest:?}"
     );
-    // On node 1, now the active gateway's node, the agent's routes go.
+    ctl_role(&replicas[0].0, "standby");
+    // Node 1 is the active gateway's node now: no node route there.
     wait_routes(
         &c.node("a", 1).ns,
         &[],
         Duration::from_secs(2),
         &agents_a[1],
     );
-    // Pod traffic now reaches node 1's gateway (which has no path to b in
-    // this test): its TUN counts what node 2's pod sends.
-    let tun_tx = || -> u64 {
-        c.node("a", 1)
-            .ns
-            .run("cat", &["/sys/class/net/causeway0/statistics/tx_packets"])
-            .expect("tun counter")
-            .trim()
-            .parse()
-            .expect("number")
-    };
-    let before = tun_tx();
-    for _ in 0..3 {
-        let _ = pod_a
-            .ns
-            .ping(through(pod_b.addr, b_in_a), Duration::from_millis(200));
-    }
     assert!(
-        tun_tx() >= before + 3,
-        "pod packets did not reach the second gateway's TUN"
+        ping_until(
+            &pod_a.ns,
+            through(pod_b.addr, b_in_a),
+            Duration::from_secs(20)
+        )
+        .is_some(),
+        "no traffic through the new active gateway:\n{}",
+        replicas[1].1.log_text()
     );
-    drop(gateway1);
+    let pod_a3 = &c.node("a", 3).pods[0];
+    assert_ping(&pod_a3.ns, through(pod_b.addr, b_in_a));
 }

@@ -125,6 +125,7 @@ fn resolved(p: &mut Problems<'_>, config: Config<Parsed>, private_key: PrivateKe
         peers,
         rendezvous,
         cluster,
+        failover,
     } = config;
     let peers = peers
         .into_iter()
@@ -214,6 +215,7 @@ fn resolved(p: &mut Problems<'_>, config: Config<Parsed>, private_key: PrivateKe
         peers,
         rendezvous,
         cluster,
+        failover,
     }
 }
 

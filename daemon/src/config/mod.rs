@@ -136,6 +136,21 @@ pub struct Config<S: Stage = Loaded> {
     pub rendezvous: Vec<RendezvousConfig<S>>,
     /// `[cluster]`: the endpoint for the node agents; `None`: no node agents.
     pub cluster: Option<ClusterConfig>,
+    /// `[failover]`: how this gateway replica learns whether it is the
+    /// site's active one.
+    pub failover: Failover,
+}
+
+/// How a gateway replica learns its role (see docs/deploy.md, "Standby
+/// gateways").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Failover {
+    /// No `[failover]` table: the site's only gateway, always active.
+    #[default]
+    None,
+    /// `election = "keepalived"`: starts as a standby; keepalived's notify
+    /// scripts run `causeway ctl role active|standby` on VRRP transitions.
+    Keepalived,
 }
 
 /// Where the daemon's config comes from: the file, with the settings given

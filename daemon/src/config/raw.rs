@@ -16,6 +16,13 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) rendezvous: Vec<RawRendezvous>,
     pub(super) cluster: Option<super::cluster::RawCluster>,
+    pub(super) failover: Option<RawFailover>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFailover {
+    pub(super) election: Option<String>,
 }
 
 #[derive(Deserialize)]

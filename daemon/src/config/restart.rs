@@ -18,6 +18,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         peers: _,
         rendezvous,
         cluster,
+        failover,
     } = old;
     let SiteConfig {
         name,
@@ -59,6 +60,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         ("[site] stun_servers", *stun_servers != b.stun_servers),
         ("[[rendezvous]]", *rendezvous != new.rendezvous),
         ("[cluster]", *cluster != new.cluster),
+        ("[failover]", *failover != new.failover),
     ]
     .into_iter()
     .find_map(|(field, differs)| differs.then_some(field))

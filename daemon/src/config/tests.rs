@@ -769,8 +769,9 @@ fn restart_is_needed_for_site_settings_not_for_peers_or_views() {
     assert_eq!(needs_restart(&running, &new), None);
 
     type Change = fn(&mut Config);
-    let changes: [(&str, Change); 6] = [
+    let changes: [(&str, Change); 7] = [
         ("[site] mtu", |c| c.site.mtu = 1300),
+        ("[failover]", |c| c.failover = Failover::Keepalived),
         ("the private key", |c| {
             c.site.private_key = PrivateKey::from(keys::generate());
         }),
@@ -948,4 +949,27 @@ fn cluster_section_defaults_problems_and_secret_check() {
     let mut new = running.clone();
     new.cluster = None;
     assert_eq!(needs_restart(&running, &new), Some("[cluster]"));
+}
+
+#[test]
+fn failover_election() {
+    let base = config_with("", "");
+    assert_eq!(parse(&base, "c").unwrap().failover, Failover::None);
+    let keepalived = format!("{base}\n[failover]\nelection = \"keepalived\"\n");
+    let config = parse(&keepalived, "c").unwrap();
+    assert_eq!(config.failover, Failover::Keepalived);
+    for (table, expected) in [
+        (
+            "[failover]\nelection = \"raft\"",
+            "failover.election: unknown election \"raft\"",
+        ),
+        ("[failover]", "failover.election: missing"),
+        (
+            "[failover]\nelection = \"keepalived\"\nvip = 1",
+            "unknown field `vip`",
+        ),
+    ] {
+        let err = parse(&format!("{base}\n{table}\n"), "c").unwrap_err();
+        assert!(err.to_string().contains(expected), "{table}: {err}");
+    }
 }
