@@ -360,13 +360,14 @@ async fn read_counters(
     last: &mut (u64, u64),
     last_warning: &mut Option<Instant>,
 ) {
-    let read =
-        tokio::task::spawn_blocking(|| (nft::counter("masqueraded"), nft::counter("host_dropped")))
-            .await;
-    let Ok((masq, dropped)) = read else { return };
+    let Ok(Ok(Some(counters))) = tokio::task::spawn_blocking(nft::counters).await else {
+        return;
+    };
+    let masq = counters.get("masqueraded").copied();
+    let dropped = counters.get("host_dropped").copied();
     // A table replaced by a new plan starts its counters at 0 again.
     let delta = |now: u64, before: u64| if now >= before { now - before } else { now };
-    if let Ok(Some(now)) = masq {
+    if let Some(now) = masq {
         let new = delta(now, last.0);
         last.0 = now;
         if new > 0 {
@@ -381,7 +382,7 @@ async fn read_counters(
             }
         }
     }
-    if let Ok(Some(now)) = dropped {
+    if let Some(now) = dropped {
         let new = delta(now, last.1);
         last.1 = now;
         stats.host_dropped.fetch_add(new, Ordering::Relaxed);

@@ -1,5 +1,6 @@
 //! The node agent's nftables table, through the `nft` binary.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
@@ -57,38 +58,50 @@ pub fn remove() -> Result<(), NftError> {
     apply(&script)
 }
 
-/// The packets counted by the named counter of the table; `None` when the
-/// table or counter does not exist.
-pub fn counter(name: &str) -> Result<Option<u64>, NftError> {
+/// The packets counted by each named counter of the table (one `nft`
+/// run); `None` when the table does not exist.
+pub fn counters() -> Result<Option<BTreeMap<String, u64>>, NftError> {
     let out = match run(
-        &["-j", "list", "counter", "inet", NFT_TABLE, name],
+        &["-j", "list", "counters", "table", "inet", NFT_TABLE],
         None,
-        "list counter",
+        "list counters",
     ) {
         Ok(out) => out,
         Err(NftError::Failed { .. }) => return Ok(None),
         Err(e) => return Err(e),
     };
-    Ok(parse_counter(&out))
+    Ok(Some(parse_counters(&out)))
 }
 
-/// The packet count in `nft -j list counter` output.
-fn parse_counter(json: &str) -> Option<u64> {
-    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+/// Counter name → packets, from `nft -j list counters` output.
+fn parse_counters(json: &str) -> BTreeMap<String, u64> {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(json) else {
+        return BTreeMap::new();
+    };
     value
-        .get("nftables")?
-        .as_array()?
-        .iter()
-        .find_map(|item| item.get("counter")?.get("packets")?.as_u64())
+        .get("nftables")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|item| {
+            let counter = item.get("counter")?;
+            Some((
+                counter.get("name")?.as_str()?.to_owned(),
+                counter.get("packets")?.as_u64()?,
+            ))
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn parses_nft_json_counter() {
-        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"counter": {"family": "inet", "name": "masqueraded", "table": "causeway_node", "handle": 3, "packets": 42, "bytes": 3528}}]}"#;
-        assert_eq!(super::parse_counter(json), Some(42));
-        assert_eq!(super::parse_counter("not json"), None);
-        assert_eq!(super::parse_counter(r#"{"nftables": []}"#), None);
+    fn parses_nft_json_counters() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"counter": {"family": "inet", "name": "masqueraded", "table": "causeway_node", "handle": 3, "packets": 42, "bytes": 3528}}, {"counter": {"family": "inet", "name": "host_dropped", "table": "causeway_node", "handle": 4, "packets": 0, "bytes": 0}}]}"#;
+        let counters = super::parse_counters(json);
+        assert_eq!(counters.get("masqueraded"), Some(&42));
+        assert_eq!(counters.get("host_dropped"), Some(&0));
+        assert!(super::parse_counters("not json").is_empty());
+        assert!(super::parse_counters(r#"{"nftables": []}"#).is_empty());
     }
 }
