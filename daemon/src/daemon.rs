@@ -10,6 +10,7 @@ use causeway_netlink::{Link, Netlink, Tun};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::cluster::Announcer;
 use crate::config::{Config, Failover, Source};
 use crate::core::{Role, Site, SiteParams, TraversalParams};
 use crate::datapath::{Ctx, Datapath, Rendezvous, UdpPort};
@@ -70,30 +71,43 @@ pub async fn run(
             mtu: site.mtu,
             traversal: traversal_params(&config, listen_port),
             seed: rand::random(),
-            role: config.failover.initial_role(),
+            role: initial_role(&config.failover),
         },
         &config.peers,
         Instant::now(),
     );
     let ctx = Arc::new(Ctx::new(core, tun, udp));
 
-    let served = serve(
-        &config,
-        source,
-        &netlink,
-        &link,
-        &ctx,
-        listen_port,
-        shutdown,
-    )
-    .await;
+    let served = match start_cluster(&config, &netlink).await {
+        Ok(cluster) => {
+            let announcer = cluster.as_ref().map(|c| c.announcer().clone());
+            let reloader = Reloader::new(source, config.clone(), announcer);
+            let served = serve(
+                &config,
+                reloader,
+                &netlink,
+                &link,
+                &ctx,
+                listen_port,
+                shutdown,
+            )
+            .await;
+            if let Some(cluster) = cluster
+                && let Err(e) = cluster.stop(&netlink).await
+            {
+                warn!("removing the cluster VXLAN device: {e}");
+            }
+            served
+        }
+        Err(e) => Err(e),
+    };
     let removed = teardown(&netlink, &link, &ctx).await;
     served.and(removed)
 }
 
 async fn serve(
     config: &Config,
-    source: Option<Source>,
+    mut reloader: Reloader,
     netlink: &Netlink,
     link: &Link,
     ctx: &Arc<Ctx>,
@@ -122,6 +136,8 @@ async fn serve(
     if !changes.removed.is_empty() {
         info!(removed = ?changes.removed, "removed stale routes of a previous run");
     }
+    announce_views(reloader.announcer.as_ref(), ctx);
+    announce_role(reloader.announcer.as_ref(), ctx);
     let datapath = Datapath::start(Arc::clone(ctx)).context("starting the packet threads")?;
     let mut rendezvous = ctx.site.is_active().then(|| Rendezvous::start(ctx, config));
     let (roles, mut role_requests) = watch::channel(ctx.site.role());
@@ -193,7 +209,6 @@ async fn serve(
             }
         })
     });
-    let mut reloader = Reloader::new(source, config.clone());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -207,6 +222,7 @@ async fn serve(
                 }
                 let role = *role_requests.borrow_and_update();
                 take_role(role, &reloader.running, netlink, link, ctx, &mut rendezvous).await;
+                announce_role(reloader.announcer.as_ref(), ctx);
             }
         }
     }
@@ -282,10 +298,11 @@ struct Reloader {
     last_text: Option<String>,
     hangup: Option<tokio::signal::unix::Signal>,
     poll: tokio::time::Interval,
+    announcer: Option<Announcer>,
 }
 
 impl Reloader {
-    fn new(source: Option<Source>, running: Config) -> Self {
+    fn new(source: Option<Source>, running: Config, announcer: Option<Announcer>) -> Self {
         let path = source.as_ref().map(|s| s.path.as_path());
         let hangup = path.and_then(|_| {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
@@ -299,6 +316,7 @@ impl Reloader {
             last_text,
             hangup,
             poll,
+            announcer,
         }
     }
 
@@ -358,6 +376,7 @@ impl Reloader {
         {
             warn!("routes after reload: {e}");
         }
+        announce_views(self.announcer.as_ref(), ctx);
         let keys = new.peers.iter().map(|p| p.public_key).collect();
         crate::datapath::update_peers(ctx, keys);
         info!(
@@ -368,6 +387,59 @@ impl Reloader {
             "config reloaded"
         );
         self.running = new;
+    }
+}
+
+/// The role a replica starts in. (Here rather than on [`Failover`]: the
+/// config layer is below the core, which defines the role.)
+fn initial_role(failover: &Failover) -> Role {
+    match failover {
+        Failover::None => Role::Active,
+        Failover::Keepalived => Role::Standby,
+    }
+}
+
+/// Starts the endpoint for the node agents when `[cluster]` is set (not
+/// active until [`announce_role`] says so).
+async fn start_cluster(
+    config: &Config,
+    netlink: &Netlink,
+) -> anyhow::Result<Option<crate::cluster::Gateway>> {
+    let Some(cluster) = &config.cluster else {
+        return Ok(None);
+    };
+    let gateway =
+        crate::cluster::Gateway::start(&config.site.name, &config.site.pod_cidrs, cluster, netlink)
+            .await?;
+    Ok(Some(gateway))
+}
+
+/// Tells the node agents the peer view CIDRs the site routes now; at
+/// start and after every reload.
+fn announce_views(announcer: Option<&Announcer>, ctx: &Ctx) {
+    if let Some(announcer) = announcer {
+        announcer.set_views(ctx.site.peers().all_views());
+    }
+}
+
+/// Tells the node agents whether this replica is the active gateway; at
+/// start and after every role change. The term of an activation is the
+/// wall clock in milliseconds when it happened, so that a node hearing two
+/// replicas both say "active" (the old one has not noticed yet) follows
+/// the one activated last; it stays the same while the replica stays
+/// active.
+fn announce_role(announcer: Option<&Announcer>, ctx: &Ctx) {
+    let Some(announcer) = announcer else { return };
+    let active = ctx.site.is_active();
+    let current = announcer.current();
+    if active && !current.active {
+        let term = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .max(current.term.saturating_add(1));
+        announcer.set_active(true, term);
+    } else if !active && current.active {
+        announcer.set_active(false, current.term);
     }
 }
 

@@ -5,9 +5,12 @@
 //! [`views`], [`config`] (raw → parsed → loaded), [`core`] (the site core,
 //! no I/O) and [`invite`], `datapath` (the threads and tasks that move
 //! bytes and time in and out of the core), [`observe`] (status, metrics,
-//! `wg show`), and [`daemon`] (bring-up, reload, teardown).
+//! `wg show`), and [`daemon`] (bring-up, reload, teardown). [`cluster`]
+//! (the gateway's endpoint for node agents) sits beside [`core`];
+//! [`node`] (the node agent, `causeway node`) beside [`daemon`].
 
 pub mod candidates;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod daemon;
@@ -15,6 +18,7 @@ mod datapath;
 pub mod invite;
 pub use causeway_common::keys;
 
+pub mod node;
 pub mod notify;
 pub mod observe;
 pub mod packet;

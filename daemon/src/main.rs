@@ -33,6 +33,20 @@ enum Command {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Run the node agent in the foreground until SIGINT or SIGTERM: keeps
+    /// this node's routes to the peers' views towards the site's active
+    /// gateway (one per node; see docs/deploy.md).
+    Node {
+        /// The node agent's TOML config (see docs/config.md).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Instead of running: remove what a stopped or crashed node agent
+        /// left (routes `proto 202`, its VXLAN device, its nftables table).
+        #[arg(long)]
+        down: bool,
+        #[command(flatten)]
+        log: LogArgs,
+    },
     /// Run a rendezvous server in the foreground: introduces sites to each
     /// other, answers STUN, relays WireGuard ciphertext between them.
     Rendezvous {
@@ -181,6 +195,7 @@ fn main() -> ExitCode {
             metrics_listen,
             log,
         } => up(config, metrics_listen, &log),
+        Command::Node { config, down, log } => node(config, down, &log),
         Command::Rendezvous {
             config,
             metrics_listen,
@@ -255,6 +270,32 @@ fn up(
         .enable_all()
         .build()?;
     runtime.block_on(daemon::run(config, Some(source), shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn node(path: PathBuf, down: bool, log: &LogArgs) -> anyhow::Result<ExitCode> {
+    init_logging(log)?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config = match causeway::node::parse(&text, &path.display().to_string()) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!(
+                "causeway: {} has problems, nothing was changed:\n{errors}",
+                path.display()
+            );
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    if down {
+        runtime.block_on(causeway::node::down(&config.vxlan_interface))?;
+        println!("removed the node routes (proto 202), the VXLAN device and the nftables table");
+    } else {
+        runtime.block_on(causeway::node::run(config, shutdown_signal()))?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -42,10 +42,10 @@ const DAEMON: Crate = Crate {
         &["packet", "candidates", "notify"],
         &["views"],
         &["config"],
-        &["core", "invite"],
+        &["core", "invite", "cluster"],
         &["datapath"],
         &["observe"],
-        &["daemon"],
+        &["daemon", "node"],
     ],
 };
 

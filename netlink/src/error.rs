@@ -29,6 +29,32 @@ pub enum Error {
         /// The link kind the kernel reports.
         kind: String,
     },
+    /// A route we were asked to build is not valid (a prefix or next hop of
+    /// the wrong family).
+    #[error("invalid route to {dst}: {why}")]
+    InvalidRoute {
+        /// The destination.
+        dst: ipnet::IpNet,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// An interface with the wanted name exists and is of another kind; we
+    /// never delete somebody else's interface.
+    #[error(
+        "interface {name:?} already exists and is a {kind} device, not {wanted}; \
+         remove it (`ip link del {name}`) or choose another name"
+    )]
+    NotOurs {
+        /// The interface name.
+        name: String,
+        /// The link kind the kernel reports.
+        kind: String,
+        /// The kind we would have created.
+        wanted: &'static str,
+    },
+    /// An interface disappeared right after we created it.
+    #[error("interface {0:?} vanished right after it was created")]
+    Vanished(String),
     /// A netlink request failed.
     #[error("netlink: {op}: {source}")]
     Request {

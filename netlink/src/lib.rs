@@ -12,16 +12,26 @@
 //! traffic is dropped, never sent in clear, while the interface is gone or
 //! without carrier ([`Netlink::reconcile_backstops`]).
 //!
-//! What it does not do: addresses, rules, or anything outside the current
-//! network namespace.
+//! For the node agent (`causeway node`) it keeps routes with their own mark
+//! [`NODE_ROUTE_PROTOCOL`] (202) towards the site's active gateway, and the
+//! VXLAN devices and neighbour entries that reach a gateway off the node's
+//! L2 segment; it lists addresses (read only).
+//!
+//! What it does not do: add addresses, rules, or anything outside the
+//! current network namespace.
 
 mod error;
 mod link;
+mod node;
 mod route;
 mod tun;
 
 pub use error::Error;
 pub use link::Link;
+pub use node::{
+    GATEWAY_VXLAN_MAC, NODE_ROUTE_METRIC, NODE_ROUTE_PROTOCOL, NextHop, VXLAN_NEXT_HOP_V4,
+    VXLAN_NEXT_HOP_V6, VxlanSpec,
+};
 pub use route::{BACKSTOP_METRIC, ROUTE_PROTOCOL, RouteChanges};
 pub use tun::{GroTable, MAX_SEGMENTS, RECV_SCRATCH, TUN_HEADROOM, Tun};
 

@@ -62,7 +62,7 @@ fn backstop_message(dst: IpNet) -> RouteMessage {
     msg
 }
 
-fn in_main_table(msg: &RouteMessage) -> bool {
+pub(crate) fn in_main_table(msg: &RouteMessage) -> bool {
     let table = msg
         .attributes
         .iter()
@@ -74,7 +74,7 @@ fn in_main_table(msg: &RouteMessage) -> bool {
     table == u32::from(RouteHeader::RT_TABLE_MAIN)
 }
 
-fn destination(msg: &RouteMessage) -> Option<IpNet> {
+pub(crate) fn destination(msg: &RouteMessage) -> Option<IpNet> {
     let len = msg.header.destination_prefix_length;
     msg.attributes.iter().find_map(|attr| match attr {
         RouteAttribute::Destination(RouteAddress::Inet(a)) => IpNet::new((*a).into(), len).ok(),

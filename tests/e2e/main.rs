@@ -6,6 +6,7 @@
 mod common;
 
 mod cli;
+mod cluster;
 mod failover;
 mod garbage;
 mod interop;

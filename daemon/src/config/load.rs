@@ -124,6 +124,7 @@ fn resolved(p: &mut Problems<'_>, config: Config<Parsed>, private_key: PrivateKe
         site,
         peers,
         rendezvous,
+        cluster,
         failover,
     } = config;
     let peers = peers
@@ -206,10 +207,14 @@ fn resolved(p: &mut Problems<'_>, config: Config<Parsed>, private_key: PrivateKe
         stun_servers,
         metrics_listen,
     };
+    if let Some(cluster) = &cluster {
+        super::cluster::check_secret(p, cluster);
+    }
     Config {
         site,
         peers,
         rendezvous,
+        cluster,
         failover,
     }
 }

@@ -34,6 +34,7 @@ use crate::keys::{self, PublicKey, StaticSecret};
 use crate::packet::View;
 pub use crate::packet::{AllowRule, Proto};
 
+mod cluster;
 mod load;
 mod parse;
 mod raw;
@@ -41,6 +42,9 @@ mod restart;
 #[cfg(test)]
 mod tests;
 
+pub use cluster::{
+    ClusterConfig, DEFAULT_GATEWAY_VXLAN_INTERFACE, DEFAULT_VXLAN_PORT, DEFAULT_VXLAN_VNI,
+};
 pub(crate) use load::assign_views;
 pub use load::load;
 pub use parse::parse;
@@ -130,6 +134,8 @@ pub struct Config<S: Stage = Loaded> {
     /// Rendezvous servers: peers without a static endpoint are found (and
     /// relayed) through them. The site registers with all of them.
     pub rendezvous: Vec<RendezvousConfig<S>>,
+    /// `[cluster]`: the endpoint for the node agents; `None`: no node agents.
+    pub cluster: Option<ClusterConfig>,
     /// `[failover]`: how this gateway replica learns whether it is the
     /// site's active one.
     pub failover: Failover,
@@ -145,16 +151,6 @@ pub enum Failover {
     /// `election = "keepalived"`: starts as a standby; keepalived's notify
     /// scripts run `causeway ctl role active|standby` on VRRP transitions.
     Keepalived,
-}
-
-impl Failover {
-    /// The role a replica starts in.
-    pub fn initial_role(&self) -> crate::core::Role {
-        match self {
-            Failover::None => crate::core::Role::Active,
-            Failover::Keepalived => crate::core::Role::Standby,
-        }
-    }
 }
 
 /// Where the daemon's config comes from: the file, with the settings given

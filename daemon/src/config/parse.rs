@@ -68,11 +68,16 @@ pub fn parse(text: &str, origin: &str) -> Result<Config<Parsed>, ConfigErrors> {
         );
     }
 
+    let cluster = raw
+        .cluster
+        .and_then(|raw| super::cluster::cluster(&mut p, raw));
+
     p.finish()?;
     Ok(Config {
         site,
         peers,
         rendezvous,
+        cluster,
         failover,
     })
 }

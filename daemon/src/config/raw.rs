@@ -15,6 +15,7 @@ pub(super) struct RawConfig {
     pub(super) peer: Vec<RawPeer>,
     #[serde(default)]
     pub(super) rendezvous: Vec<RawRendezvous>,
+    pub(super) cluster: Option<super::cluster::RawCluster>,
     pub(super) failover: Option<RawFailover>,
 }
 

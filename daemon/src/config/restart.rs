@@ -17,6 +17,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         // Reloadable: the peer table is rebuilt, unchanged peers kept.
         peers: _,
         rendezvous,
+        cluster,
         failover,
     } = old;
     let SiteConfig {
@@ -58,6 +59,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         ),
         ("[site] stun_servers", *stun_servers != b.stun_servers),
         ("[[rendezvous]]", *rendezvous != new.rendezvous),
+        ("[cluster]", *cluster != new.cluster),
         ("[failover]", *failover != new.failover),
     ]
     .into_iter()

@@ -883,15 +883,81 @@ fn rendezvous_stun_and_advertised_endpoints() {
     }
 }
 
+/// A minimal site in `dir` with the given `[cluster]` table.
+fn with_cluster(dir: &std::path::Path, cluster: &str) -> String {
+    format!(
+        "[site]\nname = \"a\"\nprivate_key_file = {key:?}\npod_cidrs = [\"10.0.0.0/16\"]\nstate_dir = {dir:?}\n\n{cluster}",
+        key = dir.join("private.key"),
+    )
+}
+
+#[test]
+fn cluster_section_defaults_problems_and_secret_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    let text = with_cluster(
+        dir.path(),
+        &format!("[cluster]\nlisten = \"0.0.0.0:7473\"\nsecret_file = {secret:?}\n"),
+    );
+    let parsed = parse(&text, "c.toml").unwrap();
+    let cluster = parsed.cluster.unwrap();
+    assert_eq!(cluster.listen, "0.0.0.0:7473".parse().unwrap());
+    assert_eq!(cluster.vxlan_vni, DEFAULT_VXLAN_VNI);
+    assert_eq!(cluster.vxlan_port, DEFAULT_VXLAN_PORT);
+    assert_eq!(cluster.vxlan_interface, DEFAULT_GATEWAY_VXLAN_INTERFACE);
+    assert_eq!(cluster.route_via, None);
+    assert!(
+        parse(&with_cluster(dir.path(), ""), "c.toml")
+            .unwrap()
+            .cluster
+            .is_none()
+    );
+
+    // Every problem at once.
+    let bad = with_cluster(
+        dir.path(),
+        "[cluster]\nlisten = \"nowhere\"\nsecret_file = \"relative\"\nroute_via = \"x\"\nvxlan_vni = 0\nvxlan_port = 70000\nvxlan_interface = \"much-too-long-a-name\"\n",
+    );
+    let text_of = |e: ConfigErrors| e.to_string();
+    let err = text_of(parse(&bad, "c.toml").unwrap_err());
+    for field in [
+        "cluster.listen",
+        "cluster.secret_file",
+        "cluster.route_via",
+        "cluster.vxlan_vni",
+        "cluster.vxlan_port",
+        "cluster.vxlan_interface",
+    ] {
+        assert!(err.contains(field), "{field} not in {err}");
+    }
+    let missing = text_of(parse(&with_cluster(dir.path(), "[cluster]\n"), "c.toml").unwrap_err());
+    assert!(missing.contains("cluster.listen") && missing.contains("cluster.secret_file"));
+
+    // load reads the secret: missing, then too short, then good.
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, &text).unwrap();
+    assert!(text_of(load(&path).unwrap_err()).contains("cluster.secret_file"));
+    std::fs::write(&secret, "short\n").unwrap();
+    assert!(text_of(load(&path).unwrap_err()).contains("fewer than 16 bytes"));
+    std::fs::write(&secret, "a long enough cluster secret\n").unwrap();
+    let running = load(&path).unwrap();
+
+    // Any change of [cluster] needs a restart.
+    let mut new = running.clone();
+    new.cluster.as_mut().unwrap().vxlan_port = 4999;
+    assert_eq!(needs_restart(&running, &new), Some("[cluster]"));
+    let mut new = running.clone();
+    new.cluster = None;
+    assert_eq!(needs_restart(&running, &new), Some("[cluster]"));
+}
+
 #[test]
 fn failover_election() {
     let base = config_with("", "");
     assert_eq!(parse(&base, "c").unwrap().failover, Failover::None);
-    assert_eq!(Failover::None.initial_role(), crate::core::Role::Active);
     let keepalived = format!("{base}\n[failover]\nelection = \"keepalived\"\n");
     let config = parse(&keepalived, "c").unwrap();
     assert_eq!(config.failover, Failover::Keepalived);
-    assert_eq!(config.failover.initial_role(), crate::core::Role::Standby);
     for (table, expected) in [
         (
             "[failover]\nelection = \"raft\"",

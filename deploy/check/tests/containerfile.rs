@@ -33,9 +33,21 @@ fn the_image_is_what_the_manifests_run() {
     let stages: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
     assert_eq!(
         stages.len(),
-        2,
-        "a build stage and a runtime stage: {stages:?}"
+        3,
+        "a build stage, the node agent's stage and the runtime stage (last, the default target): {stages:?}"
     );
+    assert_eq!(
+        stages[1],
+        "FROM docker.io/library/debian:bookworm-slim AS node"
+    );
+    let node = text
+        .split(stages[1])
+        .nth(1)
+        .and_then(|rest| rest.split(stages[2]).next())
+        .expect("node stage");
+    assert!(node.contains("nftables="), "the node agent runs nft(8)");
+    assert!(node.contains("COPY --from=build /out/causeway /usr/local/bin/causeway"));
+    let stages = [stages[0], stages[2]];
     assert!(
         stages[0].contains("rust:") && stages[0].ends_with(" AS build"),
         "{}",
@@ -56,15 +68,22 @@ fn the_image_is_what_the_manifests_run() {
     for (manifest, user) in [
         ("gateway/daemonset.yaml", "runAsUser: 0"),
         ("rendezvous/deployment.yaml", "runAsUser: 65532"),
+        ("node/daemonset.yaml", "runAsUser: 0"),
     ] {
         let yaml = fs::read_to_string(kube.join(manifest)).expect("read manifest");
         assert!(
             yaml.contains("command: [\"/usr/local/bin/causeway\"]"),
             "{manifest}"
         );
+        // The node agent's image is the Containerfile's `node` stage.
+        let image = if manifest.starts_with("node/") {
+            "image: causeway-node:"
+        } else {
+            "image: causeway:"
+        };
         assert!(
-            yaml.contains("image: causeway:"),
-            "{manifest}: the image name the overlays rewrite"
+            yaml.contains(image),
+            "{manifest}: the image name the overlays rewrite ({image})"
         );
         assert!(yaml.contains(user), "{manifest}: {user}");
     }

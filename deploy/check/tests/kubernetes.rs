@@ -463,3 +463,90 @@ fn rendezvous_fits_the_daemon_and_the_sites() {
         key(&hospital.rendezvous[0].public_key)
     );
 }
+
+#[test]
+fn node_daemonset_fits_the_agent_and_the_gateway() {
+    let Some(v) = validators() else { return };
+    let ds = only(&v, "node/daemonset.yaml");
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = container(&ds);
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(
+        pod["tolerations"],
+        serde_json::json!([{"operator": "Exists"}]),
+        "every node, the gateway nodes too"
+    );
+    assert_eq!(
+        c["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN"])
+    );
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["args"][0], "node");
+
+    // The config is the ConfigMap of the pharma example, and parses.
+    let (config_dir, config_file) = split(arg(c, "--config"));
+    assert_eq!(mount_path(c, "config"), config_dir);
+    assert_eq!(
+        volume(&ds, "config")["configMap"]["name"],
+        "causeway-node-config"
+    );
+    let k = only(&v, "examples/pharma/kustomization.yaml");
+    let generator = k["configMapGenerator"]
+        .as_array()
+        .expect("generators")
+        .iter()
+        .find(|g| g["name"] == "causeway-node-config")
+        .expect("node config generator");
+    assert_eq!(strings(&generator["files"]), [config_file]);
+    let path = kube().join("examples/pharma").join(config_file);
+    let text = fs::read_to_string(&path).expect("read node.toml");
+    let node =
+        causeway::node::parse(&text, &path.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
+
+    // The secret is where both the agent and the gateway read it.
+    let secret = volume(&ds, "cluster-secret");
+    assert_eq!(secret["secret"]["secretName"], "causeway-cluster");
+    assert_eq!(
+        node.secret_file,
+        Path::new(mount_path(c, "cluster-secret")).join("secret")
+    );
+    let gateway = only(&v, "gateway/daemonset.yaml");
+    let gc = container(&gateway);
+    assert_eq!(
+        volume(&gateway, "cluster-secret")["secret"]["secretName"],
+        "causeway-cluster"
+    );
+    let cluster = example_site("pharma")
+        .cluster
+        .expect("pharma has [cluster]");
+    assert_eq!(
+        cluster.secret_file,
+        Path::new(mount_path(gc, "cluster-secret")).join("secret")
+    );
+    // The agent dials the gateways' port, through the headless Service.
+    let (cluster_port, proto) = port(gc, "cluster");
+    assert_eq!(
+        (cluster_port, proto.as_str()),
+        (i64::from(cluster.listen.port()), "TCP")
+    );
+    let service = only(&v, "gateway/service.yaml");
+    assert_eq!(service["spec"]["clusterIP"], "None");
+    assert_eq!(service["spec"]["publishNotReadyAddresses"], true);
+    assert_eq!(service["spec"]["ports"][0]["port"], cluster_port);
+    assert!(
+        node.gateways
+            .iter()
+            .all(|g| g.ends_with(&format!(":{cluster_port}"))
+                && g.starts_with("causeway-gateway.causeway-system.svc")),
+        "{:?}",
+        node.gateways
+    );
+    // The probe asks the agent's metrics port on the node's loopback.
+    let (metrics, _) = port(c, "metrics");
+    let listen = node.metrics_listen.expect("metrics_listen");
+    assert_eq!(i64::from(listen.port()), metrics);
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["host"],
+        listen.ip().to_string()
+    );
+}

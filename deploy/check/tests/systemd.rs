@@ -10,7 +10,11 @@ use std::process::Command;
 
 use causeway_deploy_check::{both, ensure_command, or_skip, repo_root, run, unit_settings};
 
-const UNITS: [&str; 2] = ["causeway.service", "causeway-rendezvous.service"];
+const UNITS: [&str; 3] = [
+    "causeway.service",
+    "causeway-rendezvous.service",
+    "causeway-node.service",
+];
 /// Where the units expect the binary.
 const BINARY: &str = "/usr/local/bin/causeway";
 
