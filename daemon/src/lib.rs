@@ -5,13 +5,16 @@
 //! [`views`], [`config`] (raw → parsed → loaded), [`core`] (the site core,
 //! no I/O) and [`invite`], `datapath` (the threads and tasks that move
 //! bytes and time in and out of the core), [`observe`] (status, metrics,
-//! `wg show`), and [`daemon`] (bring-up, reload, teardown).
+//! `wg show`), and [`daemon`] (bring-up, reload, teardown). [`election`]
+//! (who is the active gateway: a Kubernetes Lease) uses nothing of the
+//! crate.
 
 pub mod candidates;
 pub mod config;
 pub mod core;
 pub mod daemon;
 mod datapath;
+pub mod election;
 pub mod invite;
 pub use causeway_common::keys;
 
