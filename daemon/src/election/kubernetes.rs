@@ -33,7 +33,7 @@ use super::lease::{Elector, Lease, LeaseSpec, Op, Outcome, Role, Timing};
 /// Where a pod's service-account credentials are mounted.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
-/// The default Lease name (the Role in deploy/kubernetes/gateway/rbac.yaml
+/// The default Lease name (the Role in deploy/kubernetes/gateway/role.yaml
 /// names it: change both together).
 pub const DEFAULT_LEASE_NAME: &str = "causeway-gateway";
 
@@ -499,7 +499,7 @@ fn api_failure(method: &Method, path: &str, status: StatusCode, body: &[u8]) -> 
         }
         StatusCode::FORBIDDEN => {
             " (the gateway's service account lacks a permission: it needs get, create and \
-             update on leases.coordination.k8s.io, see deploy/kubernetes/gateway/rbac.yaml)"
+             update on leases.coordination.k8s.io, see deploy/kubernetes/gateway/role.yaml)"
         }
         _ => "",
     };
@@ -621,6 +621,9 @@ pub async fn run(
     Ok(())
 }
 
+/// A request on its way: the API call, to be awaited or dropped.
+type Call = std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
 async fn drive(
     api: ApiServer,
     params: LeaseParams,
@@ -636,7 +639,7 @@ async fn drive(
     });
     let mut shutdown = std::pin::pin!(shutdown);
     let mut stopping = false;
-    let mut pending: Option<(u64, std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>)> = None;
+    let mut pending: Option<(u64, Call)> = None;
     let mut failures = Failures::default();
     loop {
         let now = Instant::now();
