@@ -11,6 +11,8 @@ CAUSEWAY_PACKAGES=(
     ethtool:ethtool
     conntrack:conntrack
     turnserver:coturn
+    # The image test (tests/e2e/image.rs, scripts/build-image.sh).
+    buildah:buildah
 )
 
 ensure_root() {
@@ -21,8 +23,14 @@ ensure_root() {
 }
 
 ensure_packages() {
+    ensure_commands "${CAUSEWAY_PACKAGES[@]}"
+}
+
+# ensure_commands CMD:PACKAGE...: installs the packages of the commands
+# that are missing.
+ensure_commands() {
     local missing=() entry
-    for entry in "${CAUSEWAY_PACKAGES[@]}"; do
+    for entry in "$@"; do
         command -v "${entry%%:*}" >/dev/null 2>&1 || missing+=("${entry#*:}")
     done
     if [ ${#missing[@]} -gt 0 ]; then

@@ -7,6 +7,7 @@ mod common;
 
 mod cli;
 mod garbage;
+mod image;
 mod interop;
 mod invite;
 mod metrics;
