@@ -1,7 +1,7 @@
 //! The thin adapter between [`Elector`](super::lease::Elector) and a
 //! Kubernetes API server: in-cluster configuration, GET/POST/PUT of one
 //! `coordination.k8s.io/v1` Lease over HTTPS, and the loop that drives the
-//! state machine and publishes its role.
+//! state machine and hands its role changes to the daemon.
 //!
 //! The HTTP client is hyper's (already built for the metrics server) over
 //! tokio-rustls with the rustls and ring that quinn already builds: no
@@ -25,7 +25,6 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Map, Value, json};
-use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::lease::{Elector, Lease, LeaseSpec, Op, Outcome, Role, Timing};
@@ -594,18 +593,22 @@ pub fn micro_time(t: SystemTime) -> String {
 }
 
 /// Runs the election until `shutdown` completes, then releases the Lease
-/// if this replica holds it (standby first, see
-/// [`Elector::release`]) and returns. Every role change is sent on
-/// `roles` (the receiver starts from whatever the caller put in, normally
-/// [`Role::Standby`]). API failures are logged and retried; only unusable
-/// parameters are an error.
+/// if this replica holds it (standby first, see [`Elector::release`]) and
+/// returns. Every role change is passed to `on_role`, in order, each
+/// different from the one before; the replica is [`Role::Standby`] until
+/// the first call. API failures are logged and retried (the replica is
+/// standby meanwhile, once its renew deadline passed); only unusable
+/// parameters are an error, returned before anything is sent.
 ///
-/// Call it so that `shutdown` completes once the daemon no longer acts as
-/// active: the release lets a standby take over within one retry period.
+/// `on_role` must take effect at once (send on a `watch` channel, set an
+/// atomic): the safety margin between this replica's step-down and another
+/// one's takeover is `lease_duration - renew_deadline` (500 ms by default).
+/// Make `shutdown` complete once the daemon no longer acts as active: the
+/// release lets a standby take over within one retry period.
 pub async fn run(
     api: ApiServer,
     params: LeaseParams,
-    roles: watch::Sender<Role>,
+    on_role: impl FnMut(Role) + Send,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ElectionError> {
     let problems = params.problems();
@@ -617,7 +620,7 @@ pub async fn run(
         lease = %format!("{}/{}", params.namespace, params.name),
         identity = %params.identity
     );
-    drive(api, params, roles, shutdown).instrument(span).await;
+    drive(api, params, on_role, shutdown).instrument(span).await;
     Ok(())
 }
 
@@ -627,7 +630,7 @@ type Call = std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>;
 async fn drive(
     api: ApiServer,
     params: LeaseParams,
-    roles: watch::Sender<Role>,
+    mut on_role: impl FnMut(Role) + Send,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut elector = Elector::new(params.identity.clone(), params.timing, Instant::now());
@@ -651,7 +654,7 @@ async fn drive(
                 }
                 Role::Standby => tracing::info!("standby"),
             }
-            roles.send_replace(role);
+            on_role(role);
         }
         if elector.is_finished() {
             return;

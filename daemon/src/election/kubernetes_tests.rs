@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use super::*;
 
@@ -270,7 +271,10 @@ impl Replica {
     fn start(api: ApiServer, identity: &str) -> Self {
         let (tx, rx) = watch::channel(Role::Standby);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(run(api, params(identity), tx, async move {
+        let on_role = move |role| {
+            tx.send_replace(role);
+        };
+        let task = tokio::spawn(run(api, params(identity), on_role, async move {
             let _ = stopped.await;
         }));
         let changes = Arc::new(Mutex::new(Vec::new()));
@@ -483,8 +487,7 @@ async fn unusable_parameters_are_refused_at_once_naming_each() {
     let mut p = params("gw-a");
     p.name = "Not_A_Name".into();
     p.timing.renew_deadline = Duration::from_secs(3);
-    let (tx, _rx) = watch::channel(Role::Standby);
-    let err = run(server.client("t"), p, tx, std::future::pending())
+    let err = run(server.client("t"), p, |_| {}, std::future::pending())
         .await
         .unwrap_err()
         .to_string();

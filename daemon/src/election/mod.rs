@@ -4,8 +4,8 @@
 //! - [`lease`]: the election as a pure state machine (no I/O, no clock),
 //!   client-go's rules, tested on its own against a simulated store;
 //! - [`kubernetes`]: the thin adapter that drives it against the API server
-//!   (in-cluster config, GET/POST/PUT of the Lease over HTTPS) and publishes
-//!   the role on a `tokio::sync::watch` channel.
+//!   (in-cluster config, GET/POST/PUT of the Lease over HTTPS) and hands
+//!   every role change to a callback.
 //!
 //! It depends on nothing else in the crate: the daemon feeds it settings
 //! and consumes the [`Role`].
