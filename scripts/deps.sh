@@ -13,6 +13,7 @@ CAUSEWAY_PACKAGES=(
     turnserver:coturn
     # The image test (tests/e2e/image.rs, scripts/build-image.sh).
     buildah:buildah
+    runc:runc
 )
 
 ensure_root() {

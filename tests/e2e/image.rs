@@ -6,7 +6,9 @@
 //! container runtime would. That is not a container runtime (no cgroups,
 //! no seccomp, no capability drop): it checks that the image holds
 //! everything the binary needs and that the gateway comes up from it,
-//! ready, and stops cleanly. The image's config is compared with the
+//! ready, and stops cleanly. `causeway genkey` also runs from it under
+//! runc, as the image's user with no capability. The image's config is
+//! compared with the
 //! Containerfile's runtime stage, which this test does not build (its base
 //! images cannot be pulled here; docs/failover-kubernetes.md says what is
 //! and is not checked).
@@ -284,6 +286,29 @@ fn the_image_built_from_scratch_runs_the_gateway() {
     let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
     assert_eq!(status["site"], "image", "{status}");
     assert_eq!(status["peers"][0]["name"], "peer", "{status}");
+
+    // Under a real OCI runtime (runc), as the image's own user (65532)
+    // with every capability dropped, in the lab namespace: how the
+    // rendezvous runs. (The gateway cannot run under runc here: creating
+    // the TUN fails with EPERM inside this machine's own sandbox, see
+    // docs/failover-kubernetes.md.)
+    let runc = ok(Command::new("sh").args(["-c", "command -v runc"]));
+    // (buildah on the host, joining the namespace: `ip netns exec` would
+    // hide the cgroup mounts runc needs.)
+    let network = format!("ns:{}", ns.path().display());
+    let mut oci = storage.buildah();
+    oci.args(["run", "--runtime", &runc, "--isolation", "oci"])
+        .args(["--network", &network])
+        .args([
+            "--cap-drop",
+            "ALL",
+            &ctr,
+            "--",
+            "/usr/local/bin/causeway",
+            "genkey",
+        ]);
+    let oci_key = ok(&mut oci);
+    assert_eq!(oci_key.len(), 44, "a base64 WireGuard key: {oci_key:?}");
 
     let exit = gateway.stop(Duration::from_secs(10)).expect("stop");
     assert!(exit.success(), "exit {exit}:\n{}", log_text());
