@@ -11,6 +11,7 @@ CAUSEWAY_PACKAGES=(
     ethtool:ethtool
     conntrack:conntrack
     turnserver:coturn
+    keepalived:keepalived
     # The image test (tests/e2e/image.rs, scripts/build-image.sh).
     buildah:buildah
     runc:runc

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use causeway_netlink::{Link, Netlink, Tun};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::{Config, Source};
-use crate::core::{Site, SiteParams, TraversalParams};
-use crate::datapath::{Ctx, Datapath, UdpPort};
+use crate::config::{Config, Failover, Source};
+use crate::core::{Role, Site, SiteParams, TraversalParams};
+use crate::datapath::{Ctx, Datapath, Rendezvous, UdpPort};
 use crate::observe::LiveSite;
 
 /// Runs the site described by `config` until `shutdown` completes, then
@@ -69,6 +70,7 @@ pub async fn run(
             mtu: site.mtu,
             traversal: traversal_params(&config, listen_port),
             seed: rand::random(),
+            role: config.failover.initial_role(),
         },
         &config.peers,
         Instant::now(),
@@ -110,17 +112,25 @@ async fn serve(
     if !backstops.removed.is_empty() {
         info!(removed = ?backstops.removed, "removed backstop routes of peers no longer configured");
     }
-    let changes = netlink
-        .reconcile_routes(link, &ctx.site.peers().all_views())
-        .await?;
+    // Our routes through the interface: the active replica's; a standby
+    // removes any a previous run left (the backstops stay).
+    let wanted = match ctx.site.role() {
+        Role::Active => ctx.site.peers().all_views(),
+        Role::Standby => Vec::new(),
+    };
+    let changes = netlink.reconcile_routes(link, &wanted).await?;
     if !changes.removed.is_empty() {
         info!(removed = ?changes.removed, "removed stale routes of a previous run");
     }
     let datapath = Datapath::start(Arc::clone(ctx)).context("starting the packet threads")?;
-    let traversal_tasks = crate::datapath::start_rendezvous(ctx, config);
-    let abort_traversal = || traversal_tasks.iter().for_each(|t| t.abort());
+    let mut rendezvous = ctx.site.is_active().then(|| Rendezvous::start(ctx, config));
+    let (roles, mut role_requests) = watch::channel(ctx.site.role());
     let live = LiveSite::new(Arc::clone(datapath.ctx()), &site.name, listen_port);
-    let control = crate::observe::serve_control(&site.control_socket, live.clone())
+    let role_control = match config.failover {
+        Failover::Keepalived => Some(roles),
+        Failover::None => None,
+    };
+    let control = crate::observe::serve_control(&site.control_socket, live.clone(), role_control)
         .await
         .with_context(|| {
             format!(
@@ -131,7 +141,6 @@ async fn serve(
     let control = match control {
         Ok(control) => control,
         Err(e) => {
-            abort_traversal();
             datapath.stop();
             return Err(e);
         }
@@ -155,7 +164,6 @@ async fn serve(
     let (uapi, metrics) = match (uapi, metrics) {
         (Ok(uapi), Ok(metrics)) => (uapi, metrics),
         (Err(e), _) | (_, Err(e)) => {
-            abort_traversal();
             datapath.stop();
             return Err(e);
         }
@@ -168,6 +176,7 @@ async fn serve(
         interface = site.interface,
         listen_port,
         peers = config.peers.len(),
+        role = %ctx.site.role(),
         "site is up"
     );
     crate::notify::notify("READY=1");
@@ -190,6 +199,15 @@ async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             trigger = reloader.next() => reloader.reload(trigger, netlink, link, ctx).await,
+            changed = role_requests.changed() => {
+                if changed.is_err() {
+                    // Nobody can ask for another role any more.
+                    role_requests = watch::channel(ctx.site.role()).1;
+                    continue;
+                }
+                let role = *role_requests.borrow_and_update();
+                take_role(role, &reloader.running, netlink, link, ctx, &mut rendezvous).await;
+            }
         }
     }
     info!("shutting down");
@@ -201,9 +219,45 @@ async fn serve(
         watchdog.abort();
     }
     drop(control);
-    abort_traversal();
+    drop(rendezvous);
     datapath.stop();
     Ok(())
+}
+
+/// Makes this replica `role`: becoming active, it starts carrying traffic
+/// at once (handshakes to every peer it can reach), then installs its
+/// routes through the interface and connects to the rendezvous servers
+/// (which introduce it to the other peers and relay meanwhile); becoming a
+/// standby, it stops sending at once, then withdraws its routes (the
+/// backstops stay, so nothing leaves in clear) and leaves the rendezvous.
+async fn take_role(
+    role: Role,
+    config: &Config,
+    netlink: &Netlink,
+    link: &Link,
+    ctx: &Arc<Ctx>,
+    rendezvous: &mut Option<Rendezvous>,
+) {
+    if !ctx.site.set_role(role, &mut ctx.io()) {
+        info!(%role, "role unchanged");
+        return;
+    }
+    let routes = match role {
+        Role::Active => ctx.site.peers().all_views(),
+        Role::Standby => Vec::new(),
+    };
+    if role == Role::Standby
+        && let Some(running) = rendezvous.take()
+    {
+        running.stop();
+    }
+    if let Err(e) = netlink.reconcile_routes(link, &routes).await {
+        warn!(%role, "routes for the new role: {e}");
+    }
+    if role == Role::Active && rendezvous.is_none() {
+        *rendezvous = Some(Rendezvous::start(ctx, config));
+    }
+    warn!(%role, "gateway role changed");
 }
 
 /// How often the config file is checked for changes (a Kubernetes
@@ -298,7 +352,10 @@ impl Reloader {
         if let Err(e) = netlink.reconcile_backstops(&views).await {
             warn!("backstop routes after reload: {e}");
         }
-        if let Err(e) = netlink.reconcile_routes(link, &views).await {
+        // A standby keeps no routes through the interface.
+        if ctx.site.is_active()
+            && let Err(e) = netlink.reconcile_routes(link, &views).await
+        {
             warn!("routes after reload: {e}");
         }
         let keys = new.peers.iter().map(|p| p.public_key).collect();

@@ -73,6 +73,17 @@ enum Command {
         #[arg(long, short)]
         interface: Option<String>,
     },
+    /// Tell the running daemon something (see the subcommands).
+    Ctl {
+        #[command(subcommand)]
+        command: CtlCommand,
+        /// Control socket of the daemon [default: /run/causeway/causeway0.sock]
+        #[arg(long, conflicts_with = "interface", global = true)]
+        socket: Option<PathBuf>,
+        /// Interface of the daemon (its socket is /run/causeway/<interface>.sock).
+        #[arg(long, short, global = true)]
+        interface: Option<String>,
+    },
     /// Print a one-line invite token for another site's `causeway join`:
     /// this site's name, public key, pod CIDRs, endpoints and rendezvous.
     Invite {
@@ -99,6 +110,17 @@ enum Command {
         endpoint: Vec<String>,
         /// The token printed by `causeway invite` at the other site.
         token: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Make this gateway replica the site's active one, or a standby (for
+    /// keepalived's notify scripts; needs `[failover] election =
+    /// "keepalived"`). Returns once the daemon has taken the request.
+    Role {
+        /// `active` or `standby`.
+        role: causeway::core::Role,
     },
 }
 
@@ -174,6 +196,11 @@ fn main() -> ExitCode {
             config,
             interface,
         } => down(purge, config, interface),
+        Command::Ctl {
+            command: CtlCommand::Role { role },
+            socket,
+            interface,
+        } => ctl_role(role, socket, interface),
         Command::Invite { config, endpoint } => invite(config, &endpoint),
         Command::Join {
             config,
@@ -339,6 +366,21 @@ fn status(
     } else {
         print!("{}", status.render());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ctl_role(
+    role: causeway::core::Role,
+    socket: Option<PathBuf>,
+    interface: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let path = socket.unwrap_or_else(|| {
+        config::default_control_socket(interface.as_deref().unwrap_or(config::DEFAULT_INTERFACE))
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    println!("{}", runtime.block_on(observe::request_role(&path, role))?);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -6,7 +6,10 @@ use std::time::Duration;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::Error;
+use crate::cluster::{Cluster, ClusterSpec, NO_REDIRECTS};
+use crate::links::{ROUTER_SYSCTLS, address, base_setup, default_route, link_up};
 use crate::netns::{self, BASE_SYSCTLS, Netns, check_label};
+use crate::pod::{Pod, nth_24};
 use crate::wire::{Wan, WanStats, Wire};
 
 /// What to build: the sites, in order (site `i` gets access link `198.18.(i+1).0/24`).
@@ -16,7 +19,8 @@ pub struct LabSpec {
     pub sites: Vec<SiteSpec>,
 }
 
-/// One site: a gateway, its pods, and how it is connected to the internet.
+/// One site: a gateway and its pods (or a cluster of nodes), and how it is
+/// connected to the internet.
 #[derive(Debug, Clone)]
 pub struct SiteSpec {
     /// Short name used in namespace names, e.g. `"a"` or `"pharma"`
@@ -26,12 +30,16 @@ pub struct SiteSpec {
     /// be a /23 or larger; the first IPv6 one, if any, gives pods an IPv6
     /// address too and must be a /96 or larger.
     pub pod_cidrs: Vec<IpNet>,
-    /// Number of pod namespaces, at least 1.
+    /// Number of pod namespaces, at least 1. A cluster site leaves it at 1
+    /// and sets [`ClusterSpec::pods_per_node`] instead.
     pub pods: usize,
     /// `None`: the gateway sits directly on the internet.
     pub nat: Option<Nat>,
     /// WAN emulation on the access link; [`Wan::default`] is a plain veth.
     pub wan: Wan,
+    /// `Some`: the site is a cluster of nodes behind its NAT router (which it
+    /// then requires) instead of one gateway; see "Cluster sites" in the crate docs.
+    pub cluster: Option<ClusterSpec>,
 }
 
 impl SiteSpec {
@@ -43,6 +51,7 @@ impl SiteSpec {
             pods: 1,
             nat: None,
             wan: Wan::default(),
+            cluster: None,
         }
     }
 
@@ -61,6 +70,12 @@ impl SiteSpec {
     /// Emulates a WAN on the access link.
     pub fn wan(mut self, wan: Wan) -> SiteSpec {
         self.wan = wan;
+        self
+    }
+
+    /// Makes the site a cluster (it also needs [`SiteSpec::nat`]).
+    pub fn cluster(mut self, cluster: ClusterSpec) -> SiteSpec {
+        self.cluster = Some(cluster);
         self
     }
 }
@@ -88,42 +103,27 @@ pub struct Lab {
 pub struct Site {
     /// The name from the spec.
     pub name: String,
-    /// Where the Causeway daemon runs.
+    /// Where the Causeway daemon runs. On a cluster site: node 0 (the
+    /// first gateway-capable node), the same namespace as `cluster.nodes[0].ns`.
     pub gateway: Netns,
-    /// The gateway's own IPv4 underlay address (behind the NAT if any).
+    /// The gateway's own IPv4 underlay address (behind the NAT if any); on
+    /// a cluster site node 0's address on the node LAN.
     pub wan_addr: IpAddr,
     /// The IPv4 address the internet sees: the NAT router's outside address, or `wan_addr`.
     pub public_addr: IpAddr,
-    /// The gateway's IPv6 underlay address; routed (never translated) to the internet.
+    /// The gateway's IPv6 underlay address; routed (never translated) to
+    /// the internet. `::` on a cluster site: its node network is IPv4 only.
     pub wan_addr6: Ipv6Addr,
     /// The NAT router, if the site has one.
     pub nat_router: Option<Netns>,
     /// The pod networks from the spec.
     pub pod_cidrs: Vec<IpNet>,
-    /// The pods, in order.
+    /// The pods, in order; on a cluster site node 0's pods (the same
+    /// namespaces as `cluster.nodes[0].pods`).
     pub pods: Vec<Pod>,
+    /// The nodes, node network and virtual IP of a cluster site.
+    pub cluster: Option<Cluster>,
 }
-
-/// A pod: a namespace behind the gateway with interface `eth0`.
-#[derive(Debug)]
-pub struct Pod {
-    /// The pod's namespace.
-    pub ns: Netns,
-    /// The pod's IPv4 address.
-    pub addr: Ipv4Addr,
-    /// The pod's IPv6 address, if the site has an IPv6 pod CIDR.
-    pub addr6: Option<Ipv6Addr>,
-    /// The gateway's address on this pod's link (the pod's default route).
-    pub gateway_addr: Ipv4Addr,
-    /// The gateway's IPv6 address on this pod's link.
-    pub gateway_addr6: Option<Ipv6Addr>,
-}
-
-/// Sysctls of namespaces that route (internet, NAT routers, gateways).
-const ROUTER_SYSCTLS: &[(&str, &str)] = &[
-    ("net.ipv4.ip_forward", "1"),
-    ("net.ipv6.conf.all.forwarding", "1"),
-];
 
 /// Sysctls of a wire namespace: no IPv6 stack chattering on the wire.
 const WIRE_SYSCTLS: &[(&str, &str)] = &[
@@ -199,6 +199,9 @@ impl Lab {
     fn build_site(&self, i: usize, spec: &SiteSpec) -> Result<(Site, Option<Wire>), Error> {
         let n = u8::try_from(i + 1).map_err(|_| Error::Spec("too many sites".into()))?;
         let prefix = format!("{}-{}", self.id, spec.name);
+        if let (Some(cluster), Some(kind)) = (&spec.cluster, spec.nat) {
+            return self.build_cluster_site(n, &prefix, spec, cluster, kind);
+        }
         let gateway = Netns::add(format!("{prefix}-gw"))?;
         base_setup(&gateway, &[BASE_SYSCTLS, ROUTER_SYSCTLS])?;
         let nat_router = match spec.nat {
@@ -231,6 +234,39 @@ impl Lab {
             nat_router,
             pod_cidrs: spec.pod_cidrs.clone(),
             pods,
+            cluster: None,
+        };
+        Ok((site, wire))
+    }
+
+    /// A cluster site: the access link lands on the NAT router, whose
+    /// inside is the cluster's node network.
+    fn build_cluster_site(
+        &self,
+        n: u8,
+        prefix: &str,
+        spec: &SiteSpec,
+        cluster: &ClusterSpec,
+        kind: Nat,
+    ) -> Result<(Site, Option<Wire>), Error> {
+        let nat = Netns::add(format!("{prefix}-nat"))?;
+        base_setup(&nat, &[BASE_SYSCTLS, ROUTER_SYSCTLS, NO_REDIRECTS])?;
+        let wire = self.access_link(n, prefix, &nat, spec.wan)?;
+        let (pod_cidr, _) = pod_cidrs(spec)?;
+        let cluster = Cluster::build(prefix, n, cluster, pod_cidr, &nat)?;
+        let forward = cluster.port_forward.map(|port| (cluster.vip, port));
+        nat.run_with_input("nft", &["-f", "-"], &nat_ruleset(kind, forward))?;
+        let node0 = cluster.node(0);
+        let site = Site {
+            name: spec.name.clone(),
+            gateway: node0.ns.alias(),
+            wan_addr: node0.addr.into(),
+            public_addr: Ipv4Addr::new(198, 18, n, 2).into(),
+            wan_addr6: Ipv6Addr::UNSPECIFIED,
+            nat_router: Some(nat),
+            pod_cidrs: spec.pod_cidrs.clone(),
+            pods: node0.pods.iter().map(Pod::alias).collect(),
+            cluster: Some(cluster),
         };
         Ok((site, wire))
     }
@@ -314,7 +350,7 @@ impl Lab {
         let inside = format!("{}/64", v6(0));
         self.internet
             .ip(&["-6", "route", "add", &inside, "via", &outside])?;
-        nat.run_with_input("nft", &["-f", "-"], &nat_ruleset(kind))?;
+        nat.run_with_input("nft", &["-f", "-"], &nat_ruleset(kind, None))?;
         Ok((v4(2).into(), v6(2)))
     }
 
@@ -401,9 +437,15 @@ impl Lab {
     fn namespaces_mut(&mut self) -> Vec<&mut Netns> {
         let mut all = vec![&mut self.internet];
         for site in &mut self.sites {
-            all.push(&mut site.gateway);
             all.extend(site.nat_router.as_mut());
-            all.extend(site.pods.iter_mut().map(|p| &mut p.ns));
+            match &mut site.cluster {
+                // `gateway` and `pods` are aliases of node 0's: the cluster owns them.
+                Some(cluster) => all.extend(cluster.namespaces_mut()),
+                None => {
+                    all.push(&mut site.gateway);
+                    all.extend(site.pods.iter_mut().map(|p| &mut p.ns));
+                }
+            }
         }
         all.extend(self.wires.iter_mut().map(Wire::netns_mut));
         all
@@ -428,8 +470,12 @@ impl Site {
     /// Removes the global IPv6 addresses of the gateway's underlay link
     /// (`wan0`). The lab routes IPv6 between sites and never translates it,
     /// NAT or not, so a test or benchmark about IPv4 NATs takes it away
-    /// lest every pair meet directly over IPv6.
+    /// lest every pair meet directly over IPv6. Does nothing on a cluster
+    /// site (its node network has no IPv6 underlay).
     pub fn remove_ipv6_underlay(&self) -> Result<(), Error> {
+        if self.cluster.is_some() {
+            return Ok(());
+        }
         self.gateway
             .ip(&["-6", "addr", "flush", "dev", "wan0", "scope", "global"])
             .map(drop)
@@ -505,38 +551,29 @@ fn build_pod(gateway: &Netns, name: &str, spec: &SiteSpec, j: usize) -> Result<P
     })
 }
 
-fn base_setup(ns: &Netns, sysctls: &[&[(&str, &str)]]) -> Result<(), Error> {
-    ns.sysctls(&sysctls.concat())?;
-    link_up(ns, "lo")
-}
-
-fn link_up(ns: &Netns, ifname: &str) -> Result<(), Error> {
-    ns.ip(&["link", "set", ifname, "up"]).map(drop)
-}
-
-fn address(ns: &Netns, ifname: &str, addr: IpAddr, prefix: u8) -> Result<(), Error> {
-    let cidr = format!("{addr}/{prefix}");
-    match addr {
-        IpAddr::V4(_) => ns.ip(&["addr", "add", &cidr, "dev", ifname]),
-        IpAddr::V6(_) => ns.ip(&["-6", "addr", "add", &cidr, "dev", ifname, "nodad"]),
-    }
-    .map(drop)
-}
-
-fn default_route(ns: &Netns, via: IpAddr) -> Result<(), Error> {
-    let family = if via.is_ipv4() { "-4" } else { "-6" };
-    ns.ip(&[family, "route", "add", "default", "via", &via.to_string()])
-        .map(drop)
-}
-
-fn nat_ruleset(kind: Nat) -> String {
+/// The NAT router's nftables rules; `forward` is a UDP port forward from
+/// `wan0` to `(address, same port)`.
+fn nat_ruleset(kind: Nat, forward: Option<(Ipv4Addr, u16)>) -> String {
     let flags = match kind {
         Nat::PortPreserving => "",
         Nat::Symmetric => " random,fully-random",
     };
+    let (prerouting, forwarded) = match forward {
+        Some((addr, port)) => (
+            format!(
+                "
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname \"wan0\" udp dport {port} dnat to {addr}:{port}
+    }}"
+            ),
+            "\n        ct status dnat accept",
+        ),
+        None => (String::new(), ""),
+    };
     format!(
         r#"
-table ip nat {{
+table ip nat {{{prerouting}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         oifname "wan0" masquerade{flags}
@@ -551,7 +588,7 @@ table inet filter {{
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
-        ct state established,related accept
+        ct state established,related accept{forwarded}
         iifname "wan0" drop
     }}
 }}
@@ -580,15 +617,11 @@ fn pod_cidrs(spec: &SiteSpec) -> Result<(Ipv4Net, Option<Ipv6Net>), Error> {
 
 /// Host `host` of pod `j`'s /24: the (j+1)-th /24 of `cidr`.
 fn pod_v4(cidr: Ipv4Net, j: usize, host: u8) -> Result<Ipv4Addr, Error> {
-    let subnets = 1u64 << 24u8.saturating_sub(cidr.prefix_len());
-    if cidr.prefix_len() > 23 || j as u64 + 1 >= subnets {
-        return Err(Error::Spec(format!(
+    nth_24(cidr, j + 1, host).ok_or_else(|| {
+        Error::Spec(format!(
             "pod CIDR {cidr} has no room for a /24 for pod {j} (pod j uses /24 number j+1)"
-        )));
-    }
-    Ok(Ipv4Addr::from(
-        u32::from(cidr.network()) + ((j as u32 + 1) << 8) + u32::from(host),
-    ))
+        ))
+    })
 }
 
 /// Host `host` of pod `j`'s /112: the (j+1)-th /112 of `cidr`.
@@ -644,10 +677,50 @@ fn validate(spec: &LabSpec) -> Result<(), Error> {
             }
         }
         let (v4, v6) = pod_cidrs(site)?;
+        if let Some(cluster) = &site.cluster {
+            validate_cluster(i, site, cluster, v4)?;
+            continue;
+        }
         pod_v4(v4, site.pods - 1, 2)?;
         if let Some(v6) = v6 {
             pod_v6(v6, site.pods - 1, 2)?;
         }
+    }
+    Ok(())
+}
+
+/// The cluster part of site `i`: `v4` is its first IPv4 pod CIDR.
+fn validate_cluster(
+    i: usize,
+    site: &SiteSpec,
+    cluster: &ClusterSpec,
+    v4: Ipv4Net,
+) -> Result<(), Error> {
+    let err = |msg: String| Error::Spec(format!("site {:?}: {msg}", site.name));
+    cluster.check().map_err(err)?;
+    if site.nat.is_none() {
+        return Err(err(
+            "a cluster site needs a NAT router in front of its node network: add .nat(..)".into(),
+        ));
+    }
+    if site.pods != 1 {
+        return Err(err(format!(
+            "pods is {}, but a cluster site numbers its pods per node: set \
+             ClusterSpec::pods_per_node and leave pods at 1",
+            site.pods
+        )));
+    }
+    if i >= 155 {
+        return Err(err(format!(
+            "a cluster must be one of the first 155 sites (it is site {i}, 0-based): its \
+             routed subnet is 172.16.(101+i).0/24"
+        )));
+    }
+    if nth_24(v4, cluster.nodes, 0).is_none() {
+        return Err(err(format!(
+            "pod CIDR {v4} has no room for {} node slices (node i uses /24 number i+1)",
+            cluster.nodes
+        )));
     }
     Ok(())
 }

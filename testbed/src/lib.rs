@@ -2,8 +2,9 @@
 //!
 //! [`Lab::build`] turns a [`LabSpec`] into Linux network namespaces wired with
 //! veth pairs: an "internet" router, one gateway per site (where the Causeway
-//! daemon runs), optional NAT routers, pod namespaces behind each gateway, and
-//! an optional user-space WAN emulator (delay, loss) on a site's access link.
+//! daemon runs) or a cluster of nodes, optional NAT routers, pod namespaces
+//! behind each gateway or node, and an optional user-space WAN emulator
+//! (delay, loss) on a site's access link.
 //! Everything is removed when the [`Lab`] is dropped, also while a test panics.
 //!
 //! What it does not do: run Causeway, configure tunnels, or touch the host's
@@ -56,6 +57,63 @@
 //!   (what `conntrack -F` does, sent over ctnetlink: the conntrack tool is not
 //!   needed).
 //!
+//! # Cluster sites
+//!
+//! A site whose [`SiteSpec::cluster`] is set is a small Kubernetes-like
+//! cluster instead of one gateway: [`ClusterSpec::nodes`] node namespaces on
+//! a node network behind the site's NAT router (required), pods behind each
+//! node on a CNI-like bridge (flannel host-gw style), the first
+//! [`ClusterSpec::gateways`] nodes gateway-capable, the last
+//! [`ClusterSpec::routed_nodes`] on a second subnet that only the NAT router
+//! reaches. The node network and the pods are IPv4 only (an IPv6 pod CIDR
+//! is ignored; [`Site::wan_addr6`] is `::`).
+//!
+//! ```text
+//!                  switch ({prefix}-lan)
+//!  internet ── NAT ─lan0── br0 ─┬─ n0 ── eth0 node0 cni0 ─┬─ pod0
+//!     router      │             ├─ n1 ── eth0 node1 …     └─ pod1
+//!                 │             └─ n2 ── eth0 node2 …
+//!                 └─lan1── br1 ─── n3 ── eth0 node3 …  (routed node)
+//! ```
+//!
+//! | what | address |
+//! |---|---|
+//! | NAT router `lan0` (node LAN, switch bridge `br0`) | `172.16.n.1/24` |
+//! | node `i` `eth0` on the node LAN (switch port `n<i>`) | `172.16.n.(10+i)/24`, default via `.1` |
+//! | virtual IP for keepalived ([`Cluster::vip`], never assigned by the testbed) | `172.16.n.100` |
+//! | NAT router `lan1` (routed subnet, bridge `br1`; only with routed nodes) | `172.16.(100+n).1/24` |
+//! | routed node `i` `eth0` (switch port `n<i>` on `br1`) | `172.16.(100+n).(10+i)/24`, default via `.1` |
+//! | node `i`'s pod slice ([`Node::pod_slice`]), bridge `cni0` | `P4 + (i+1)·256`/24, `cni0` is `.1` |
+//! | pod `j` of node `i` (`eth0`, veth `veth<j>` on the node's `cni0`) | `… + 2 + j`, default via `.1` |
+//!
+//! (`n = site index + 1`, `P4` as above: 10.0.0.0/16 → node0's pods are
+//! 10.0.1.2, 10.0.1.3…, node1's 10.0.2.2….) Namespaces are `{prefix}-node{i}`,
+//! `{prefix}-node{i}-pod{j}`, `{prefix}-lan` (the switch) and `{prefix}-nat`.
+//!
+//! * Routing: an L2 node routes each other L2 node's slice via that node's
+//!   address (host-gw) and each routed node's slice via the router `.1`;
+//!   a routed node routes everything via its `.1`; the NAT router routes each
+//!   slice via its node. So every pod reaches every pod of its site, and
+//!   every node every node. The NAT router forwards between its two inside
+//!   subnets without translation: it masquerades only out of `wan0`.
+//! * Nodes and the cluster's NAT router forward IPv4, have `rp_filter` off,
+//!   and neither send nor accept ICMP redirects (routes stay what the test
+//!   or a node agent set).
+//! * [`Site::gateway`] and [`Site::pods`] are node 0 and its pods (the same
+//!   namespaces as `cluster.nodes[0]`), so code written for one gateway runs
+//!   its daemon on node 0; [`Site::wan_addr`] is node 0's address,
+//!   [`Site::public_addr`] the NAT router's outside address.
+//! * [`ClusterSpec::port_forward`] makes the NAT router forward UDP
+//!   `public_addr:port` to `vip:port` (a static endpoint for peers).
+//! * Failover: [`Cluster::cut_node_links`] takes a node's switch port down
+//!   (the node looks unplugged), [`Cluster::restore_node_links`] plugs it
+//!   back in; [`Cluster::vip_holders`] says who holds the virtual IP. The
+//!   switch bridges do no multicast snooping: VRRP adverts (224.0.0.18)
+//!   reach every node of the LAN, and no routed node.
+//! * Left to the test: running keepalived and assigning the virtual IP, and
+//!   `net.ipv4.ip_nonlocal_bind` (0 everywhere) should a backup's daemon
+//!   bind the virtual IP before it holds it.
+//!
 //! # WAN emulation
 //!
 //! A site whose [`Wan`] is not zero gets an extra "wire" namespace in the middle
@@ -82,16 +140,23 @@
 //! namespaces. [`Lab::build`] first sweeps namespaces left behind by processes
 //! that no longer exist (a SIGKILLed test run).
 
+mod cluster;
 mod conntrack;
 mod error;
+mod keepalived;
 mod lab;
+mod links;
 mod netns;
+mod pod;
 mod probe;
 mod wire;
 
+pub use cluster::{Cluster, ClusterSpec, Node};
 pub use error::Error;
-pub use lab::{Lab, LabSpec, Nat, Pod, Site, SiteSpec};
+pub use keepalived::{Keepalived, Vrrp};
+pub use lab::{Lab, LabSpec, Nat, Site, SiteSpec};
 pub use netns::{ChildGuard, Netns, run_command, sweep_stale_namespaces};
+pub use pod::Pod;
 pub use wire::{Wan, WanStats};
 
 /// The CIDR type used for pod networks (re-exported from `ipnet`).

@@ -241,6 +241,18 @@ impl Netns {
         }
     }
 
+    /// Another handle on this namespace that does not own it: dropping it
+    /// does nothing. The lab uses it where one namespace has two names
+    /// (a cluster site's node 0 is also its `gateway`), tests where a thread
+    /// needs its own handle; the owner must outlive it (inside one
+    /// [`Site`](crate::Site) it does).
+    pub fn alias(&self) -> Netns {
+        Netns {
+            name: self.name.clone(),
+            armed: false,
+        }
+    }
+
     /// Marks the namespace as already torn down by someone else.
     pub(crate) fn disarm(&mut self) {
         self.armed = false;

@@ -6,6 +6,7 @@
 mod common;
 
 mod cli;
+mod failover;
 mod garbage;
 mod image;
 mod interop;

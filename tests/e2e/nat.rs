@@ -313,51 +313,6 @@ fn relayed_sites_handshake_while_a_flood_of_initiations_hits_one() {
     eprintln!("flood: {} initiations sent", flood.sent());
 }
 
-/// Runs a ping train from `from` to `to` for `total` (one ping every 20 ms,
-/// each waiting up to 100 ms for its reply), calling `during` after `at`;
-/// returns the longest time without a reply (from the start, between
-/// replies, and to the end) and the number of replies.
-fn ping_train(
-    from: &Netns,
-    to: std::net::Ipv4Addr,
-    total: Duration,
-    at: Duration,
-    during: impl FnOnce(),
-) -> (Duration, usize) {
-    std::thread::scope(|scope| {
-        let start = Instant::now();
-        let train = scope.spawn(move || {
-            let mut replies = Vec::new();
-            while start.elapsed() < total {
-                let sent = Instant::now();
-                if let Ok(Some(_)) = from.ping(to.into(), Duration::from_millis(100)) {
-                    replies.push(Instant::now());
-                }
-                if let Some(wait) =
-                    (sent + Duration::from_millis(20)).checked_duration_since(Instant::now())
-                {
-                    std::thread::sleep(wait);
-                }
-            }
-            replies
-        });
-        std::thread::sleep(at);
-        during();
-        let replies = train.join().expect("ping thread");
-        let mut longest = Duration::ZERO;
-        let mut last = start;
-        for t in replies
-            .iter()
-            .copied()
-            .chain(std::iter::once(start + total))
-        {
-            longest = longest.max(t.saturating_duration_since(last));
-            last = t;
-        }
-        (longest, replies.len())
-    })
-}
-
 #[test]
 fn nat_rebinding_under_a_ping_train_heals_within_3_seconds() {
     let pair = NatPair::new(Some(Nat::PortPreserving), Some(Nat::PortPreserving));

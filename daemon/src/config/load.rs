@@ -124,6 +124,7 @@ fn resolved(p: &mut Problems<'_>, config: Config<Parsed>, private_key: PrivateKe
         site,
         peers,
         rendezvous,
+        failover,
     } = config;
     let peers = peers
         .into_iter()
@@ -209,6 +210,7 @@ fn resolved(p: &mut Problems<'_>, config: Config<Parsed>, private_key: PrivateKe
         site,
         peers,
         rendezvous,
+        failover,
     }
 }
 

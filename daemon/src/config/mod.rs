@@ -130,6 +130,31 @@ pub struct Config<S: Stage = Loaded> {
     /// Rendezvous servers: peers without a static endpoint are found (and
     /// relayed) through them. The site registers with all of them.
     pub rendezvous: Vec<RendezvousConfig<S>>,
+    /// `[failover]`: how this gateway replica learns whether it is the
+    /// site's active one.
+    pub failover: Failover,
+}
+
+/// How a gateway replica learns its role (see docs/deploy.md, "Standby
+/// gateways").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Failover {
+    /// No `[failover]` table: the site's only gateway, always active.
+    #[default]
+    None,
+    /// `election = "keepalived"`: starts as a standby; keepalived's notify
+    /// scripts run `causeway ctl role active|standby` on VRRP transitions.
+    Keepalived,
+}
+
+impl Failover {
+    /// The role a replica starts in.
+    pub fn initial_role(&self) -> crate::core::Role {
+        match self {
+            Failover::None => crate::core::Role::Active,
+            Failover::Keepalived => crate::core::Role::Standby,
+        }
+    }
 }
 
 /// Where the daemon's config comes from: the file, with the settings given

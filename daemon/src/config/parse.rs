@@ -11,12 +11,12 @@ use std::path::PathBuf;
 use causeway_common::problems::Problems;
 use ipnet::IpNet;
 
-use super::raw::{RawAllow, RawConfig, RawPeer, RawRendezvous, RawSite};
+use super::raw::{RawAllow, RawConfig, RawFailover, RawPeer, RawRendezvous, RawSite};
 use super::{
     AllowRule, Config, ConfigErrors, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_MTU,
     DEFAULT_PRIVATE_KEY_FILE, DEFAULT_REMAP_POOL, DEFAULT_STATE_DIR, DEFAULT_STUN_PORT,
-    EndpointSpec, MIN_MTU_IPV6, MTU_RANGE, Parsed, PeerConfig, Proto, RendezvousConfig, SiteConfig,
-    default_control_socket, default_uapi_socket,
+    EndpointSpec, Failover, MIN_MTU_IPV6, MTU_RANGE, Parsed, PeerConfig, Proto, RendezvousConfig,
+    SiteConfig, default_control_socket, default_uapi_socket,
 };
 use crate::keys::{self, PublicKey};
 use crate::views::overlaps;
@@ -35,6 +35,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config<Parsed>, ConfigErrors> {
         .enumerate()
         .filter_map(|(i, r)| rendezvous(&mut p, i, r))
         .collect();
+    let failover = raw.failover.map_or(Failover::None, |f| failover(&mut p, f));
     let mut taken = Taken::default();
     let peers: Vec<PeerConfig<Parsed>> = raw
         .peer
@@ -72,7 +73,29 @@ pub fn parse(text: &str, origin: &str) -> Result<Config<Parsed>, ConfigErrors> {
         site,
         peers,
         rendezvous,
+        failover,
     })
+}
+
+/// The `[failover]` table.
+fn failover(p: &mut Problems<'_>, raw: RawFailover) -> Failover {
+    match raw.election.as_deref() {
+        Some("keepalived") => Failover::Keepalived,
+        Some(other) => {
+            p.add(
+                "failover.election",
+                format!("unknown election {other:?}; use \"keepalived\""),
+            );
+            Failover::None
+        }
+        None => {
+            p.add(
+                "failover.election",
+                "missing; say how the active gateway is chosen: \"keepalived\"",
+            );
+            Failover::None
+        }
+    }
 }
 
 /// The `[site]` table, and whether all of its `pod_cidrs` are valid (allow

@@ -15,6 +15,13 @@ pub(super) struct RawConfig {
     pub(super) peer: Vec<RawPeer>,
     #[serde(default)]
     pub(super) rendezvous: Vec<RawRendezvous>,
+    pub(super) failover: Option<RawFailover>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFailover {
+    pub(super) election: Option<String>,
 }
 
 #[derive(Deserialize)]

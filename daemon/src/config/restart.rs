@@ -17,6 +17,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         // Reloadable: the peer table is rebuilt, unchanged peers kept.
         peers: _,
         rendezvous,
+        failover,
     } = old;
     let SiteConfig {
         name,
@@ -57,6 +58,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         ),
         ("[site] stun_servers", *stun_servers != b.stun_servers),
         ("[[rendezvous]]", *rendezvous != new.rendezvous),
+        ("[failover]", *failover != new.failover),
     ]
     .into_iter()
     .find_map(|(field, differs)| differs.then_some(field))

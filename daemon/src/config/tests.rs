@@ -769,8 +769,9 @@ fn restart_is_needed_for_site_settings_not_for_peers_or_views() {
     assert_eq!(needs_restart(&running, &new), None);
 
     type Change = fn(&mut Config);
-    let changes: [(&str, Change); 6] = [
+    let changes: [(&str, Change); 7] = [
         ("[site] mtu", |c| c.site.mtu = 1300),
+        ("[failover]", |c| c.failover = Failover::Keepalived),
         ("the private key", |c| {
             c.site.private_key = PrivateKey::from(keys::generate());
         }),
@@ -879,5 +880,30 @@ fn rendezvous_stun_and_advertised_endpoints() {
         "rendezvous[0]: public_key",
     ] {
         assert!(text.contains(needle), "{needle} not reported:\n{text}");
+    }
+}
+
+#[test]
+fn failover_election() {
+    let base = config_with("", "");
+    assert_eq!(parse(&base, "c").unwrap().failover, Failover::None);
+    assert_eq!(Failover::None.initial_role(), crate::core::Role::Active);
+    let keepalived = format!("{base}\n[failover]\nelection = \"keepalived\"\n");
+    let config = parse(&keepalived, "c").unwrap();
+    assert_eq!(config.failover, Failover::Keepalived);
+    assert_eq!(config.failover.initial_role(), crate::core::Role::Standby);
+    for (table, expected) in [
+        (
+            "[failover]\nelection = \"raft\"",
+            "failover.election: unknown election \"raft\"",
+        ),
+        ("[failover]", "failover.election: missing"),
+        (
+            "[failover]\nelection = \"keepalived\"\nvip = 1",
+            "unknown field `vip`",
+        ),
+    ] {
+        let err = parse(&format!("{base}\n{table}\n"), "c").unwrap_err();
+        assert!(err.to_string().contains(expected), "{table}: {err}");
     }
 }

@@ -26,7 +26,7 @@ mod traversal;
 mod wireguard;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,51 @@ impl std::fmt::Display for Source {
     }
 }
 
+/// Whether this replica of the site's gateway carries the site's traffic.
+///
+/// A site may run several gateway replicas with the same key: exactly one is
+/// active (it sends and answers WireGuard, probes, STUN), the others are
+/// warm standbys that send nothing and drop what reaches them (counted as
+/// `standby`). Who is active is decided outside the core (keepalived, a
+/// Kubernetes Lease); [`Site::set_role`] applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Carries the site's traffic.
+    Active,
+    /// Ready to take over; sends nothing.
+    Standby,
+}
+
+impl Role {
+    /// `active` or `standby`, as in status, metrics and `causeway ctl role`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(Role::Active),
+            "standby" => Ok(Role::Standby),
+            other => Err(format!(
+                "unknown role {other:?}: expected `active` or `standby`"
+            )),
+        }
+    }
+}
+
 /// What the core sends out. The daemon implements it over its UDP socket
 /// and the rendezvous clients; the simulator over its virtual internet.
 pub trait Io {
@@ -106,11 +151,15 @@ pub struct SiteParams {
     /// Seed of the core's random generator (path machines, STUN
     /// transactions): from the OS in the daemon, fixed in the simulator.
     pub seed: u64,
+    /// The role the site starts in.
+    pub role: Role,
 }
 
 /// One site: peers, sessions, paths, STUN, candidates, relay fallback.
 pub struct Site {
     peer_table: arc_swap::ArcSwap<Peers>,
+    /// `true` while the replica is [`Role::Active`].
+    active: AtomicBool,
     pub(crate) private_key: StaticSecret,
     pub(crate) public_key: PublicKey,
     rate_limiter: Arc<RateLimiter>,
@@ -145,6 +194,7 @@ impl Site {
             mtu,
             traversal,
             seed,
+            role,
         } = params;
         let public_key = PublicKey::from(&private_key);
         let rate_limiter = Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT));
@@ -164,6 +214,7 @@ impl Site {
         );
         Site {
             peer_table: arc_swap::ArcSwap::from_pointee(table),
+            active: AtomicBool::new(role == Role::Active),
             private_key,
             public_key,
             rate_limiter,
@@ -224,6 +275,69 @@ impl Site {
         changes
     }
 
+    /// The replica's role.
+    pub fn role(&self) -> Role {
+        if self.active.load(Relaxed) {
+            Role::Active
+        } else {
+            Role::Standby
+        }
+    }
+
+    /// Whether the replica is active (carries traffic).
+    pub fn is_active(&self) -> bool {
+        self.active.load(Relaxed)
+    }
+
+    /// Takes on `role`. Either way every peer's run-time state (sessions,
+    /// endpoints learnt by roaming, paths) starts anew: while this replica
+    /// was standby the other one talked to the peers, and after handing over
+    /// nothing it knew stays true. Becoming active also sends a handshake
+    /// initiation to every peer with a known endpoint at once (the peers
+    /// roam to this replica on its first authenticated packet); the others
+    /// get one as soon as a rendezvous reports them online (through the
+    /// relay) or a direct path is found. Returns whether the role changed.
+    pub fn set_role(&self, role: Role, io: &mut impl Io) -> bool {
+        let was = self.active.swap(role == Role::Active, Relaxed);
+        if was == (role == Role::Active) {
+            return false;
+        }
+        // Packets already past the gate when the flag flipped may still go
+        // out under the old sessions; the reset below makes them useless.
+        let peers = self.peers();
+        {
+            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            let cx = peer::PeerContext {
+                private_key: &self.private_key,
+                rate_limiter: &self.rate_limiter,
+                pod_cidrs: &self.pod_cidrs,
+                paths: self.traversal.is_some().then_some(self.path_config),
+            };
+            for peer in peers.iter() {
+                peer.reset(&cx, &mut *rng);
+            }
+        }
+        if role == Role::Active {
+            for peer in peers.iter() {
+                let mut state = peer.lock();
+                if state.endpoint.is_some() {
+                    self.kick_handshake(peer, &mut state, io);
+                }
+            }
+        }
+        true
+    }
+
+    /// Counts a packet that reached a standby replica and says whether the
+    /// caller must drop it.
+    fn standby_drop(&self) -> bool {
+        if self.is_active() {
+            return false;
+        }
+        self.drops.count(DropReason::Standby);
+        true
+    }
+
     /// Whether the site does NAT traversal (and so has a relay fallback).
     pub fn has_traversal(&self) -> bool {
         self.traversal.is_some()
@@ -261,6 +375,9 @@ impl Site {
     /// keepalives), the handshake rate limiter's window, path machines and
     /// STUN. The daemon calls it every 100 ms.
     pub fn handle_timeout(&self, now: Instant, io: &mut impl Io) {
+        if !self.is_active() {
+            return;
+        }
         {
             let mut next = self
                 .next_rate_reset

@@ -54,11 +54,14 @@ pub enum DropReason {
     /// (loopback, link-local, multicast, broadcast, unspecified, port 0),
     /// one of this site's own, or inside the overlay: not probed.
     BadCandidate,
+    /// A packet this replica got while it is a standby gateway: only the
+    /// active one sends or answers anything.
+    Standby,
 }
 
 impl DropReason {
     /// Every reason, in the order status prints them.
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         Self::SpoofedSource,
         Self::NoEndpoint,
         Self::Rejected,
@@ -72,6 +75,7 @@ impl DropReason {
         Self::PolicyProtocol,
         Self::PolicyPort,
         Self::BadCandidate,
+        Self::Standby,
     ];
 
     /// The snake_case name used in status output and logs.
@@ -90,6 +94,7 @@ impl DropReason {
             Self::PolicyProtocol => "policy_protocol",
             Self::PolicyPort => "policy_port",
             Self::BadCandidate => "bad_candidate",
+            Self::Standby => "standby",
         }
     }
 
@@ -159,6 +164,29 @@ pub struct PeerState {
 }
 
 impl PeerState {
+    /// A peer's state before any packet: no session, the static endpoint
+    /// if any, a fresh path machine otherwise (when the site traverses NATs).
+    fn new(config: &PeerConfig, id: u32, cx: &PeerContext<'_>, rng: &mut impl RngCore) -> Self {
+        let tunn = Tunn::new(
+            cx.private_key.clone(),
+            config.public_key,
+            None,
+            config.persistent_keepalive,
+            id,
+            Some(Arc::clone(cx.rate_limiter)),
+        );
+        PeerState {
+            tunn,
+            endpoint: config.endpoint.as_ref().map(|e| e.addr),
+            paths: cx
+                .paths
+                .filter(|_| config.endpoint.is_none())
+                .map(|config| PeerPaths::new(config, rng.next_u64())),
+            ping_replay: Default::default(),
+            pong_budget: Default::default(),
+        }
+    }
+
     /// Roaming: the peer's endpoint follows the source of its latest
     /// authenticated packet. Packets that came through the relay say
     /// nothing about a direct path and leave it as it is.
@@ -197,15 +225,6 @@ pub struct Peer {
 impl Peer {
     /// Makes the peer with id (and WireGuard session index) `id`.
     fn new(config: &PeerConfig, id: u32, cx: &PeerContext<'_>, rng: &mut impl RngCore) -> Self {
-        let static_endpoint = config.endpoint.is_some();
-        let tunn = Tunn::new(
-            cx.private_key.clone(),
-            config.public_key,
-            None,
-            config.persistent_keepalive,
-            id,
-            Some(Arc::clone(cx.rate_limiter)),
-        );
         Peer {
             id,
             config: config.clone(),
@@ -218,17 +237,16 @@ impl Peer {
             probe_key: cx
                 .paths
                 .and_then(|_| ProbeKey::derive(cx.private_key, &config.public_key).ok()),
-            state: Mutex::new(PeerState {
-                tunn,
-                endpoint: config.endpoint.as_ref().map(|e| e.addr),
-                paths: cx
-                    .paths
-                    .filter(|_| !static_endpoint)
-                    .map(|config| PeerPaths::new(config, rng.next_u64())),
-                ping_replay: Default::default(),
-                pong_budget: Default::default(),
-            }),
+            state: Mutex::new(PeerState::new(config, id, cx, rng)),
         }
+    }
+
+    /// Forgets everything learnt about the peer at run time (sessions,
+    /// endpoint, paths), keeping its id and counters: what a gateway replica
+    /// does when it takes over or hands over the active role, since the
+    /// other replica has talked to the peer since.
+    pub(super) fn reset(&self, cx: &PeerContext<'_>, rng: &mut impl RngCore) {
+        *self.lock() = PeerState::new(&self.config, self.id, cx, rng);
     }
 
     /// The operator's name for the peer.

@@ -242,6 +242,9 @@ impl Traversal {
 impl Site {
     /// A STUN message arrived on the WireGuard socket.
     pub fn handle_stun(&self, from: SocketAddr, datagram: &[u8], io: &mut impl Io) {
+        if self.standby_drop() {
+            return;
+        }
         let Some(traversal) = self.traversal.as_ref() else {
             return;
         };
@@ -271,6 +274,9 @@ impl Site {
 
     /// A path probe arrived on the WireGuard socket.
     pub fn handle_probe(&self, now: Instant, from: SocketAddr, datagram: &[u8], io: &mut impl Io) {
+        if self.standby_drop() {
+            return;
+        }
         let peers = self.peers();
         let Some(index) = probe::sender(datagram).and_then(|key| peers.by_key(&key)) else {
             self.drop_packet(
@@ -344,6 +350,9 @@ impl Site {
         online: bool,
         io: &mut impl Io,
     ) {
+        if !self.is_active() {
+            return;
+        }
         let peers = self.peers();
         let Some(index) = peers.by_key(key) else {
             return;
@@ -443,7 +452,7 @@ impl Site {
     /// Starts a WireGuard handshake at once when a peer without a session
     /// just became reachable, instead of waiting out boringtun's 5-second
     /// retry of an initiation that had nowhere to go.
-    fn kick_handshake(&self, peer: &Arc<Peer>, state: &mut PeerState, io: &mut impl Io) {
+    pub(super) fn kick_handshake(&self, peer: &Arc<Peer>, state: &mut PeerState, io: &mut impl Io) {
         if state.tunn.time_since_last_handshake().is_some() {
             return;
         }
@@ -545,6 +554,7 @@ mod tests {
                     vec!["192.0.2.9:51820".parse().unwrap()],
                 )),
                 seed: 1,
+                role: crate::core::Role::Active,
             },
             &[peer],
             t0,
@@ -682,6 +692,7 @@ mod tests {
                 mtu: 1420,
                 traversal: Some(TraversalParams::new(vec![server], Vec::new(), vec![host])),
                 seed: 1,
+                role: crate::core::Role::Active,
             },
             &[],
             t0,

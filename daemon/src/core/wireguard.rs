@@ -53,6 +53,9 @@ impl Site {
         icmp: &mut [u8],
         io: &mut impl Io,
     ) -> Outbound {
+        if self.standby_drop() {
+            return Outbound::Done;
+        }
         let summary = match packet::parse(packet) {
             Ok(summary) => summary,
             Err(e) => {
@@ -187,6 +190,9 @@ impl Site {
         out: &mut [u8],
         io: &mut impl Io,
     ) -> Option<usize> {
+        if self.standby_drop() {
+            return None;
+        }
         // Under load, boringtun accepts a handshake only with a cookie for
         // its source address (mac2), and refuses it outright without one.
         // Relayed messages get a stable address of their own per peer, so
@@ -255,6 +261,17 @@ impl Site {
                 let authenticated = reply.first() != Some(&COOKIE_REPLY);
                 if authenticated {
                     state.roam(source, now);
+                    if relayed
+                        && state.paths.is_some()
+                        && matches!(packet, Packet::HandshakeInit(_))
+                    {
+                        // A new session offered through the relay: the peer
+                        // restarted or another replica of its gateway took
+                        // over, and whatever direct path we had leads to
+                        // the old one. Answer and send through the relay
+                        // until probing finds the new direct path.
+                        state.endpoint = None;
+                    }
                 }
                 self.reply(source, reply, io);
                 // Packets that waited for this handshake go out now.
@@ -444,6 +461,7 @@ mod tests {
                 mtu: 1420,
                 traversal: Some(TraversalParams::new(Vec::new(), Vec::new(), Vec::new())),
                 seed: u64::from(secret[0]),
+                role: crate::core::Role::Active,
             },
             &[cfg],
             Instant::now(),
@@ -511,5 +529,100 @@ mod tests {
             "no handshake under load"
         );
         assert_eq!(b.drops.get(DropReason::Malformed), 0);
+    }
+
+    /// Relays everything queued between `x` (key `x_key`) and `y` (key
+    /// `y_key`) back and forth until neither has anything more to say.
+    fn exchange(x: &Site, y: &Site, mut to_y: Wire) {
+        let (x_key, y_key) = (x.public_key().to_bytes(), y.public_key().to_bytes());
+        let mut out = [0u8; 2048];
+        for _ in 0..10 {
+            let mut to_x = Wire::default();
+            for m in std::mem::take(&mut to_y.relayed) {
+                let peers = y.peers();
+                y.decapsulate_relayed(Instant::now(), &peers, &x_key, &m, &mut out, &mut to_x);
+            }
+            for m in to_x.relayed {
+                let peers = x.peers();
+                x.decapsulate_relayed(Instant::now(), &peers, &y_key, &m, &mut out, &mut to_y);
+            }
+        }
+    }
+
+    #[test]
+    fn a_standby_sends_nothing_and_takes_over_with_a_handshake() {
+        use crate::core::Role;
+        let (sa, sb) = ([0xA1; 32], [0xB2; 32]);
+        let a = site(sa, sb, "10.0.0.0/16", "10.1.0.0/16");
+        let standby = site(sa, sb, "10.0.0.0/16", "10.1.0.0/16");
+        let b = site(sb, sa, "10.1.0.0/16", "10.0.0.0/16");
+        let mut quiet = Wire::default();
+        assert!(standby.set_role(Role::Standby, &mut quiet));
+        assert!(!standby.set_role(Role::Standby, &mut quiet), "no change");
+        let now = Instant::now();
+        let b_key = b.public_key().to_bytes();
+
+        // A and B talk (through the relay); B believes in a direct path to A.
+        let mut to_b = Wire::default();
+        a.handle_peer_update(now, &b_key, Vec::new(), true, &mut to_b);
+        exchange(&a, &b, to_b);
+        assert!(has_session(&a) && has_session(&b));
+        let old: SocketAddr = "198.51.100.7:51820".parse().unwrap();
+        b.peers().get(0).lock().endpoint = Some(old);
+
+        // The standby hears the rendezvous, B's packets, its timers: and
+        // says nothing, counting what reached it.
+        let mut out = [0u8; 2048];
+        let mut to_b = Wire::default();
+        standby.handle_peer_update(now, &b_key, Vec::new(), true, &mut quiet);
+        standby.handle_timeout(now + std::time::Duration::from_secs(30), &mut quiet);
+        let mut tunn = boringtun::noise::Tunn::new(
+            StaticSecret::from(sb),
+            *standby.public_key(),
+            None,
+            None,
+            9,
+            None,
+        );
+        let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut out, true)
+        else {
+            panic!("no initiation");
+        };
+        let init = init.to_vec();
+        let peers = standby.peers();
+        let from = Source::Udp("198.51.100.9:51820".parse().unwrap());
+        assert_eq!(
+            standby.decapsulate(now, &peers, from, &init, &mut out, &mut quiet),
+            None
+        );
+        assert!(
+            quiet.sent.is_empty() && quiet.relayed.is_empty(),
+            "a standby sent something"
+        );
+        assert_eq!(standby.drops.get(DropReason::Standby), 1);
+        assert!(!has_session(&standby));
+
+        // A fails; the standby takes over. Once the rendezvous says B is
+        // online, it initiates through the relay, and B, which still
+        // believes in its direct path to the old A, answers through the
+        // relay and sends there from now on.
+        assert!(standby.set_role(Role::Active, &mut to_b));
+        standby.handle_peer_update(now, &b_key, Vec::new(), true, &mut to_b);
+        assert_eq!(to_b.relayed.len(), 1, "one initiation, through the relay");
+        exchange(&standby, &b, to_b);
+        assert!(
+            has_session(&standby),
+            "the new active completed a handshake"
+        );
+        assert_eq!(
+            b.peers().get(0).lock().endpoint,
+            None,
+            "B left the dead direct path"
+        );
+
+        // Handing the role back forgets the sessions.
+        assert!(standby.set_role(Role::Standby, &mut quiet));
+        assert!(!has_session(&standby));
+        assert!(quiet.sent.is_empty() && quiet.relayed.is_empty());
     }
 }

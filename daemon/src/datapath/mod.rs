@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::core::{Io, Peer, Site};
 pub(crate) use inbound::TunBatch;
-pub(crate) use rendezvous::{start as start_rendezvous, update_peers};
+pub(crate) use rendezvous::{Rendezvous, update_peers};
 pub(crate) use udp::UdpPort;
 
 /// Packets (segments) read from the TUN per batch: room for two whole
@@ -48,9 +48,9 @@ pub(crate) struct Ctx {
     pub(crate) site: Site,
     pub(crate) tun: Tun,
     pub(crate) udp: UdpPort,
-    /// Where packets for peers without a direct path go, once the
-    /// rendezvous clients run.
-    relay: std::sync::OnceLock<mpsc::Sender<RelayPacket>>,
+    /// Where packets for peers without a direct path go, while the
+    /// rendezvous clients run (only on the active replica).
+    relay: arc_swap::ArcSwapOption<mpsc::Sender<RelayPacket>>,
     /// The site's candidates, as last published by the core; the
     /// rendezvous clients follow it.
     candidates: watch::Sender<Vec<SocketAddr>>,
@@ -67,7 +67,7 @@ impl Ctx {
             site,
             tun,
             udp,
-            relay: std::sync::OnceLock::new(),
+            relay: arc_swap::ArcSwapOption::empty(),
             candidates,
             rendezvous: std::sync::Mutex::new(Vec::new()),
             threads_running: AtomicU64::new(0),
@@ -95,7 +95,7 @@ impl Io for Wire<'_> {
     }
 
     fn relay(&mut self, peer: &Arc<Peer>, bytes: &[u8]) -> bool {
-        self.0.relay.get().is_some_and(|queue| {
+        self.0.relay.load().as_ref().is_some_and(|queue| {
             queue
                 .try_send(RelayPacket {
                     peer: Arc::clone(peer),

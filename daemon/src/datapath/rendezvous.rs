@@ -19,9 +19,42 @@ use crate::core::DropReason;
 /// Relayed packets written to the TUN together at most.
 const RELAY_BATCH: usize = 64;
 
-/// Starts one client per configured rendezvous and the relay sender.
-/// Returns the tasks to abort on shutdown.
-pub(crate) fn start(ctx: &Arc<Ctx>, config: &Config) -> Vec<tokio::task::JoinHandle<()>> {
+/// The running rendezvous clients and relay sender of an active replica:
+/// dropping it (or [`Rendezvous::stop`]) stops them.
+pub(crate) struct Rendezvous {
+    ctx: Arc<Ctx>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Rendezvous {
+    /// Starts one client per configured rendezvous and the relay sender.
+    pub(crate) fn start(ctx: &Arc<Ctx>, config: &Config) -> Rendezvous {
+        Rendezvous {
+            ctx: Arc::clone(ctx),
+            tasks: start(ctx, config),
+        }
+    }
+
+    /// Stops the clients (closing their connections) and the relay sender;
+    /// packets for the relay are dropped from now on.
+    pub(crate) fn stop(self) {}
+}
+
+impl Drop for Rendezvous {
+    fn drop(&mut self) {
+        self.ctx.relay.store(None);
+        self.ctx
+            .rendezvous
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn start(ctx: &Arc<Ctx>, config: &Config) -> Vec<tokio::task::JoinHandle<()>> {
     if !ctx.site.has_traversal() {
         return Vec::new();
     }
@@ -53,9 +86,8 @@ pub(crate) fn start(ctx: &Arc<Ctx>, config: &Config) -> Vec<tokio::task::JoinHan
         )));
     }
     let (tx, rx) = mpsc::channel(RELAY_QUEUE);
-    if ctx.relay.set(tx).is_ok() {
-        tasks.push(tokio::spawn(send_relayed(Arc::clone(ctx), rx)));
-    }
+    ctx.relay.store(Some(Arc::new(tx)));
+    tasks.push(tokio::spawn(send_relayed(Arc::clone(ctx), rx)));
     tasks
 }
 

@@ -21,7 +21,7 @@ pub(crate) use prometheus::serve as serve_metrics;
 pub use prometheus::serve_rendezvous;
 pub(crate) use snapshot::LiveSite;
 pub(crate) use status::serve as serve_control;
-pub use status::{PeerStatus, RendezvousStatus, Status, ViewStatus, query};
+pub use status::{PeerStatus, RendezvousStatus, Status, ViewStatus, query, request_role};
 #[doc(hidden)]
 pub use uapi::fuzz_requests as fuzz_uapi_requests;
 pub(crate) use uapi::serve as serve_uapi;

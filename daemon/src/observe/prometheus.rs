@@ -19,6 +19,7 @@
 //! | `causeway_build_info` | gauge (1) | `version` |
 //! | `causeway_site_info` | gauge (1) | `site`, `interface`, `public_key` |
 //! | `causeway_packet_threads_alive` | gauge (1: both packet threads run, 0: the data path stopped) | |
+//! | `causeway_gateway_active` | gauge (1: this replica is the site's active gateway, 0: a standby) | |
 //! | `causeway_peers_configured` | gauge | |
 //! | `causeway_peer_info` | gauge (1) | `peer`, `public_key` |
 //! | `causeway_peer_tx_bytes_total`, `causeway_peer_rx_bytes_total` | counter | `peer` |
@@ -208,6 +209,12 @@ fn encode_site(snapshot: &Snapshot, encoder: &mut DescriptorEncoder<'_>) -> fmt:
         "packet_threads_alive",
         "Whether both packet threads are running (1) or the data path stopped (0)",
         i64::from(site.packet_threads_alive),
+    )?;
+    gauge(
+        encoder,
+        "gateway_active",
+        "Whether this replica is the site's active gateway (1) or a standby (0)",
+        i64::from(site.role == crate::core::Role::Active),
     )?;
     gauge(
         encoder,
@@ -765,6 +772,7 @@ pub(super) mod tests {
             1.0
         );
         assert_eq!(get("causeway_packet_threads_alive"), 1.0);
+        assert_eq!(get("causeway_gateway_active"), 1.0);
         assert_eq!(get("causeway_peers_configured"), 3.0);
         assert_eq!(
             get(&format!(
@@ -875,6 +883,7 @@ pub(super) mod tests {
             names(&series),
             [
                 "causeway_build_info",
+                "causeway_gateway_active",
                 "causeway_packet_threads_alive",
                 "causeway_peer_drops_total",
                 "causeway_peer_info",
@@ -934,11 +943,13 @@ pub(super) mod tests {
             s.peers.clear();
             s.site.rendezvous.clear();
             s.site.packet_threads_alive = false;
+            s.site.role = crate::core::Role::Standby;
             s
         }));
         let series = parse(&text);
         assert_eq!(series.get("causeway_peers_configured"), Some(&0.0));
         assert_eq!(series.get("causeway_packet_threads_alive"), Some(&0.0));
+        assert_eq!(series.get("causeway_gateway_active"), Some(&0.0));
         assert_eq!(
             series
                 .keys()

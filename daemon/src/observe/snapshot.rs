@@ -175,6 +175,8 @@ pub(crate) struct SiteSnapshot {
     pub(crate) drops: DropCounts,
     /// Whether both packet threads are running.
     pub(crate) packet_threads_alive: bool,
+    /// This gateway replica's role.
+    pub(crate) role: crate::core::Role,
     /// One per rendezvous client, in config order.
     pub(crate) rendezvous: Vec<RendezvousSnapshot>,
 }
@@ -213,6 +215,7 @@ impl Snapshot {
                 listen_port,
                 drops: DropCounts::read(&ctx.site.drops),
                 packet_threads_alive: ctx.alive(),
+                role: ctx.site.role(),
                 rendezvous,
             },
             peers,
@@ -306,6 +309,7 @@ pub(crate) fn example() -> Snapshot {
             listen_port: 51820,
             drops: site_drops,
             packet_threads_alive: true,
+            role: crate::core::Role::Active,
             rendezvous: vec![RendezvousSnapshot {
                 server: "192.0.2.9:4433".parse().expect("addr"),
                 connected: true,

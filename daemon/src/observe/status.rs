@@ -1,8 +1,11 @@
 //! `causeway status`: the [`Status`] document, made from a
 //! [`Snapshot`], its text rendering, and the control socket that serves it.
 //!
-//! The protocol is deliberately tiny: connect, read one JSON document,
-//! done. The socket is root's and the daemon's user's only (see
+//! The protocol is deliberately tiny: connect, send one request line
+//! (`status`, or `role active` / `role standby` for `causeway ctl role`),
+//! shut down writing, read the answer (one JSON document for `status`, one
+//! line for the others), done. A client that sends nothing and just reads
+//! gets the status too, after [`REQUEST_WAIT`]. The socket is root's and the daemon's user's only (see
 //! [`super::unix`]). The JSON is a stable interface for scripts: fields
 //! are added (with `#[serde(default)]`, so that this version's
 //! `causeway status` still reads an older daemon), never renamed or
@@ -18,8 +21,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use tokio::sync::watch;
 use tracing::info;
 
+use crate::core::Role;
 use crate::keys;
 
 use super::snapshot::{DropCounts, LiveSite, Snapshot};
@@ -40,6 +45,10 @@ pub struct Status {
     /// stopped and the daemon needs a restart).
     #[serde(default = "yes")]
     pub packet_threads_alive: bool,
+    /// This gateway replica's role: `active` (carries the site's traffic)
+    /// or `standby` (sends nothing; see `[failover]`).
+    #[serde(default = "active")]
+    pub role: Role,
     /// Drops not attributable to one peer, by reason (non-zero only).
     pub drops: BTreeMap<String, u64>,
     /// One entry per configured rendezvous, in config order.
@@ -51,6 +60,10 @@ pub struct Status {
 
 fn yes() -> bool {
     true
+}
+
+fn active() -> Role {
+    Role::Active
 }
 
 /// This site's connection to one rendezvous, in [`Status`].
@@ -159,6 +172,7 @@ impl Status {
             public_key: keys::encode_public(&site.public_key),
             listen_port: site.listen_port,
             packet_threads_alive: site.packet_threads_alive,
+            role: site.role,
             drops: drops(&site.drops),
             rendezvous: site
                 .rendezvous
@@ -225,6 +239,12 @@ impl Status {
             "site {} on {}, port {}, key {}",
             self.site, self.interface, self.listen_port, self.public_key
         );
+        if self.role == Role::Standby {
+            let _ = writeln!(
+                s,
+                "  role: standby (another replica carries the traffic; this one sends nothing)"
+            );
+        }
         if !self.packet_threads_alive {
             let _ = writeln!(
                 s,
@@ -344,31 +364,99 @@ const LIMITS: Limits = Limits {
 /// Serves `causeway status` for `site` on the control socket at `path`:
 /// each connection gets the status of a fresh snapshot as one JSON
 /// document, then is closed.
-pub(crate) async fn serve(path: &Path, site: LiveSite) -> io::Result<UnixServer> {
-    serve_with(path, move || site.snapshot(SystemTime::now())).await
+pub(crate) async fn serve(
+    path: &Path,
+    site: LiveSite,
+    roles: Option<watch::Sender<Role>>,
+) -> io::Result<UnixServer> {
+    serve_with(path, move || site.snapshot(SystemTime::now()), roles).await
+}
+
+/// How long the server waits for a request line before it takes the
+/// connection for a plain status read.
+const REQUEST_WAIT: Duration = Duration::from_millis(500);
+/// The longest request line.
+const MAX_REQUEST: usize = 64;
+
+/// A request on the control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Status,
+    Role(Role),
+}
+
+impl Request {
+    fn parse(line: &str) -> Result<Request, String> {
+        match line.trim() {
+            "" | "status" => Ok(Request::Status),
+            other => match other.strip_prefix("role ") {
+                Some(role) => role.trim().parse().map(Request::Role),
+                None => Err(format!("unknown request {other:?}")),
+            },
+        }
+    }
+}
+
+/// Reads the request: up to a newline, the end of the client's writing,
+/// [`MAX_REQUEST`] bytes or [`REQUEST_WAIT`], whichever comes first.
+async fn read_request(conn: &mut UnixStream) -> Result<Request, String> {
+    let mut buf = [0u8; MAX_REQUEST];
+    let mut len = 0;
+    let deadline = tokio::time::Instant::now() + REQUEST_WAIT;
+    while len < buf.len() && !buf[..len].contains(&b'\n') {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf[len..])).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => len += n,
+            Ok(Err(e)) => return Err(format!("reading the request: {e}")),
+        }
+    }
+    let line = std::str::from_utf8(&buf[..len]).map_err(|_| "request is not UTF-8".to_owned())?;
+    Request::parse(line.split('\n').next().unwrap_or(""))
 }
 
 /// [`serve`] with any source of snapshots (tests).
 pub(crate) async fn serve_with(
     path: &Path,
     snapshot: impl Fn() -> Snapshot + Send + Sync + 'static,
+    roles: Option<watch::Sender<Role>>,
 ) -> io::Result<UnixServer> {
     let snapshot = Arc::new(snapshot);
+    let roles = Arc::new(roles);
     let server = UnixServer::serve(path, "control", LIMITS, move |mut conn: UnixStream| {
         let snapshot = Arc::clone(&snapshot);
+        let roles = Arc::clone(&roles);
         async move {
-            if let Ok(json) = serde_json::to_vec_pretty(&Status::of(&snapshot())) {
-                let _ = conn.write_all(&json).await;
+            let answer = match read_request(&mut conn).await {
+                Ok(Request::Status) => serde_json::to_vec_pretty(&Status::of(&snapshot())).ok(),
+                Ok(Request::Role(role)) => {
+                    Some(set_role(roles.as_ref().as_ref(), role).into_bytes())
+                }
+                Err(e) => Some(format!("error: {e}\n").into_bytes()),
+            };
+            if let Some(answer) = answer {
+                let _ = conn.write_all(&answer).await;
             }
         }
     })
     .await?;
-    info!(path = %path.display(), "serving `causeway status`");
+    info!(path = %path.display(), "serving `causeway status` and `causeway ctl`");
     Ok(server)
 }
 
-/// Asks the daemon behind `path` for its status.
-pub async fn query(path: &Path) -> anyhow::Result<Status> {
+/// Asks for `role`; the answer line for the client.
+fn set_role(roles: Option<&watch::Sender<Role>>, role: Role) -> String {
+    let Some(roles) = roles else {
+        return "error: this site's role is not set by `causeway ctl role` \
+                (its config has no `[failover] election = \"keepalived\"`)\n"
+            .to_owned();
+    };
+    let was = roles.send_replace(role);
+    info!(%role, was = %was, "role requested on the control socket");
+    format!("ok: role {role} (was {was})\n")
+}
+
+/// Sends `request` to the daemon behind `path` and reads the whole answer.
+async fn ask(path: &Path, request: &str) -> anyhow::Result<Vec<u8>> {
     use anyhow::Context as _;
     let mut conn = UnixStream::connect(path).await.with_context(|| {
         format!(
@@ -376,14 +464,38 @@ pub async fn query(path: &Path) -> anyhow::Result<Status> {
             path.display()
         )
     })?;
+    conn.write_all(format!("{request}\n").as_bytes())
+        .await
+        .context("sending the request")?;
+    conn.shutdown().await.context("sending the request")?;
     let mut buf = Vec::new();
-    conn.read_to_end(&mut buf).await.context("reading status")?;
+    conn.read_to_end(&mut buf)
+        .await
+        .context("reading the answer")?;
     if buf.is_empty() {
         anyhow::bail!(
             "the daemon at {} closed the connection without answering (only root and the daemon's user may ask)",
             path.display()
         );
     }
+    Ok(buf)
+}
+
+/// Asks the daemon behind `path` to take `role` (`causeway ctl role`).
+/// Returns the daemon's answer line; an error when it refused.
+pub async fn request_role(path: &Path, role: Role) -> anyhow::Result<String> {
+    let answer = ask(path, &format!("role {role}")).await?;
+    let line = String::from_utf8_lossy(&answer).trim().to_owned();
+    match line.strip_prefix("error: ") {
+        Some(e) => anyhow::bail!("the daemon refused: {e}"),
+        None => Ok(line),
+    }
+}
+
+/// Asks the daemon behind `path` for its status.
+pub async fn query(path: &Path) -> anyhow::Result<Status> {
+    use anyhow::Context as _;
+    let buf = ask(path, "status").await?;
     serde_json::from_slice(&buf).context("daemon sent a status this version does not understand")
 }
 
@@ -391,6 +503,37 @@ pub async fn query(path: &Path) -> anyhow::Result<Status> {
 mod tests {
     use super::super::snapshot;
     use super::*;
+
+    #[test]
+    fn control_requests() {
+        assert_eq!(Request::parse(""), Ok(Request::Status));
+        assert_eq!(Request::parse("status\n"), Ok(Request::Status));
+        assert_eq!(
+            Request::parse("role active"),
+            Ok(Request::Role(Role::Active))
+        );
+        assert_eq!(
+            Request::parse("role  standby "),
+            Ok(Request::Role(Role::Standby))
+        );
+        assert!(
+            Request::parse("role leader")
+                .unwrap_err()
+                .contains("unknown role")
+        );
+        assert!(
+            Request::parse("reboot")
+                .unwrap_err()
+                .contains("unknown request")
+        );
+        let (roles, seen) = watch::channel(Role::Standby);
+        assert_eq!(
+            set_role(Some(&roles), Role::Active),
+            "ok: role active (was standby)\n"
+        );
+        assert_eq!(*seen.borrow(), Role::Active);
+        assert!(set_role(None, Role::Active).starts_with("error: "));
+    }
 
     #[test]
     fn status_of_the_example() {

@@ -281,6 +281,7 @@ pub(crate) fn site(now: Instant) -> Site {
             mtu: 1420,
             traversal: None,
             seed: 7,
+            role: causeway::core::Role::Active,
         },
         &[peer],
         now,

@@ -272,6 +272,7 @@ fn core(
             mtu: 1420,
             traversal: Some(traversal),
             seed: cfg.seed * 31 + i as u64,
+            role: causeway::core::Role::Active,
         },
         &peers,
         start,

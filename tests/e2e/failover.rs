@@ -1,0 +1,475 @@
+//! Standby gateways on bare metal: two replicas of site a's gateway (the
+//! same key) on two nodes of a cluster site, keepalived (VRRP, for real)
+//! choosing the active one and telling it with `causeway ctl role`. A pod
+//! on a third node sends 256 MiB to site b and pings it every 20 ms while
+//! the active replica is killed (`kill -9`) or its node unplugged; the
+//! standby takes over, the transfer completes intact, and the longest gap
+//! in the ping train is reported and bounded. Then the old replica comes
+//! back (fail-back) without a second outage. Both with NATs and a
+//! rendezvous, and with static endpoints (a port forward to the VIP).
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use causeway::observe::Status;
+use causeway_testbed::{ClusterSpec, Keepalived, Lab, LabSpec, Nat, Netns, SiteSpec, Vrrp};
+use sha2::{Digest, Sha256};
+
+use crate::common::*;
+
+/// The node of site a whose pod sends: not a gateway.
+const CLIENT_NODE: usize = 2;
+/// The bytes sent across the failover.
+const TRANSFER: usize = 256 << 20;
+/// When the failure is caused: after this much has arrived.
+const FAIL_AFTER: usize = 32 << 20;
+/// The longest gap in the ping train the issue allows.
+const MAX_GAP: Duration = Duration::from_secs(3);
+
+/// How the active replica is taken out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// `kill -9` of its daemon (keepalived sees the TUN lose its carrier).
+    Kill9,
+    /// Its node's link to the node LAN is cut (keepalived on the other
+    /// node misses the advertisements).
+    LinkCut,
+}
+
+/// How the sites find each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Paths {
+    /// Both sites behind NATs, introduced by a rendezvous.
+    Rendezvous,
+    /// b has a public address; a's NAT router forwards its WireGuard port
+    /// to the VIP, and each site has the other's static endpoint.
+    Static,
+}
+
+/// One replica of site a's gateway: its files, daemon and keepalived.
+struct Replica {
+    node: usize,
+    files: SiteFiles,
+    config: PathBuf,
+    daemon: Option<Daemon>,
+    keepalived: Option<Keepalived>,
+}
+
+struct FailoverLab {
+    lab: Lab,
+    _rendezvous: Option<Rendezvous>,
+    replicas: Vec<Replica>,
+    _files_b: SiteFiles,
+    daemon_b: Daemon,
+    /// Where site a's pods reach b's first pod.
+    b_pod_view: Ipv4Addr,
+}
+
+impl FailoverLab {
+    fn new(paths: Paths) -> FailoverLab {
+        const PORT_A: u16 = PORT;
+        let cidr = "10.0.0.0/16";
+        let a = SiteSpec::new("a", vec![cidr.parse().expect("cidr")])
+            .nat(Nat::PortPreserving)
+            .cluster(match paths {
+                Paths::Rendezvous => ClusterSpec::new(3, 2),
+                Paths::Static => ClusterSpec::new(3, 2).port_forward(PORT_A),
+            });
+        let b = SiteSpec::new("b", vec![cidr.parse().expect("cidr")]);
+        let b = match paths {
+            Paths::Rendezvous => b.nat(Nat::PortPreserving),
+            Paths::Static => b,
+        };
+        let lab = Lab::build(&LabSpec { sites: vec![a, b] }).expect("lab");
+        lab.site("b").remove_ipv6_underlay().expect("flush IPv6");
+        let files_b = SiteFiles::new();
+        let key_a = SiteFiles::new();
+        let rendezvous = (paths == Paths::Rendezvous).then(|| {
+            Rendezvous::start(
+                lab.internet(),
+                IpAddr::V4(lab.internet_addr()),
+                &[("a", &key_a.public_key), ("b", &files_b.public_key)],
+            )
+        });
+        let rdv = rendezvous
+            .as_ref()
+            .map(|r| {
+                format!(
+                    "[[rendezvous]]\naddress = \"{}:{RENDEZVOUS_QUIC_PORT}\"\npublic_key = {:?}\n\n",
+                    lab.internet_addr(),
+                    r.public_key
+                )
+            })
+            .unwrap_or_default();
+        let (endpoint_of_a, endpoint_of_b) = match paths {
+            Paths::Rendezvous => (None, None),
+            Paths::Static => (
+                Some(SocketAddr::new(lab.site("a").public_addr, PORT_A)),
+                Some(SocketAddr::new(lab.site("b").public_addr, PORT)),
+            ),
+        };
+        // Both replicas: the same key and config, their own sockets and state.
+        let peers_a = peer_toml("b", &files_b.public_key, &[cidr], endpoint_of_b)
+            + &rdv
+            + "[failover]\nelection = \"keepalived\"\n";
+        let replicas: Vec<Replica> = (0..2)
+            .map(|node| {
+                let files = key_a.clone_key();
+                let config = files.write_config("a", &[cidr], &peers_a);
+                Replica {
+                    node,
+                    files,
+                    config,
+                    daemon: None,
+                    keepalived: None,
+                }
+            })
+            .collect();
+        let config_b = files_b.write_config(
+            "b",
+            &[cidr],
+            &(peer_toml("a", &key_a.public_key, &[cidr], endpoint_of_a) + &rdv),
+        );
+        let daemon_b = Daemon::start(&lab.site("b").gateway, &files_b, &config_b);
+        let mut lab = FailoverLab {
+            lab,
+            _rendezvous: rendezvous,
+            replicas,
+            _files_b: files_b,
+            daemon_b,
+            b_pod_view: Ipv4Addr::UNSPECIFIED,
+        };
+        for i in 0..2 {
+            lab.start_replica(i);
+        }
+        // Where a's pods find b: the view the (first) replica gave it.
+        let status = lab.replicas[0].daemon.as_ref().expect("daemon").status();
+        lab.b_pod_view = view_of(&status, lab.lab.site("b").pods[0].addr);
+        // Hand-made node route to the VIP: the node agent's job once it
+        // runs in this test.
+        let cluster = lab.lab.site("a").cluster.as_ref().expect("cluster");
+        let vip = cluster.vip.to_string();
+        let view_net = status.peers[0].views[0].view.clone();
+        cluster
+            .node_ns(CLIENT_NODE)
+            .ip(&["route", "add", &view_net, "via", &vip])
+            .expect("node route");
+        lab
+    }
+
+    /// Starts replica `i`'s daemon (standby until keepalived says
+    /// otherwise), then its keepalived.
+    fn start_replica(&mut self, i: usize) {
+        let cluster = self.lab.site("a").cluster.as_ref().expect("cluster");
+        let r = &mut self.replicas[i];
+        let ns = cluster.node_ns(r.node);
+        let daemon = Daemon::start(ns, &r.files, &r.config);
+        assert_eq!(daemon.status().role, causeway::core::Role::Standby);
+        r.daemon = Some(daemon);
+        if r.keepalived.is_none() {
+            let ctl = |role: &str| {
+                format!(
+                    "{} ctl role {role} --socket {}",
+                    causeway_bin(),
+                    r.files.socket().display()
+                )
+            };
+            let dir = r.files.path("keepalived");
+            std::fs::create_dir_all(&dir).expect("keepalived dir");
+            let vrrp = Vrrp {
+                interface: "eth0".into(),
+                router_id: 51,
+                priority: if i == 0 { 150 } else { 100 },
+                advert_interval: Duration::from_millis(100),
+                vip: (cluster.vip, cluster.lan_prefix.prefix_len()),
+                track_interface: Some("causeway0".into()),
+                notify_master: ctl("active"),
+                notify_backup: ctl("standby"),
+                notify_fault: ctl("standby"),
+                dir,
+            };
+            r.keepalived = Some(Keepalived::start(ns, &vrrp).expect("keepalived"));
+        }
+    }
+
+    /// The replicas that say they are active.
+    fn actives(&self) -> Vec<usize> {
+        self.replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.daemon
+                    .as_ref()
+                    .and_then(Daemon::try_status)
+                    .is_some_and(|s| s.role == causeway::core::Role::Active)
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Waits until exactly one replica is active; returns it.
+    fn wait_one_active(&self, within: Duration) -> usize {
+        let t = Instant::now();
+        loop {
+            let actives = self.actives();
+            if actives.len() == 1 {
+                return actives[0];
+            }
+            if t.elapsed() > within {
+                panic!("active replicas: {actives:?}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn client(&self) -> &Netns {
+        let cluster = self.lab.site("a").cluster.as_ref().expect("cluster");
+        &cluster.node(CLIENT_NODE).pods[0].ns
+    }
+
+    fn server(&self) -> (&Netns, Ipv4Addr) {
+        let pod = &self.lab.site("b").pods[0];
+        (&pod.ns, pod.addr)
+    }
+
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        for (i, r) in self.replicas.iter().enumerate() {
+            if let Some(d) = &r.daemon {
+                text += &format!("--- replica {i}:\n{}", d.log_text());
+            }
+            if let Some(k) = &r.keepalived {
+                text += &format!("--- keepalived {i}:\n{}", k.log_text());
+            }
+        }
+        text + &format!("--- b:\n{}", self.daemon_b.log_text())
+    }
+
+    /// Takes replica `i` out.
+    fn fail(&mut self, i: usize, failure: Failure) {
+        match failure {
+            Failure::Kill9 => {
+                let mut daemon = self.replicas[i].daemon.take().expect("running");
+                daemon.child.kill9().expect("kill -9");
+            }
+            Failure::LinkCut => {
+                let cluster = self.lab.site("a").cluster.as_ref().expect("cluster");
+                cluster.cut_node_links(self.replicas[i].node).expect("cut");
+            }
+        }
+    }
+
+    /// Brings replica `i` back.
+    fn recover(&mut self, i: usize, failure: Failure) {
+        match failure {
+            Failure::Kill9 => self.start_replica(i),
+            Failure::LinkCut => {
+                let cluster = self.lab.site("a").cluster.as_ref().expect("cluster");
+                cluster
+                    .restore_node_links(self.replicas[i].node)
+                    .expect("restore");
+            }
+        }
+    }
+}
+
+impl SiteFiles {
+    /// Another set of files (own sockets, state, logs) with this key.
+    fn clone_key(&self) -> SiteFiles {
+        let other = SiteFiles::new();
+        std::fs::copy(self.path("private.key"), other.path("private.key")).expect("copy key");
+        SiteFiles {
+            dir: other.dir,
+            public_key: self.public_key.clone(),
+        }
+    }
+}
+
+/// Where `daemon`'s site sees `addr` of its only peer.
+fn view_of(status: &Status, addr: Ipv4Addr) -> Ipv4Addr {
+    let view = &status.peers[0].views[0];
+    let real: ipnet::Ipv4Net = view.real.parse().expect("real");
+    let seen: ipnet::Ipv4Net = view.view.parse().expect("view");
+    let offset = u32::from(addr) - u32::from(real.network());
+    Ipv4Addr::from(u32::from(seen.network()) + offset)
+}
+
+/// Pings `to` from `from` every 20 ms (each waiting up to 100 ms) until
+/// stopped; [`PingTrain::stop`] gives the longest time without a reply.
+struct PingTrain {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(Instant, Vec<Instant>)>,
+}
+
+impl PingTrain {
+    fn start(from: &Netns, to: Ipv4Addr) -> PingTrain {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ns = from.alias();
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut replies = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                if let Ok(Some(_)) = ns.ping(to.into(), Duration::from_millis(100)) {
+                    replies.push(Instant::now());
+                }
+                if let Some(wait) =
+                    (sent + Duration::from_millis(20)).checked_duration_since(Instant::now())
+                {
+                    std::thread::sleep(wait);
+                }
+            }
+            (start, replies)
+        });
+        PingTrain { stop, thread }
+    }
+
+    /// Stops the train: the longest gap between replies (and from the
+    /// start and to the end), and the number of replies.
+    fn stop(self) -> (Duration, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let end = Instant::now();
+        let (start, replies) = self.thread.join().expect("ping thread");
+        let mut longest = Duration::ZERO;
+        let mut last = start;
+        for t in replies.iter().copied().chain(std::iter::once(end)) {
+            longest = longest.max(t.saturating_duration_since(last));
+            last = t;
+        }
+        (longest, replies.len())
+    }
+}
+
+/// Sends [`TRANSFER`] bytes from `client` to `server` (bound to `bind`,
+/// dialled at `connect`), calling `at_fail` once [`FAIL_AFTER`] bytes have
+/// arrived; asserts the SHA-256 of what arrived.
+fn transfer_across(
+    server: &Netns,
+    bind: Ipv4Addr,
+    client: &Netns,
+    connect: Ipv4Addr,
+    at_fail: impl FnOnce(),
+) {
+    let port = 5002;
+    let listener = server.enter(|| TcpListener::bind((bind, port)).expect("bind"));
+    let data = pattern(TRANSFER, 0xfa11);
+    let sent_digest = Sha256::digest(&data);
+    let received = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            let (mut conn, _) = listener.accept().expect("accept");
+            conn.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = conn.read(&mut buf).expect("read");
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                received.fetch_add(n, Ordering::Relaxed);
+            }
+            hasher.finalize()
+        });
+        let sender = s.spawn(|| {
+            let mut conn = client.enter(|| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::new(connect.into(), port),
+                    Duration::from_secs(10),
+                )
+                .expect("connect")
+            });
+            conn.set_write_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            conn.write_all(&data).expect("send");
+        });
+        let t = Instant::now();
+        while received.load(Ordering::Relaxed) < FAIL_AFTER {
+            assert!(t.elapsed() < Duration::from_secs(60), "transfer stalled");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        at_fail();
+        sender.join().expect("sender");
+        let digest = receiver.join().expect("receiver");
+        assert_eq!(received.load(Ordering::Relaxed), TRANSFER, "byte count");
+        assert_eq!(digest, sent_digest, "SHA-256 of the transfer");
+    });
+}
+
+fn failover(paths: Paths, failure: Failure) {
+    let mut f = FailoverLab::new(paths);
+    let active = f.wait_one_active(Duration::from_secs(10));
+    let (server, server_addr) = f.server();
+    let (server, view) = (server.alias(), f.b_pod_view);
+    ping_until(f.client(), view.into(), Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("no ping through the active replica {active}\n{}", f.logs()));
+
+    // Failover, under a ping train and a 256 MiB transfer.
+    let train = PingTrain::start(f.client(), view);
+    let client = f.client().alias();
+    let mut failed_at = None;
+    transfer_across(&server, server_addr, &client, view, || {
+        failed_at = Some(Instant::now());
+        f.fail(active, failure);
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let (gap, replies) = train.stop();
+    let standby = 1 - active;
+    let took_over = f.actives();
+    eprintln!(
+        "{paths:?}, {failure:?} of replica {active}: longest ping gap {gap:?} ({replies} replies), transfer intact; active now {took_over:?}"
+    );
+    assert!(gap <= MAX_GAP, "failover gap {gap:?}\n{}", f.logs());
+    assert!(took_over.contains(&standby), "{took_over:?}\n{}", f.logs());
+    let _ = failed_at;
+
+    // Fail-back: the old replica returns (as a standby: nopreempt), and
+    // the traffic does not stop for longer than the bound again.
+    let train = PingTrain::start(f.client(), view);
+    f.recover(active, failure);
+    let t = Instant::now();
+    while f.actives() != [standby] && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (gap, replies) = train.stop();
+    eprintln!(
+        "{paths:?}, fail-back of replica {active}: longest ping gap {gap:?} ({replies} replies); active {:?}",
+        f.actives()
+    );
+    assert_eq!(f.actives(), [standby], "{}", f.logs());
+    assert!(gap <= MAX_GAP, "fail-back gap {gap:?}\n{}", f.logs());
+    tcp_transfer_via(
+        &server,
+        server_addr.into(),
+        f.client(),
+        view.into(),
+        1 << 20,
+    );
+}
+
+#[test]
+fn kill_9_of_the_active_gateway_through_nats() {
+    failover(Paths::Rendezvous, Failure::Kill9);
+}
+
+#[test]
+fn link_cut_of_the_active_gateway_through_nats() {
+    failover(Paths::Rendezvous, Failure::LinkCut);
+}
+
+#[test]
+fn kill_9_of_the_active_gateway_with_static_endpoints() {
+    failover(Paths::Static, Failure::Kill9);
+}
+
+#[test]
+fn link_cut_of_the_active_gateway_with_static_endpoints() {
+    failover(Paths::Static, Failure::LinkCut);
+}
