@@ -116,6 +116,8 @@ fn the_image_built_from_scratch_runs_the_gateway() {
     let mut build = Command::new(repo().join("scripts/build-image.sh"));
     build
         .args(["--binary", causeway_bin(), "--tag", &tag])
+        // The option a node agent would use: nft and its libraries.
+        .arg("--with-nft")
         .args(storage.args());
     let id = ok(&mut build);
     assert!(!id.is_empty());
@@ -167,6 +169,10 @@ fn the_image_built_from_scratch_runs_the_gateway() {
     let root = PathBuf::from(ok(storage.buildah().args(["mount", &ctr])));
     let bin = root.join("usr/local/bin/causeway");
     assert!(bin.is_file(), "no binary in the image");
+    let nft = ok(Command::new("chroot")
+        .arg(&root)
+        .args(["/usr/sbin/nft", "--version"]));
+    assert!(nft.starts_with("nftables"), "{nft}");
 
     // What Kubernetes would mount: the config, the key, the state and run
     // directories, /dev/net/tun (a mount point for it), /proc.
