@@ -1,4 +1,4 @@
-//! The thin adapter between [`Elector`](super::lease::Elector) and a
+//! The thin adapter between [`Elector`] and a
 //! Kubernetes API server: in-cluster configuration, GET/POST/PUT of one
 //! `coordination.k8s.io/v1` Lease over HTTPS, and the loop that drives the
 //! state machine and hands its role changes to the daemon.
