@@ -12,6 +12,9 @@ CAUSEWAY_PACKAGES=(
     conntrack:conntrack
     turnserver:coturn
     keepalived:keepalived
+    # The image test (tests/e2e/image.rs, scripts/build-image.sh).
+    buildah:buildah
+    runc:runc
 )
 
 ensure_root() {
@@ -22,8 +25,14 @@ ensure_root() {
 }
 
 ensure_packages() {
+    ensure_commands "${CAUSEWAY_PACKAGES[@]}"
+}
+
+# ensure_commands CMD:PACKAGE...: installs the packages of the commands
+# that are missing.
+ensure_commands() {
     local missing=() entry
-    for entry in "${CAUSEWAY_PACKAGES[@]}"; do
+    for entry in "$@"; do
         command -v "${entry%%:*}" >/dev/null 2>&1 || missing+=("${entry#*:}")
     done
     if [ ${#missing[@]} -gt 0 ]; then

@@ -8,6 +8,8 @@
 //! `wg show`), and [`daemon`] (bring-up, reload, teardown). [`cluster`]
 //! (the gateway's endpoint for node agents) sits beside [`core`];
 //! [`node`] (the node agent, `causeway node`) beside [`daemon`].
+//! [`election`] (who is the active gateway: a Kubernetes Lease) uses
+//! nothing of the crate.
 
 pub mod candidates;
 pub mod cluster;
@@ -15,6 +17,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 mod datapath;
+pub mod election;
 pub mod invite;
 pub use causeway_common::keys;
 

@@ -39,7 +39,7 @@ const DAEMON: Crate = Crate {
     name: "causeway (daemon)",
     src: "src",
     layers: &[
-        &["packet", "candidates", "notify"],
+        &["packet", "candidates", "notify", "election"],
         &["views"],
         &["config"],
         &["core", "invite", "cluster"],

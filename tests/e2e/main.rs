@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod failover;
 mod garbage;
+mod image;
 mod interop;
 mod invite;
 mod metrics;

@@ -1,6 +1,10 @@
-//! The Containerfile cannot be built here (no container engine), so it is
-//! linted with hadolint (every finding fails, down to style) and checked
-//! against what the manifests and the docs expect of the image.
+//! The Containerfile itself cannot be built here (its base images,
+//! rust:1.95-bookworm and distroless, cannot be pulled), so it is linted
+//! with hadolint (every finding fails, down to style) and checked against
+//! what the manifests and the docs expect of the image. An image with the
+//! same runtime layout is built from scratch by scripts/build-image.sh and
+//! run by the e2e test `image::the_image_built_from_scratch_runs_the_gateway`,
+//! which also compares its config with the Containerfile's runtime stage.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -550,3 +550,128 @@ fn node_daemonset_fits_the_agent_and_the_gateway() {
         listen.ip().to_string()
     );
 }
+
+fn env_field<'a>(container: &'a Value, name: &str) -> &'a str {
+    container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no env {name}"))["valueFrom"]["fieldRef"]["fieldPath"]
+        .as_str()
+        .unwrap_or_else(|| panic!("env {name} is not from the downward API"))
+}
+
+/// The gateway's access to the Kubernetes API: exactly what the Lease
+/// election (daemon/src/election) does, on the Lease it uses, for the
+/// pod's service account; and the pod tells the daemon who and where it is.
+#[test]
+fn the_gateway_may_hold_its_lease_and_nothing_more() {
+    let Some(v) = validators() else { return };
+    let ds = only(&v, "gateway/daemonset.yaml");
+    let account = only(&v, "gateway/serviceaccount.yaml");
+    let role = only(&v, "gateway/role.yaml");
+    let binding = only(&v, "gateway/rolebinding.yaml");
+    let k = only(&v, "gateway/kustomization.yaml");
+    let namespace = k["namespace"].as_str().expect("namespace");
+    let pod = &ds["spec"]["template"]["spec"];
+
+    // The pod runs as the account and gets its token (the account alone
+    // does not mount it anywhere else).
+    assert_eq!(account["kind"], "ServiceAccount");
+    assert_eq!(pod["serviceAccountName"], account["metadata"]["name"]);
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    assert_eq!(account["automountServiceAccountToken"], false);
+
+    // The binding gives the Role to that account, in the gateway's namespace.
+    assert_eq!(binding["kind"], "RoleBinding");
+    assert_eq!(
+        binding["roleRef"],
+        serde_json::json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                           "name": role["metadata"]["name"]})
+    );
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                            "namespace": namespace}])
+    );
+
+    check_lease_role(&role).unwrap_or_else(|e| panic!("gateway/role.yaml: {e}"));
+
+    // Who and where the replica is: its holderIdentity and the Lease's
+    // namespace, from the downward API.
+    let c = container(&ds);
+    assert_eq!(env_field(c, "POD_NAME"), "metadata.name");
+    assert_eq!(env_field(c, "POD_NAMESPACE"), "metadata.namespace");
+    // A standby must be ready (readiness gates the rolling update), and an
+    // update waits a little on each node before the next.
+    assert!(
+        ds["spec"]["minReadySeconds"]
+            .as_i64()
+            .is_some_and(|s| s > 0)
+    );
+}
+
+/// The Role allows leases in coordination.k8s.io only; get and update only
+/// on the daemon's Lease by name; create (which RBAC cannot limit by
+/// name); nothing else, no wildcards.
+fn check_lease_role(role: &Value) -> Result<(), String> {
+    use causeway::election::kubernetes::DEFAULT_LEASE_NAME;
+    if role["kind"] != "Role" {
+        return Err(format!(
+            "kind {}: a namespaced Role, not a ClusterRole",
+            role["kind"]
+        ));
+    }
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_array().ok_or("no rules")? {
+        if strings(&rule["apiGroups"]) != ["coordination.k8s.io"]
+            || strings(&rule["resources"]) != ["leases"]
+        {
+            return Err(format!("{rule}: only leases in coordination.k8s.io"));
+        }
+        let names = strings(&rule["resourceNames"]);
+        for verb in strings(&rule["verbs"]) {
+            if verb == "create" {
+                if !names.is_empty() {
+                    return Err(format!("{rule}: resourceNames never match a create"));
+                }
+            } else if names != [DEFAULT_LEASE_NAME] {
+                return Err(format!(
+                    "{rule}: {verb} must be limited to the daemon's Lease {DEFAULT_LEASE_NAME}"
+                ));
+            }
+            granted.insert(verb);
+        }
+    }
+    let wanted: BTreeSet<String> = ["create", "get", "update"].map(String::from).into();
+    if granted != wanted {
+        return Err(format!(
+            "verbs {granted:?}: the election sends GET, POST and PUT, so exactly {wanted:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The Role check must catch what it is there to catch.
+#[test]
+fn the_role_check_rejects_more_access_or_less() {
+    let Some(v) = validators() else { return };
+    let role = only(&v, "gateway/role.yaml");
+    assert_eq!(check_lease_role(&role), Ok(()));
+    let broken = |edit: &dyn Fn(&mut Value)| {
+        let mut r = role.clone();
+        edit(&mut r);
+        check_lease_role(&r).expect_err("a broken Role passed")
+    };
+    let e = broken(&|r| r["rules"][0]["verbs"] = serde_json::json!(["get", "update", "delete"]));
+    assert!(e.contains("delete"), "{e}");
+    let e = broken(&|r| r["rules"][0]["resourceNames"] = serde_json::json!([]));
+    assert!(e.contains("must be limited"), "{e}");
+    let e = broken(&|r| r["rules"][1]["resources"] = serde_json::json!(["*"]));
+    assert!(e.contains("only leases"), "{e}");
+    let e = broken(&|r| r["rules"][1]["verbs"] = serde_json::json!([]));
+    assert!(e.contains("exactly"), "{e}");
+    let e = broken(&|r| r["kind"] = serde_json::json!("ClusterRole"));
+    assert!(e.contains("ClusterRole"), "{e}");
+}

@@ -1,0 +1,17 @@
+//! Who is the active gateway among replicas of one site: a Kubernetes
+//! `coordination.k8s.io/v1` Lease (docs/failover-kubernetes.md).
+//!
+//! - [`lease`]: the election as a pure state machine (no I/O, no clock),
+//!   client-go's rules, tested on its own against a simulated store;
+//! - [`kubernetes`]: the thin adapter that drives it against the API server
+//!   (in-cluster config, GET/POST/PUT of the Lease over HTTPS) and hands
+//!   every role change to a callback.
+//!
+//! It depends on nothing else in the crate: the daemon feeds it settings
+//! and consumes the [`Role`].
+
+pub mod kubernetes;
+pub mod lease;
+
+pub use kubernetes::{ApiServer, ElectionError, InClusterError, LeaseParams, run};
+pub use lease::{Role, Timing};
