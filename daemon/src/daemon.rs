@@ -40,6 +40,7 @@ pub async fn run(
         )
     })?;
     let listen_port = udp.local_port()?;
+    let lease = Lease::resolve(&config.failover)?;
 
     let netlink = Netlink::connect()?;
     match netlink.link_by_name(&site.interface).await? {
@@ -85,6 +86,7 @@ pub async fn run(
             let served = serve(
                 &config,
                 reloader,
+                lease,
                 &netlink,
                 &link,
                 &ctx,
@@ -105,9 +107,11 @@ pub async fn run(
     served.and(removed)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: &Config,
     mut reloader: Reloader,
+    lease: Option<Lease>,
     netlink: &Netlink,
     link: &Link,
     ctx: &Arc<Ctx>,
@@ -140,12 +144,13 @@ async fn serve(
     announce_role(reloader.announcer.as_ref(), ctx);
     let datapath = Datapath::start(Arc::clone(ctx)).context("starting the packet threads")?;
     let mut rendezvous = ctx.site.is_active().then(|| Rendezvous::start(ctx, config));
+    // Who asks for another role: `causeway ctl role` (keepalived) or the
+    // Lease election. `roles` lives as long as this function, so the
+    // channel never closes.
     let (roles, mut role_requests) = watch::channel(ctx.site.role());
     let live = LiveSite::new(Arc::clone(datapath.ctx()), &site.name, listen_port);
-    let role_control = match config.failover {
-        Failover::Keepalived => Some(roles),
-        Failover::None => None,
-    };
+    let role_control = matches!(config.failover, Failover::Keepalived).then(|| roles.clone());
+    let election = lease.map(|lease| Election::start(lease, roles.clone()));
     let control = crate::observe::serve_control(&site.control_socket, live.clone(), role_control)
         .await
         .with_context(|| {
@@ -214,12 +219,7 @@ async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             trigger = reloader.next() => reloader.reload(trigger, netlink, link, ctx).await,
-            changed = role_requests.changed() => {
-                if changed.is_err() {
-                    // Nobody can ask for another role any more.
-                    role_requests = watch::channel(ctx.site.role()).1;
-                    continue;
-                }
+            Ok(()) = role_requests.changed() => {
                 let role = *role_requests.borrow_and_update();
                 take_role(role, &reloader.running, netlink, link, ctx, &mut rendezvous).await;
                 announce_role(reloader.announcer.as_ref(), ctx);
@@ -227,6 +227,21 @@ async fn serve(
         }
     }
     info!("shutting down");
+    if let Some(election) = election {
+        // Stop acting as active first, then give the Lease back: a standby
+        // takes over within one retry period.
+        take_role(
+            Role::Standby,
+            &reloader.running,
+            netlink,
+            link,
+            ctx,
+            &mut rendezvous,
+        )
+        .await;
+        election.release().await;
+    }
+    drop(roles);
     ready.store(false, Ordering::Release);
     drop(metrics);
     drop(uapi);
@@ -395,7 +410,87 @@ impl Reloader {
 fn initial_role(failover: &Failover) -> Role {
     match failover {
         Failover::None => Role::Active,
-        Failover::Keepalived => Role::Standby,
+        Failover::Keepalived | Failover::Kubernetes(_) => Role::Standby,
+    }
+}
+
+/// What `election = "kubernetes"` runs on: the API server and the Lease,
+/// resolved from the pod before anything on the host changes.
+struct Lease {
+    api: crate::election::ApiServer,
+    params: crate::election::LeaseParams,
+}
+
+impl Lease {
+    /// The in-cluster API server and the Lease parameters, with what the
+    /// config leaves open taken from the pod; `None` without the election.
+    fn resolve(failover: &Failover) -> anyhow::Result<Option<Lease>> {
+        let Failover::Kubernetes(lease) = failover else {
+            return Ok(None);
+        };
+        let params = crate::election::LeaseParams::resolve(
+            lease.name.clone(),
+            lease.namespace.clone(),
+            lease.identity.clone(),
+            lease.timing,
+        )
+        .context("[failover] election = \"kubernetes\": the Lease")?;
+        let problems = params.problems();
+        if !problems.is_empty() {
+            bail!("[failover]: {}", problems.join("; "));
+        }
+        let api = crate::election::ApiServer::in_cluster().context(
+            "[failover] election = \"kubernetes\" needs the in-cluster API server \
+             (KUBERNETES_SERVICE_HOST and the service account token): run in a pod",
+        )?;
+        Ok(Some(Lease { api, params }))
+    }
+}
+
+/// The running Lease election: it asks for a role on `roles` at every
+/// change.
+struct Election {
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    deadline: Duration,
+}
+
+impl Election {
+    fn start(lease: Lease, roles: watch::Sender<Role>) -> Election {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let deadline = lease.params.timing.renew_deadline + Duration::from_secs(1);
+        let task = tokio::spawn(async move {
+            let on_role = move |role: crate::election::Role| {
+                roles.send_replace(if role.is_active() {
+                    Role::Active
+                } else {
+                    Role::Standby
+                });
+            };
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = crate::election::run(lease.api, lease.params, on_role, shutdown).await {
+                warn!("the Lease election stopped: {e}");
+            }
+        });
+        Election {
+            task,
+            stop,
+            deadline,
+        }
+    }
+
+    /// Gives the Lease back (when held) and waits for that, within the
+    /// renew deadline.
+    async fn release(self) {
+        let _ = self.stop.send(());
+        if tokio::time::timeout(self.deadline, self.task)
+            .await
+            .is_err()
+        {
+            warn!("the Lease was not released in time; the standby takes over when it expires");
+        }
     }
 }
 

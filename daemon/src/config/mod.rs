@@ -151,6 +151,24 @@ pub enum Failover {
     /// `election = "keepalived"`: starts as a standby; keepalived's notify
     /// scripts run `causeway ctl role active|standby` on VRRP transitions.
     Keepalived,
+    /// `election = "kubernetes"`: starts as a standby; active while it
+    /// holds a `coordination.k8s.io/v1` Lease.
+    Kubernetes(KubernetesLease),
+}
+
+/// The Lease of `election = "kubernetes"`; what is not given is taken from
+/// the pod when the daemon starts (see [`crate::election::LeaseParams::resolve`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesLease {
+    /// `lease_name` (default `causeway-gateway`).
+    pub name: Option<String>,
+    /// `lease_namespace` (default: `POD_NAMESPACE`, else the service
+    /// account's namespace).
+    pub namespace: Option<String>,
+    /// `identity` (default: `POD_NAME`, else the host name).
+    pub identity: Option<String>,
+    /// `lease_duration_ms`, `renew_deadline_ms`, `retry_period_ms`.
+    pub timing: crate::election::Timing,
 }
 
 /// Where the daemon's config comes from: the file, with the settings given

@@ -15,8 +15,8 @@ use super::raw::{RawAllow, RawConfig, RawFailover, RawPeer, RawRendezvous, RawSi
 use super::{
     AllowRule, Config, ConfigErrors, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_MTU,
     DEFAULT_PRIVATE_KEY_FILE, DEFAULT_REMAP_POOL, DEFAULT_STATE_DIR, DEFAULT_STUN_PORT,
-    EndpointSpec, Failover, MIN_MTU_IPV6, MTU_RANGE, Parsed, PeerConfig, Proto, RendezvousConfig,
-    SiteConfig, default_control_socket, default_uapi_socket,
+    EndpointSpec, Failover, KubernetesLease, MIN_MTU_IPV6, MTU_RANGE, Parsed, PeerConfig, Proto,
+    RendezvousConfig, SiteConfig, default_control_socket, default_uapi_socket,
 };
 use crate::keys::{self, PublicKey};
 use crate::views::overlaps;
@@ -84,19 +84,80 @@ pub fn parse(text: &str, origin: &str) -> Result<Config<Parsed>, ConfigErrors> {
 
 /// The `[failover]` table.
 fn failover(p: &mut Problems<'_>, raw: RawFailover) -> Failover {
-    match raw.election.as_deref() {
-        Some("keepalived") => Failover::Keepalived,
+    const ELECTIONS: &str = "\"keepalived\" or \"kubernetes\"";
+    let RawFailover {
+        election,
+        lease_name,
+        lease_namespace,
+        identity,
+        lease_duration_ms,
+        renew_deadline_ms,
+        retry_period_ms,
+    } = raw;
+    let lease_keys = [
+        ("lease_name", lease_name.is_some()),
+        ("lease_namespace", lease_namespace.is_some()),
+        ("identity", identity.is_some()),
+        ("lease_duration_ms", lease_duration_ms.is_some()),
+        ("renew_deadline_ms", renew_deadline_ms.is_some()),
+        ("retry_period_ms", retry_period_ms.is_some()),
+    ];
+    match election.as_deref() {
+        Some("keepalived") => {
+            for (key, _) in lease_keys.iter().filter(|(_, given)| *given) {
+                p.add(
+                    format!("failover.{key}"),
+                    "only for election = \"kubernetes\"; remove it",
+                );
+            }
+            Failover::Keepalived
+        }
+        Some("kubernetes") => {
+            let default = crate::election::Timing::default();
+            let mut ms = |key: &str, value: Option<i64>, default: std::time::Duration| match value {
+                None => default,
+                Some(v) => match u64::try_from(v) {
+                    Ok(v) => std::time::Duration::from_millis(v),
+                    Err(_) => {
+                        p.add(format!("failover.{key}"), format!("{v} is negative"));
+                        default
+                    }
+                },
+            };
+            let timing = crate::election::Timing::new(
+                ms(
+                    "lease_duration_ms",
+                    lease_duration_ms,
+                    default.lease_duration,
+                ),
+                ms(
+                    "renew_deadline_ms",
+                    renew_deadline_ms,
+                    default.renew_deadline,
+                ),
+                ms("retry_period_ms", retry_period_ms, default.retry_period),
+            );
+            for problem in timing.problems() {
+                p.add("failover", problem);
+            }
+            Failover::Kubernetes(KubernetesLease {
+                name: lease_name,
+                namespace: lease_namespace,
+                identity,
+                timing,
+            })
+        }
         Some(other) => {
             p.add(
                 "failover.election",
-                format!("unknown election {other:?}; use \"keepalived\""),
+                format!("unknown election {other:?}; use {ELECTIONS}"),
             );
             Failover::None
         }
         None => {
             p.add(
                 "failover.election",
-                "missing; say how the active gateway is chosen: \"keepalived\"",
+                format!("missing; say how the active gateway is chosen: {ELECTIONS}"),
             );
             Failover::None
         }

@@ -23,6 +23,12 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFailover {
     pub(super) election: Option<String>,
+    pub(super) lease_name: Option<String>,
+    pub(super) lease_namespace: Option<String>,
+    pub(super) identity: Option<String>,
+    pub(super) lease_duration_ms: Option<i64>,
+    pub(super) renew_deadline_ms: Option<i64>,
+    pub(super) retry_period_ms: Option<i64>,
 }
 
 #[derive(Deserialize)]

@@ -958,7 +958,48 @@ fn failover_election() {
     let keepalived = format!("{base}\n[failover]\nelection = \"keepalived\"\n");
     let config = parse(&keepalived, "c").unwrap();
     assert_eq!(config.failover, Failover::Keepalived);
+    let kubernetes = format!("{base}\n[failover]\nelection = \"kubernetes\"\n");
+    assert_eq!(
+        parse(&kubernetes, "c").unwrap().failover,
+        Failover::Kubernetes(KubernetesLease {
+            name: None,
+            namespace: None,
+            identity: None,
+            timing: crate::election::Timing::default(),
+        })
+    );
+    let tuned = format!(
+        "{base}\n[failover]\nelection = \"kubernetes\"\nlease_name = \"gw\"\nidentity = \"a-0\"\n\
+         lease_duration_ms = 1000\nrenew_deadline_ms = 700\nretry_period_ms = 200\n"
+    );
+    let Failover::Kubernetes(lease) = parse(&tuned, "c").unwrap().failover else {
+        panic!("not kubernetes");
+    };
+    assert_eq!(
+        (lease.name.as_deref(), lease.identity.as_deref()),
+        (Some("gw"), Some("a-0"))
+    );
+    assert_eq!(
+        lease.timing.retry_period,
+        std::time::Duration::from_millis(200)
+    );
     for (table, expected) in [
+        (
+            "[failover]\nelection = \"keepalived\"\nlease_name = \"gw\"",
+            "failover.lease_name: only for election = \"kubernetes\"",
+        ),
+        (
+            "[failover]\nelection = \"kubernetes\"\nlease_duration_ms = 1500",
+            "lease_duration_ms = 1500: must be a whole number of seconds",
+        ),
+        (
+            "[failover]\nelection = \"kubernetes\"\nrenew_deadline_ms = 2000",
+            "renew_deadline_ms = 2000 must be less than lease_duration_ms = 2000",
+        ),
+        (
+            "[failover]\nelection = \"kubernetes\"\nretry_period_ms = -5",
+            "failover.retry_period_ms: -5 is negative",
+        ),
         (
             "[failover]\nelection = \"raft\"",
             "failover.election: unknown election \"raft\"",
