@@ -83,9 +83,19 @@ impl Keepalived {
     /// Writes `vrrp`'s config into its `dir` and starts keepalived (VRRP
     /// only, in the foreground, logging to `dir/keepalived.log`) in `ns`.
     pub fn start(ns: &Netns, vrrp: &Vrrp) -> Result<Keepalived, Error> {
-        let file = |name: &str| vrrp.dir.join(name);
+        Self::start_config(ns, &vrrp.dir, &vrrp.config())
+    }
+
+    /// Starts keepalived in `ns` with the config `text` (e.g. a shipped
+    /// example with its addresses replaced), its files in `dir`.
+    pub fn start_config(
+        ns: &Netns,
+        dir: &std::path::Path,
+        text: &str,
+    ) -> Result<Keepalived, Error> {
+        let file = |name: &str| dir.join(name);
         let io = |what: &str, e| ns.io_error(what, e);
-        std::fs::write(file("keepalived.conf"), vrrp.config())
+        std::fs::write(file("keepalived.conf"), text)
             .map_err(|e| io("writing keepalived.conf", e))?;
         let log = file("keepalived.log");
         let out = std::fs::File::create(&log).map_err(|e| io("creating keepalived.log", e))?;

@@ -4,75 +4,12 @@
 //! route: the node agents learn the views from the gateway.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use causeway_testbed::{ChildGuard, ClusterSpec, IpNet, Lab, LabSpec, Nat, Netns, SiteSpec};
+use causeway_testbed::{ClusterSpec, IpNet, Lab, LabSpec, Nat, Netns, SiteSpec};
 
 use crate::common::*;
-
-/// The gateways' cluster endpoint port.
-const CLUSTER_PORT: u16 = 7473;
-/// The node agents' metrics port (on each node's loopback).
-const NODE_METRICS: &str = "127.0.0.1:9470";
-
-/// A running `causeway node`.
-struct NodeAgent {
-    child: ChildGuard,
-    log: PathBuf,
-    config: PathBuf,
-}
-
-impl NodeAgent {
-    fn start(
-        ns: &Netns,
-        dir: &Path,
-        name: &str,
-        gateways: &[Ipv4Addr],
-        secret: &Path,
-    ) -> NodeAgent {
-        let config = dir.join(format!("{name}.toml"));
-        let gateways: Vec<String> = gateways
-            .iter()
-            .map(|g| format!("\"{g}:{CLUSTER_PORT}\""))
-            .collect();
-        std::fs::write(
-            &config,
-            format!(
-                "gateways = [{}]\nsecret_file = {secret:?}\nmetrics_listen = \"{NODE_METRICS}\"\n",
-                gateways.join(", ")
-            ),
-        )
-        .expect("node config");
-        let log = dir.join(format!("{name}.log"));
-        let child = spawn_agent(ns, &config, &log);
-        NodeAgent { child, log, config }
-    }
-
-    fn restart(&mut self, ns: &Netns) {
-        self.child = spawn_agent(ns, &self.config, &self.log);
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-fn spawn_agent(ns: &Netns, config: &Path, log: &Path) -> ChildGuard {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log");
-    let mut cmd = ns.command(causeway_bin());
-    cmd.args(["node", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(out);
-    ns.spawn(&mut cmd).expect("spawn causeway node")
-}
 
 /// The destinations of the node agent's routes (`proto 202`) in `ns`.
 fn node_routes(ns: &Netns) -> Vec<String> {
@@ -523,6 +460,16 @@ fn node_agent_reports_masquerade_cleans_up_on_stop_and_adopts_after_kill() {
     // Restart, kill -9: routes and table stay; a new agent adopts them.
     agents_a[2].restart(ns2);
     wait_routes(ns2, &[b_in_a], Duration::from_secs(10), &agents_a[2]);
+    // The table comes with (not before) the routes: wait for it too.
+    let t = Instant::now();
+    while !has_nft_table(ns2) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{}",
+            agents_a[2].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     agents_a[2].child.kill9().expect("kill -9");
     assert_eq!(node_routes(ns2), vec![b_in_a.to_string()]);
     assert!(has_nft_table(ns2));

@@ -735,3 +735,65 @@ pub fn ping_train(
         (longest, replies.len())
     })
 }
+
+/// The gateways' cluster endpoint port.
+pub const CLUSTER_PORT: u16 = 7473;
+/// The node agents' metrics port (on each node's loopback).
+pub const NODE_METRICS: &str = "127.0.0.1:9470";
+
+/// A running `causeway node`.
+pub struct NodeAgent {
+    pub child: ChildGuard,
+    pub log: PathBuf,
+    pub config: PathBuf,
+}
+
+impl NodeAgent {
+    pub fn start(
+        ns: &Netns,
+        dir: &Path,
+        name: &str,
+        gateways: &[Ipv4Addr],
+        secret: &Path,
+    ) -> NodeAgent {
+        let config = dir.join(format!("{name}.toml"));
+        let gateways: Vec<String> = gateways
+            .iter()
+            .map(|g| format!("\"{g}:{CLUSTER_PORT}\""))
+            .collect();
+        std::fs::write(
+            &config,
+            format!(
+                "gateways = [{}]\nsecret_file = {secret:?}\nmetrics_listen = \"{NODE_METRICS}\"\n",
+                gateways.join(", ")
+            ),
+        )
+        .expect("node config");
+        let log = dir.join(format!("{name}.log"));
+        let child = spawn_agent(ns, &config, &log);
+        NodeAgent { child, log, config }
+    }
+
+    pub fn restart(&mut self, ns: &Netns) {
+        self.child = spawn_agent(ns, &self.config, &self.log);
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+pub fn spawn_agent(ns: &Netns, config: &Path, log: &Path) -> ChildGuard {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    let mut cmd = ns.command(causeway_bin());
+    cmd.args(["node", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(out);
+    ns.spawn(&mut cmd).expect("spawn causeway node")
+}

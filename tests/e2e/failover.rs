@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use causeway::observe::Status;
-use causeway_testbed::{ClusterSpec, Keepalived, Lab, LabSpec, Nat, Netns, SiteSpec, Vrrp};
+use causeway_testbed::{ClusterSpec, Keepalived, Lab, LabSpec, Nat, Netns, SiteSpec};
 use sha2::{Digest, Sha256};
 
 use crate::common::*;
@@ -61,6 +61,10 @@ struct Replica {
 
 struct FailoverLab {
     lab: Lab,
+    /// The node agent on the client's node.
+    agent: NodeAgent,
+    /// Keeps the cluster secret and the node agent's files.
+    _key_a: SiteFiles,
     _rendezvous: Option<Rendezvous>,
     replicas: Vec<Replica>,
     _files_b: SiteFiles,
@@ -112,10 +116,17 @@ impl FailoverLab {
                 Some(SocketAddr::new(lab.site("b").public_addr, PORT)),
             ),
         };
-        // Both replicas: the same key and config, their own sockets and state.
+        // Both replicas: the same key and config, their own sockets and
+        // state; node agents route the views to the VIP.
+        let vip = lab.site("a").cluster.as_ref().expect("cluster").vip;
+        let secret = key_a.path("cluster.secret");
+        std::fs::write(&secret, "the cluster secret of this failover test\n").expect("secret");
         let peers_a = peer_toml("b", &files_b.public_key, &[cidr], endpoint_of_b)
             + &rdv
-            + "[failover]\nelection = \"keepalived\"\n";
+            + "[failover]\nelection = \"keepalived\"\n\n"
+            + &format!(
+                "[cluster]\nlisten = \"0.0.0.0:{CLUSTER_PORT}\"\nsecret_file = {secret:?}\nroute_via = \"{vip}\"\n"
+            );
         let replicas: Vec<Replica> = (0..2)
             .map(|node| {
                 let files = key_a.clone_key();
@@ -135,8 +146,19 @@ impl FailoverLab {
             &(peer_toml("a", &key_a.public_key, &[cidr], endpoint_of_a) + &rdv),
         );
         let daemon_b = Daemon::start(&lab.site("b").gateway, &files_b, &config_b);
+        let cluster = lab.site("a").cluster.as_ref().expect("cluster");
+        let gateways = [cluster.node(0).addr, cluster.node(1).addr];
+        let agent = NodeAgent::start(
+            cluster.node_ns(CLIENT_NODE),
+            key_a.dir.path(),
+            "node-agent",
+            &gateways,
+            &secret,
+        );
         let mut lab = FailoverLab {
             lab,
+            agent,
+            _key_a: key_a,
             _rendezvous: rendezvous,
             replicas,
             _files_b: files_b,
@@ -149,15 +171,24 @@ impl FailoverLab {
         // Where a's pods find b: the view the (first) replica gave it.
         let status = lab.replicas[0].daemon.as_ref().expect("daemon").status();
         lab.b_pod_view = view_of(&status, lab.lab.site("b").pods[0].addr);
-        // Hand-made node route to the VIP: the node agent's job once it
-        // runs in this test.
-        let cluster = lab.lab.site("a").cluster.as_ref().expect("cluster");
-        let vip = cluster.vip.to_string();
+        // The client's node routes b's view to the VIP: the node agent's
+        // doing (no hand-made route).
         let view_net = status.peers[0].views[0].view.clone();
-        cluster
-            .node_ns(CLIENT_NODE)
-            .ip(&["route", "add", &view_net, "via", &vip])
-            .expect("node route");
+        let cluster = lab.lab.site("a").cluster.as_ref().expect("cluster");
+        let ns = cluster.node_ns(CLIENT_NODE);
+        let t = Instant::now();
+        loop {
+            let routes = ns.ip(&["route", "show", "proto", "202"]).expect("routes");
+            if routes.contains(&format!("{view_net} via {vip}")) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no node route to {view_net} via {vip}: {routes}\n{}",
+                lab.agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         lab
     }
 
@@ -171,28 +202,14 @@ impl FailoverLab {
         assert_eq!(daemon.status().role, causeway::core::Role::Standby);
         r.daemon = Some(daemon);
         if r.keepalived.is_none() {
-            let ctl = |role: &str| {
-                format!(
-                    "{} ctl role {role} --socket {}",
-                    causeway_bin(),
-                    r.files.socket().display()
-                )
-            };
             let dir = r.files.path("keepalived");
             std::fs::create_dir_all(&dir).expect("keepalived dir");
-            let vrrp = Vrrp {
-                interface: "eth0".into(),
-                router_id: 51,
-                priority: if i == 0 { 150 } else { 100 },
-                advert_interval: Duration::from_millis(100),
-                vip: (cluster.vip, cluster.lan_prefix.prefix_len()),
-                track_interface: Some("causeway0".into()),
-                notify_master: ctl("active"),
-                notify_backup: ctl("standby"),
-                notify_fault: ctl("standby"),
-                dir,
-            };
-            r.keepalived = Some(Keepalived::start(ns, &vrrp).expect("keepalived"));
+            let config = shipped_keepalived_config(
+                if i == 0 { 150 } else { 100 },
+                &format!("{}/{}", cluster.vip, cluster.lan_prefix.prefix_len()),
+                &r.files.socket(),
+            );
+            r.keepalived = Some(Keepalived::start_config(ns, &dir, &config).expect("keepalived"));
         }
     }
 
@@ -287,6 +304,33 @@ impl SiteFiles {
             public_key: self.public_key.clone(),
         }
     }
+}
+
+/// The keepalived config the project ships (systemd/keepalived-causeway.conf),
+/// with what its comments say to change replaced: the priority, the VIP,
+/// and the path of `causeway` and its control socket (the lab's).
+fn shipped_keepalived_config(priority: u8, vip: &str, socket: &std::path::Path) -> String {
+    let text = include_str!("../../systemd/keepalived-causeway.conf");
+    let replaced = text
+        .replace("priority 100 ", &format!("priority {priority} "))
+        .replace("192.0.2.100/24", vip)
+        .replace("/usr/local/bin/causeway", causeway_bin())
+        .replace(
+            "--interface causeway0",
+            &format!("--socket {}", socket.display()),
+        );
+    for (what, original) in [
+        ("priority", "priority 100 "),
+        ("VIP", "192.0.2.100/24"),
+        ("binary", "/usr/local/bin/causeway"),
+        ("socket", "--interface causeway0"),
+    ] {
+        assert!(
+            text.contains(original),
+            "the shipped keepalived config changed: its {what} line"
+        );
+    }
+    replaced
 }
 
 /// Where `daemon`'s site sees `addr` of its only peer.
