@@ -78,6 +78,11 @@ const PEER_REFLEXIVE_TTL: Duration = Duration::from_secs(60);
 /// Traffic sent on the direct path with nothing authenticated back from the
 /// peer for this long starts a rescue (see [`Event::Silent`]).
 const SILENCE: Duration = Duration::from_secs(1);
+/// How long a direct path has to prove itself once the peer offered a new
+/// session through the relay (at least three of its RTTs): long enough for
+/// a ping's answer on any working path, short enough that a path to a dead
+/// gateway is left well within a second.
+pub const SUSPECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// At most one rescue in this interval: a one-way stream (the peer has
 /// nothing to answer) must not turn into a rescue every second.
 const RESCUE_INTERVAL: Duration = Duration::from_secs(10);
@@ -272,6 +277,10 @@ pub struct PeerPaths {
     answer_budget_at: Option<Instant>,
     /// First traffic sent on the direct path since the peer was last heard.
     unanswered_since: Option<Instant>,
+    /// The direct path must prove itself by then (authenticated traffic
+    /// from it), or it is given up: set when the peer offered a new session
+    /// through the relay (see [`PeerPaths::notify_relayed_handshake`]).
+    suspect_until: Option<Instant>,
     /// When the last rescue started.
     last_rescue: Option<Instant>,
 }
@@ -296,6 +305,7 @@ impl PeerPaths {
             answer_budget: ANSWER_BURST,
             answer_budget_at: None,
             unanswered_since: None,
+            suspect_until: None,
             last_rescue: None,
         }
     }
@@ -486,6 +496,9 @@ impl PeerPaths {
     /// draw only when a keepalive is rescheduled.
     pub fn notify_traffic_received(&mut self, now: Instant, from: SocketAddr) {
         self.unanswered_since = None;
+        if self.active == Some(from) {
+            self.suspect_until = None;
+        }
         let Some(i) = self.candidates.iter().position(|c| c.addr == from) else {
             return;
         };
@@ -500,6 +513,30 @@ impl PeerPaths {
             c.awaiting = false;
             c.keepalive_due = c.last_ping.unwrap_or(now) + keepalive;
         }
+    }
+
+    /// Tells the state machine that the peer offered a new WireGuard
+    /// session through the relay. Either the peer's start-up raced our
+    /// probes (it initiated before it knew the direct path), or it
+    /// restarted, or another instance with its key took over (a standby
+    /// gateway) and the direct path leads to the old one. The direct path
+    /// is pinged at once and must answer (or carry authenticated traffic)
+    /// within [`SUSPECT_TIMEOUT`] (at least three RTTs), else it is given up:
+    /// back to the relay ([`Event::PathChanged`]) and every candidate
+    /// probed again, to find the peer where it is now.
+    pub fn notify_relayed_handshake(&mut self, now: Instant) {
+        let Some(active) = self.active else {
+            return;
+        };
+        let Some(c) = self.candidates.iter_mut().find(|c| c.addr == active) else {
+            return;
+        };
+        let wait = SUSPECT_TIMEOUT.max(c.srtt.unwrap_or_default() * 3);
+        if !c.awaiting {
+            c.keepalive_due = now;
+        }
+        self.suspect_until = Some(now + wait);
+        self.ping_due(now);
     }
 
     /// Tells the state machine that a WireGuard packet went to the peer on
@@ -518,6 +555,9 @@ impl PeerPaths {
     /// unanswered, declares a silent direct path dead.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.expire_peer_reflexive(now);
+        if self.suspect_until.is_some_and(|at| at <= now) {
+            self.fall_back(now);
+        }
         if self.rescue_due().is_some_and(|at| at <= now) {
             self.rescue(now);
         }
@@ -569,10 +609,12 @@ impl PeerPaths {
     /// there is nothing to probe.
     pub fn poll_timeout(&self) -> Option<(Instant, TimeoutReason)> {
         let rescue = self.rescue_due().map(|at| (at, TimeoutReason::Silence));
+        let suspect = self.suspect_until.map(|at| (at, TimeoutReason::PathCheck));
         self.candidates
             .iter()
             .map(|c| self.next_action(c))
             .chain(rescue)
+            .chain(suspect)
             .min_by_key(|(at, _)| *at)
     }
 
@@ -736,6 +778,9 @@ impl PeerPaths {
         if let Some(c) = self.candidates.iter_mut().find(|c| c.addr == addr) {
             c.seen_from = Some(now);
         }
+        if self.active == Some(addr) {
+            self.suspect_until = None;
+        }
     }
 
     /// Whether candidate `addr` should replace the direct path `active`:
@@ -863,6 +908,7 @@ impl PeerPaths {
             c.keepalive_due = c.last_ping.unwrap_or(now) + keepalive;
         }
         self.active = Some(addr);
+        self.suspect_until = None;
         self.events
             .push_back(Event::PathChanged(Path::Direct(addr)));
     }
@@ -870,6 +916,7 @@ impl PeerPaths {
     /// The direct path died: back to the relay, rediscover everything.
     fn fall_back(&mut self, now: Instant) {
         self.active = None;
+        self.suspect_until = None;
         for c in &mut self.candidates {
             c.restart_burst(now);
             c.awaiting = false;
@@ -995,6 +1042,52 @@ mod tests {
         assert_eq!(reason, TimeoutReason::RelayRetry);
         assert!(at - (t0 + BURST[5]) <= Duration::from_secs(10));
         assert_eq!(p.path(), Path::Relay);
+    }
+
+    #[test]
+    fn a_relayed_handshake_gives_up_the_direct_path_and_probes_anew() {
+        let t0 = Instant::now();
+        let mut p = PeerPaths::new(PathConfig::default(), 3);
+        let a = addr("192.0.2.1:1000");
+        p.set_remote_candidates(t0, vec![a]);
+        let tx = pings_to(&drain(&mut p), a)[0];
+        p.handle_pong(t0, a, tx, addr("198.51.100.1:2"));
+        assert_eq!(p.poll_event(), Some(Event::PathChanged(Path::Direct(a))));
+
+        // A relayed handshake while the direct path works (the peer's
+        // start-up raced our probes): the path is pinged at once, answers,
+        // and stays.
+        let t1 = t0 + Duration::from_secs(5);
+        p.notify_relayed_handshake(t1);
+        let tx = pings_to(&drain(&mut p), a)[0];
+        p.handle_pong(t1 + Duration::from_millis(1), a, tx, addr("198.51.100.1:2"));
+        p.handle_timeout(t1 + SUSPECT_TIMEOUT);
+        assert_eq!(p.path(), Path::Direct(a));
+        assert_eq!(p.poll_event(), None);
+
+        // One when the direct path leads to a dead instance: no answer
+        // within SUSPECT_TIMEOUT, back to the relay, every candidate
+        // probed again, and the first pong makes a direct path again.
+        let t2 = t1 + Duration::from_secs(5);
+        p.notify_relayed_handshake(t2);
+        assert_eq!(pings_to(&drain(&mut p), a).len(), 1);
+        let (at, reason) = p.poll_timeout().unwrap();
+        assert_eq!(
+            (at, reason),
+            (t2 + SUSPECT_TIMEOUT, TimeoutReason::PathCheck)
+        );
+        p.handle_timeout(at);
+        assert_eq!(p.path(), Path::Relay);
+        assert_eq!(p.poll_event(), Some(Event::PathChanged(Path::Relay)));
+        let tx = pings_to(&drain(&mut p), a)[0];
+        p.handle_pong(at, a, tx, addr("198.51.100.1:2"));
+        assert_eq!(p.poll_event(), Some(Event::PathChanged(Path::Direct(a))));
+
+        // Without a direct path it changes nothing.
+        let mut q = PeerPaths::new(PathConfig::default(), 4);
+        q.notify_relayed_handshake(t1);
+        assert_eq!(q.poll_event(), None);
+        assert_eq!(q.poll_timeout(), None);
     }
 
     #[test]

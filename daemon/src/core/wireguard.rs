@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, TunnResult};
+use causeway_nat::path::Path;
 
 use super::{DropReason, Io, Peer, Peers, Site, Source};
 use crate::packet::{self, Verdict};
@@ -273,16 +274,18 @@ impl Site {
                 let authenticated = reply.first() != Some(&COOKIE_REPLY);
                 if authenticated {
                     state.roam(source, now);
-                    if relayed
-                        && state.paths.is_some()
-                        && matches!(packet, Packet::HandshakeInit(_))
-                    {
+                    if relayed && matches!(packet, Packet::HandshakeInit(_)) {
                         // A new session offered through the relay: the peer
-                        // restarted or another replica of its gateway took
-                        // over, and whatever direct path we had leads to
-                        // the old one. Answer and send through the relay
-                        // until probing finds the new direct path.
-                        state.endpoint = None;
+                        // restarted, or another replica of its gateway took
+                        // over, and the direct path we had may lead to the
+                        // old one. One its path machine found must answer
+                        // at once or is given up; one it never checked
+                        // (learnt by roaming) is left for the relay now.
+                        match state.paths.as_mut() {
+                            Some(paths) if paths.path() == Path::Relay => state.endpoint = None,
+                            Some(paths) => paths.notify_relayed_handshake(now),
+                            None => {}
+                        }
                     }
                 }
                 self.reply(source, reply, io);
