@@ -5,6 +5,8 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use causeway::keys;
@@ -73,6 +75,16 @@ impl SiteFiles {
         std::fs::write(&path, text).expect("write config");
         path
     }
+
+    /// Another set of files (own sockets, state, logs) with this key.
+    pub fn clone_key(&self) -> SiteFiles {
+        let other = SiteFiles::new();
+        std::fs::copy(self.path("private.key"), other.path("private.key")).expect("copy key");
+        SiteFiles {
+            dir: other.dir,
+            public_key: self.public_key.clone(),
+        }
+    }
 }
 
 /// A `[[peer]]` table.
@@ -108,13 +120,19 @@ impl Daemon {
 
     /// [`Daemon::start`] with extra `causeway up` arguments.
     pub fn start_with(ns: &Netns, files: &SiteFiles, config: &Path, args: &[&str]) -> Daemon {
+        let mut cmd = ns.command(causeway_bin());
+        cmd.args(["up", "--config"]).arg(config).args(args);
+        Self::start_command(ns, files, cmd)
+    }
+
+    /// Starts `cmd`, built with `ns.command(…)`, that runs `causeway up`
+    /// (or a wrapper that ends by exec'ing it, so that the process held is
+    /// the daemon), its stderr in a new log in `files`; waits until its
+    /// control socket answers.
+    pub fn start_command(ns: &Netns, files: &SiteFiles, mut cmd: std::process::Command) -> Daemon {
         let log = files.path(&format!("daemon-{}.log", now_ms()));
         let out = std::fs::File::create(&log).expect("log file");
-        let mut cmd = ns.command(causeway_bin());
-        cmd.args(["up", "--config"])
-            .arg(config)
-            .args(args)
-            .env("RUST_LOG", "info")
+        cmd.env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(out);
         let child = ns.spawn(&mut cmd).expect("spawn causeway");
@@ -734,6 +752,113 @@ pub fn ping_train(
         }
         (longest, replies.len())
     })
+}
+
+/// Pings `to` from `from` every 20 ms (each waiting up to 100 ms) until
+/// stopped; [`PingTrain::stop`] gives the longest time without a reply.
+pub struct PingTrain {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(Instant, Vec<Instant>)>,
+}
+
+impl PingTrain {
+    pub fn start(from: &Netns, to: Ipv4Addr) -> PingTrain {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ns = from.alias();
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut replies = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                if let Ok(Some(_)) = ns.ping(to.into(), Duration::from_millis(100)) {
+                    replies.push(Instant::now());
+                }
+                if let Some(wait) =
+                    (sent + Duration::from_millis(20)).checked_duration_since(Instant::now())
+                {
+                    std::thread::sleep(wait);
+                }
+            }
+            (start, replies)
+        });
+        PingTrain { stop, thread }
+    }
+
+    /// Stops the train: the longest gap between replies (and from the
+    /// start and to the end), and the number of replies.
+    pub fn stop(self) -> (Duration, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let end = Instant::now();
+        let (start, replies) = self.thread.join().expect("ping thread");
+        let mut longest = Duration::ZERO;
+        let mut last = start;
+        for t in replies.iter().copied().chain(std::iter::once(end)) {
+            longest = longest.max(t.saturating_duration_since(last));
+            last = t;
+        }
+        (longest, replies.len())
+    }
+}
+
+/// Sends `len` bytes from `client` to `server` (bound to `bind`, dialled
+/// at `connect`), calling `at_fail` once `fail_after` bytes have arrived
+/// (to cause a failure in the middle of the transfer); asserts the
+/// SHA-256 of what arrived.
+pub fn transfer_across(
+    server: &Netns,
+    bind: Ipv4Addr,
+    client: &Netns,
+    connect: Ipv4Addr,
+    len: usize,
+    fail_after: usize,
+    at_fail: impl FnOnce(),
+) {
+    let port = 5002;
+    let listener = server.enter(|| TcpListener::bind((bind, port)).expect("bind"));
+    let data = pattern(len, 0xfa11);
+    let sent_digest = Sha256::digest(&data);
+    let received = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            let mut conn = accept_within(&listener, Duration::from_secs(40));
+            conn.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = conn.read(&mut buf).expect("read");
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                received.fetch_add(n, Ordering::Relaxed);
+            }
+            hasher.finalize()
+        });
+        let sender = s.spawn(|| {
+            let mut conn = client.enter(|| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::new(connect.into(), port),
+                    Duration::from_secs(10),
+                )
+                .expect("connect")
+            });
+            conn.set_write_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            conn.write_all(&data).expect("send");
+        });
+        let t = Instant::now();
+        while received.load(Ordering::Relaxed) < fail_after {
+            assert!(t.elapsed() < Duration::from_secs(60), "transfer stalled");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        at_fail();
+        sender.join().expect("sender");
+        let digest = receiver.join().expect("receiver");
+        assert_eq!(received.load(Ordering::Relaxed), len, "byte count");
+        assert_eq!(digest, sent_digest, "SHA-256 of the transfer");
+    });
 }
 
 /// The gateways' cluster endpoint port.

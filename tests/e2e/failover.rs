@@ -8,16 +8,12 @@
 //! back (fail-back) without a second outage. Both with NATs and a
 //! rendezvous, and with static endpoints (a port forward to the VIP).
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use causeway::observe::Status;
 use causeway_testbed::{ClusterSpec, Keepalived, Lab, LabSpec, Nat, Netns, SiteSpec};
-use sha2::{Digest, Sha256};
 
 use crate::common::*;
 
@@ -294,18 +290,6 @@ impl FailoverLab {
     }
 }
 
-impl SiteFiles {
-    /// Another set of files (own sockets, state, logs) with this key.
-    fn clone_key(&self) -> SiteFiles {
-        let other = SiteFiles::new();
-        std::fs::copy(self.path("private.key"), other.path("private.key")).expect("copy key");
-        SiteFiles {
-            dir: other.dir,
-            public_key: self.public_key.clone(),
-        }
-    }
-}
-
 /// The keepalived config the project ships (systemd/keepalived-causeway.conf),
 /// with what its comments say to change replaced: the priority, the VIP,
 /// and the path of `causeway` and its control socket (the lab's).
@@ -342,110 +326,6 @@ fn view_of(status: &Status, addr: Ipv4Addr) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(seen.network()) + offset)
 }
 
-/// Pings `to` from `from` every 20 ms (each waiting up to 100 ms) until
-/// stopped; [`PingTrain::stop`] gives the longest time without a reply.
-struct PingTrain {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(Instant, Vec<Instant>)>,
-}
-
-impl PingTrain {
-    fn start(from: &Netns, to: Ipv4Addr) -> PingTrain {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ns = from.alias();
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let start = Instant::now();
-            let mut replies = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                let sent = Instant::now();
-                if let Ok(Some(_)) = ns.ping(to.into(), Duration::from_millis(100)) {
-                    replies.push(Instant::now());
-                }
-                if let Some(wait) =
-                    (sent + Duration::from_millis(20)).checked_duration_since(Instant::now())
-                {
-                    std::thread::sleep(wait);
-                }
-            }
-            (start, replies)
-        });
-        PingTrain { stop, thread }
-    }
-
-    /// Stops the train: the longest gap between replies (and from the
-    /// start and to the end), and the number of replies.
-    fn stop(self) -> (Duration, usize) {
-        self.stop.store(true, Ordering::Relaxed);
-        let end = Instant::now();
-        let (start, replies) = self.thread.join().expect("ping thread");
-        let mut longest = Duration::ZERO;
-        let mut last = start;
-        for t in replies.iter().copied().chain(std::iter::once(end)) {
-            longest = longest.max(t.saturating_duration_since(last));
-            last = t;
-        }
-        (longest, replies.len())
-    }
-}
-
-/// Sends [`TRANSFER`] bytes from `client` to `server` (bound to `bind`,
-/// dialled at `connect`), calling `at_fail` once [`FAIL_AFTER`] bytes have
-/// arrived; asserts the SHA-256 of what arrived.
-fn transfer_across(
-    server: &Netns,
-    bind: Ipv4Addr,
-    client: &Netns,
-    connect: Ipv4Addr,
-    at_fail: impl FnOnce(),
-) {
-    let port = 5002;
-    let listener = server.enter(|| TcpListener::bind((bind, port)).expect("bind"));
-    let data = pattern(TRANSFER, 0xfa11);
-    let sent_digest = Sha256::digest(&data);
-    let received = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        let receiver = s.spawn(|| {
-            let mut conn = accept_within(&listener, Duration::from_secs(40));
-            conn.set_read_timeout(Some(Duration::from_secs(30)))
-                .expect("timeout");
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = conn.read(&mut buf).expect("read");
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                received.fetch_add(n, Ordering::Relaxed);
-            }
-            hasher.finalize()
-        });
-        let sender = s.spawn(|| {
-            let mut conn = client.enter(|| {
-                TcpStream::connect_timeout(
-                    &SocketAddr::new(connect.into(), port),
-                    Duration::from_secs(10),
-                )
-                .expect("connect")
-            });
-            conn.set_write_timeout(Some(Duration::from_secs(30)))
-                .expect("timeout");
-            conn.write_all(&data).expect("send");
-        });
-        let t = Instant::now();
-        while received.load(Ordering::Relaxed) < FAIL_AFTER {
-            assert!(t.elapsed() < Duration::from_secs(60), "transfer stalled");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        at_fail();
-        sender.join().expect("sender");
-        let digest = receiver.join().expect("receiver");
-        assert_eq!(received.load(Ordering::Relaxed), TRANSFER, "byte count");
-        assert_eq!(digest, sent_digest, "SHA-256 of the transfer");
-    });
-}
-
 fn failover(paths: Paths, failure: Failure) {
     let mut f = FailoverLab::new(paths);
     let active = f.wait_one_active(Duration::from_secs(10));
@@ -458,10 +338,18 @@ fn failover(paths: Paths, failure: Failure) {
     let train = PingTrain::start(f.client(), view);
     let client = f.client().alias();
     let mut failed_at = None;
-    transfer_across(&server, server_addr, &client, view, || {
-        failed_at = Some(Instant::now());
-        f.fail(active, failure);
-    });
+    transfer_across(
+        &server,
+        server_addr,
+        &client,
+        view,
+        TRANSFER,
+        FAIL_AFTER,
+        || {
+            failed_at = Some(Instant::now());
+            f.fail(active, failure);
+        },
+    );
     std::thread::sleep(Duration::from_secs(1));
     let (gap, replies) = train.stop();
     let standby = 1 - active;

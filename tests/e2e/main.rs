@@ -8,6 +8,7 @@ mod common;
 mod cli;
 mod cluster;
 mod failover;
+mod failover_kubernetes;
 mod garbage;
 mod image;
 mod interop;

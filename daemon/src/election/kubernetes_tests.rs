@@ -1,57 +1,38 @@
-//! The adapter against a **fake API server**: [`FakeApiServer`] is a small
-//! HTTPS server in this test, on loopback, with a certificate from a CA the
-//! test makes (rcgen), that implements GET/POST/PUT of Lease objects with
-//! `resourceVersion` conflicts and bearer tokens, and nothing else of
-//! Kubernetes. It can refuse a token (401) and stop answering one client
-//! (its requests hang), which is how "blocking the active replica's access"
-//! is simulated.
+//! The adapter against a **fake API server**: the simulated one of
+//! [`crate::election::fake_api_server`] (GET/POST/PUT of Lease objects with
+//! `resourceVersion` conflicts and bearer tokens, nothing else of
+//! Kubernetes), here on loopback with a certificate from a CA this test
+//! makes (rcgen). It can refuse a token (401) and stop answering one
+//! client (its requests hang), which is how "blocking the active replica's
+//! access" is simulated.
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::*;
+use crate::election::fake_api_server::{FakeApiServer, pem_certificate as pem};
 
 const NAMESPACE: &str = "causeway-test";
 
-/// What the fake API server keeps and how it behaves.
-#[derive(Default)]
-struct FakeState {
-    /// Lease name → object.
-    leases: BTreeMap<String, Value>,
-    version: u64,
-    /// Tokens it accepts.
-    tokens: BTreeSet<String>,
-    /// Tokens whose requests it never answers.
-    hung: BTreeSet<String>,
-    /// `(token, method, status)` of every answered request.
-    log: Vec<(String, String, u16)>,
-}
-
-/// A fake Kubernetes API server (simulated: Leases only), HTTPS on
-/// 127.0.0.1 with a certificate from a test CA.
-struct FakeApiServer {
-    addr: SocketAddr,
-    state: Arc<Mutex<FakeState>>,
+/// The simulated API server on 127.0.0.1, with the files its clients
+/// need (the test CA, token files).
+struct Fake {
+    server: FakeApiServer,
     dir: tempfile::TempDir,
-    task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for FakeApiServer {
-    fn drop(&mut self) {
-        self.task.abort();
+impl std::ops::Deref for Fake {
+    type Target = FakeApiServer;
+    fn deref(&self) -> &FakeApiServer {
+        &self.server
     }
 }
 
-impl FakeApiServer {
+impl Fake {
     async fn start() -> Self {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -64,59 +45,24 @@ impl FakeApiServer {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.crt"), pem(ca.der())).unwrap();
-
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(Mutex::new(FakeState::default()));
-        let shared = Arc::clone(&state);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let acceptor = acceptor.clone();
-                let state = Arc::clone(&shared);
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = service_fn(move |req| {
-                        let state = Arc::clone(&state);
-                        async move { Ok::<_, std::convert::Infallible>(serve(&state, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
-        FakeApiServer {
-            addr,
-            state,
-            dir,
-            task,
-        }
+        let server = FakeApiServer::start(
+            listener,
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        Fake { server, dir }
     }
 
     /// Credentials for one client: a token file, accepted by the server.
     fn client(&self, token: &str) -> ApiServer {
         let token_file = self.dir.path().join(format!("{token}.token"));
         std::fs::write(&token_file, format!("{token}\n")).unwrap();
-        self.state.lock().unwrap().tokens.insert(token.to_owned());
+        self.accept_token(token);
         ApiServer::new(
             "127.0.0.1",
-            self.addr.port(),
+            self.addr().port(),
             self.dir.path().join("ca.crt"),
             token_file,
         )
@@ -124,119 +70,8 @@ impl FakeApiServer {
     }
 
     fn holder(&self, name: &str) -> Option<String> {
-        let state = self.state.lock().unwrap();
-        state.leases.get(name)?["spec"]["holderIdentity"]
-            .as_str()
-            .map(str::to_owned)
+        self.server.holder(NAMESPACE, name)
     }
-}
-
-fn status(code: StatusCode, message: &str) -> hyper::Response<Full<Bytes>> {
-    let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                      "message": message, "code": code.as_u16()});
-    hyper::Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap()
-}
-
-fn object(code: StatusCode, value: &Value) -> hyper::Response<Full<Bytes>> {
-    hyper::Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(value.to_string())))
-        .unwrap()
-}
-
-async fn serve(
-    state: &Mutex<FakeState>,
-    req: hyper::Request<Incoming>,
-) -> hyper::Response<Full<Bytes>> {
-    let token = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .to_owned();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    if state.lock().unwrap().hung.contains(&token) {
-        std::future::pending::<()>().await;
-    }
-    let body = req.into_body().collect().await.unwrap().to_bytes();
-    let mut s = state.lock().unwrap();
-    let response = answer(&mut s, &token, &method, &path, &body);
-    s.log
-        .push((token, method.to_string(), response.status().as_u16()));
-    response
-}
-
-fn answer(
-    s: &mut FakeState,
-    token: &str,
-    method: &Method,
-    path: &str,
-    body: &[u8],
-) -> hyper::Response<Full<Bytes>> {
-    if !s.tokens.contains(token) {
-        return status(StatusCode::UNAUTHORIZED, "Unauthorized");
-    }
-    let collection = format!("/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases");
-    let name = path
-        .strip_prefix(&collection)
-        .and_then(|rest| rest.strip_prefix('/'))
-        .map(str::to_owned);
-    match (method, name) {
-        (&Method::GET, Some(name)) => match s.leases.get(&name) {
-            Some(lease) => object(StatusCode::OK, lease),
-            None => status(StatusCode::NOT_FOUND, "leases not found"),
-        },
-        (&Method::POST, None) if path == collection => {
-            let mut lease: Value = serde_json::from_slice(body).unwrap();
-            let name = lease["metadata"]["name"].as_str().unwrap().to_owned();
-            if s.leases.contains_key(&name) {
-                return status(StatusCode::CONFLICT, "already exists");
-            }
-            s.version += 1;
-            lease["metadata"]["resourceVersion"] = json!(s.version.to_string());
-            s.leases.insert(name, lease.clone());
-            object(StatusCode::CREATED, &lease)
-        }
-        (&Method::PUT, Some(name)) => {
-            let mut lease: Value = serde_json::from_slice(body).unwrap();
-            let Some(current) = s.leases.get(&name) else {
-                return status(StatusCode::NOT_FOUND, "leases not found");
-            };
-            if lease["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
-                return status(
-                    StatusCode::CONFLICT,
-                    "the object has been modified; please apply your changes to the latest version",
-                );
-            }
-            s.version += 1;
-            lease["metadata"]["resourceVersion"] = json!(s.version.to_string());
-            s.leases.insert(name, lease.clone());
-            object(StatusCode::OK, &lease)
-        }
-        _ => status(StatusCode::NOT_FOUND, "not a Lease path"),
-    }
-}
-
-/// A certificate as PEM (rcgen's own `pem` is a feature not built here).
-fn pem(der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
 }
 
 /// Fast timing for tests on the real clock: 1 s lease, step down after
@@ -334,7 +169,7 @@ async fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) 
 
 #[tokio::test]
 async fn two_adapters_elect_one_and_fail_over_when_its_access_is_blocked() {
-    let server = FakeApiServer::start().await;
+    let server = Fake::start().await;
     let a = Replica::start(server.client("token-a"), "gw-a");
     let b = Replica::start(server.client("token-b"), "gw-b");
     wait_for("one replica active", Duration::from_secs(5), || {
@@ -366,12 +201,7 @@ async fn two_adapters_elect_one_and_fail_over_when_its_access_is_blocked() {
     // Its requests now hang: it gives them up, steps down at its renew
     // deadline, and the other takes over after the Lease expires.
     let blocked = Instant::now();
-    server
-        .state
-        .lock()
-        .unwrap()
-        .hung
-        .insert(active_token.to_owned());
+    server.state().hung.insert(active_token.to_owned());
     let t = fast();
     let took = wait_for(
         "the standby takes over",
@@ -399,7 +229,7 @@ async fn two_adapters_elect_one_and_fail_over_when_its_access_is_blocked() {
     );
 
     // Unblocked, it stays standby: the Lease is held.
-    server.state.lock().unwrap().hung.clear();
+    server.state().hung.clear();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(active.role(), Role::Standby);
     assert!(standby.role().is_active());
@@ -409,7 +239,7 @@ async fn two_adapters_elect_one_and_fail_over_when_its_access_is_blocked() {
 
 #[tokio::test]
 async fn a_clean_stop_releases_the_lease_and_the_other_takes_over_within_a_retry_period() {
-    let server = FakeApiServer::start().await;
+    let server = Fake::start().await;
     let a = Replica::start(server.client("token-a"), "gw-a");
     wait_for("gw-a active", Duration::from_secs(5), || {
         a.role().is_active()
@@ -444,7 +274,7 @@ async fn a_clean_stop_releases_the_lease_and_the_other_takes_over_within_a_retry
 
 #[tokio::test]
 async fn a_rotated_token_is_read_again_and_a_refused_one_is_reported_not_fatal() {
-    let server = FakeApiServer::start().await;
+    let server = Fake::start().await;
     let api = server.client("old-token");
     let a = Replica::start(api.clone(), "gw-a");
     wait_for("gw-a active", Duration::from_secs(5), || {
@@ -454,7 +284,7 @@ async fn a_rotated_token_is_read_again_and_a_refused_one_is_reported_not_fatal()
     // The kubelet rotates the token: the server takes only the new one,
     // and the adapter reads the file again for every request.
     {
-        let mut s = server.state.lock().unwrap();
+        let mut s = server.state();
         s.tokens.clear();
         s.tokens.insert("new-token".into());
     }
@@ -462,28 +292,28 @@ async fn a_rotated_token_is_read_again_and_a_refused_one_is_reported_not_fatal()
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(a.role().is_active(), "still renewing with the new token");
     assert_eq!(a.changes().len(), 1);
-    let log = server.state.lock().unwrap().log.clone();
+    let log = server.state().log.clone();
     assert!(
         log.iter()
-            .any(|(token, method, code)| token == "new-token" && method == "PUT" && *code == 200)
+            .any(|a| a.token == "new-token" && a.method == "PUT" && a.status == 200)
     );
 
     // A token the server refuses: the replica steps down (it cannot renew)
     // and keeps trying; run() does not fail.
-    server.state.lock().unwrap().tokens.clear();
+    server.state().tokens.clear();
     wait_for("gw-a steps down", Duration::from_secs(3), || {
         !a.role().is_active()
     })
     .await;
     assert!(!a.task.is_finished());
-    let log = server.state.lock().unwrap().log.clone();
-    assert!(log.iter().any(|(_, _, code)| *code == 401));
+    let log = server.state().log.clone();
+    assert!(log.iter().any(|a| a.status == 401));
     a.stop().await;
 }
 
 #[tokio::test]
 async fn unusable_parameters_are_refused_at_once_naming_each() {
-    let server = FakeApiServer::start().await;
+    let server = Fake::start().await;
     let mut p = params("gw-a");
     p.name = "Not_A_Name".into();
     p.timing.renew_deadline = Duration::from_secs(3);
