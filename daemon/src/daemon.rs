@@ -141,7 +141,7 @@ async fn serve(
         info!(removed = ?changes.removed, "removed stale routes of a previous run");
     }
     announce_views(reloader.announcer.as_ref(), ctx);
-    announce_role(reloader.announcer.as_ref(), ctx);
+    announce_role(reloader.announcer.as_ref(), ctx, None);
     let datapath = Datapath::start(Arc::clone(ctx)).context("starting the packet threads")?;
     let mut rendezvous = ctx.site.is_active().then(|| Rendezvous::start(ctx, config));
     // Who asks for another role: `causeway ctl role` (keepalived) or the
@@ -150,7 +150,6 @@ async fn serve(
     let (roles, mut role_requests) = watch::channel(ctx.site.role());
     let live = LiveSite::new(Arc::clone(datapath.ctx()), &site.name, listen_port);
     let role_control = matches!(config.failover, Failover::Keepalived).then(|| roles.clone());
-    let election = lease.map(|lease| Election::start(lease, roles.clone()));
     let control = crate::observe::serve_control(&site.control_socket, live.clone(), role_control)
         .await
         .with_context(|| {
@@ -214,6 +213,10 @@ async fn serve(
             }
         })
     });
+    // The Lease is sought only once this replica serves: one that failed
+    // to start never holds it.
+    let election = lease.map(|lease| Election::start(lease, roles.clone(), Arc::clone(ctx)));
+    let lease_term = || election.as_ref().map(Election::term);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -222,14 +225,14 @@ async fn serve(
             Ok(()) = role_requests.changed() => {
                 let role = *role_requests.borrow_and_update();
                 take_role(role, &reloader.running, netlink, link, ctx, &mut rendezvous).await;
-                announce_role(reloader.announcer.as_ref(), ctx);
+                announce_role(reloader.announcer.as_ref(), ctx, lease_term());
             }
         }
     }
     info!("shutting down");
     if let Some(election) = election {
-        // Stop acting as active first, then give the Lease back: a standby
-        // takes over within one retry period.
+        // Stop acting as active first (and tell the nodes), then give the
+        // Lease back: a standby takes over within one retry period.
         take_role(
             Role::Standby,
             &reloader.running,
@@ -239,6 +242,7 @@ async fn serve(
             &mut rendezvous,
         )
         .await;
+        announce_role(reloader.announcer.as_ref(), ctx, None);
         election.release().await;
     }
     drop(roles);
@@ -269,7 +273,11 @@ async fn take_role(
     ctx: &Arc<Ctx>,
     rendezvous: &mut Option<Rendezvous>,
 ) {
-    if !ctx.site.set_role(role, &mut ctx.io()) {
+    // The core may have taken the role already (a Lease holder that could
+    // not renew steps down at once, from the election's callback): the
+    // rest is done either way, and is idempotent.
+    let changed = ctx.site.set_role(role, &mut ctx.io());
+    if !changed && (role == Role::Active) == rendezvous.is_some() {
         info!(%role, "role unchanged");
         return;
     }
@@ -453,19 +461,33 @@ struct Election {
     task: tokio::task::JoinHandle<()>,
     stop: tokio::sync::oneshot::Sender<()>,
     deadline: Duration,
+    /// The Lease's `leaseTransitions` when this replica last took it.
+    term: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Election {
-    fn start(lease: Lease, roles: watch::Sender<Role>) -> Election {
+    /// Starts the election. A step-down takes effect in the core at once
+    /// (the margin before another replica may take over is only
+    /// `lease_duration - renew_deadline`); the routes and the rendezvous
+    /// follow through `roles`, as every role change does.
+    fn start(lease: Lease, roles: watch::Sender<Role>, ctx: Arc<Ctx>) -> Election {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let deadline = lease.params.timing.renew_deadline + Duration::from_secs(1);
+        let term = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let holder_term = Arc::clone(&term);
         let task = tokio::spawn(async move {
             let on_role = move |role: crate::election::Role| {
-                roles.send_replace(if role.is_active() {
-                    Role::Active
-                } else {
-                    Role::Standby
-                });
+                let role = match role {
+                    crate::election::Role::Active { term } => {
+                        holder_term.store(u64::from(term), Ordering::Release);
+                        Role::Active
+                    }
+                    crate::election::Role::Standby => {
+                        ctx.site.set_role(Role::Standby, &mut ctx.io());
+                        Role::Standby
+                    }
+                };
+                roles.send_replace(role);
             };
             let shutdown = async {
                 let _ = stopped.await;
@@ -478,7 +500,13 @@ impl Election {
             task,
             stop,
             deadline,
+            term,
         }
+    }
+
+    /// The Lease's term of this replica's latest activation.
+    fn term(&self) -> u64 {
+        self.term.load(Ordering::Acquire)
     }
 
     /// Gives the Lease back (when held) and waits for that, within the
@@ -523,15 +551,19 @@ fn announce_views(announcer: Option<&Announcer>, ctx: &Ctx) {
 /// replicas both say "active" (the old one has not noticed yet) follows
 /// the one activated last; it stays the same while the replica stays
 /// active.
-fn announce_role(announcer: Option<&Announcer>, ctx: &Ctx) {
+fn announce_role(announcer: Option<&Announcer>, ctx: &Ctx, lease_term: Option<u64>) {
     let Some(announcer) = announcer else { return };
     let active = ctx.site.is_active();
     let current = announcer.current();
     if active && !current.active {
-        let term = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .max(current.term.saturating_add(1));
+        // A Lease counts its holders (`leaseTransitions`), which needs no
+        // agreement between clocks; keepalived has no such counter.
+        let term = lease_term.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .max(current.term.saturating_add(1))
+        });
         announcer.set_active(true, term);
     } else if !active && current.active {
         announcer.set_active(false, current.term);
