@@ -154,6 +154,9 @@ struct Run {
     first_reply_ms: Option<f64>,
     /// From the failure until the standby's status said `role: active`, ms.
     takeover_ms: Option<f64>,
+    /// The new active replica's path to b when the train stopped
+    /// (`static`, `direct` or `relay`).
+    path_after: String,
     /// Requests sent after the failure, and how many got no reply.
     sent_after: usize,
     lost_after: usize,
@@ -252,13 +255,16 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                             r.logs = Some(tmp.keep());
                         }
                         eprintln!(
-                            "run {run}/{}: {}, {}: longest gap {:.0} ms, first reply {} ms, standby active {} ms after the failure; fail-back gap {:.0} ms{}",
+                            "run {run}/{}: {}, {}: longest gap {:.0} ms, first reply {} ms, standby active {} ms after the failure, then on path {}, {} of {} requests lost; fail-back gap {:.0} ms{}",
                             args.runs,
                             p.name(),
                             f.name(),
                             r.gap_ms,
                             opt_ms(r.first_reply_ms),
                             opt_ms(r.takeover_ms),
+                            r.path_after,
+                            r.lost_after,
+                            r.sent_after,
                             r.failback_gap_ms,
                             r.logs
                                 .as_ref()
@@ -710,6 +716,10 @@ fn run_once(
     let gap = log.longest_gap();
     let first_reply = log.first_reply_to_sent_after(failed_at);
     let (sent_after, lost_after) = log.lost_after(failed_at);
+    let path_after = daemon::status(&f.bin, &f.replicas[standby].dir.control_socket())
+        .and_then(|s| PeerStatus::of(&s, "b"))
+        .map(|p| p.path)
+        .unwrap_or_else(|_| "?".into());
     let actives = f.actives();
     if !actives.contains(&standby) {
         bail!(
@@ -742,6 +752,7 @@ fn run_once(
         gap_ms: ms(gap),
         first_reply_ms: first_reply.map(ms),
         takeover_ms: took_over.map(|t| ms(t.saturating_duration_since(failed_at))),
+        path_after,
         sent_after,
         lost_after,
         failback_gap_ms: ms(back.longest_gap()),
