@@ -137,6 +137,8 @@ pub(crate) struct Args {
     pub(crate) failure: FailureArg,
     /// Seconds the train goes on after the failure.
     pub(crate) after: f64,
+    /// Keep every run's logs, not only those of runs over a second.
+    pub(crate) keep_logs: bool,
     pub(crate) json: bool,
 }
 
@@ -251,7 +253,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                 match run_once(&bin, p, f, after, tmp.path()) {
                     Ok(mut r) => {
                         r.run = run;
-                        if r.gap_ms > GOAL.as_secs_f64() * 1e3 || !r.failback_roles_ok {
+                        if args.keep_logs
+                            || r.gap_ms > GOAL.as_secs_f64() * 1e3
+                            || !r.failback_roles_ok
+                        {
                             r.logs = Some(tmp.keep());
                         }
                         eprintln!(

@@ -125,6 +125,10 @@ enum Command {
         /// 20 s, until a reply comes).
         #[arg(long, default_value_t = 3.0)]
         after: f64,
+        /// Keep every run's logs (daemons, keepalived, rendezvous) in
+        /// /tmp, not only those of runs with a gap over 1 s or that failed.
+        #[arg(long)]
+        keep_logs: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -266,6 +270,7 @@ fn main() -> ExitCode {
             paths,
             failure,
             after,
+            keep_logs,
             json,
         } => failover::run(failover::Args {
             causeway,
@@ -273,6 +278,7 @@ fn main() -> ExitCode {
             paths,
             failure,
             after,
+            keep_logs,
             json,
         }),
         Command::Server { bind, port } => server::run(SocketAddr::new(bind, port)),
