@@ -260,7 +260,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                             r.logs = Some(tmp.keep());
                         }
                         eprintln!(
-                            "run {run}/{}: {}, {}: longest gap {:.0} ms, first reply {} ms, standby active {} ms after the failure, then on path {}, {} of {} requests lost; fail-back gap {:.0} ms{}",
+                            "run {run}/{}: {}, {}: longest gap {:.0} ms, first reply {} ms, standby active {} ms after the failure, then on path {}, {} of {} requests lost; fail-back gap {:.0} ms{}{}",
                             args.runs,
                             p.name(),
                             f.name(),
@@ -271,6 +271,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                             r.lost_after,
                             r.sent_after,
                             r.failback_gap_ms,
+                            if r.failback_roles_ok {
+                                ""
+                            } else {
+                                ", ROLES DID NOT SETTLE after the fail-back"
+                            },
                             r.logs
                                 .as_ref()
                                 .map(|l| format!(" (logs kept in {})", l.display()))
@@ -412,6 +417,18 @@ fn markdown(r: &Report) -> String {
     }
     s += "\nPublished figures, not measured here: Submariner fails over between gateways in about 5 s, \
           Liqo in about 10 s (as stated in the issue).\n";
+    for run in r.runs.iter().filter(|r| !r.failback_roles_ok) {
+        s += &format!(
+            "\nafter the fail-back of run {} of {}, {}, the replica that took over was not the only active one (logs: {})\n",
+            run.run,
+            run.paths.name(),
+            run.failure.name(),
+            run.logs
+                .as_ref()
+                .map(|l| l.display().to_string())
+                .unwrap_or_default()
+        );
+    }
     for f in &r.failed {
         s += &format!(
             "\nfailed: run {} of {}, {}: {}\n",
