@@ -4,9 +4,10 @@
 //! Each run builds a fresh lab shaped like `tests/e2e/failover.rs`: site
 //! `a` is a cluster of 3 nodes behind a NAT router, nodes 0 and 1 each run
 //! a replica of a's gateway (the same key and config, `[failover] election
-//! = "keepalived"`) and keepalived (VRRP, 100 ms advertisements, tracking
-//! the TUN `causeway0`, notify hooks running `causeway ctl role
-//! active|standby`); site `b` has one gateway. With `rendezvous` paths
+//! = "keepalived"`) and keepalived with the shipped config
+//! (systemd/keepalived-causeway.conf: VRRPv3, 100 ms advertisements,
+//! `nopreempt`, tracking the TUN `causeway0`, notify hooks running
+//! `causeway ctl role active|standby`); site `b` has one gateway. With `rendezvous` paths
 //! both sites are behind NATs and a rendezvous on the internet router
 //! introduces them; with `static` paths b is public, a's NAT router
 //! forwards the WireGuard port to the cluster's virtual IP, and each site
@@ -39,9 +40,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use causeway_testbed::{
-    ChildGuard, ClusterSpec, Keepalived, Lab, LabSpec, Nat, Netns, SiteSpec, Vrrp,
-};
+use causeway_testbed::{ChildGuard, ClusterSpec, Keepalived, Lab, LabSpec, Nat, Netns, SiteSpec};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
@@ -64,7 +63,9 @@ const PERIOD: Duration = Duration::from_millis(20);
 const BEFORE: Duration = Duration::from_secs(1);
 /// How long the train may run after the failure waiting for a reply.
 const MAX_OUTAGE: Duration = Duration::from_secs(20);
-/// keepalived's advertisement interval.
+/// The keepalived config the project ships, run as its comments say.
+const SHIPPED_KEEPALIVED: &str = include_str!("../../systemd/keepalived-causeway.conf");
+/// Its advertisement interval (checked against the file in a test).
 const ADVERT: Duration = Duration::from_millis(100);
 /// The longest gap the issue allows, and its goal.
 const BOUND: Duration = Duration::from_secs(3);
@@ -594,28 +595,15 @@ impl FailoverLab {
             status["role"]
         );
         if r.keepalived.is_none() {
-            let ctl = |role: &str| {
-                format!(
-                    "{} ctl role {role} --socket {}",
-                    self.bin.display(),
-                    r.dir.control_socket().display()
-                )
-            };
             let dir = r.dir.log().with_file_name("keepalived");
             std::fs::create_dir_all(&dir)?;
-            let vrrp = Vrrp {
-                interface: "eth0".into(),
-                router_id: 51,
-                priority: if i == 0 { 150 } else { 100 },
-                advert_interval: ADVERT,
-                vip: (cluster.vip, cluster.lan_prefix.prefix_len()),
-                track_interface: Some("causeway0".into()),
-                notify_master: ctl("active"),
-                notify_backup: ctl("standby"),
-                notify_fault: ctl("standby"),
-                dir,
-            };
-            r.keepalived = Some(Keepalived::start(ns, &vrrp)?);
+            let config = shipped_keepalived_config(
+                if i == 0 { 150 } else { 100 },
+                &format!("{}/{}", cluster.vip, cluster.lan_prefix.prefix_len()),
+                &self.bin,
+                &r.dir.control_socket(),
+            )?;
+            r.keepalived = Some(Keepalived::start_config(ns, &dir, &config)?);
         }
         Ok(())
     }
@@ -681,6 +669,37 @@ impl FailoverLab {
             Failure::LinkCut => Ok(self.cluster()?.restore_node_links(self.replicas[i].node)?),
         }
     }
+}
+
+/// The shipped keepalived config (systemd/keepalived-causeway.conf) with
+/// what its comments say to change replaced: the priority, the VIP, and
+/// the path of `causeway` and its control socket (the lab's).
+fn shipped_keepalived_config(
+    priority: u8,
+    vip: &str,
+    bin: &Path,
+    socket: &Path,
+) -> anyhow::Result<String> {
+    let text = SHIPPED_KEEPALIVED;
+    for (what, original) in [
+        ("priority", "priority 100 "),
+        ("VIP", "192.0.2.100/24"),
+        ("binary", "/usr/local/bin/causeway"),
+        ("socket", "--interface causeway0"),
+    ] {
+        ensure!(
+            text.contains(original),
+            "the shipped keepalived config changed: its {what} line has no {original:?}"
+        );
+    }
+    Ok(text
+        .replace("priority 100 ", &format!("priority {priority} "))
+        .replace("192.0.2.100/24", vip)
+        .replace("/usr/local/bin/causeway", &bin.display().to_string())
+        .replace(
+            "--interface causeway0",
+            &format!("--socket {}", socket.display()),
+        ))
 }
 
 fn run_once(
@@ -1081,6 +1100,28 @@ mod tests {
         let (_, silent) = log(&[None, None], 500);
         assert_eq!(silent.longest_gap(), Duration::from_millis(500));
         assert_eq!(silent.first_reply_to_sent_after(t0), None);
+    }
+
+    #[test]
+    fn the_shipped_keepalived_config_is_what_the_report_says() {
+        let text = shipped_keepalived_config(
+            150,
+            "172.16.1.100/24",
+            Path::new("/opt/causeway"),
+            Path::new("/tmp/x/control.sock"),
+        )
+        .expect("replaceable");
+        let advert = format!("advert_int {}", ADVERT.as_secs_f64());
+        for line in [
+            "priority 150 ",
+            "172.16.1.100/24 dev eth0",
+            "\"/opt/causeway ctl role active --socket /tmp/x/control.sock\"",
+            "nopreempt",
+            "causeway0",
+            advert.as_str(),
+        ] {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
     }
 
     #[test]

@@ -516,8 +516,8 @@ mod tests {
         let text = std::fs::read_to_string(dir.config()).expect("read");
         let parsed = causeway::config::parse(&text, "test.toml").expect("valid");
         assert_eq!(
-            parsed.failover.initial_role(),
-            causeway::core::Role::Standby,
+            parsed.failover,
+            causeway::config::Failover::Keepalived,
             "{text}"
         );
     }
