@@ -126,7 +126,7 @@ enum Command {
         #[arg(long, default_value_t = 3.0)]
         after: f64,
         /// Keep every run's logs (daemons, keepalived, rendezvous) in
-        /// /tmp, not only those of runs with a gap over 1 s or that failed.
+        /// /tmp, not only those of runs with a gap over 500 ms or that failed.
         #[arg(long)]
         keep_logs: bool,
         /// Print the report as JSON.
