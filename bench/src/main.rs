@@ -13,10 +13,14 @@
 //! - `abuse`: attacks a live rendezvous in a lab while a legitimate pair of
 //!   sites registers and relays; reports the rendezvous' memory and CPU and
 //!   the pair's times.
+//! - `failover`: takes the active gateway replica of a cluster site out
+//!   (keepalived, two replicas) under a 20 ms ping train and reports the
+//!   longest gap, run after run in fresh labs.
 
 mod abuse;
 mod client;
 mod demo;
+mod failover;
 mod interrupt;
 mod lab;
 mod proto;
@@ -96,6 +100,38 @@ enum Command {
         /// (random,fully-random: everything goes through the relay).
         #[arg(long, value_enum, default_value_t = demo::DemoNat::PortPreserving)]
         nat: demo::DemoNat,
+    },
+    /// Take the active gateway replica of a cluster site out (kill -9 of
+    /// its daemon, or its node's links cut) under a 20 ms ping train and
+    /// report the longest gap, the time to the first reply and to the
+    /// standby's takeover, and the fail-back's gap; median (min–max) over
+    /// fresh labs. Two replicas under keepalived (VRRP, 100 ms adverts),
+    /// through NATs and a rendezvous, or with static endpoints. Needs
+    /// root and keepalived; tears every lab down.
+    Failover {
+        /// The causeway binary [default: next to this one].
+        #[arg(long)]
+        causeway: Option<PathBuf>,
+        /// Runs per cell (median and min–max are reported).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// How the sites find each other.
+        #[arg(long, value_enum, default_value_t = failover::PathsArg::Both)]
+        paths: failover::PathsArg,
+        /// How the active replica is taken out.
+        #[arg(long, value_enum, default_value_t = failover::FailureArg::Both)]
+        failure: failover::FailureArg,
+        /// Seconds the ping train goes on after the failure (longer, up to
+        /// 20 s, until a reply comes).
+        #[arg(long, default_value_t = 3.0)]
+        after: f64,
+        /// Keep every run's logs (daemons, keepalived, rendezvous) in
+        /// /tmp, not only those of runs with a gap over 500 ms or that failed.
+        #[arg(long)]
+        keep_logs: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Answer `causeway-bench client` tests (TCP and UDP on one port).
     Server {
@@ -228,6 +264,23 @@ fn main() -> ExitCode {
             seconds,
             nat,
         } => demo::run(causeway, seconds, nat),
+        Command::Failover {
+            causeway,
+            runs,
+            paths,
+            failure,
+            after,
+            keep_logs,
+            json,
+        } => failover::run(failover::Args {
+            causeway,
+            runs,
+            paths,
+            failure,
+            after,
+            keep_logs,
+            json,
+        }),
         Command::Server { bind, port } => server::run(SocketAddr::new(bind, port)),
         Command::Report { json, out, doc } => lab::rerender(&json, out, doc),
         Command::Client {

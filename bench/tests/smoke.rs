@@ -236,6 +236,79 @@ fn abuse_smoke_the_pair_gets_through_the_attack() {
     assert_no_leftovers(pid);
 }
 
+#[test]
+fn failover_smoke_measures_a_takeover() {
+    if !is_root() {
+        eprintln!("skipped: the lab needs root (network namespaces)");
+        return;
+    }
+    let bench = Path::new(env!("CARGO_BIN_EXE_causeway-bench"));
+    if !bench.with_file_name("causeway").exists() {
+        eprintln!("skipped: build the causeway binary first (cargo build -p causeway)");
+        return;
+    }
+    let keepalived = Command::new("keepalived")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !keepalived.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: keepalived is not installed (apt-get install keepalived)");
+        return;
+    }
+    // The quickest cell: static endpoints, kill -9, 1 s after the failure.
+    let child = Command::new(bench)
+        .args([
+            "failover",
+            "--runs",
+            "1",
+            "--paths",
+            "static",
+            "--failure",
+            "kill9",
+            "--after",
+            "1",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run causeway-bench failover");
+    let pid = child.id();
+    let run = child
+        .wait_with_output()
+        .expect("wait for causeway-bench failover");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "causeway-bench failover failed:\n{stdout}\n{stderr}"
+    );
+    eprintln!("{stderr}");
+    let r: Value = serde_json::from_str(&stdout).expect("a JSON report");
+    assert_eq!(r["failed"], serde_json::json!([]), "{r}");
+    let cell = &r["cells"][0];
+    assert_eq!(
+        (cell["paths"].as_str(), cell["failure"].as_str()),
+        (Some("static"), Some("kill9")),
+        "{r}"
+    );
+    assert_eq!(cell["runs"], 1, "{r}");
+    let one = &r["runs"][0];
+    // Measured, whatever the value: timings are the benchmark's business.
+    for field in ["gap_ms", "first_reply_ms", "takeover_ms", "failback_gap_ms"] {
+        assert!(
+            one[field]
+                .as_f64()
+                .is_some_and(|v| v.is_finite() && v > 0.0),
+            "{field}: {r}"
+        );
+    }
+    assert_eq!(one["path_after"], "static", "{r}");
+    assert_eq!(one["failback_roles_ok"], true, "{r}");
+    assert_no_leftovers(pid);
+}
+
 fn check_metric(system: &str, name: &str, v: &Value) {
     match v {
         Value::String(s) => assert_eq!(s, "not_applicable", "{system} {name}"),

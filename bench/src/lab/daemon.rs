@@ -102,10 +102,20 @@ pub(crate) struct RendezvousPin {
 impl SiteConfig<'_> {
     /// Writes the private key and the config into `dir`.
     pub(crate) fn write(&self, dir: &SiteDir) -> anyhow::Result<()> {
+        self.write_with(dir, "")
+    }
+
+    /// [`SiteConfig::write`], with `extra` (whole TOML tables, e.g.
+    /// `[failover]`) appended to the config.
+    pub(crate) fn write_with(&self, dir: &SiteDir, extra: &str) -> anyhow::Result<()> {
         write_private_key(&dir.private_key(), self.private_key)?;
         let config = dir.config();
-        std::fs::write(&config, self.toml(dir))
-            .with_context(|| format!("writing {}", config.display()))
+        let mut text = self.toml(dir);
+        if !extra.is_empty() {
+            text += "\n";
+            text += extra;
+        }
+        std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))
     }
 
     fn toml(&self, dir: &SiteDir) -> String {
@@ -478,6 +488,38 @@ mod tests {
             assert_eq!(text.contains("endpoint ="), endpoint.is_some(), "{text}");
             assert_eq!(text.contains("[[rendezvous]]"), rendezvous.is_some());
         }
+    }
+
+    #[test]
+    fn extra_tables_go_after_the_config() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = SiteDir::create(tmp.path().join("a")).expect("dir");
+        let own = cidrs("10.0.0.0/16");
+        let config = SiteConfig {
+            site: "a",
+            private_key: KEY,
+            pod_cidrs: &own,
+            listen_port: None,
+            mtu: None,
+            remap_pool: None,
+            peer: PeerConfig {
+                name: "b",
+                public_key: KEY,
+                cidrs: &own,
+                endpoint: None,
+            },
+            rendezvous: None,
+        };
+        config
+            .write_with(&dir, "[failover]\nelection = \"keepalived\"\n")
+            .expect("write");
+        let text = std::fs::read_to_string(dir.config()).expect("read");
+        let parsed = causeway::config::parse(&text, "test.toml").expect("valid");
+        assert_eq!(
+            parsed.failover,
+            causeway::config::Failover::Keepalived,
+            "{text}"
+        );
     }
 
     #[test]
