@@ -676,4 +676,65 @@ mod tests {
         assert!(!has_session(&standby));
         assert!(quiet.sent.is_empty() && quiet.relayed.is_empty());
     }
+
+    #[test]
+    fn data_under_a_session_we_do_not_have_gets_a_new_handshake_once_a_second() {
+        let (sa, sb) = ([0xA1; 32], [0xB2; 32]);
+        let a = site(sa, sb, "10.0.0.0/16", "10.1.0.0/16");
+        let other = site(sa, sb, "10.0.0.0/16", "10.1.0.0/16");
+        let b = site(sb, sa, "10.1.0.0/16", "10.0.0.0/16");
+        let now = Instant::now();
+        let b_key = b.public_key().to_bytes();
+        // A and B have a session; then the other replica with A's key
+        // makes one with B, and B sends data under it.
+        let mut to_b = Wire::default();
+        a.handle_peer_update(now, &b_key, Vec::new(), true, &mut to_b);
+        exchange(&a, &b, to_b);
+        let mut to_b = Wire::default();
+        other.handle_peer_update(now, &b_key, Vec::new(), true, &mut to_b);
+        exchange(&other, &b, to_b);
+        assert!(has_session(&a) && has_session(&other) && has_session(&b));
+        // An ICMP echo from B's pod 10.1.0.5 to A's pod 10.0.0.7.
+        let mut ping = vec![
+            0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 1, 0, 0, 10, 1, 0, 5, 10, 0, 0, 7, 8, 0, 0xf7, 0xfe,
+            0, 1, 0, 0,
+        ];
+        let mut sum: u32 = ping[..20]
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        ping[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        let (mut out, mut icmp) = ([0u8; 2048], [0u8; 2048]);
+        let mut to_a = Wire::default();
+        let peers = b.peers();
+        b.encapsulate(now, &peers, &mut ping, &mut out, &mut icmp, &mut to_a);
+        let data = to_a
+            .relayed
+            .pop()
+            .expect("B sends its data through the relay");
+
+        // A cannot read it: it offers a new session where it came from.
+        // A's session is a moment old, so only after a second.
+        let from = Source::Udp("198.51.100.20:51820".parse().unwrap());
+        let mut answers = Wire::default();
+        let peers = a.peers();
+        a.decapsulate(now, &peers, from, &data, &mut out, &mut answers);
+        assert!(
+            answers.sent.is_empty(),
+            "a handshake younger than a second is kept"
+        );
+        std::thread::sleep(STALE_SESSION_GRACE);
+        a.decapsulate(Instant::now(), &peers, from, &data, &mut out, &mut answers);
+        assert_eq!(answers.sent.len(), 1, "one new handshake");
+        assert_eq!(answers.sent[0].1[0], 1, "a handshake initiation");
+        // More of it: no second initiation while that one is pending.
+        for _ in 0..10 {
+            a.decapsulate(Instant::now(), &peers, from, &data, &mut out, &mut answers);
+        }
+        assert_eq!(answers.sent.len(), 1);
+        assert!(a.peers().get(0).counters.drops.get(DropReason::Rejected) >= 12);
+    }
 }
