@@ -15,7 +15,8 @@ else
     cargo test --workspace --no-fail-fast "$@"
 fi
 
-# Nothing of the tests may remain: namespaces, UAPI sockets, processes.
+# Nothing of the tests may remain: namespaces, UAPI sockets, processes
+# (daemons, node agents, the labs' keepalived).
 # A lab namespace is named cw<pid>x<n>-…; once the suite is over, one whose
 # process is gone is a leftover (a live one belongs to something else).
 leftover=""
@@ -24,7 +25,8 @@ for ns in $(ip netns list | awk '{print $1}' | grep -E '^cw[0-9]+x' || true); do
     kill -0 "$pid" 2>/dev/null || leftover+="$ns"$'\n'
 done
 leftover+=$(ls /var/run/wireguard/ 2>/dev/null | grep -E '^wgt[0-9]+x' || true)
-leftover+=$(pgrep -af "$(pwd)/target/[a-z]+/causeway up" || true)
+leftover+=$(pgrep -af "$(pwd)/target/[a-z]+/causeway (up|node) " || true)
+leftover+=$(pgrep -af "keepalived --dont-fork --log-console --vrrp --use-file /tmp/" || true)
 if [ -n "$leftover" ]; then
     echo "tests left these behind:" >&2
     echo "$leftover" >&2
