@@ -922,3 +922,47 @@ pub fn spawn_agent(ns: &Netns, config: &Path, log: &Path) -> ChildGuard {
         .stderr(out);
     ns.spawn(&mut cmd).expect("spawn causeway node")
 }
+
+/// Where `status`'s site sees `addr` of its only peer (its first view).
+pub fn view_of(status: &Status, addr: Ipv4Addr) -> Ipv4Addr {
+    let view = &status.peers[0].views[0];
+    let real: ipnet::Ipv4Net = view.real.parse().expect("real");
+    let seen: ipnet::Ipv4Net = view.view.parse().expect("view");
+    Ipv4Addr::from(u32::from(seen.network()) + (u32::from(addr) - u32::from(real.network())))
+}
+
+/// The positions of the running daemons (gateway replicas) that say they
+/// are the site's active one.
+pub fn active_replicas<'a>(daemons: impl IntoIterator<Item = Option<&'a Daemon>>) -> Vec<usize> {
+    daemons
+        .into_iter()
+        .enumerate()
+        .filter(|(_, d)| {
+            d.and_then(Daemon::try_status)
+                .is_some_and(|s| s.role == causeway::core::Role::Active)
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Waits until `actives` names exactly one replica and returns it; panics
+/// with `logs` after `within`.
+pub fn wait_one_active(
+    actives: impl Fn() -> Vec<usize>,
+    within: Duration,
+    logs: impl Fn() -> String,
+) -> usize {
+    let t = Instant::now();
+    loop {
+        let now_active = actives();
+        if now_active.len() == 1 {
+            return now_active[0];
+        }
+        assert!(
+            t.elapsed() < within,
+            "active replicas: {now_active:?}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -12,7 +12,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use causeway::observe::Status;
 use causeway_testbed::{ClusterSpec, Keepalived, Lab, LabSpec, Nat, Netns, SiteSpec};
 
 use crate::common::*;
@@ -211,32 +210,12 @@ impl FailoverLab {
 
     /// The replicas that say they are active.
     fn actives(&self) -> Vec<usize> {
-        self.replicas
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| {
-                r.daemon
-                    .as_ref()
-                    .and_then(Daemon::try_status)
-                    .is_some_and(|s| s.role == causeway::core::Role::Active)
-            })
-            .map(|(i, _)| i)
-            .collect()
+        active_replicas(self.replicas.iter().map(|r| r.daemon.as_ref()))
     }
 
     /// Waits until exactly one replica is active; returns it.
     fn wait_one_active(&self, within: Duration) -> usize {
-        let t = Instant::now();
-        loop {
-            let actives = self.actives();
-            if actives.len() == 1 {
-                return actives[0];
-            }
-            if t.elapsed() > within {
-                panic!("active replicas: {actives:?}\n{}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_one_active(|| self.actives(), within, || self.logs())
     }
 
     fn client(&self) -> &Netns {
@@ -315,15 +294,6 @@ fn shipped_keepalived_config(priority: u8, vip: &str, socket: &std::path::Path) 
         );
     }
     replaced
-}
-
-/// Where `daemon`'s site sees `addr` of its only peer.
-fn view_of(status: &Status, addr: Ipv4Addr) -> Ipv4Addr {
-    let view = &status.peers[0].views[0];
-    let real: ipnet::Ipv4Net = view.real.parse().expect("real");
-    let seen: ipnet::Ipv4Net = view.view.parse().expect("view");
-    let offset = u32::from(addr) - u32::from(real.network());
-    Ipv4Addr::from(u32::from(seen.network()) + offset)
 }
 
 fn failover(paths: Paths, failure: Failure) {

@@ -314,36 +314,14 @@ impl KubeLab {
         self.replicas[i].daemon = Some(daemon);
     }
 
-    /// The replicas whose status says active.
+    /// The replicas that say they are active.
     fn actives(&self) -> Vec<usize> {
-        self.replicas
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| {
-                r.daemon
-                    .as_ref()
-                    .and_then(Daemon::try_status)
-                    .is_some_and(|s| s.role == Role::Active)
-            })
-            .map(|(i, _)| i)
-            .collect()
+        active_replicas(self.replicas.iter().map(|r| r.daemon.as_ref()))
     }
 
     /// Waits until exactly one replica is active; returns it.
     fn wait_one_active(&self, within: Duration) -> usize {
-        let t = Instant::now();
-        loop {
-            let actives = self.actives();
-            if actives.len() == 1 {
-                return actives[0];
-            }
-            assert!(
-                t.elapsed() < within,
-                "active replicas: {actives:?}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_one_active(|| self.actives(), within, || self.logs())
     }
 
     /// Waits until the client's node routes b's view via replica `i`'s
@@ -417,14 +395,6 @@ fn check_in_pod(daemon: &mut Daemon, service_account: &Path) {
         "the token leaked into the host's {}",
         host.display()
     );
-}
-
-/// Where `status`'s site sees `addr` of its only peer.
-fn view_of(status: &causeway::observe::Status, addr: Ipv4Addr) -> Ipv4Addr {
-    let view = &status.peers[0].views[0];
-    let real: ipnet::Ipv4Net = view.real.parse().expect("real");
-    let seen: ipnet::Ipv4Net = view.view.parse().expect("view");
-    Ipv4Addr::from(u32::from(seen.network()) + (u32::from(addr) - u32::from(real.network())))
 }
 
 /// Records every change of the Lease's holder (polled every 2 ms) until
