@@ -120,6 +120,8 @@ struct Run {
     /// The median and 90th-percentile ordered pair's first answer, ms.
     pair_median_ms: Option<u64>,
     pair_p90_ms: Option<u64>,
+    /// The five ordered pairs that answered last: from, to, ms.
+    slowest_pairs: Vec<(String, String, u64)>,
     /// Ordered pairs that answered / all ordered pairs.
     pairs_answered: usize,
     pairs_total: usize,
@@ -489,6 +491,28 @@ fn measure(
     }
     let mut sorted = reached.clone();
     sorted.sort();
+    let mut by_time: Vec<(Duration, usize, usize)> = answers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, row)| {
+            row.iter()
+                .enumerate()
+                .filter_map(move |(k, t)| t.map(|t| (t, i, k)))
+        })
+        .collect();
+    by_time.sort();
+    let slowest_pairs = by_time
+        .iter()
+        .rev()
+        .take(5)
+        .map(|&(t, i, k)| {
+            (
+                sites[i].name.clone(),
+                sites[k].name.clone(),
+                t.as_millis() as u64,
+            )
+        })
+        .collect();
     let ms = |d: Duration| d.as_millis() as u64;
     for mut d in daemons {
         let _ = d.stop(Duration::from_secs(5));
@@ -499,6 +523,7 @@ fn measure(
         reachable_ms: reachable.map(ms),
         pair_median_ms: sorted.get(sorted.len() / 2).copied().map(ms),
         pair_p90_ms: sorted.get(sorted.len() * 9 / 10).copied().map(ms),
+        slowest_pairs,
         pairs_answered: reached.len(),
         pairs_total: total,
         punchable_direct_ms: direct_at.map(ms),
