@@ -16,6 +16,10 @@
 //! - `failover`: takes the active gateway replica of a cluster site out
 //!   (keepalived, two replicas) under a 20 ms ping train and reports the
 //!   longest gap, run after run in fresh labs.
+//! - `mesh`: N sites, every one peering with every other through one
+//!   rendezvous (public, port-preserving and symmetric NATs); reports the
+//!   time to full reachability, direct and relayed pairs, and each
+//!   daemon's and the rendezvous' memory, idle CPU and idle traffic.
 
 mod abuse;
 mod client;
@@ -23,6 +27,7 @@ mod demo;
 mod failover;
 mod interrupt;
 mod lab;
+mod mesh;
 mod proto;
 mod server;
 mod stats;
@@ -127,6 +132,33 @@ enum Command {
         after: f64,
         /// Keep every run's logs (daemons, keepalived, rendezvous) in
         /// /tmp, not only those of runs with a gap over 500 ms or that failed.
+        #[arg(long)]
+        keep_logs: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a full mesh of N sites (a quarter public, half behind
+    /// port-preserving NATs, a quarter behind symmetric NATs; distinct pod
+    /// CIDRs 10.i.0.0/16) joined through one rendezvous, start every
+    /// daemon at once and report the time until every ordered pair of pods
+    /// answers a ping, direct and relayed pairs, and each daemon's and the
+    /// rendezvous' RSS, idle CPU and idle underlay traffic. Needs root;
+    /// tears every lab down.
+    Mesh {
+        /// The causeway binary [default: next to this one].
+        #[arg(long)]
+        causeway: Option<PathBuf>,
+        /// Comma-separated mesh sizes (2 to 64 sites).
+        #[arg(long, value_delimiter = ',', default_value = "5,10,20")]
+        sites: Vec<usize>,
+        /// Runs per size, each in a fresh lab (median and min–max are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Seconds of the idle window (CPU and traffic).
+        #[arg(long, default_value_t = 10.0)]
+        idle: f64,
+        /// Keep every run's logs in /tmp, not only those of failed runs.
         #[arg(long)]
         keep_logs: bool,
         /// Print the report as JSON.
@@ -278,6 +310,21 @@ fn main() -> ExitCode {
             paths,
             failure,
             after,
+            keep_logs,
+            json,
+        }),
+        Command::Mesh {
+            causeway,
+            sites,
+            runs,
+            idle,
+            keep_logs,
+            json,
+        } => mesh::run(mesh::Args {
+            causeway,
+            sites,
+            runs,
+            idle,
             keep_logs,
             json,
         }),

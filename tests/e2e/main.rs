@@ -13,6 +13,7 @@ mod garbage;
 mod image;
 mod interop;
 mod invite;
+mod mesh;
 mod metrics;
 mod nat;
 mod reload;
