@@ -143,15 +143,7 @@ impl WorkerReport {
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     interrupt::install();
-    let bin = match &args.causeway {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?.with_file_name("causeway"),
-    };
-    ensure!(
-        bin.exists(),
-        "{} not found: build it first (cargo build --release)",
-        bin.display()
-    );
+    let bin = crate::lab::daemon::causeway_bin(args.causeway.clone())?;
     ensure!(
         (1..=16).contains(&args.strangers),
         "--strangers must be 1 to 16"
@@ -192,7 +184,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         "info",
     )?;
     let pid = rendezvous.process.pid();
-    let rss_before = rss_kib(pid).context("the rendezvous' memory")?;
+    let rss_before = crate::lab::procfs::rss_kib(pid).context("the rendezvous' memory")?;
     let cpu_before = procfs::cpu_seconds(pid).unwrap_or(0.0);
     let sampler = Sampler::start(pid);
 
@@ -245,7 +237,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let rss_max = sampler.stop();
-    let alive = rss_kib(pid).is_some();
+    let alive = crate::lab::procfs::rss_kib(pid).is_some();
     let peak = procfs::peak_rss_kib(pid).unwrap_or(0);
     let cpu = procfs::cpu_seconds(pid).unwrap_or(cpu_before) - cpu_before;
     let log = std::fs::read_to_string(&rendezvous.log).unwrap_or_default();
@@ -316,14 +308,6 @@ fn print_report(r: &Report, args: &Args) {
     );
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 /// Samples a process' resident memory every 20 ms and keeps the highest.
 struct Sampler {
     stop: Arc<AtomicBool>,
@@ -338,7 +322,7 @@ impl Sampler {
         let (s, m) = (stop.clone(), max.clone());
         let thread = thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                if let Some(kib) = rss_kib(pid) {
+                if let Some(kib) = crate::lab::procfs::rss_kib(pid) {
                     m.fetch_max(kib, Ordering::Relaxed);
                 }
                 thread::sleep(Duration::from_millis(20));

@@ -35,15 +35,7 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
         DemoNat::Symmetric => (Nat::Symmetric, "masquerade random,fully-random"),
     };
     crate::interrupt::install();
-    let bin = match causeway {
-        Some(path) => path,
-        None => std::env::current_exe()?.with_file_name("causeway"),
-    };
-    ensure!(
-        bin.exists(),
-        "{} not found: build it first (cargo build --release)",
-        bin.display()
-    );
+    let bin = crate::lab::daemon::causeway_bin(causeway)?;
 
     let t = Instant::now();
     let lab = Lab::build(&LabSpec {

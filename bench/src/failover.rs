@@ -63,9 +63,8 @@ const PERIOD: Duration = Duration::from_millis(20);
 const BEFORE: Duration = Duration::from_secs(1);
 /// How long the train may run after the failure waiting for a reply.
 const MAX_OUTAGE: Duration = Duration::from_secs(20);
-/// The keepalived config the project ships, run as its comments say.
-const SHIPPED_KEEPALIVED: &str = include_str!("../../systemd/keepalived-causeway.conf");
-/// Its advertisement interval (checked against the file in a test).
+/// The advertisement interval of the keepalived config the project ships
+/// (checked against the file in a test).
 const ADVERT: Duration = Duration::from_millis(100);
 /// The longest gap the issue allows, and its goal.
 const BOUND: Duration = Duration::from_secs(3);
@@ -214,15 +213,7 @@ struct Report {
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     interrupt::install();
-    let bin = match &args.causeway {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?.with_file_name("causeway"),
-    };
-    ensure!(
-        bin.exists(),
-        "{} not found: build it first (cargo build --release -p causeway)",
-        bin.display()
-    );
+    let bin = crate::lab::daemon::causeway_bin(args.causeway.clone())?;
     ensure!(args.runs >= 1, "--runs must be at least 1");
     ensure!(
         args.after >= 1.0 && args.after <= 20.0,
@@ -601,7 +592,7 @@ impl FailoverLab {
         if r.keepalived.is_none() {
             let dir = r.dir.log().with_file_name("keepalived");
             std::fs::create_dir_all(&dir)?;
-            let config = shipped_keepalived_config(
+            let config = causeway_testbed::shipped_config(
                 if i == 0 { 150 } else { 100 },
                 &format!("{}/{}", cluster.vip, cluster.lan_prefix.prefix_len()),
                 &self.bin,
@@ -673,37 +664,6 @@ impl FailoverLab {
             Failure::LinkCut => Ok(self.cluster()?.restore_node_links(self.replicas[i].node)?),
         }
     }
-}
-
-/// The shipped keepalived config (systemd/keepalived-causeway.conf) with
-/// what its comments say to change replaced: the priority, the VIP, and
-/// the path of `causeway` and its control socket (the lab's).
-fn shipped_keepalived_config(
-    priority: u8,
-    vip: &str,
-    bin: &Path,
-    socket: &Path,
-) -> anyhow::Result<String> {
-    let text = SHIPPED_KEEPALIVED;
-    for (what, original) in [
-        ("priority", "priority 100 "),
-        ("VIP", "192.0.2.100/24"),
-        ("binary", "/usr/local/bin/causeway"),
-        ("socket", "--interface causeway0"),
-    ] {
-        ensure!(
-            text.contains(original),
-            "the shipped keepalived config changed: its {what} line has no {original:?}"
-        );
-    }
-    Ok(text
-        .replace("priority 100 ", &format!("priority {priority} "))
-        .replace("192.0.2.100/24", vip)
-        .replace("/usr/local/bin/causeway", &bin.display().to_string())
-        .replace(
-            "--interface causeway0",
-            &format!("--socket {}", socket.display()),
-        ))
 }
 
 fn run_once(
@@ -1108,7 +1068,7 @@ mod tests {
 
     #[test]
     fn the_shipped_keepalived_config_is_what_the_report_says() {
-        let text = shipped_keepalived_config(
+        let text = causeway_testbed::shipped_config(
             150,
             "172.16.1.100/24",
             Path::new("/opt/causeway"),

@@ -197,15 +197,7 @@ struct Report {
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     interrupt::install();
-    let bin = match &args.causeway {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?.with_file_name("causeway"),
-    };
-    ensure!(
-        bin.exists(),
-        "{} not found: build it first (cargo build --release)",
-        bin.display()
-    );
+    let bin = crate::lab::daemon::causeway_bin(args.causeway.clone())?;
     ensure!(args.runs >= 1, "--runs must be at least 1");
     ensure!(
         args.idle > 0.0 && args.idle <= 300.0,
@@ -456,8 +448,11 @@ fn measure(
         .unwrap_or(rdv_dgrams0)
         .saturating_sub(rdv_dgrams0) as f64
         / secs;
-    let daemon_rss_kib: Vec<u64> = pids.iter().map(|&p| rss_kib(p).unwrap_or(0)).collect();
-    let rendezvous_rss_kib = rss_kib(rdv_pid).unwrap_or(0);
+    let daemon_rss_kib: Vec<u64> = pids
+        .iter()
+        .map(|&p| crate::lab::procfs::rss_kib(p).unwrap_or(0))
+        .collect();
+    let rendezvous_rss_kib = crate::lab::procfs::rss_kib(rdv_pid).unwrap_or(0);
     for (i, d) in daemons.iter_mut().enumerate() {
         ensure!(
             d.wait_timeout(Duration::ZERO)?.is_none(),
@@ -599,14 +594,6 @@ fn snmp_udp_datagrams(text: &str) -> Option<u64> {
         values.split_whitespace().nth(at)?.parse().ok()
     };
     Some(field("InDatagrams")? + field("OutDatagrams")?)
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Pings every `targets[i][k]` from site `i`'s first pod until each has

@@ -130,13 +130,11 @@ async fn serve(
     if !backstops.removed.is_empty() {
         info!(removed = ?backstops.removed, "removed backstop routes of peers no longer configured");
     }
-    // Our routes through the interface: the active replica's; a standby
-    // removes any a previous run left (the backstops stay).
-    let wanted = match ctx.site.role() {
-        Role::Active => ctx.site.peers().all_views(),
-        Role::Standby => Vec::new(),
-    };
-    let changes = netlink.reconcile_routes(link, &wanted).await?;
+    // A standby removes any route through the interface a previous run
+    // left (the backstops stay).
+    let changes = netlink
+        .reconcile_routes(link, &tun_routes(&ctx.site))
+        .await?;
     if !changes.removed.is_empty() {
         info!(removed = ?changes.removed, "removed stale routes of a previous run");
     }
@@ -281,16 +279,10 @@ async fn take_role(
         info!(%role, "role unchanged");
         return;
     }
-    let routes = match role {
-        Role::Active => ctx.site.peers().all_views(),
-        Role::Standby => Vec::new(),
-    };
-    if role == Role::Standby
-        && let Some(running) = rendezvous.take()
-    {
-        running.stop();
+    if role == Role::Standby {
+        *rendezvous = None;
     }
-    if let Err(e) = netlink.reconcile_routes(link, &routes).await {
+    if let Err(e) = netlink.reconcile_routes(link, &tun_routes(&ctx.site)).await {
         warn!(%role, "routes for the new role: {e}");
     }
     if role == Role::Active && rendezvous.is_none() {
@@ -393,10 +385,7 @@ impl Reloader {
         if let Err(e) = netlink.reconcile_backstops(&views).await {
             warn!("backstop routes after reload: {e}");
         }
-        // A standby keeps no routes through the interface.
-        if ctx.site.is_active()
-            && let Err(e) = netlink.reconcile_routes(link, &views).await
-        {
+        if let Err(e) = netlink.reconcile_routes(link, &tun_routes(&ctx.site)).await {
             warn!("routes after reload: {e}");
         }
         announce_views(self.announcer.as_ref(), ctx);
@@ -410,6 +399,15 @@ impl Reloader {
             "config reloaded"
         );
         self.running = new;
+    }
+}
+
+/// The routes through the interface this replica keeps: one per peer view
+/// while active, none while a standby (its backstops stay).
+fn tun_routes(site: &Site) -> Vec<ipnet::IpNet> {
+    match site.role() {
+        Role::Active => site.peers().all_views(),
+        Role::Standby => Vec::new(),
     }
 }
 

@@ -395,9 +395,7 @@ fn status(
     socket: Option<PathBuf>,
     interface: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let path = socket.unwrap_or_else(|| {
-        config::default_control_socket(interface.as_deref().unwrap_or(config::DEFAULT_INTERFACE))
-    });
+    let path = control_socket(socket, interface);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -410,14 +408,19 @@ fn status(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--socket`, else the socket of `--interface`, else of causeway0.
+fn control_socket(socket: Option<PathBuf>, interface: Option<String>) -> PathBuf {
+    socket.unwrap_or_else(|| {
+        config::default_control_socket(interface.as_deref().unwrap_or(config::DEFAULT_INTERFACE))
+    })
+}
+
 fn ctl_role(
     role: causeway::core::Role,
     socket: Option<PathBuf>,
     interface: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let path = socket.unwrap_or_else(|| {
-        config::default_control_socket(interface.as_deref().unwrap_or(config::DEFAULT_INTERFACE))
-    });
+    let path = control_socket(socket, interface);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -8,14 +8,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope};
 use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use crate::error::errno;
-use crate::route::{destination, in_main_table};
+use crate::route::in_main_table;
 use crate::{Error, Link, Netlink};
 
 /// The route protocol number that marks the node agent's routes
@@ -113,24 +112,8 @@ impl Netlink {
     /// The node agent's routes: destinations of the routes with
     /// [`NODE_ROUTE_PROTOCOL`] in the main table.
     pub async fn node_routes(&self) -> Result<Vec<IpNet>, Error> {
-        let mut out = Vec::new();
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            let mut query = RouteMessageBuilder::<IpAddr>::new().build();
-            query.header.address_family = family;
-            let mut routes = self.handle.route().get(query).execute();
-            while let Some(msg) = routes
-                .try_next()
-                .await
-                .map_err(|e| Error::request("list node routes", e))?
-            {
-                let ours = msg.header.protocol == RouteProtocol::Other(NODE_ROUTE_PROTOCOL)
-                    && in_main_table(&msg);
-                if let Some(dst) = destination(&msg).filter(|_| ours) {
-                    out.push(dst);
-                }
-            }
-        }
-        Ok(out)
+        self.our_routes(NODE_ROUTE_PROTOCOL, "node routes", in_main_table)
+            .await
     }
 
     /// Installs (or replaces) the node route to `dst` through `hop`.

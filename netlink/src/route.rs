@@ -85,9 +85,10 @@ pub(crate) fn destination(msg: &RouteMessage) -> Option<IpNet> {
 
 impl Netlink {
     /// The destinations of the routes (IPv4 and IPv6, every table) that
-    /// carry our protocol mark and pass `keep`.
-    async fn our_routes(
+    /// carry the protocol mark `protocol` and pass `keep`.
+    pub(crate) async fn our_routes(
         &self,
+        protocol: u8,
         what: &str,
         keep: impl Fn(&RouteMessage) -> bool,
     ) -> Result<Vec<IpNet>, Error> {
@@ -101,8 +102,7 @@ impl Netlink {
                 .await
                 .map_err(|e| Error::request(format!("list {what}"), e))?
             {
-                let ours =
-                    msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) && keep(&msg);
+                let ours = msg.header.protocol == RouteProtocol::Other(protocol) && keep(&msg);
                 if let Some(dst) = destination(&msg).filter(|_| ours) {
                     out.push(dst);
                 }
@@ -114,7 +114,7 @@ impl Netlink {
     /// The routes of ours (main table, our protocol) that go out of `link`.
     pub async fn owned_routes(&self, link: &Link) -> Result<Vec<IpNet>, Error> {
         let what = format!("routes of {}", link.name);
-        self.our_routes(&what, |msg| {
+        self.our_routes(ROUTE_PROTOCOL, &what, |msg| {
             msg.attributes.contains(&RouteAttribute::Oif(link.index))
         })
         .await
@@ -123,7 +123,7 @@ impl Netlink {
     /// Our backstop routes: `blackhole` routes with our mark in the main
     /// table (see [`Netlink::reconcile_backstops`]).
     pub async fn backstop_routes(&self) -> Result<Vec<IpNet>, Error> {
-        self.our_routes("backstop routes", |msg| {
+        self.our_routes(ROUTE_PROTOCOL, "backstop routes", |msg| {
             msg.header.kind == RouteType::BlackHole && in_main_table(msg)
         })
         .await

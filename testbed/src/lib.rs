@@ -153,7 +153,7 @@ mod wire;
 
 pub use cluster::{Cluster, ClusterSpec, Node};
 pub use error::Error;
-pub use keepalived::{Keepalived, Vrrp};
+pub use keepalived::{Keepalived, SHIPPED_CONFIG, shipped_config};
 pub use lab::{Lab, LabSpec, Nat, Site, SiteSpec};
 pub use netns::{ChildGuard, Netns, run_command, sweep_stale_namespaces};
 pub use pod::Pod;

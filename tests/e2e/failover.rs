@@ -199,11 +199,13 @@ impl FailoverLab {
         if r.keepalived.is_none() {
             let dir = r.files.path("keepalived");
             std::fs::create_dir_all(&dir).expect("keepalived dir");
-            let config = shipped_keepalived_config(
+            let config = causeway_testbed::shipped_config(
                 if i == 0 { 150 } else { 100 },
                 &format!("{}/{}", cluster.vip, cluster.lan_prefix.prefix_len()),
+                std::path::Path::new(causeway_bin()),
                 &r.files.socket(),
-            );
+            )
+            .expect("the shipped keepalived config");
             r.keepalived = Some(Keepalived::start_config(ns, &dir, &config).expect("keepalived"));
         }
     }
@@ -269,33 +271,6 @@ impl FailoverLab {
     }
 }
 
-/// The keepalived config the project ships (systemd/keepalived-causeway.conf),
-/// with what its comments say to change replaced: the priority, the VIP,
-/// and the path of `causeway` and its control socket (the lab's).
-fn shipped_keepalived_config(priority: u8, vip: &str, socket: &std::path::Path) -> String {
-    let text = include_str!("../../systemd/keepalived-causeway.conf");
-    let replaced = text
-        .replace("priority 100 ", &format!("priority {priority} "))
-        .replace("192.0.2.100/24", vip)
-        .replace("/usr/local/bin/causeway", causeway_bin())
-        .replace(
-            "--interface causeway0",
-            &format!("--socket {}", socket.display()),
-        );
-    for (what, original) in [
-        ("priority", "priority 100 "),
-        ("VIP", "192.0.2.100/24"),
-        ("binary", "/usr/local/bin/causeway"),
-        ("socket", "--interface causeway0"),
-    ] {
-        assert!(
-            text.contains(original),
-            "the shipped keepalived config changed: its {what} line"
-        );
-    }
-    replaced
-}
-
 fn failover(paths: Paths, failure: Failure) {
     let mut f = FailoverLab::new(paths);
     let active = f.wait_one_active(Duration::from_secs(10));
@@ -307,7 +282,6 @@ fn failover(paths: Paths, failure: Failure) {
     // Failover, under a ping train and a 256 MiB transfer.
     let train = PingTrain::start(f.client(), view);
     let client = f.client().alias();
-    let mut failed_at = None;
     transfer_across(
         &server,
         server_addr,
@@ -315,10 +289,7 @@ fn failover(paths: Paths, failure: Failure) {
         view,
         TRANSFER,
         FAIL_AFTER,
-        || {
-            failed_at = Some(Instant::now());
-            f.fail(active, failure);
-        },
+        || f.fail(active, failure),
     );
     std::thread::sleep(Duration::from_secs(1));
     let (gap, replies) = train.stop();
@@ -329,7 +300,6 @@ fn failover(paths: Paths, failure: Failure) {
     );
     assert!(gap <= MAX_GAP, "failover gap {gap:?}\n{}", f.logs());
     assert!(took_over.contains(&standby), "{took_over:?}\n{}", f.logs());
-    let _ = failed_at;
 
     // Fail-back: the old replica returns (as a standby: nopreempt), and
     // the traffic does not stop for longer than the bound again.

@@ -445,6 +445,23 @@ pub(crate) fn path_str(p: &Path) -> anyhow::Result<&str> {
         .with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
+/// The `causeway` binary a benchmark runs: `given`, else the one next to
+/// this program; an error saying how to build it when it is not there.
+pub(crate) fn causeway_bin(
+    given: Option<std::path::PathBuf>,
+) -> anyhow::Result<std::path::PathBuf> {
+    let bin = match given {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("causeway"),
+    };
+    anyhow::ensure!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --release)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
@@ -107,15 +107,7 @@ async fn session(
 }
 
 async fn read_frame(stream: &mut TcpStream, timeout: Duration) -> Result<Vec<u8>, WatchError> {
-    let read = async {
-        let mut header = [0u8; 4];
-        stream.read_exact(&mut header).await?;
-        let len = wire::frame_len(header)?;
-        let mut buf = vec![0u8; len];
-        stream.read_exact(&mut buf).await?;
-        Ok::<_, WatchError>(buf)
-    };
-    tokio::time::timeout(timeout, read)
+    tokio::time::timeout(timeout, super::read_frame(stream))
         .await
         .map_err(|_| WatchError::Timeout(timeout))?
 }

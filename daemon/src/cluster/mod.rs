@@ -14,7 +14,6 @@
 //!   server and a receive-only VXLAN device for nodes off the gateway's L2
 //!   segment.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use causeway_netlink::{GATEWAY_VXLAN_MAC, Link, Netlink, VXLAN_NEXT_HOP_V4, VxlanSpec};
@@ -185,9 +184,20 @@ pub fn loose_rp_filter(name: &str) {
     }
 }
 
-/// Whether `ip` is an address of this host (among `addresses`).
-pub fn is_local(addresses: &[(u32, IpNet)], ip: IpAddr) -> bool {
-    addresses.iter().any(|(_, net)| net.addr() == ip)
+/// Reads one frame of the node protocol (a 4-byte length, at most
+/// [`wire::MAX_FRAME`], then the payload), for the gateway and the node.
+async fn read_frame<R, E>(stream: &mut R) -> Result<Vec<u8>, E>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    E: From<std::io::Error> + From<wire::WireError>,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).await?;
+    let len = wire::frame_len(header)?;
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).await?;
+    Ok(buf)
 }
 
 #[cfg(test)]

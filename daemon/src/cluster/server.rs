@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
@@ -165,9 +165,12 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let server_nonce: [u8; NONCE_LEN] = rand::random();
     write_frame(&mut stream, &wire::hello(&server_nonce)).await?;
-    let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, read_frame_inner(&mut stream))
-        .await
-        .map_err(|_| ConnError::Timeout)??;
+    let first = tokio::time::timeout(
+        FIRST_FRAME_TIMEOUT,
+        super::read_frame::<_, ConnError>(&mut stream),
+    )
+    .await
+    .map_err(|_| ConnError::Timeout)??;
     let (client_nonce, sealed) = wire::split_first_watch(&first)?;
     let mut session = Session::server(secret, &server_nonce, &client_nonce);
     let mut known = wire::open_watch(&mut session, sealed)?;
@@ -183,8 +186,10 @@ async fn connection(
                 _ = &mut deadline => break,
             }
         }
-        let published = rx.borrow_and_update().clone();
-        let sealed = wire::reply(&mut session, published.version, &published.announcement);
+        let sealed = {
+            let published = rx.borrow_and_update();
+            wire::reply(&mut session, published.version, &published.announcement)
+        };
         write_frame(&mut stream, &sealed).await?;
         stats.replies.fetch_add(1, Ordering::Relaxed);
         let next = read_frame(&mut stream).await?;
@@ -193,19 +198,9 @@ async fn connection(
 }
 
 async fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>, ConnError> {
-    tokio::time::timeout(READ_TIMEOUT, read_frame_inner(stream))
+    tokio::time::timeout(READ_TIMEOUT, super::read_frame(stream))
         .await
         .map_err(|_| ConnError::Timeout)?
-}
-
-/// Reads one frame (length-prefixed, at most [`wire::MAX_FRAME`]).
-async fn read_frame_inner<R: AsyncReadExt + Unpin>(stream: &mut R) -> Result<Vec<u8>, ConnError> {
-    let mut header = [0u8; 4];
-    stream.read_exact(&mut header).await?;
-    let len = wire::frame_len(header)?;
-    let mut buf = vec![0u8; len];
-    stream.read_exact(&mut buf).await?;
-    Ok(buf)
 }
 
 async fn write_frame(stream: &mut TcpStream, payload: &[u8]) -> Result<(), ConnError> {

@@ -96,7 +96,7 @@ impl ClusterSecret {
     /// bytes (too easy to guess).
     pub fn from_file_content(content: &[u8]) -> Option<Self> {
         let trimmed = content.trim_ascii();
-        if trimmed.len() < 16 {
+        if trimmed.len() < crate::config::MIN_SECRET_LEN {
             return None;
         }
         use blake2::Digest as _;

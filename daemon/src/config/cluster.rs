@@ -116,22 +116,12 @@ pub(super) fn cluster(p: &mut Problems<'_>, raw: RawCluster) -> Option<ClusterCo
             }
         },
     };
-    let vxlan_interface = raw
-        .vxlan_interface
-        .unwrap_or_else(|| DEFAULT_GATEWAY_VXLAN_INTERFACE.to_owned());
-    if vxlan_interface.is_empty()
-        || vxlan_interface.len() > 15
-        || !vxlan_interface
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        p.add(
-            "cluster.vxlan_interface",
-            format!(
-                "{vxlan_interface:?} is not a valid interface name (1 to 15 of a-z, 0-9, - and _)"
-            ),
-        );
-    }
+    let vxlan_interface = vxlan_interface(
+        p,
+        "cluster.vxlan_interface",
+        raw.vxlan_interface,
+        DEFAULT_GATEWAY_VXLAN_INTERFACE,
+    );
     Some(ClusterConfig {
         listen: listen?,
         secret_file: secret_file?,
@@ -142,11 +132,15 @@ pub(super) fn cluster(p: &mut Problems<'_>, raw: RawCluster) -> Option<ClusterCo
     })
 }
 
+/// The shortest cluster secret accepted (bytes, surrounding whitespace not
+/// counted): shorter ones are too easy to guess.
+pub const MIN_SECRET_LEN: usize = 16;
+
 /// Checks at load time that the secret file is readable and long enough,
 /// so that a bad secret stops the daemon before it changes anything.
 pub(super) fn check_secret(p: &mut Problems<'_>, cluster: &ClusterConfig) {
     match std::fs::read(&cluster.secret_file) {
-        Ok(bytes) if bytes.trim_ascii().len() >= 16 => {}
+        Ok(bytes) if bytes.trim_ascii().len() >= MIN_SECRET_LEN => {}
         Ok(_) => p.add(
             "cluster.secret_file",
             format!(
@@ -159,4 +153,27 @@ pub(super) fn check_secret(p: &mut Problems<'_>, cluster: &ClusterConfig) {
             format!("cannot read {}: {e}", cluster.secret_file.display()),
         ),
     }
+}
+
+/// A VXLAN interface name from `field` (`default` when absent): 1 to 15 of
+/// a-z, A-Z, 0-9, `-` and `_`; a problem is recorded otherwise.
+pub fn vxlan_interface(
+    p: &mut Problems<'_>,
+    field: &str,
+    value: Option<String>,
+    default: &str,
+) -> String {
+    let name = value.unwrap_or_else(|| default.to_owned());
+    if name.is_empty()
+        || name.len() > 15
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        p.add(
+            field,
+            format!("{name:?} is not a valid interface name (1 to 15 of a-z, 0-9, - and _)"),
+        );
+    }
+    name
 }

@@ -44,6 +44,7 @@ mod tests;
 
 pub use cluster::{
     ClusterConfig, DEFAULT_GATEWAY_VXLAN_INTERFACE, DEFAULT_VXLAN_PORT, DEFAULT_VXLAN_VNI,
+    MIN_SECRET_LEN, vxlan_interface,
 };
 pub(crate) use load::assign_views;
 pub use load::load;

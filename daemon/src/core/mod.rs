@@ -260,19 +260,19 @@ impl Site {
     pub fn update_peers(&self, configs: &[PeerConfig]) -> PeerChanges {
         let old = self.peers();
         let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-        let (table, changes) = Peers::build(
-            configs,
-            &peer::PeerContext {
-                private_key: &self.private_key,
-                rate_limiter: &self.rate_limiter,
-                pod_cidrs: &self.pod_cidrs,
-                paths: self.traversal.is_some().then_some(self.path_config),
-            },
-            &mut *rng,
-            Some(&old),
-        );
+        let (table, changes) = Peers::build(configs, &self.peer_context(), &mut *rng, Some(&old));
         self.peer_table.store(Arc::new(table));
         changes
+    }
+
+    /// What a peer's state is made from.
+    fn peer_context(&self) -> peer::PeerContext<'_> {
+        peer::PeerContext {
+            private_key: &self.private_key,
+            rate_limiter: &self.rate_limiter,
+            pod_cidrs: &self.pod_cidrs,
+            paths: self.traversal.is_some().then_some(self.path_config),
+        }
     }
 
     /// The replica's role.
@@ -307,12 +307,7 @@ impl Site {
         let peers = self.peers();
         {
             let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-            let cx = peer::PeerContext {
-                private_key: &self.private_key,
-                rate_limiter: &self.rate_limiter,
-                pod_cidrs: &self.pod_cidrs,
-                paths: self.traversal.is_some().then_some(self.path_config),
-            };
+            let cx = self.peer_context();
             for peer in peers.iter() {
                 peer.reset(&cx, &mut *rng);
             }

@@ -20,7 +20,8 @@ use crate::core::DropReason;
 const RELAY_BATCH: usize = 64;
 
 /// The running rendezvous clients and relay sender of an active replica:
-/// dropping it (or [`Rendezvous::stop`]) stops them.
+/// dropping it stops them (closing their connections); packets for the
+/// relay are dropped from then on.
 pub(crate) struct Rendezvous {
     ctx: Arc<Ctx>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -34,10 +35,6 @@ impl Rendezvous {
             tasks: start(ctx, config),
         }
     }
-
-    /// Stops the clients (closing their connections) and the relay sender;
-    /// packets for the relay are dropped from now on.
-    pub(crate) fn stop(self) {}
 }
 
 impl Drop for Rendezvous {

@@ -102,22 +102,12 @@ pub fn parse(text: &str, origin: &str) -> Result<NodeConfig, ConfigErrors> {
             Encapsulation::Auto
         }
     };
-    let vxlan_interface = raw
-        .vxlan_interface
-        .unwrap_or_else(|| DEFAULT_NODE_VXLAN_INTERFACE.to_owned());
-    if vxlan_interface.is_empty()
-        || vxlan_interface.len() > 15
-        || !vxlan_interface
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        p.add(
-            "vxlan_interface",
-            format!(
-                "{vxlan_interface:?} is not a valid interface name (1 to 15 of a-z, 0-9, - and _)"
-            ),
-        );
-    }
+    let vxlan_interface = crate::config::vxlan_interface(
+        &mut p,
+        "vxlan_interface",
+        raw.vxlan_interface,
+        DEFAULT_NODE_VXLAN_INTERFACE,
+    );
     let (mut host_snat_v4, mut host_snat_v6) = (None, None);
     for (i, spec) in raw.host_snat.unwrap_or_default().iter().enumerate() {
         match spec.parse::<IpAddr>() {

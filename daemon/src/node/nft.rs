@@ -54,8 +54,7 @@ pub fn apply(script: &str) -> Result<(), NftError> {
 
 /// Deletes the table; a missing table is success.
 pub fn remove() -> Result<(), NftError> {
-    let script = format!("table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n");
-    apply(&script)
+    apply(&super::plan::reset_table())
 }
 
 /// The packets counted by each named counter of the table (one `nft`

@@ -32,12 +32,7 @@ pub fn active(
         .filter(|(_, g)| g.reachable)
         .filter_map(|(addr, g)| g.announcement.as_ref().map(|a| (*addr, a)))
         .filter(|(_, a)| a.active)
-        .max_by(|(x_addr, x), (y_addr, y)| {
-            x.term
-                .cmp(&y.term)
-                .then_with(|| y_addr.ip().cmp(&x_addr.ip()))
-                .then_with(|| y_addr.port().cmp(&x_addr.port()))
-        })
+        .max_by(|(x_addr, x), (y_addr, y)| x.term.cmp(&y.term).then_with(|| y_addr.cmp(x_addr)))
 }
 
 /// How the node's routes reach the gateway.
@@ -153,6 +148,12 @@ fn set(out: &mut String, name: &str, kind: &str, nets: &[IpNet], v4: bool) {
     out.push_str(" }\n");
 }
 
+/// The start of a script that replaces our table: creating it first makes
+/// the delete succeed when there is none, all in one transaction.
+pub fn reset_table() -> String {
+    format!("table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n")
+}
+
 /// The nftables script that replaces the node agent's table atomically
 /// (`nft -f -`):
 ///
@@ -171,8 +172,7 @@ fn set(out: &mut String, name: &str, kind: &str, nets: &[IpNet], v4: bool) {
 ///   the node agent reports.
 pub fn nft_script(plan: &Plan) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "table inet {NFT_TABLE} {{}}");
-    let _ = writeln!(s, "delete table inet {NFT_TABLE}");
+    s.push_str(&reset_table());
     let _ = writeln!(s, "table inet {NFT_TABLE} {{");
     set(&mut s, "views4", "ipv4_addr", &plan.views, true);
     set(&mut s, "views6", "ipv6_addr", &plan.views, false);
