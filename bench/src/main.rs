@@ -20,6 +20,9 @@
 //!   rendezvous (public, port-preserving and symmetric NATs); reports the
 //!   time to full reachability, direct and relayed pairs, and each
 //!   daemon's and the rendezvous' memory, idle CPU and idle traffic.
+//! - `wide`: one gateway with many peers (one real, the others simulated
+//!   by `wide-sim`); reports handshake times, memory, throughput against
+//!   the 1-peer case and what a reload disturbs.
 
 mod abuse;
 mod client;
@@ -32,6 +35,7 @@ mod proto;
 mod server;
 mod stats;
 mod udp;
+mod wide;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
 use std::path::PathBuf;
@@ -164,6 +168,40 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// One gateway with N peers: peer #0 a second real site, the others
+    /// simulated WireGuard peers (one process, a boringtun session and a
+    /// UDP socket each, static endpoints). Reports the time to every
+    /// handshake (peers initiating at once, and the daemon initiating),
+    /// traffic to every peer, the daemon's RSS, single-stream TCP to peer
+    /// #0 against the 1-peer run of the same round, and what a reload of
+    /// one peer disturbs under a 20 ms ping train. Needs root and iperf3;
+    /// tears every lab down.
+    Wide {
+        /// The causeway binary [default: next to this one].
+        #[arg(long)]
+        causeway: Option<PathBuf>,
+        /// Comma-separated numbers of peers (1 to 257), interleaved run by run.
+        #[arg(long, value_delimiter = ',', default_value = "1,50,100,200")]
+        peers: Vec<usize>,
+        /// Rounds (each measures every number of peers in a fresh lab).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Seconds of each iperf3 test.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Keep every run's logs in /tmp, not only those of failed runs.
+        #[arg(long)]
+        keep_logs: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The simulated peers of `wide` (started by it in a lab namespace).
+    #[command(hide = true)]
+    WideSim {
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Answer `causeway-bench client` tests (TCP and UDP on one port).
     Server {
@@ -328,6 +366,22 @@ fn main() -> ExitCode {
             keep_logs,
             json,
         }),
+        Command::Wide {
+            causeway,
+            peers,
+            runs,
+            seconds,
+            keep_logs,
+            json,
+        } => wide::run(wide::Args {
+            causeway,
+            peers,
+            runs,
+            seconds,
+            keep_logs,
+            json,
+        }),
+        Command::WideSim { config } => wide::worker(&config),
         Command::Server { bind, port } => server::run(SocketAddr::new(bind, port)),
         Command::Report { json, out, doc } => lab::rerender(&json, out, doc),
         Command::Client {

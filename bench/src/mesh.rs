@@ -684,7 +684,7 @@ fn reach_all(
 }
 
 /// An unconnected, non-blocking ICMP echo ("ping") socket.
-fn icmp_socket() -> io::Result<OwnedFd> {
+pub(crate) fn icmp_socket() -> io::Result<OwnedFd> {
     // SAFETY: socket(2); the fd is owned right away.
     let fd = unsafe {
         libc::socket(
@@ -700,7 +700,7 @@ fn icmp_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn send_echo(socket: &OwnedFd, dst: Ipv4Addr, seq: u16) -> io::Result<()> {
+pub(crate) fn send_echo(socket: &OwnedFd, dst: Ipv4Addr, seq: u16) -> io::Result<()> {
     let mut packet = [0u8; 16];
     packet[0] = 8; // echo request; the kernel fills in the identifier and checksum
     packet[6..8].copy_from_slice(&seq.to_be_bytes());
