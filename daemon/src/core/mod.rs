@@ -21,6 +21,7 @@
 //! peer's state sits behind its own lock, taken once per packet; the peer
 //! table is an immutable snapshot swapped on reload.
 
+mod lpm;
 mod peer;
 mod traversal;
 mod wireguard;

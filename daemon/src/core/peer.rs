@@ -1,6 +1,7 @@
 //! Peers as the data path sees them: the WireGuard state, where to send,
 //! which inner addresses they may use, and their counters.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,6 +17,7 @@ use causeway_nat::probe::ProbeKey;
 use rand::RngCore;
 
 use super::Source;
+use super::lpm::Lpm;
 use crate::config::PeerConfig;
 use crate::packet::{AllowRule, DenyReason, View};
 
@@ -299,8 +301,10 @@ pub(super) struct PeerContext<'a> {
 /// data path switches to it atomically.
 pub struct Peers {
     peers: Vec<Arc<Peer>>,
-    /// (view cidr, peer position, view index), longest prefix first.
-    routes: Vec<(IpNet, usize, usize)>,
+    /// View CIDR → (peer position, view index).
+    routes: Lpm<(usize, usize)>,
+    /// Public key → peer position.
+    keys: HashMap<[u8; 32], usize>,
     /// (peer id, position), sorted by id.
     ids: Vec<(u32, usize)>,
     next_id: u32,
@@ -351,30 +355,31 @@ impl Peers {
             next_id = next_id.wrapping_add(1);
             peers.push(Arc::new(Peer::new(config, id, cx, rng)));
         }
+        let keys: HashMap<[u8; 32], usize> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p.public_key().as_bytes(), i))
+            .collect();
         if let Some(previous) = previous {
             for old in previous.iter() {
-                if !configs.iter().any(|c| c.public_key == *old.public_key()) {
+                if !keys.contains_key(old.public_key().as_bytes()) {
                     changes.removed.push(old.name().to_owned());
                 }
             }
         }
-        let mut routes: Vec<(IpNet, usize, usize)> = peers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, p)| {
-                p.views()
-                    .iter()
-                    .enumerate()
-                    .map(move |(k, m)| (*m.view(), i, k))
-            })
-            .collect();
-        routes.sort_by_key(|(net, _, _)| std::cmp::Reverse(net.prefix_len()));
+        let routes = Lpm::new(peers.iter().enumerate().flat_map(|(i, p)| {
+            p.views()
+                .iter()
+                .enumerate()
+                .map(move |(k, m)| (*m.view(), (i, k)))
+        }));
         let mut ids: Vec<(u32, usize)> = peers.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
         ids.sort_unstable();
         (
             Peers {
                 peers,
                 routes,
+                keys,
                 ids,
                 next_id,
             },
@@ -385,17 +390,12 @@ impl Peers {
     /// The peer, and which of its views, that local destination `addr`
     /// (a view address) belongs to: longest prefix match.
     pub fn route(&self, addr: IpAddr) -> Option<(usize, usize)> {
-        self.routes
-            .iter()
-            .find(|(net, _, _)| net.contains(&addr))
-            .map(|&(_, i, k)| (i, k))
+        self.routes.get(addr)
     }
 
     /// The peer with this public key.
     pub fn by_key(&self, key: &[u8; 32]) -> Option<usize> {
-        self.peers
-            .iter()
-            .position(|p| p.public_key().as_bytes() == key)
+        self.keys.get(key).copied()
     }
 
     /// The peer with this id.

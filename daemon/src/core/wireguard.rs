@@ -289,11 +289,17 @@ impl Site {
                     }
                 }
                 self.reply(source, reply, io);
-                // Packets that waited for this handshake go out now.
-                while let TunnResult::WriteToNetwork(queued) =
-                    state.tunn.decapsulate(None, &[], out)
-                {
-                    self.send_to_peer(peer, state.endpoint, queued, io);
+                // Packets that waited for our handshake go out now. Not
+                // after we answered the peer's initiation: that session is
+                // not confirmed, and asking boringtun to send now would make
+                // it start another initiation that replaces ours while its
+                // answer is on the way.
+                if !matches!(packet, Packet::HandshakeInit(_)) {
+                    while let TunnResult::WriteToNetwork(queued) =
+                        state.tunn.decapsulate(None, &[], out)
+                    {
+                        self.send_to_peer(peer, state.endpoint, queued, io);
+                    }
                 }
                 None
             }
@@ -467,18 +473,19 @@ fn is_link_local_noise(dst: IpAddr) -> bool {
     }
 }
 
+/// What the core's unit tests share: a recording [`Io`] and a site.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may panic
-mod tests {
+mod tests_support {
     use super::*;
     use crate::core::{SiteParams, TraversalParams};
     use x25519_dalek::{PublicKey, StaticSecret};
 
     /// Collects what a site hands to the relay and sends over UDP.
     #[derive(Default)]
-    struct Wire {
-        relayed: Vec<Vec<u8>>,
-        sent: Vec<(SocketAddr, Vec<u8>)>,
+    pub(super) struct Wire {
+        pub(super) relayed: Vec<Vec<u8>>,
+        pub(super) sent: Vec<(SocketAddr, Vec<u8>)>,
     }
 
     impl Io for Wire {
@@ -494,7 +501,7 @@ mod tests {
     }
 
     /// A site with traversal (so a relay) whose only peer has `peer_secret`.
-    fn site(secret: [u8; 32], peer_secret: [u8; 32], own: &str, peer: &str) -> Site {
+    pub(super) fn site(secret: [u8; 32], peer_secret: [u8; 32], own: &str, peer: &str) -> Site {
         let peer_cidr: ipnet::IpNet = peer.parse().unwrap();
         let cfg = crate::config::PeerConfig {
             name: "peer".to_owned(),
@@ -519,11 +526,19 @@ mod tests {
         )
     }
 
-    fn has_session(site: &Site) -> bool {
+    pub(super) fn has_session(site: &Site) -> bool {
         let peers = site.peers();
         let state = peers.get(0).lock();
         state.tunn.time_since_last_handshake().is_some()
     }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod tests {
+    use super::tests_support::*;
+    use super::*;
+    use x25519_dalek::StaticSecret;
 
     #[test]
     fn relayed_handshake_completes_while_the_udp_port_is_flooded() {
@@ -736,5 +751,286 @@ mod tests {
         }
         assert_eq!(answers.sent.len(), 1);
         assert!(a.peers().get(0).counters.drops.get(DropReason::Rejected) >= 12);
+    }
+}
+
+/// Random schedules of the start of a pair: initiations through the relay
+/// from both sides, a direct path found by either side at any moment (with
+/// its handshake kick), data, and every message delayed, reordered or
+/// duplicated (a lost handshake message waits for WireGuard's retry
+/// timer, which is not what this is about). Once the network is quiet, each side's data must be
+/// readable by the other within a few round trips and without any time
+/// passing: the pair must never depend on a timer to agree on a session.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod crossing {
+    use super::tests_support::*;
+    use super::*;
+    use rand::{Rng as _, SeedableRng as _};
+
+    const A_ADDR: &str = "192.0.2.1:51820";
+    const B_ADDR: &str = "192.0.2.2:51820";
+
+    /// A message on its way: to A (`true`) or B, relayed or over UDP.
+    #[derive(Clone, Debug)]
+    struct Msg {
+        id: usize,
+        to_a: bool,
+        relayed: bool,
+        bytes: Vec<u8>,
+    }
+
+    struct Net {
+        a: Site,
+        b: Site,
+        flight: Vec<Msg>,
+        sent: usize,
+        log: Vec<String>,
+    }
+
+    impl Net {
+        fn site(&self, a: bool) -> &Site {
+            if a { &self.a } else { &self.b }
+        }
+
+        /// Queues what `from_a`'s side just emitted.
+        fn emit(&mut self, from_a: bool, wire: Wire) {
+            let messages = (wire.relayed.into_iter().map(|b| (true, b)))
+                .chain(wire.sent.into_iter().map(|(_, b)| (false, b)));
+            for (relayed, bytes) in messages {
+                let id = self.sent;
+                self.sent += 1;
+                self.log.push(format!(
+                    "  #{id}: type {} from {} ({})",
+                    bytes[0],
+                    if from_a { "A" } else { "B" },
+                    if relayed { "relay" } else { "udp" },
+                ));
+                self.flight.push(Msg {
+                    id,
+                    to_a: !from_a,
+                    relayed,
+                    bytes,
+                });
+            }
+        }
+
+        /// Hands `m` to its site; whether it came out as an inner packet.
+        fn deliver(&mut self, m: &Msg) -> bool {
+            let mut out = [0u8; 2048];
+            let mut wire = Wire::default();
+            let to = self.site(m.to_a);
+            let peers = to.peers();
+            let (from_key, from_addr) = if m.to_a {
+                (self.b.public_key().to_bytes(), B_ADDR)
+            } else {
+                (self.a.public_key().to_bytes(), A_ADDR)
+            };
+            let inner = if m.relayed {
+                to.decapsulate_relayed(
+                    Instant::now(),
+                    &peers,
+                    &from_key,
+                    &m.bytes,
+                    &mut out,
+                    &mut wire,
+                )
+            } else {
+                let source = Source::Udp(from_addr.parse().unwrap());
+                to.decapsulate(
+                    Instant::now(),
+                    &peers,
+                    source,
+                    &m.bytes,
+                    &mut out,
+                    &mut wire,
+                )
+            };
+            self.log.push(format!(
+                "deliver #{}{}",
+                m.id,
+                if inner.is_some() { ": data read" } else { "" }
+            ));
+            self.emit(m.to_a, wire);
+            inner.is_some()
+        }
+
+        /// `from_a`'s side sends a ping to the other's pod.
+        fn data(&mut self, from_a: bool) {
+            let mut packet = if from_a {
+                ping([10, 0, 0, 7], [10, 1, 0, 5])
+            } else {
+                ping([10, 1, 0, 5], [10, 0, 0, 7])
+            };
+            let (mut out, mut icmp) = ([0u8; 2048], [0u8; 2048]);
+            let mut wire = Wire::default();
+            let site = self.site(from_a);
+            let peers = site.peers();
+            let outbound = site.encapsulate(
+                Instant::now(),
+                &peers,
+                &mut packet,
+                &mut out,
+                &mut icmp,
+                &mut wire,
+            );
+            if let Outbound::Send { to, len } = outbound {
+                wire.sent.push((to, out[..len].to_vec()));
+            }
+            self.log
+                .push(format!("data from {}", if from_a { "A" } else { "B" }));
+            self.emit(from_a, wire);
+        }
+
+        /// `from_a`'s side finds the direct path and kicks a handshake.
+        fn direct(&mut self, from_a: bool) {
+            let mut wire = Wire::default();
+            let site = self.site(from_a);
+            let peers = site.peers();
+            let peer = peers.get(0);
+            {
+                let mut state = peer.lock();
+                let other = if from_a { B_ADDR } else { A_ADDR };
+                state.endpoint = Some(other.parse().unwrap());
+                site.kick_handshake(peer, &mut state, &mut wire);
+            }
+            self.log
+                .push(format!("direct path at {}", if from_a { "A" } else { "B" }));
+            self.emit(from_a, wire);
+        }
+
+        /// `at_a`'s side hears from the rendezvous that the other is online.
+        fn online(&mut self, at_a: bool) {
+            let mut wire = Wire::default();
+            let site = self.site(at_a);
+            let other = if at_a { &self.b } else { &self.a };
+            site.handle_peer_update(
+                Instant::now(),
+                &other.public_key().to_bytes(),
+                Vec::new(),
+                true,
+                &mut wire,
+            );
+            self.log
+                .push(format!("online at {}", if at_a { "A" } else { "B" }));
+            self.emit(at_a, wire);
+        }
+
+        /// Delivers everything in flight, in order, until quiet.
+        fn drain(&mut self) -> (usize, usize) {
+            let (mut read_by_a, mut read_by_b) = (0, 0);
+            while !self.flight.is_empty() {
+                let m = self.flight.remove(0);
+                if self.deliver(&m) {
+                    if m.to_a {
+                        read_by_a += 1;
+                    } else {
+                        read_by_b += 1;
+                    }
+                }
+            }
+            (read_by_a, read_by_b)
+        }
+    }
+
+    /// An ICMP echo request from `src` to `dst`.
+    fn ping(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![
+            0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0xf7, 0xfe,
+            0, 1, 0, 0,
+        ];
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        let mut sum: u32 = p[..20]
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn a_pair_agrees_on_a_session_whatever_the_order_of_its_start() {
+        let (sa, sb) = ([0xA1; 32], [0xB2; 32]);
+        let mut failed = Vec::new();
+        for seed in 0..2000u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut net = Net {
+                a: site(sa, sb, "10.0.0.0/16", "10.1.0.0/16"),
+                b: site(sb, sa, "10.1.0.0/16", "10.0.0.0/16"),
+                flight: Vec::new(),
+                sent: 0,
+                log: Vec::new(),
+            };
+            // The start: each event at most once, except data and delivery.
+            let mut events = vec!["online A", "online B", "direct A", "direct B"];
+            for _ in 0..rng.gen_range(4..40) {
+                let k = rng.gen_range(0..10);
+                if k < 2 && !events.is_empty() {
+                    let e = events.remove(rng.gen_range(0..events.len()));
+                    match e {
+                        "online A" => net.online(true),
+                        "online B" => net.online(false),
+                        "direct A" => net.direct(true),
+                        _ => net.direct(false),
+                    }
+                } else if k < 4 {
+                    net.data(rng.gen_bool(0.5));
+                } else if !net.flight.is_empty() {
+                    let i = rng.gen_range(0..net.flight.len());
+                    let m = net.flight[i].clone();
+                    match rng.gen_range(0..10) {
+                        0 => {
+                            net.deliver(&m); // duplicated: it stays in flight
+                        }
+                        _ => {
+                            net.flight.remove(i);
+                            net.deliver(&m);
+                        }
+                    }
+                }
+            }
+            // Whatever did not happen yet happens now: both online, direct.
+            for e in events {
+                match e {
+                    "online A" => net.online(true),
+                    "online B" => net.online(false),
+                    "direct A" => net.direct(true),
+                    _ => net.direct(false),
+                }
+            }
+            net.drain();
+            // Now both sides talk, a few round trips, no time passing.
+            let mut read = (0, 0);
+            for _ in 0..4 {
+                net.data(true);
+                net.data(false);
+                let (by_a, by_b) = net.drain();
+                read = (read.0 + by_a, read.1 + by_b);
+            }
+            let last = {
+                net.data(true);
+                net.data(false);
+                net.drain()
+            };
+            if last != (1, 1) {
+                failed.push(format!(
+                    "seed {seed}: after the start, A read {} and B read {} of the last round's \
+                     data ({read:?} in 4 rounds before)\n{}",
+                    last.0,
+                    last.1,
+                    net.log.join("\n")
+                ));
+            }
+        }
+        assert!(
+            failed.is_empty(),
+            "{} of 2000 schedules end with data nobody can read; the first:\n{}",
+            failed.len(),
+            failed[0]
+        );
     }
 }
