@@ -309,6 +309,90 @@ fn failover_smoke_measures_a_takeover() {
     assert_no_leftovers(pid);
 }
 
+/// A short `causeway-bench wide`: 1 and 20 peers (19 simulated), one
+/// round. Asserts what happened, never how fast: every handshake
+/// completed, every simulated peer got traffic it could decrypt and
+/// answered, TCP crossed, and the reload restarted no other session.
+#[test]
+fn wide_smoke_twenty_peers_all_handshake_and_a_reload_disturbs_no_other() {
+    if !is_root() {
+        eprintln!("skipped: the lab needs root (network namespaces)");
+        return;
+    }
+    let bench = Path::new(env!("CARGO_BIN_EXE_causeway-bench"));
+    if !bench.with_file_name("causeway").exists() {
+        eprintln!("skipped: build the causeway binary first (cargo build -p causeway)");
+        return;
+    }
+    let child = Command::new(bench)
+        .args([
+            "wide",
+            "--peers",
+            "1,20",
+            "--runs",
+            "1",
+            "--seconds",
+            "1",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run causeway-bench wide");
+    let pid = child.id();
+    let run = child
+        .wait_with_output()
+        .expect("wait for causeway-bench wide");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "causeway-bench wide failed:\n{stdout}\n{stderr}"
+    );
+    eprintln!("{stdout}");
+    let r: Value = serde_json::from_str(&stdout).expect("a JSON report");
+    assert!(
+        r["machine"]["nproc"].as_u64().is_some_and(|n| n >= 1),
+        "{r}"
+    );
+    let runs = r["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "one run per number of peers");
+    let summaries = r["summaries"].as_array().expect("summaries");
+    assert_eq!(summaries.len(), 2);
+    assert_eq!(summaries[1]["peers"], 20);
+    assert!(summaries[1]["tcp_ratio_median"].as_f64().is_some(), "{r}");
+    for run in runs {
+        let n = run["peers"].as_u64().expect("peers");
+        assert_eq!(run["handshakes_completed"], n, "{run}");
+        assert!(run["tcp_gbps"].as_f64().is_some_and(|g| g > 0.0), "{run}");
+        assert!(
+            run["rss_after_traffic_kib"].as_u64().is_some_and(|k| k > 0),
+            "{run}"
+        );
+        if n == 1 {
+            assert!(run["reload"].is_null(), "{run}");
+            continue;
+        }
+        assert!(run["sims_handshakes_ms"].as_u64().is_some(), "{run}");
+        assert_eq!(run["traffic_answered"], n - 1, "{run}");
+        assert_eq!(run["traffic_decrypted"], n - 1, "{run}");
+        let reload = &run["reload"];
+        assert_eq!(
+            reload["other_sessions_restarted"],
+            serde_json::json!([]),
+            "{run}"
+        );
+        assert_eq!(reload["moved_answers"], true, "{run}");
+        assert!(
+            reload["train_sent"].as_u64().is_some_and(|s| s > 0),
+            "{run}"
+        );
+        assert_eq!(run["daemon_initiated_answered"], n, "{run}");
+        assert_eq!(run["daemon_initiated_handshakes"], n, "{run}");
+    }
+    assert_no_leftovers(pid);
+}
+
 fn check_metric(system: &str, name: &str, v: &Value) {
     match v {
         Value::String(s) => assert_eq!(s, "not_applicable", "{system} {name}"),

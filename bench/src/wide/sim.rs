@@ -87,8 +87,8 @@ struct Sim {
 
 /// The worker's main: binds every peer's socket, says `ready`, serves.
 pub(crate) fn worker(config: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(config)
-        .with_context(|| format!("reading {}", config.display()))?;
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let cfg: SimConfig = serde_json::from_str(&text).context("a wide-sim config")?;
     let daemon_key = keys::decode_public(&cfg.daemon_public_key)?;
     let mut sims = Vec::with_capacity(cfg.peers.len());
@@ -294,7 +294,11 @@ mod tests {
         assert_eq!(&reply[12..16], &[10, 100, 7, 1]);
         assert_eq!(&reply[16..20], &[10, 1, 0, 2]);
         assert_eq!(reply[20], 0, "echo reply");
-        assert_eq!(&reply[24..28], &[0xab, 0xcd, 0, 1], "identifier and sequence kept");
+        assert_eq!(
+            &reply[24..28],
+            &[0xab, 0xcd, 0, 1],
+            "identifier and sequence kept"
+        );
         assert_eq!(internet_checksum(&reply[..20]), 0, "IPv4 header checksum");
         assert_eq!(internet_checksum(&reply[20..]), 0, "ICMP checksum");
     }
@@ -333,12 +337,12 @@ mod tests {
         let peer = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let to = peer.local_addr().expect("addr");
         let (mut out, mut dout) = (vec![0u8; BUF], vec![0u8; BUF]);
-        let TunnResult::WriteToNetwork(init) = sim.tunn.format_handshake_initiation(&mut out, false)
+        let TunnResult::WriteToNetwork(init) =
+            sim.tunn.format_handshake_initiation(&mut out, false)
         else {
             panic!("no initiation");
         };
-        let TunnResult::WriteToNetwork(resp) =
-            daemon.decapsulate(None, &init.to_vec(), &mut dout)
+        let TunnResult::WriteToNetwork(resp) = daemon.decapsulate(None, &init.to_vec(), &mut dout)
         else {
             panic!("no response");
         };
@@ -362,7 +366,8 @@ mod tests {
         handle(&mut sim, to.ip(), &data, to, &mut out);
         assert_eq!((sim.counters.decrypted, sim.counters.echo_replies), (1, 1));
         let (len, _) = peer.recv_from(&mut buf).expect("echo reply");
-        let TunnResult::WriteToTunnelV4(reply, _) = daemon.decapsulate(None, &buf[..len], &mut dout)
+        let TunnResult::WriteToTunnelV4(reply, _) =
+            daemon.decapsulate(None, &buf[..len], &mut dout)
         else {
             panic!("the reply does not decrypt");
         };
