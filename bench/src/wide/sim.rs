@@ -342,8 +342,7 @@ mod tests {
         else {
             panic!("no initiation");
         };
-        let TunnResult::WriteToNetwork(resp) = daemon.decapsulate(None, &init.to_vec(), &mut dout)
-        else {
+        let TunnResult::WriteToNetwork(resp) = daemon.decapsulate(None, init, &mut dout) else {
             panic!("no response");
         };
         let resp = resp.to_vec();
