@@ -173,9 +173,9 @@ enum Command {
     /// simulated WireGuard peers (one process, a boringtun session and a
     /// UDP socket each, static endpoints). Reports the time to every
     /// handshake (peers initiating at once, and the daemon initiating),
-    /// traffic to every peer, the daemon's RSS, single-stream TCP to peer
-    /// #0 against the 1-peer run of the same round, and what a reload of
-    /// one peer disturbs under a 20 ms ping train. Needs root and iperf3;
+    /// traffic to every peer, the daemon's RSS, what a reload of one peer
+    /// disturbs under a 20 ms ping train, and single-stream TCP to peer #0
+    /// against a 1-peer daemon, taking turns in the same lab. Needs root and iperf3;
     /// tears every lab down.
     Wide {
         /// The causeway binary [default: next to this one].
@@ -188,8 +188,12 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         runs: u32,
         /// Seconds of each iperf3 test.
-        #[arg(long, default_value_t = 5.0)]
+        #[arg(long, default_value_t = 4.0)]
         seconds: f64,
+        /// iperf3 runs per lab with the N-peer daemon, each followed by
+        /// one with a 1-peer daemon.
+        #[arg(long, default_value_t = 3)]
+        pairs: u32,
         /// Keep every run's logs in /tmp, not only those of failed runs.
         #[arg(long)]
         keep_logs: bool,
@@ -371,6 +375,7 @@ fn main() -> ExitCode {
             peers,
             runs,
             seconds,
+            pairs,
             keep_logs,
             json,
         } => wide::run(wide::Args {
@@ -378,6 +383,7 @@ fn main() -> ExitCode {
             peers,
             runs,
             seconds,
+            pairs,
             keep_logs,
             json,
         }),

@@ -22,25 +22,28 @@
 //!    every simulated peer (again every 500 ms to those that have not
 //!    answered); how many answered, and how many peers decrypted traffic
 //!    (the worker's own count);
-//! 4. iperf3, one TCP stream, `a`'s pod to `b`'s pod; then `a`'s VmRSS;
-//! 5. reload: under a ping train to `b`'s pod (every 20 ms), one simulated
+//! 4. reload: under a ping train to `b`'s pod (every 20 ms), one simulated
 //!    peer's CIDR moves to `10.101.s.0/24` in the file and the daemon gets
 //!    SIGHUP; reports the train's losses and every other peer whose
 //!    session restarted (its simulated peer received a handshake
 //!    initiation, or its `last_handshake_unix` moved on by more than
 //!    [`STAMP_SLACK`]), and whether the moved peer answers at its new
 //!    address;
-//! 6. the daemon initiates: `a`'s daemon is restarted, then one echo
+//! 5. the daemon initiates: `a`'s daemon is restarted, then one echo
 //!    request to every peer at once (all N: each simulated peer and `b`'s
 //!    pod, again every 500 ms to those that have not answered); the
 //!    figures are from then until the last simulated peer received the
 //!    daemon's initiation, and until the last peer answered (a handshake
-//!    and a round trip later).
+//!    and a round trip later);
+//! 6. throughput: iperf3, one TCP stream from `a`'s pod to `b`'s pod,
+//!    with the N-peer daemon (every peer has a session), then with a
+//!    1-peer daemon (same key, port and peer `b`, restarted in its place),
+//!    `--pairs` times in turn, so that the machine's drift hits both
+//!    alike; each pair gives a ratio. `a`'s VmRSS after the first run.
 //!
-//! With N = 1 only steps 1 and 4 apply. The sizes are interleaved run by
-//! run (1, 50, 100, … then again), so that drift of a busy machine hits
-//! them alike; each run's throughput is compared with the 1-peer run of
-//! the same round.
+//! With N = 1 only steps 1 and 6 apply (and 6 without the 1-peer
+//! daemon). The sizes are interleaved run by run (1, 50, 100, … then
+//! again).
 
 mod sim;
 
@@ -106,6 +109,9 @@ pub(crate) struct Args {
     pub(crate) runs: u32,
     /// Seconds of each iperf3 test.
     pub(crate) seconds: f64,
+    /// iperf3 runs with the N-peer daemon, each followed by one with a
+    /// 1-peer daemon.
+    pub(crate) pairs: u32,
     /// Keep every run's logs, not only those of failed runs.
     pub(crate) keep_logs: bool,
     pub(crate) json: bool,
@@ -137,13 +143,20 @@ struct Run {
     traffic_answered: usize,
     /// Simulated peers that decrypted at least one packet by the end of step 3.
     traffic_decrypted: usize,
-    /// Step 4.
-    tcp_gbps: f64,
+    /// Step 6: single-stream TCP to peer #0 with the N-peer daemon, and
+    /// with the 1-peer daemon right after each (empty for N = 1), Gbit/s.
+    tcp_gbps: Vec<f64>,
+    tcp_1peer_gbps: Vec<f64>,
+    /// Each N-peer figure over the 1-peer figure right after it.
+    tcp_pair_ratios: Vec<f64>,
+    /// The N-peer daemon's VmRSS after its first iperf3 run.
     rss_after_traffic_kib: u64,
-    /// Daemon CPU from its start to the end of step 4, seconds.
-    daemon_cpu_s: f64,
+    /// The daemons' CPU (user + system) per GB received during the iperf3
+    /// runs, seconds: the N-peer daemon, and the 1-peer one.
+    cpu_s_per_gb: f64,
+    cpu_s_per_gb_1peer: Option<f64>,
     reload: Option<Reload>,
-    /// Step 6: from the echo burst until the last simulated peer received
+    /// Step 5: from the echo burst until the last simulated peer received
     /// the daemon's initiation, ms (`None`: N = 1, or not every one).
     daemon_initiations_ms: Option<u64>,
     /// From the burst until the last of the N peers answered, ms.
@@ -152,7 +165,7 @@ struct Run {
     /// the restarted daemon's status.
     daemon_initiated_answered: Option<usize>,
     daemon_initiated_handshakes: Option<usize>,
-    /// Cookie replies the simulated peers received in step 6 (the daemon
+    /// Cookie replies the simulated peers received in step 5 (the daemon
     /// under load answers their handshake responses with a cookie).
     daemon_initiated_cookie_replies: Option<u64>,
     /// CPU of the simulated peers' process over the run, seconds.
@@ -160,7 +173,7 @@ struct Run {
     logs: Option<PathBuf>,
 }
 
-/// Step 5.
+/// Step 4.
 #[derive(Debug, Serialize)]
 struct Reload {
     /// The simulated peer whose CIDR moved.
@@ -202,14 +215,16 @@ struct Summary {
     tcp_gbps_median: f64,
     tcp_gbps_min: f64,
     tcp_gbps_max: f64,
-    /// This N's throughput over the 1-peer run of the same round.
+    tcp_1peer_gbps_median: Option<f64>,
+    /// Every pair's N-peer figure over its 1-peer figure.
     tcp_ratio_median: Option<f64>,
     tcp_ratio_min: Option<f64>,
     tcp_ratio_max: Option<f64>,
     reload_train_lost_max: Option<u64>,
     reload_other_sessions_restarted_max: Option<usize>,
     reload_moved_answers_all: Option<bool>,
-    daemon_cpu_s_median: f64,
+    cpu_s_per_gb_median: f64,
+    cpu_s_per_gb_1peer_median: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -218,6 +233,7 @@ struct Report {
     date: String,
     machine: procfs::Machine,
     iperf_seconds: f64,
+    iperf_pairs: u32,
     summaries: Vec<Summary>,
     runs: Vec<Run>,
 }
@@ -231,6 +247,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         "--seconds must be in (0, 60]"
     );
     ensure!(!args.peers.is_empty(), "--peers: give at least one number");
+    ensure!(args.pairs >= 1, "--pairs must be at least 1");
     for &n in &args.peers {
         ensure!(
             (1..=MAX_PEERS).contains(&n),
@@ -257,6 +274,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         date: procfs::utc_now(),
         machine: procfs::Machine::this(),
         iperf_seconds: args.seconds,
+        iperf_pairs: args.pairs,
         summaries,
         runs,
     };
@@ -268,7 +286,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Simulated peer `s`'s CIDR; `moved`: where step 5 moves it.
+/// Simulated peer `s`'s CIDR; `moved`: where step 4 moves it.
 fn sim_cidr(s: usize, moved: bool) -> anyhow::Result<Ipv4Net> {
     let third = u8::try_from(s).context("too many simulated peers")?;
     let second = if moved { 101 } else { 100 };
@@ -569,9 +587,12 @@ fn measure(
         rss_after_handshakes_kib: 0,
         traffic_answered: 0,
         traffic_decrypted: 0,
-        tcp_gbps: 0.0,
+        tcp_gbps: Vec::new(),
+        tcp_1peer_gbps: Vec::new(),
+        tcp_pair_ratios: Vec::new(),
         rss_after_traffic_kib: 0,
-        daemon_cpu_s: 0.0,
+        cpu_s_per_gb: 0.0,
+        cpu_s_per_gb_1peer: None,
         reload: None,
         daemon_initiations_ms: None,
         daemon_initiated_answered_ms: None,
@@ -602,13 +623,8 @@ fn measure(
         run.traffic_decrypted = sims.report()?.iter().filter(|c| c.decrypted > 0).count();
     }
 
-    // 4. One TCP stream through the wide gateway.
-    run.tcp_gbps = iperf3(&pod_b.ns, pod_b.addr, &pod_a.ns, args.seconds)?;
-    run.rss_after_traffic_kib = procfs::rss_kib(a.pid()).context("a's VmRSS")?;
-    run.daemon_cpu_s = procfs::cpu_seconds(a.pid()).unwrap_or(0.0);
-
     if let Some(sims) = &mut sims {
-        // 5. Reload one simulated peer under a ping train to peer #0.
+        // 4. Reload one simulated peer under a ping train to peer #0.
         let moved = sims_cfg.len() / 2;
         run.reload = Some(reload(
             bin,
@@ -621,10 +637,10 @@ fn measure(
             |cfg| a_config(&a_path, &a_key_file, &b_public, b_endpoint, cfg),
         )?);
 
-        // 6. The daemon initiates, after a restart.
+        // 5. The daemon initiates, after a restart.
         a.stop(Duration::from_secs(5))?;
-        let mut a2 = daemon::spawn_daemon(bin, &site_a.gateway, &a_dir, "info")?;
-        daemon::wait_ready(bin, &a_dir.control_socket(), &mut a2)
+        a = daemon::spawn_daemon(bin, &site_a.gateway, &a_dir, "info")?;
+        daemon::wait_ready(bin, &a_dir.control_socket(), &mut a)
             .context("site a's daemon, restarted")?;
         let mut targets = vec![pod_b.addr];
         targets.extend(sims_cfg.iter().map(|p| sim_target(p.cidr)));
@@ -642,12 +658,60 @@ fn measure(
         let (done, _) = wait_handshakes(bin, &a_dir, &names, Duration::ZERO)?;
         run.daemon_initiated_handshakes = Some(done);
         run.sims_cpu_s = procfs::cpu_seconds(sims.process.pid()).unwrap_or(0.0);
-        a2.stop(Duration::from_secs(5))?;
     }
+
+    // 6. Single-stream TCP to peer #0: the N-peer daemon (every peer has
+    //    a session), then a 1-peer daemon with the same key, port and
+    //    peer b, taking turns in the same lab so that the machine's drift
+    //    hits both alike.
+    let a1_path = tmp.join("a1");
+    let a1_dir = SiteDir::create(a1_path.clone())?;
+    std::fs::write(
+        a1_dir.config(),
+        a_config(&a1_path, &a_key_file, &b_public, b_endpoint, &[]),
+    )?;
+    let mut bytes = [0.0f64; 2];
+    let mut cpu = [0.0f64; 2];
+    let mut tcp = |daemon: &ChildGuard, which: usize| -> anyhow::Result<f64> {
+        let cpu0 = procfs::cpu_seconds(daemon.pid()).unwrap_or(0.0);
+        let gbps = iperf3(&pod_b.ns, pod_b.addr, &pod_a.ns, args.seconds)?;
+        cpu[which] += procfs::cpu_seconds(daemon.pid()).unwrap_or(cpu0) - cpu0;
+        bytes[which] += gbps * args.seconds / 8.0;
+        Ok(gbps)
+    };
+    for pair in 0..args.pairs {
+        run.tcp_gbps.push(tcp(&a, 0)?);
+        if pair == 0 {
+            run.rss_after_traffic_kib = procfs::rss_kib(a.pid()).context("a's VmRSS")?;
+        }
+        if n == 1 {
+            continue;
+        }
+        a.stop(Duration::from_secs(5))?;
+        let mut one = daemon::spawn_daemon(bin, &site_a.gateway, &a1_dir, "info")?;
+        daemon::wait_ready(bin, &a1_dir.control_socket(), &mut one)
+            .context("site a's 1-peer daemon")?;
+        let gbps = tcp(&one, 1)?;
+        one.stop(Duration::from_secs(5))?;
+        run.tcp_1peer_gbps.push(gbps);
+        if let Some(&with_n) = run.tcp_gbps.last()
+            && gbps > 0.0
+        {
+            run.tcp_pair_ratios.push(with_n / gbps);
+        }
+        if pair + 1 < args.pairs {
+            a = daemon::spawn_daemon(bin, &site_a.gateway, &a_dir, "info")?;
+            daemon::wait_ready(bin, &a_dir.control_socket(), &mut a)
+                .context("site a's daemon, restarted")?;
+        }
+    }
+    let per_gb = |which: usize| (bytes[which] > 0.0).then(|| cpu[which] / bytes[which]);
+    run.cpu_s_per_gb = per_gb(0).unwrap_or(0.0);
+    run.cpu_s_per_gb_1peer = per_gb(1);
     Ok(run)
 }
 
-/// Step 5: moves simulated peer `moved` to its other CIDR in `a`'s file
+/// Step 4: moves simulated peer `moved` to its other CIDR in `a`'s file
 /// (`config` writes it), sends SIGHUP, waits until the status shows it,
 /// all under a ping train from `train.0` to `train.1`.
 #[allow(clippy::too_many_arguments)]
@@ -948,15 +1012,12 @@ fn summarize(n: usize, runs: &[Run]) -> Summary {
     let mib = |k: u64| k as f64 / 1024.0;
     let rss_h = mmm(of.iter().map(|r| mib(r.rss_after_handshakes_kib)).collect());
     let rss_t = mmm(of.iter().map(|r| mib(r.rss_after_traffic_kib)).collect());
-    let tcp = mmm(of.iter().map(|r| r.tcp_gbps).collect());
-    let ratios: Vec<f64> = of
-        .iter()
-        .filter_map(|r| {
-            let one = runs.iter().find(|o| o.peers == 1 && o.round == r.round)?;
-            (one.tcp_gbps > 0.0).then(|| r.tcp_gbps / one.tcp_gbps)
-        })
-        .collect();
-    let ratio = median_min_max(&ratios);
+    let all = |g: &dyn Fn(&Run) -> &Vec<f64>| -> Vec<f64> {
+        of.iter().flat_map(|r| g(r).iter().copied()).collect()
+    };
+    let tcp = mmm(all(&|r| &r.tcp_gbps));
+    let tcp1 = mmm(all(&|r| &r.tcp_1peer_gbps));
+    let ratio = mmm(all(&|r| &r.tcp_pair_ratios));
     let reloads: Vec<&Reload> = of.iter().filter_map(|r| r.reload.as_ref()).collect();
     let all_hs = of
         .iter()
@@ -988,6 +1049,7 @@ fn summarize(n: usize, runs: &[Run]) -> Summary {
         tcp_gbps_median: tcp.map_or(0.0, |v| v.0),
         tcp_gbps_min: tcp.map_or(0.0, |v| v.1),
         tcp_gbps_max: tcp.map_or(0.0, |v| v.2),
+        tcp_1peer_gbps_median: tcp1.map(|v| v.0),
         tcp_ratio_median: ratio.map(|v| v.0),
         tcp_ratio_min: ratio.map(|v| v.1),
         tcp_ratio_max: ratio.map(|v| v.2),
@@ -998,14 +1060,16 @@ fn summarize(n: usize, runs: &[Run]) -> Summary {
             .max(),
         reload_moved_answers_all: (!reloads.is_empty())
             .then(|| reloads.iter().all(|r| r.moved_answers)),
-        daemon_cpu_s_median: mmm(of.iter().map(|r| r.daemon_cpu_s).collect()).map_or(0.0, |v| v.0),
+        cpu_s_per_gb_median: mmm(of.iter().map(|r| r.cpu_s_per_gb).collect()).map_or(0.0, |v| v.0),
+        cpu_s_per_gb_1peer_median: mmm(of.iter().filter_map(|r| r.cpu_s_per_gb_1peer).collect())
+            .map(|v| v.0),
     }
 }
 
 fn print_run(r: &Run) {
     println!(
         "  {} peers (round {}): ready {} ms; handshakes {}/{} (sims' initiations to the last: {:?} ms, {} cookie replies); \
-         traffic to all: {}/{} answered, {} decrypted; RSS {:.1} / {:.1} MiB; tcp {:.2} Gbit/s; \
+         traffic to all: {}/{} answered, {} decrypted; RSS {:.1} / {:.1} MiB; tcp {:.2?} Gbit/s, 1 peer {:.2?}; \
          reload {:?}; daemon-initiated: last initiation received at {:?} ms, {:?}/{} answered (last at {:?} ms), {:?} handshakes",
         r.peers,
         r.round,
@@ -1020,6 +1084,7 @@ fn print_run(r: &Run) {
         r.rss_after_handshakes_kib as f64 / 1024.0,
         r.rss_after_traffic_kib as f64 / 1024.0,
         r.tcp_gbps,
+        r.tcp_1peer_gbps,
         r.reload,
         r.daemon_initiations_ms,
         r.daemon_initiated_answered,
