@@ -281,7 +281,7 @@ impl Drop for Flood {
 #[test]
 fn relayed_sites_handshake_while_a_flood_of_initiations_hits_one() {
     // 5000 mac1-valid initiations a second at site a's UDP port, from
-    // before the daemons start: a's handshake rate limiter (100 a second) is
+    // before the daemons start: a's handshake rate limiter (1000 a second) is
     // under load within milliseconds of each window, so every handshake
     // needs a cookie, also the ones through the relay.
     let mut flood = None;

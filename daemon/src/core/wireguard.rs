@@ -554,17 +554,18 @@ mod tests {
         let mut flood_io = Wire::default();
         let mut buf = [0u8; 2048];
         let mut out = [0u8; 2048];
-        for _ in 0..500 {
-            let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, true)
-            else {
-                panic!("no initiation");
-            };
+        let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, true)
+        else {
+            panic!("no initiation");
+        };
+        let init = init.to_vec();
+        for _ in 0..super::super::HANDSHAKE_RATE_LIMIT + 100 {
             let peers = b.peers();
             b.decapsulate(
                 now,
                 &peers,
                 Source::Udp(attacker),
-                init,
+                &init,
                 &mut out,
                 &mut flood_io,
             );
