@@ -120,6 +120,16 @@ struct SizeReport {
     generator_cpu_setup_percent: f64,
     generator_cpu_churn_percent: f64,
     generator_cpu_relay_percent: f64,
+    /// How busy each CPU of the machine was (all processes), %, per window.
+    cpus_busy_idle_percent: Vec<f64>,
+    cpus_busy_churn_percent: Vec<f64>,
+    cpus_busy_relay_percent: Vec<f64>,
+    /// UDP datagrams dropped by the kernel for want of receive buffer, from
+    /// start to the end of the relay window: (rendezvous' namespace,
+    /// generator's namespace).
+    udp_rcvbuf_drops: (u64, u64),
+    /// … during churn alone.
+    udp_rcvbuf_drops_churn: (u64, u64),
     /// What the rendezvous counted (its metrics at the end).
     rendezvous_counters: BTreeMap<String, f64>,
     generator: WorkerReport,
@@ -425,6 +435,14 @@ fn print_size(s: &SizeReport) {
         r.jain,
         r.silent_pairs
     );
+    println!(
+        "  CPUs busy (all processes) idle {:.0?} %, churn {:.0?} %, relay {:.0?} %",
+        s.cpus_busy_idle_percent, s.cpus_busy_churn_percent, s.cpus_busy_relay_percent
+    );
+    println!(
+        "  UDP receive-buffer drops (rendezvous, generator): {:?} in all, {:?} during churn",
+        s.udp_rcvbuf_drops, s.udp_rcvbuf_drops_churn
+    );
     println!("  rendezvous counters {:?}", s.rendezvous_counters);
     if !g.errors.is_empty() {
         println!("  errors {:?}", g.errors);
@@ -456,13 +474,53 @@ fn threads(pid: u32) -> u64 {
 }
 
 /// The rendezvous' and the generator's CPU seconds at one moment.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Mark {
     at: Instant,
     rendezvous: f64,
     generator: f64,
     /// The rendezvous' `VmRSS`, KiB.
     rss_kib: u64,
+    /// Busy and total jiffies of each CPU (`/proc/stat`).
+    cpus: Vec<(u64, u64)>,
+    /// UDP datagrams dropped for want of receive buffer (`RcvbufErrors`
+    /// of `/proc/<pid>/net/snmp`) in the rendezvous' and the generator's
+    /// namespaces.
+    udp_drops: (u64, u64),
+}
+
+/// `Udp: RcvbufErrors` of the network namespace of process `pid`.
+fn udp_rcvbuf_errors(pid: u32) -> u64 {
+    let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Busy and total jiffies of each CPU, from `/proc/stat`.
+fn cpu_jiffies() -> Vec<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            let total: u64 = v.iter().take(8).sum();
+            // idle and iowait are not busy.
+            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            (total - idle, total)
+        })
+        .collect()
 }
 
 impl Mark {
@@ -472,7 +530,34 @@ impl Mark {
             rendezvous: procfs::cpu_seconds(rendezvous).unwrap_or(0.0),
             generator: procfs::cpu_seconds(generator).unwrap_or(0.0),
             rss_kib: procfs::rss_kib(rendezvous).unwrap_or(0),
+            cpus: cpu_jiffies(),
+            udp_drops: (udp_rcvbuf_errors(rendezvous), udp_rcvbuf_errors(generator)),
         }
+    }
+}
+
+/// How busy each CPU was between two marks, % (every process and the
+/// kernel: what the rendezvous and the generator did not use of their CPU
+/// went to other work on the machine).
+fn cpus_busy(a: Option<&Mark>, b: Option<&Mark>) -> Vec<f64> {
+    let (Some(a), Some(b)) = (a, b) else {
+        return Vec::new();
+    };
+    a.cpus
+        .iter()
+        .zip(&b.cpus)
+        .map(|(&(b0, t0), &(b1, t1))| 100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64)
+        .collect()
+}
+
+/// UDP receive-buffer drops between two marks: (rendezvous, generator).
+fn drops(a: Option<&Mark>, b: Option<&Mark>) -> (u64, u64) {
+    match (a, b) {
+        (Some(a), Some(b)) => (
+            b.udp_drops.0.saturating_sub(a.udp_drops.0),
+            b.udp_drops.1.saturating_sub(a.udp_drops.1),
+        ),
+        _ => (0, 0),
     }
 }
 
@@ -643,6 +728,11 @@ fn run_size(bin: &Path, n: usize, args: &Args) -> anyhow::Result<SizeReport> {
         generator_cpu_setup_percent: gen_setup,
         generator_cpu_churn_percent: gen_churn,
         generator_cpu_relay_percent: gen_relay,
+        cpus_busy_idle_percent: cpus_busy(mark("idle_start"), mark("idle_end")),
+        cpus_busy_churn_percent: cpus_busy(mark("churn_start"), mark("churn_end")),
+        cpus_busy_relay_percent: cpus_busy(mark("relay_start"), mark("relay_end")),
+        udp_rcvbuf_drops: drops(mark("start"), mark("relay_end")),
+        udp_rcvbuf_drops_churn: drops(mark("churn_start"), mark("churn_end")),
         rendezvous_counters: counters,
         generator: report,
     })
@@ -1238,10 +1328,12 @@ async fn generate(args: WorkerArgs) -> anyhow::Result<WorkerReport> {
 
     let relay = relay(&shared, &args).await;
 
-    for tx in commands {
-        drop(tx);
+    // Every site closes its connection; one still dialling is abandoned.
+    drop(commands);
+    let closing = async { while drivers.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(3), closing).await.is_err() {
+        drivers.abort_all();
     }
-    while drivers.join_next().await.is_some() {}
     for ep in &shared.endpoints {
         let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
     }
