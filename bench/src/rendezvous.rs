@@ -130,6 +130,10 @@ struct SizeReport {
     udp_rcvbuf_drops: (u64, u64),
     /// … during churn alone.
     udp_rcvbuf_drops_churn: (u64, u64),
+    /// Time the rendezvous' and the generator's threads were ready to run
+    /// but waited for their CPU (taken by other work on the machine), ms,
+    /// during churn: latency that is the machine's, not the rendezvous'.
+    runqueue_wait_churn_ms: (f64, f64),
     /// What the rendezvous counted (its metrics at the end).
     rendezvous_counters: BTreeMap<String, f64>,
     generator: WorkerReport,
@@ -443,6 +447,10 @@ fn print_size(s: &SizeReport) {
         "  UDP receive-buffer drops (rendezvous, generator): {:?} in all, {:?} during churn",
         s.udp_rcvbuf_drops, s.udp_rcvbuf_drops_churn
     );
+    println!(
+        "  waiting for a CPU during churn (rendezvous, generator): {:.0} ms, {:.0} ms",
+        s.runqueue_wait_churn_ms.0, s.runqueue_wait_churn_ms.1
+    );
     println!("  rendezvous counters {:?}", s.rendezvous_counters);
     if !g.errors.is_empty() {
         println!("  errors {:?}", g.errors);
@@ -487,6 +495,17 @@ struct Mark {
     /// of `/proc/<pid>/net/snmp`) in the rendezvous' and the generator's
     /// namespaces.
     udp_drops: (u64, u64),
+    /// Time spent runnable but waiting for a CPU (`/proc/<pid>/schedstat`),
+    /// ns: (rendezvous, generator).
+    runqueue_wait_ns: (u64, u64),
+}
+
+/// Nanoseconds process `pid` (its main thread) has waited on a run queue.
+fn runqueue_wait_ns(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `Udp: RcvbufErrors` of the network namespace of process `pid`.
@@ -532,6 +551,7 @@ impl Mark {
             rss_kib: procfs::rss_kib(rendezvous).unwrap_or(0),
             cpus: cpu_jiffies(),
             udp_drops: (udp_rcvbuf_errors(rendezvous), udp_rcvbuf_errors(generator)),
+            runqueue_wait_ns: (runqueue_wait_ns(rendezvous), runqueue_wait_ns(generator)),
         }
     }
 }
@@ -558,6 +578,17 @@ fn drops(a: Option<&Mark>, b: Option<&Mark>) -> (u64, u64) {
             b.udp_drops.1.saturating_sub(a.udp_drops.1),
         ),
         _ => (0, 0),
+    }
+}
+
+/// Run-queue wait between two marks, ms: (rendezvous, generator).
+fn waited(a: Option<&Mark>, b: Option<&Mark>) -> (f64, f64) {
+    match (a, b) {
+        (Some(a), Some(b)) => (
+            b.runqueue_wait_ns.0.saturating_sub(a.runqueue_wait_ns.0) as f64 / 1e6,
+            b.runqueue_wait_ns.1.saturating_sub(a.runqueue_wait_ns.1) as f64 / 1e6,
+        ),
+        _ => (0.0, 0.0),
     }
 }
 
@@ -733,6 +764,7 @@ fn run_size(bin: &Path, n: usize, args: &Args) -> anyhow::Result<SizeReport> {
         cpus_busy_relay_percent: cpus_busy(mark("relay_start"), mark("relay_end")),
         udp_rcvbuf_drops: drops(mark("start"), mark("relay_end")),
         udp_rcvbuf_drops_churn: drops(mark("churn_start"), mark("churn_end")),
+        runqueue_wait_churn_ms: waited(mark("churn_start"), mark("churn_end")),
         rendezvous_counters: counters,
         generator: report,
     })
@@ -1502,11 +1534,7 @@ async fn relay(shared: &Arc<Shared>, args: &WorkerArgs) -> RelayReport {
         packets_per_second: received_packets as f64 / secs,
         mbit_per_second: values.iter().sum(),
         jain: jain(&values),
-        min_pair_mbit: values
-            .iter()
-            .copied()
-            .fold(f64::INFINITY, f64::min)
-            .min(f64::MAX),
+        min_pair_mbit: values.iter().copied().reduce(f64::min).unwrap_or(0.0),
         max_pair_mbit: values.iter().copied().fold(0.0, f64::max),
         silent_pairs: per_pair.iter().filter(|&&b| b == 0).count(),
     }

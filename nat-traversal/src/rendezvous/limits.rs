@@ -209,11 +209,13 @@ impl UpdateQueue {
         while let Some((seq, update)) = self.items.pop_front() {
             if self.latest.get(&update.peer) == Some(&seq) {
                 self.latest.remove(&update.peer);
-                if self.latest.is_empty() && self.items.capacity() > 64 {
-                    // A burst (a site with thousands of peers coming online)
-                    // leaves no large buffers behind.
-                    self.items.shrink_to(16);
-                    self.latest.shrink_to(16);
+                if self.latest.is_empty() {
+                    // Whatever is left is stale. An idle site's queue holds
+                    // no memory (a rendezvous has one per site), and a burst
+                    // (a site with thousands of peers coming online) leaves
+                    // no large buffers behind.
+                    self.items = VecDeque::new();
+                    self.latest = HashMap::new();
                 }
                 return Some(update);
             }
