@@ -1363,7 +1363,10 @@ async fn generate(args: WorkerArgs) -> anyhow::Result<WorkerReport> {
     // Every site closes its connection; one still dialling is abandoned.
     drop(commands);
     let closing = async { while drivers.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(3), closing).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(3), closing)
+        .await
+        .is_err()
+    {
         drivers.abort_all();
     }
     for ep in &shared.endpoints {
