@@ -199,7 +199,8 @@ impl UpdateQueue {
         self.items.push_back((seq, update));
         if self.items.len() > 2 * self.latest.len() + 16 {
             let latest = &self.latest;
-            self.items.retain(|(seq, u)| latest.get(&u.peer) == Some(seq));
+            self.items
+                .retain(|(seq, u)| latest.get(&u.peer) == Some(seq));
         }
         dropped
     }
