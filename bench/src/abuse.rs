@@ -46,8 +46,8 @@ use crate::lab::procfs;
 /// Both legitimate sites number their pods alike.
 const POD_CIDR: &str = "10.0.0.0/16";
 /// The rendezvous' ALPN and TLS server name.
-const ALPN: &[u8] = b"causeway-rendezvous/1";
-const SERVER_NAME: &str = "causeway-rendezvous";
+pub(crate) const ALPN: &[u8] = b"causeway-rendezvous/1";
+pub(crate) const SERVER_NAME: &str = "causeway-rendezvous";
 /// How long the legitimate pair may take to get through before the run
 /// counts as failed.
 const GIVE_UP: Duration = Duration::from_secs(20);
@@ -503,7 +503,7 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn client_config() -> anyhow::Result<quinn::ClientConfig> {
+pub(crate) fn client_config() -> anyhow::Result<quinn::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -517,12 +517,18 @@ fn client_config() -> anyhow::Result<quinn::ClientConfig> {
 
 /// A fresh endpoint: a new socket, so a new source port.
 fn endpoint() -> anyhow::Result<quinn::Endpoint> {
-    let mut ep = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    endpoint_at(SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// An endpoint on a socket bound to `local`, dialling with
+/// [`client_config`].
+pub(crate) fn endpoint_at(local: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let mut ep = quinn::Endpoint::client(local)?;
     ep.set_default_client_config(client_config()?);
     Ok(ep)
 }
 
-fn close_name(e: &quinn::ConnectionError) -> String {
+pub(crate) fn close_name(e: &quinn::ConnectionError) -> String {
     match e {
         quinn::ConnectionError::ApplicationClosed(c) => format!("code {}", c.error_code),
         quinn::ConnectionError::TimedOut => "idle timeout".into(),
@@ -672,7 +678,25 @@ fn site_proof(secret: &StaticSecret, rendezvous: &PublicKey, exporter: &[u8; 32]
     )
 }
 
-fn frame(body: &serde_json::Value) -> Vec<u8> {
+/// A site's `hello` on `conn`, its proof bound to that TLS session.
+pub(crate) fn hello_frame(
+    conn: &quinn::Connection,
+    secret: &StaticSecret,
+    rendezvous: &PublicKey,
+) -> anyhow::Result<Vec<u8>> {
+    let mut exporter = [0u8; 32];
+    conn.export_keying_material(&mut exporter, b"EXPORTER-causeway-rendezvous-v1", b"")
+        .map_err(|_| anyhow::anyhow!("no TLS exporter"))?;
+    Ok(frame(&serde_json::json!({
+        "type": "hello",
+        "version": 1,
+        "site_key": keys::encode_public(&PublicKey::from(secret)),
+        "rendezvous_key": keys::encode_public(rendezvous),
+        "proof": keys::encode_bytes(&site_proof(secret, rendezvous, &exporter)),
+    })))
+}
+
+pub(crate) fn frame(body: &serde_json::Value) -> Vec<u8> {
     let body = body.to_string().into_bytes();
     let mut out = (body.len() as u32).to_be_bytes().to_vec();
     out.extend(body);
@@ -680,7 +704,7 @@ fn frame(body: &serde_json::Value) -> Vec<u8> {
 }
 
 /// Reads one frame's JSON body.
-async fn read_frame(recv: &mut quinn::RecvStream) -> anyhow::Result<serde_json::Value> {
+pub(crate) async fn read_frame(recv: &mut quinn::RecvStream) -> anyhow::Result<serde_json::Value> {
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -708,16 +732,7 @@ async fn valid_site(
     let (_ep, conn) = dial(args.target, &mut r)
         .await
         .context("the valid site could not connect")?;
-    let mut exporter = [0u8; 32];
-    conn.export_keying_material(&mut exporter, b"EXPORTER-causeway-rendezvous-v1", b"")
-        .map_err(|_| anyhow::anyhow!("no TLS exporter"))?;
-    let hello = frame(&serde_json::json!({
-        "type": "hello",
-        "version": 1,
-        "site_key": keys::encode_public(&PublicKey::from(&secret)),
-        "rendezvous_key": keys::encode_public(&rendezvous),
-        "proof": keys::encode_bytes(&site_proof(&secret, &rendezvous, &exporter)),
-    }));
+    let hello = hello_frame(&conn, &secret, &rendezvous)?;
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&hello).await?;
     let welcome = read_frame(&mut recv).await?;

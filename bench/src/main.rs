@@ -23,6 +23,10 @@
 //! - `wide`: one gateway with many peers (one real, the others simulated
 //!   by `wide-sim`); reports handshake times, memory, throughput against
 //!   the 1-peer case and what a reload disturbs.
+//! - `rendezvous`: one rendezvous under thousands of sites from one load
+//!   generator (registration, churn, relay); reports the time from a
+//!   `register` to the peers' `peer_update`, memory per site, CPU and the
+//!   relay's throughput and fairness.
 
 mod abuse;
 mod client;
@@ -32,6 +36,7 @@ mod interrupt;
 mod lab;
 mod mesh;
 mod proto;
+mod rendezvous;
 mod server;
 mod stats;
 mod udp;
@@ -201,11 +206,82 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Load one `causeway rendezvous` (pinned to CPU 0) with thousands of
+    /// sites from one load generator (CPU 1) holding a real, authenticated
+    /// QUIC connection per site: register every site with 3 to 10 mutual
+    /// peers, stay idle, churn (a share of the sites reconnect or change
+    /// candidates every second), then relay between pairs of peers.
+    /// Reports register→peer_update latency, RSS per site, CPU per phase
+    /// and relay throughput and fairness. Needs root; tears the lab down.
+    Rendezvous {
+        /// The causeway binary [default: next to this one].
+        #[arg(long)]
+        causeway: Option<PathBuf>,
+        /// Comma-separated numbers of sites, each in a fresh lab.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+        sites: Vec<usize>,
+        /// Seconds of the idle window (every site registered).
+        #[arg(long, default_value_t = 10.0)]
+        idle: f64,
+        /// Seconds of churn.
+        #[arg(long, default_value_t = 20.0)]
+        churn: f64,
+        /// Sites that reconnect or change candidates each second, % of all
+        /// (half each).
+        #[arg(long, default_value_t = 1.0)]
+        churn_percent: f64,
+        /// Pairs of mutual peers relaying at once.
+        #[arg(long, default_value_t = 100)]
+        relay_pairs: usize,
+        /// Seconds of relaying.
+        #[arg(long, default_value_t = 5.0)]
+        relay_seconds: f64,
+        /// Bytes of each relayed packet.
+        #[arg(long, default_value_t = 1200)]
+        payload: usize,
+        /// Seed of the peer graph and the churn.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Keep the logs (generator, rendezvous) in /tmp, not only those of failed runs.
+        #[arg(long)]
+        keep_logs: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The simulated peers of `wide` (started by it in a lab namespace).
     #[command(hide = true)]
     WideSim {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// The load generator of `rendezvous` (started by it in a lab namespace).
+    #[command(hide = true)]
+    RendezvousWorker {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        rendezvous_key: String,
+        #[arg(long)]
+        keys: PathBuf,
+        #[arg(long, value_delimiter = ',')]
+        sources: Vec<IpAddr>,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        idle: f64,
+        #[arg(long)]
+        churn: f64,
+        #[arg(long)]
+        churn_percent: f64,
+        #[arg(long)]
+        relay_pairs: usize,
+        #[arg(long)]
+        relay_seconds: f64,
+        #[arg(long)]
+        payload: usize,
+        #[arg(long)]
+        cpu: Option<usize>,
     },
     /// Answer `causeway-bench client` tests (TCP and UDP on one port).
     Server {
@@ -388,6 +464,58 @@ fn main() -> ExitCode {
             json,
         }),
         Command::WideSim { config } => wide::worker(&config),
+        Command::Rendezvous {
+            causeway,
+            sites,
+            idle,
+            churn,
+            churn_percent,
+            relay_pairs,
+            relay_seconds,
+            payload,
+            seed,
+            keep_logs,
+            json,
+        } => rendezvous::run(rendezvous::Args {
+            causeway,
+            sites,
+            idle,
+            churn,
+            churn_percent,
+            relay_pairs,
+            relay_seconds,
+            payload,
+            seed,
+            keep_logs,
+            json,
+        }),
+        Command::RendezvousWorker {
+            target,
+            rendezvous_key,
+            keys,
+            sources,
+            seed,
+            idle,
+            churn,
+            churn_percent,
+            relay_pairs,
+            relay_seconds,
+            payload,
+            cpu,
+        } => rendezvous::worker(rendezvous::WorkerArgs {
+            target,
+            rendezvous_key,
+            keys,
+            sources,
+            seed,
+            idle,
+            churn,
+            churn_percent,
+            relay_pairs,
+            relay_seconds,
+            payload,
+            cpu,
+        }),
         Command::Server { bind, port } => server::run(SocketAddr::new(bind, port)),
         Command::Report { json, out, doc } => lab::rerender(&json, out, doc),
         Command::Client {

@@ -399,6 +399,88 @@ fn wide_smoke_twenty_peers_all_handshake_and_a_reload_disturbs_no_other() {
     assert_no_leftovers(pid);
 }
 
+/// A short `causeway-bench rendezvous`: 200 real sites register with a
+/// real rendezvous, churn, and relay. Asserts facts, never timings.
+#[test]
+fn rendezvous_smoke_every_site_registers_and_hears_its_peers() {
+    if !is_root() {
+        eprintln!("skipped: the lab needs root (network namespaces)");
+        return;
+    }
+    let bench = Path::new(env!("CARGO_BIN_EXE_causeway-bench"));
+    if !bench.with_file_name("causeway").exists() {
+        eprintln!("skipped: build the causeway binary first (cargo build -p causeway)");
+        return;
+    }
+    let child = Command::new(bench)
+        .args([
+            "rendezvous",
+            "--sites",
+            "200",
+            "--idle",
+            "0.5",
+            "--churn",
+            "2",
+            "--churn-percent",
+            "5",
+            "--relay-pairs",
+            "4",
+            "--relay-seconds",
+            "0.5",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run causeway-bench rendezvous");
+    let pid = child.id();
+    let run = child
+        .wait_with_output()
+        .expect("wait for causeway-bench rendezvous");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "causeway-bench rendezvous failed:\n{stdout}\n{stderr}"
+    );
+    let r: Value = serde_json::from_str(&stdout).expect("a JSON report");
+    let size = &r["sizes"][0];
+    let g = &size["generator"];
+    assert_eq!(size["sites"], 200, "{r}");
+    // Every site welcomed and registered, nobody refused.
+    assert_eq!(g["welcomed"], 200, "{r}");
+    assert_eq!(g["registered"], 200, "{r}");
+    assert_eq!(size["rendezvous_counters"]["refused"], 0.0, "{r}");
+    assert_eq!(g["errors"], serde_json::json!([]), "{r}");
+    // Churn happened (5 % of 200 a second for 2 s: 20 changes), and every
+    // update a register caused reached every peer: none missing, and
+    // afterwards every site sees each peer online with its latest
+    // candidates.
+    let changes =
+        g["reconnects"].as_u64().unwrap_or(0) + g["reregistrations"].as_u64().unwrap_or(0);
+    assert_eq!(changes, 20, "{r}");
+    assert!(
+        g["churn_latency"]["count"].as_u64().is_some_and(|n| n > 0),
+        "{r}"
+    );
+    assert_eq!(g["missing"], 0, "{r}");
+    assert!(g["views_checked"].as_u64().is_some_and(|n| n >= 600), "{r}");
+    assert_eq!(g["views_stale"], 0, "{r}");
+    // The relay delivered packets to every pair.
+    let relay = &g["relay"];
+    assert_eq!(relay["pairs"], 4, "{r}");
+    assert!(
+        relay["received_packets"].as_u64().is_some_and(|n| n > 0),
+        "{r}"
+    );
+    assert_eq!(relay["silent_pairs"], 0, "{r}");
+    assert!(
+        size["rss_registered_kib"].as_u64().is_some_and(|k| k > 0),
+        "{r}"
+    );
+    assert_no_leftovers(pid);
+}
+
 fn check_metric(system: &str, name: &str, v: &Value) {
     match v {
         Value::String(s) => assert_eq!(s, "not_applicable", "{system} {name}"),

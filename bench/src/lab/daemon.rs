@@ -343,6 +343,19 @@ impl Rendezvous {
         sites: &[(&str, &str)],
         log_level: &str,
     ) -> anyhow::Result<Rendezvous> {
+        Self::start_with(bin, lab, dir, sites, log_level, &[])
+    }
+
+    /// [`Rendezvous::start`] with more arguments for `causeway rendezvous`
+    /// (e.g. `--metrics-listen`).
+    pub(crate) fn start_with(
+        bin: &Path,
+        lab: &Lab,
+        dir: &Path,
+        sites: &[(&str, &str)],
+        log_level: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Rendezvous> {
         std::fs::create_dir_all(dir)?;
         let keys = KeyPair::generate(bin)?;
         let key = dir.join("rendezvous.key");
@@ -355,6 +368,7 @@ impl Rendezvous {
         let mut cmd = ns.command(path_str(bin)?);
         cmd.args(["rendezvous", "--log-level", log_level, "--config"])
             .arg(&config)
+            .args(extra)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

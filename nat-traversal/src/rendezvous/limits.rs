@@ -6,7 +6,7 @@
 //! The server's driver holds these and passes `now`; docs/rendezvous.md
 //! ("Threat model") says why each limit is what it is.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -174,36 +174,71 @@ impl<T> Coalescer<T> {
 /// The peer updates waiting to be written to one site: at most one per
 /// peer (a newer update about a peer replaces the queued one and goes to
 /// the back), so the queue is never longer than the number of sites.
+///
+/// Every operation is O(1) amortized, whatever the number of peers: a
+/// replaced update is only marked stale (its peer's latest sequence
+/// number moved on) and skipped when it reaches the front, and the stale
+/// entries are swept once they outnumber the live ones, so they never
+/// take more than about twice the room of the live ones.
 #[derive(Debug, Default)]
 pub(crate) struct UpdateQueue {
-    items: VecDeque<Update>,
+    /// Updates in order, with their sequence numbers; some are stale.
+    items: VecDeque<(u64, Update)>,
+    /// The sequence number of the live (latest) update about each peer.
+    latest: HashMap<SiteKey, u64>,
+    next: u64,
 }
 
 impl UpdateQueue {
     /// Queues `update`, dropping an older one about the same peer; the
     /// number of updates so dropped (0 or 1).
     pub(crate) fn push(&mut self, update: Update) -> usize {
-        let before = self.items.len();
-        self.items.retain(|u| u.peer != update.peer);
-        let dropped = before - self.items.len();
-        self.items.push_back(update);
+        let seq = self.next;
+        self.next += 1;
+        let dropped = usize::from(self.latest.insert(update.peer, seq).is_some());
+        self.items.push_back((seq, update));
+        if self.items.len() > 2 * self.latest.len() + 16 {
+            let latest = &self.latest;
+            self.items
+                .retain(|(seq, u)| latest.get(&u.peer) == Some(seq));
+        }
         dropped
     }
 
     /// The oldest update.
     pub(crate) fn pop(&mut self) -> Option<Update> {
-        self.items.pop_front()
+        while let Some((seq, update)) = self.items.pop_front() {
+            if self.latest.get(&update.peer) == Some(&seq) {
+                self.latest.remove(&update.peer);
+                if self.latest.is_empty() {
+                    // Whatever is left is stale. An idle site's queue holds
+                    // no memory (a rendezvous has one per site), and a burst
+                    // (a site with thousands of peers coming online) leaves
+                    // no large buffers behind.
+                    self.items = VecDeque::new();
+                    self.latest = HashMap::new();
+                }
+                return Some(update);
+            }
+        }
+        None
     }
 
-    /// Updates queued.
+    /// Updates queued (live ones: one per peer at most).
     pub(crate) fn len(&self) -> usize {
-        self.items.len()
+        self.latest.len()
     }
 
     /// Whether an update about `peer` is queued.
     #[cfg(test)]
     pub(crate) fn has(&self, peer: &SiteKey) -> bool {
-        self.items.iter().any(|u| &u.peer == peer)
+        self.latest.contains_key(peer)
+    }
+
+    /// Entries held, stale ones included.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.items.len()
     }
 }
 
@@ -214,10 +249,14 @@ pub(crate) fn configured_peers(
     peers: impl IntoIterator<Item = SiteKey>,
     is_configured: impl Fn(&SiteKey) -> bool,
 ) -> (Vec<SiteKey>, usize) {
+    // A set, not `kept.contains`: a registration may list thousands of
+    // peers, and a linear check per key made it quadratic (5,000 peers:
+    // 12.5 million key comparisons under the server's lock).
+    let mut seen: HashSet<SiteKey> = HashSet::new();
     let mut kept: Vec<SiteKey> = Vec::new();
     let mut dropped = 0;
     for key in peers {
-        if is_configured(&key) && !kept.contains(&key) {
+        if is_configured(&key) && seen.insert(key) {
             kept.push(key);
         } else {
             dropped += 1;
@@ -374,6 +413,74 @@ mod tests {
         assert_eq!(q.pop(), Some(update(2, 1)));
         assert_eq!(q.pop(), Some(update(1, 9_999)));
         assert_eq!(q.pop(), None);
+    }
+
+    #[test]
+    fn a_queue_of_many_peers_stays_linear_and_bounded() {
+        // A hub with 5,000 peers hears about all of them, then every one
+        // of them again: each push is O(1), and the stale entries are
+        // swept, so the queue holds about twice the live ones at most.
+        let mut q = UpdateQueue::default();
+        let peer = |i: u32| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_be_bytes());
+            k
+        };
+        let up = |i: u32, port: u16| Update {
+            to: 1,
+            peer: peer(i),
+            relay_id: 7,
+            candidates: vec![std::net::SocketAddr::from(([192, 0, 2, 1], port))],
+            online: true,
+        };
+        let mut dropped = 0;
+        for round in 0..3u16 {
+            for i in 0..5_000 {
+                dropped += q.push(up(i, round));
+                assert!(q.held() <= 2 * q.len() + 17, "{} held", q.held());
+            }
+        }
+        assert_eq!((q.len(), dropped), (5_000, 10_000));
+        // The latest of each, in the order of their last push.
+        for i in 0..5_000 {
+            assert_eq!(q.pop(), Some(up(i, 2)));
+        }
+        assert_eq!(q.pop(), None);
+        assert_eq!((q.len(), q.held()), (0, 0));
+    }
+
+    #[test]
+    fn a_peer_replaced_while_others_wait_keeps_its_new_place() {
+        let mut q = UpdateQueue::default();
+        q.push(update(1, 1));
+        q.push(update(2, 1));
+        q.push(update(1, 2));
+        q.push(update(3, 1));
+        assert_eq!(q.len(), 3);
+        assert_eq!(q.pop(), Some(update(2, 1)));
+        assert_eq!(q.pop(), Some(update(1, 2)));
+        // Queued again after it was written: a new entry, not a stale one.
+        q.push(update(1, 3));
+        assert_eq!(q.pop(), Some(update(3, 1)));
+        assert_eq!(q.pop(), Some(update(1, 3)));
+        assert_eq!(q.pop(), None);
+    }
+
+    #[test]
+    fn thousands_of_peers_with_duplicates_are_deduplicated_in_order() {
+        let key = |i: u32| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_be_bytes());
+            k
+        };
+        // 5,000 configured peers, each listed twice, and 100 unknown ones.
+        let listed = (0..5_000)
+            .chain(0..5_000)
+            .chain(0x0100_0000..0x0100_0064)
+            .map(key);
+        let (kept, dropped) = configured_peers(listed, |k| k[0] == 0);
+        assert_eq!(kept, (0..5_000).map(key).collect::<Vec<_>>());
+        assert_eq!(dropped, 5_100);
     }
 
     #[test]

@@ -196,6 +196,9 @@ pub(crate) fn encode_frame<T: Serialize>(message: &T) -> Vec<u8> {
     frame
 }
 
+/// Buffer capacity a [`FrameDecoder`] keeps once it has nothing buffered.
+const KEPT_BUFFER: usize = 4 * 1024;
+
 /// Accumulates stream bytes and yields whole messages.
 #[derive(Debug)]
 pub(crate) struct FrameDecoder {
@@ -249,6 +252,12 @@ impl FrameDecoder {
         let message =
             serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()));
         self.buf.drain(..4 + len);
+        if self.buf.is_empty() && self.buf.capacity() > KEPT_BUFFER {
+            // One large frame (a registration with thousands of peers is up
+            // to 256 KiB) must not stay allocated for the life of the
+            // connection: a rendezvous holds one decoder per site.
+            self.buf = Vec::new();
+        }
         message.map(Some)
     }
 
@@ -303,6 +312,41 @@ mod tests {
             assert_eq!(got, messages);
             assert_eq!(dec.buffered(), 0);
         }
+    }
+
+    #[test]
+    fn a_large_frame_does_not_stay_allocated() {
+        let big = SiteMessage::Register {
+            peers: (0..3_000u32).map(|i| key((i % 251) as u8)).collect(),
+            candidates: vec![],
+        };
+        let small = SiteMessage::Register {
+            peers: vec![key(1)],
+            candidates: vec![],
+        };
+        let mut dec = FrameDecoder::default();
+        dec.push(&encode_frame(&big));
+        assert_eq!(dec.next::<SiteMessage>().unwrap(), Some(big));
+        assert!(dec.buf.capacity() <= KEPT_BUFFER, "{}", dec.buf.capacity());
+        // Small frames keep their buffer (no allocation per frame).
+        for _ in 0..3 {
+            dec.push(&encode_frame(&small));
+            assert_eq!(dec.next::<SiteMessage>().unwrap(), Some(small.clone()));
+        }
+        let kept = dec.buf.capacity();
+        assert!(kept > 0 && kept <= KEPT_BUFFER);
+        // A large frame followed by part of the next keeps what it needs.
+        let mut wire = encode_frame(&SiteMessage::Register {
+            peers: (0..3_000u32).map(|i| key((i % 251) as u8)).collect(),
+            candidates: vec![],
+        });
+        let next = encode_frame(&small);
+        wire.extend_from_slice(&next[..3]);
+        dec.push(&wire);
+        assert!(dec.next::<SiteMessage>().unwrap().is_some());
+        assert_eq!(dec.buffered(), 3);
+        dec.push(&next[3..]);
+        assert_eq!(dec.next::<SiteMessage>().unwrap(), Some(small));
     }
 
     #[test]
