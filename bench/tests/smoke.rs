@@ -184,42 +184,19 @@ fn lab_smoke_writes_a_well_formed_report() {
 /// rendezvous and the legitimate pair still registers and relays.
 #[test]
 fn abuse_smoke_the_pair_gets_through_the_attack() {
-    if !is_root() {
-        eprintln!("skipped: the lab needs root (network namespaces)");
+    if !lab_ready() {
         return;
     }
-    let bench = Path::new(env!("CARGO_BIN_EXE_causeway-bench"));
-    if !bench.with_file_name("causeway").exists() {
-        eprintln!("skipped: build the causeway binary first (cargo build -p causeway)");
-        return;
-    }
-    let child = Command::new(bench)
-        .args([
-            "abuse",
-            "--connections",
-            "150",
-            "--strangers",
-            "2",
-            "--seconds",
-            "3",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run causeway-bench abuse");
-    let pid = child.id();
-    let run = child
-        .wait_with_output()
-        .expect("wait for causeway-bench abuse");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success(),
-        "causeway-bench abuse failed:\n{stdout}\n{stderr}"
-    );
-    eprintln!("{stdout}");
-    let r: Value = serde_json::from_str(&stdout).expect("a JSON report");
+    let (r, pid) = bench_json(&[
+        "abuse",
+        "--connections",
+        "150",
+        "--strangers",
+        "2",
+        "--seconds",
+        "3",
+        "--json",
+    ]);
     assert_eq!(r["path"], "relay", "{r}");
     let registration = r["registration_ms"].as_u64().expect("registration_ms");
     let relayed = r["first_relayed_ms"].as_u64().expect("first_relayed_ms");
@@ -238,13 +215,7 @@ fn abuse_smoke_the_pair_gets_through_the_attack() {
 
 #[test]
 fn failover_smoke_measures_a_takeover() {
-    if !is_root() {
-        eprintln!("skipped: the lab needs root (network namespaces)");
-        return;
-    }
-    let bench = Path::new(env!("CARGO_BIN_EXE_causeway-bench"));
-    if !bench.with_file_name("causeway").exists() {
-        eprintln!("skipped: build the causeway binary first (cargo build -p causeway)");
+    if !lab_ready() {
         return;
     }
     let keepalived = Command::new("keepalived")
@@ -257,35 +228,18 @@ fn failover_smoke_measures_a_takeover() {
         return;
     }
     // The quickest cell: static endpoints, kill -9, 1 s after the failure.
-    let child = Command::new(bench)
-        .args([
-            "failover",
-            "--runs",
-            "1",
-            "--paths",
-            "static",
-            "--failure",
-            "kill9",
-            "--after",
-            "1",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run causeway-bench failover");
-    let pid = child.id();
-    let run = child
-        .wait_with_output()
-        .expect("wait for causeway-bench failover");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success(),
-        "causeway-bench failover failed:\n{stdout}\n{stderr}"
-    );
-    eprintln!("{stderr}");
-    let r: Value = serde_json::from_str(&stdout).expect("a JSON report");
+    let (r, pid) = bench_json(&[
+        "failover",
+        "--runs",
+        "1",
+        "--paths",
+        "static",
+        "--failure",
+        "kill9",
+        "--after",
+        "1",
+        "--json",
+    ]);
     assert_eq!(r["failed"], serde_json::json!([]), "{r}");
     let cell = &r["cells"][0];
     assert_eq!(
@@ -315,42 +269,19 @@ fn failover_smoke_measures_a_takeover() {
 /// answered, TCP crossed, and the reload restarted no other session.
 #[test]
 fn wide_smoke_twenty_peers_all_handshake_and_a_reload_disturbs_no_other() {
-    if !is_root() {
-        eprintln!("skipped: the lab needs root (network namespaces)");
+    if !lab_ready() {
         return;
     }
-    let bench = Path::new(env!("CARGO_BIN_EXE_causeway-bench"));
-    if !bench.with_file_name("causeway").exists() {
-        eprintln!("skipped: build the causeway binary first (cargo build -p causeway)");
-        return;
-    }
-    let child = Command::new(bench)
-        .args([
-            "wide",
-            "--peers",
-            "1,20",
-            "--runs",
-            "1",
-            "--seconds",
-            "1",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run causeway-bench wide");
-    let pid = child.id();
-    let run = child
-        .wait_with_output()
-        .expect("wait for causeway-bench wide");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success(),
-        "causeway-bench wide failed:\n{stdout}\n{stderr}"
-    );
-    eprintln!("{stdout}");
-    let r: Value = serde_json::from_str(&stdout).expect("a JSON report");
+    let (r, pid) = bench_json(&[
+        "wide",
+        "--peers",
+        "1,20",
+        "--runs",
+        "1",
+        "--seconds",
+        "1",
+        "--json",
+    ]);
     assert!(
         r["machine"]["nproc"].as_u64().is_some_and(|n| n >= 1),
         "{r}"
@@ -403,47 +334,25 @@ fn wide_smoke_twenty_peers_all_handshake_and_a_reload_disturbs_no_other() {
 /// real rendezvous, churn, and relay. Asserts facts, never timings.
 #[test]
 fn rendezvous_smoke_every_site_registers_and_hears_its_peers() {
-    if !is_root() {
-        eprintln!("skipped: the lab needs root (network namespaces)");
+    if !lab_ready() {
         return;
     }
-    let bench = Path::new(env!("CARGO_BIN_EXE_causeway-bench"));
-    if !bench.with_file_name("causeway").exists() {
-        eprintln!("skipped: build the causeway binary first (cargo build -p causeway)");
-        return;
-    }
-    let child = Command::new(bench)
-        .args([
-            "rendezvous",
-            "--sites",
-            "200",
-            "--idle",
-            "0.5",
-            "--churn",
-            "2",
-            "--churn-percent",
-            "5",
-            "--relay-pairs",
-            "4",
-            "--relay-seconds",
-            "0.5",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run causeway-bench rendezvous");
-    let pid = child.id();
-    let run = child
-        .wait_with_output()
-        .expect("wait for causeway-bench rendezvous");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success(),
-        "causeway-bench rendezvous failed:\n{stdout}\n{stderr}"
-    );
-    let r: Value = serde_json::from_str(&stdout).expect("a JSON report");
+    let (r, pid) = bench_json(&[
+        "rendezvous",
+        "--sites",
+        "200",
+        "--idle",
+        "0.5",
+        "--churn",
+        "2",
+        "--churn-percent",
+        "5",
+        "--relay-pairs",
+        "4",
+        "--relay-seconds",
+        "0.5",
+        "--json",
+    ]);
     let size = &r["sizes"][0];
     let g = &size["generator"];
     assert_eq!(size["sites"], 200, "{r}");
@@ -479,6 +388,43 @@ fn rendezvous_smoke_every_site_registers_and_hears_its_peers() {
         "{r}"
     );
     assert_no_leftovers(pid);
+}
+
+/// Whether the lab can run here: root, and `causeway` built next to the
+/// benchmark. Says why not.
+fn lab_ready() -> bool {
+    if !is_root() {
+        eprintln!("skipped: the lab needs root (network namespaces)");
+        return false;
+    }
+    let bench = Path::new(env!("CARGO_BIN_EXE_causeway-bench"));
+    if !bench.with_file_name("causeway").exists() {
+        eprintln!("skipped: build the causeway binary first (cargo build -p causeway)");
+        return false;
+    }
+    true
+}
+
+/// Runs `causeway-bench args` to its end: its JSON report, and its pid for
+/// [`assert_no_leftovers`]. Fails the test with its output if it failed.
+fn bench_json(args: &[&str]) -> (Value, u32) {
+    let child = Command::new(env!("CARGO_BIN_EXE_causeway-bench"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run causeway-bench");
+    let pid = child.id();
+    let run = child.wait_with_output().expect("wait for causeway-bench");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "causeway-bench {args:?} failed:\n{stdout}\n{stderr}"
+    );
+    eprintln!("{stderr}\n{stdout}");
+    let report = serde_json::from_str(&stdout).expect("a JSON report");
+    (report, pid)
 }
 
 fn check_metric(system: &str, name: &str, v: &Value) {

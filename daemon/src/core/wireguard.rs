@@ -526,6 +526,25 @@ mod tests_support {
         )
     }
 
+    /// An ICMP echo request from `src` to `dst`.
+    pub(super) fn ping(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![
+            0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0xf7, 0xfe,
+            0, 1, 0, 0,
+        ];
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        let mut sum: u32 = p[..20]
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        p
+    }
+
     pub(super) fn has_session(site: &Site) -> bool {
         let peers = site.peers();
         let state = peers.get(0).lock();
@@ -711,18 +730,7 @@ mod tests {
         exchange(&other, &b, to_b);
         assert!(has_session(&a) && has_session(&other) && has_session(&b));
         // An ICMP echo from B's pod 10.1.0.5 to A's pod 10.0.0.7.
-        let mut ping = vec![
-            0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 1, 0, 0, 10, 1, 0, 5, 10, 0, 0, 7, 8, 0, 0xf7, 0xfe,
-            0, 1, 0, 0,
-        ];
-        let mut sum: u32 = ping[..20]
-            .chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        ping[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        let mut ping = ping([10, 1, 0, 5], [10, 0, 0, 7]);
         let (mut out, mut icmp) = ([0u8; 2048], [0u8; 2048]);
         let mut to_a = Wire::default();
         let peers = b.peers();
@@ -932,25 +940,6 @@ mod crossing {
             }
             (read_by_a, read_by_b)
         }
-    }
-
-    /// An ICMP echo request from `src` to `dst`.
-    fn ping(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
-        let mut p = vec![
-            0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0xf7, 0xfe,
-            0, 1, 0, 0,
-        ];
-        p[12..16].copy_from_slice(&src);
-        p[16..20].copy_from_slice(&dst);
-        let mut sum: u32 = p[..20]
-            .chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-        p
     }
 
     #[test]
