@@ -184,7 +184,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         "info",
     )?;
     let pid = rendezvous.process.pid();
-    let rss_before = crate::lab::procfs::rss_kib(pid).context("the rendezvous' memory")?;
+    let rss_before = procfs::rss_kib(pid).context("the rendezvous' memory")?;
     let cpu_before = procfs::cpu_seconds(pid).unwrap_or(0.0);
     let sampler = Sampler::start(pid);
 
@@ -237,7 +237,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let rss_max = sampler.stop();
-    let alive = crate::lab::procfs::rss_kib(pid).is_some();
+    let alive = procfs::rss_kib(pid).is_some();
     let peak = procfs::peak_rss_kib(pid).unwrap_or(0);
     let cpu = procfs::cpu_seconds(pid).unwrap_or(cpu_before) - cpu_before;
     let log = std::fs::read_to_string(&rendezvous.log).unwrap_or_default();
@@ -322,7 +322,7 @@ impl Sampler {
         let (s, m) = (stop.clone(), max.clone());
         let thread = thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                if let Some(kib) = crate::lab::procfs::rss_kib(pid) {
+                if let Some(kib) = procfs::rss_kib(pid) {
                     m.fetch_max(kib, Ordering::Relaxed);
                 }
                 thread::sleep(Duration::from_millis(20));
@@ -808,10 +808,7 @@ async fn replay(
     let mut r = WorkerReport::default();
     for dials in 0.. {
         let first = r.replays == 0 && dials < FIRST_REPLAY_DIALS;
-        if dials >= count.max(1) && !first {
-            break;
-        }
-        if tokio::time::Instant::now() >= deadline && !first {
+        if !first && (dials >= count.max(1) || tokio::time::Instant::now() >= deadline) {
             break;
         }
         let Some((_ep, conn)) = dial(target, &mut r).await else {

@@ -197,7 +197,7 @@ struct Report {
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     interrupt::install();
-    let bin = crate::lab::daemon::causeway_bin(args.causeway.clone())?;
+    let bin = daemon::causeway_bin(args.causeway.clone())?;
     ensure!(args.runs >= 1, "--runs must be at least 1");
     ensure!(
         args.idle > 0.0 && args.idle <= 300.0,
@@ -450,9 +450,9 @@ fn measure(
         / secs;
     let daemon_rss_kib: Vec<u64> = pids
         .iter()
-        .map(|&p| crate::lab::procfs::rss_kib(p).unwrap_or(0))
+        .map(|&p| procfs::rss_kib(p).unwrap_or(0))
         .collect();
-    let rendezvous_rss_kib = crate::lab::procfs::rss_kib(rdv_pid).unwrap_or(0);
+    let rendezvous_rss_kib = procfs::rss_kib(rdv_pid).unwrap_or(0);
     for (i, d) in daemons.iter_mut().enumerate() {
         ensure!(
             d.wait_timeout(Duration::ZERO)?.is_none(),
@@ -587,12 +587,7 @@ fn udp_datagrams(pid: u32) -> Option<u64> {
 }
 
 fn snmp_udp_datagrams(text: &str) -> Option<u64> {
-    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
-    let (names, values) = (udp.next()?, udp.next()?);
-    let field = |name: &str| -> Option<u64> {
-        let at = names.split_whitespace().position(|n| n == name)?;
-        values.split_whitespace().nth(at)?.parse().ok()
-    };
+    let field = |name| procfs::snmp_udp_field(text, name);
     Some(field("InDatagrams")? + field("OutDatagrams")?)
 }
 

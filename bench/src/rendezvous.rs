@@ -511,16 +511,7 @@ fn runqueue_wait_ns(pid: u32) -> u64 {
 /// `Udp: RcvbufErrors` of the network namespace of process `pid`.
 fn udp_rcvbuf_errors(pid: u32) -> u64 {
     let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).unwrap_or_default();
-    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
-        return 0;
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "RcvbufErrors")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0)
+    crate::lab::procfs::snmp_udp_field(&snmp, "RcvbufErrors").unwrap_or(0)
 }
 
 /// Busy and total jiffies of each CPU, from `/proc/stat`.

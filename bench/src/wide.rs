@@ -118,7 +118,7 @@ pub(crate) struct Args {
 }
 
 /// One run of one number of peers.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 struct Run {
     peers: usize,
     /// Which round of the interleaved runs (0-based).
@@ -580,27 +580,7 @@ fn measure(
         round,
         daemon_ready_ms,
         handshakes_completed: 1,
-        sims_handshakes_ms: None,
-        status_all_handshakes_ms: None,
-        cookie_replies: 0,
-        sim_initiations_sent: 0,
-        rss_after_handshakes_kib: 0,
-        traffic_answered: 0,
-        traffic_decrypted: 0,
-        tcp_gbps: Vec::new(),
-        tcp_1peer_gbps: Vec::new(),
-        tcp_pair_ratios: Vec::new(),
-        rss_after_traffic_kib: 0,
-        cpu_s_per_gb: 0.0,
-        cpu_s_per_gb_1peer: None,
-        reload: None,
-        daemon_initiations_ms: None,
-        daemon_initiated_answered_ms: None,
-        daemon_initiated_answered: None,
-        daemon_initiated_handshakes: None,
-        daemon_initiated_cookie_replies: None,
-        sims_cpu_s: 0.0,
-        logs: None,
+        ..Default::default()
     };
     if let Some(sims) = &mut sims {
         let ok = sims.command("initiate")?;

@@ -134,6 +134,14 @@ fn utc(secs: u64) -> String {
     format!("{year:04}-{month:02}-{d:02} {h:02}:{m:02} UTC")
 }
 
+/// Field `name` of the `Udp:` lines of a `/proc/<pid>/net/snmp` text.
+pub(crate) fn snmp_udp_field(text: &str, name: &str) -> Option<u64> {
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
