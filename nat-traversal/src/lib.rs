@@ -1,9 +1,5 @@
 //! NAT traversal for Causeway.
 //!
-//! Not built yet: sites currently need a static `endpoint` for each peer.
-//! This crate will hold the sans-IO STUN codec, candidate gathering, path
-//! selection and the rendezvous protocol (see docs/ARCHITECTURE.md).
-//!
 //! [`rendezvous`]: the QUIC rendezvous service and its site client
 //! (mutual authentication bound to the TLS session, introductions of sites
 //! that list each other, STUN responder, relay of WireGuard ciphertext);
@@ -17,11 +13,14 @@
 //!   WireGuard keys) that share the WireGuard socket with WireGuard and STUN.
 //! - [`path`]: per-peer candidate probing and path selection (`PeerPaths`):
 //!   direct path or relay, keepalives, dead-path detection.
+//! - [`udp_relay`]: the UDP relay's bind/ack messages and its per-port
+//!   forwarding decision (what the rendezvous' relay ports run).
 
 pub mod path;
 pub mod probe;
 pub mod rendezvous;
 pub mod stun;
+pub mod udp_relay;
 
 #[doc(hidden)]
 pub mod fuzz;

@@ -10,6 +10,7 @@ use causeway_nat::rendezvous::{
     SiteEntry,
 };
 use causeway_nat::stun;
+use causeway_nat::udp_relay::RelayPort;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -884,5 +885,127 @@ async fn a_silent_connection_is_closed_within_5_s() {
     assert!(elapsed <= Duration::from_millis(5_500), "{elapsed:?}");
     assert_eq!(server.stats.pending_auth(), 0);
     assert_eq!(server.stats.abuse().auth_timeouts, 1);
+    server.stop().await;
+}
+
+/// The next `RelayPort` event, skipping the others.
+async fn next_relay_port(client: &mut RendezvousClient) -> (PublicKey, Option<RelayPort>) {
+    loop {
+        if let RendezvousEvent::RelayPort { peer, port } = next(client).await {
+            return (peer, port);
+        }
+    }
+}
+
+/// Receives on `socket` within [`QUIET`], if anything comes.
+async fn recv_within(socket: &tokio::net::UdpSocket) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 2048];
+    let n = timeout(QUIET, socket.recv(&mut buf)).await.ok()?.unwrap();
+    Some(buf[..n].to_vec())
+}
+
+/// A UDP relay port: granted to mutual peers only, forwards between the
+/// two addresses that bound with their tokens and nothing else, and is
+/// closed when the pair stops being mutual.
+#[tokio::test]
+async fn udp_relay_port_serves_the_two_bound_sites_only() {
+    let (a, b, c) = (site("a"), site("b"), site("c"));
+    let (server, _) = start_server(&[&a, &b, &c]);
+    let mut ca = connect(&server, &a, &[&b]).await.unwrap();
+    let mut cb = connect(&server, &b, &[&a]).await.unwrap();
+    let mut cc = connect(&server, &c, &[&a]).await.unwrap();
+    expect_online(&mut ca, &b, &[]).await;
+    expect_online(&mut cb, &a, &[]).await;
+
+    // C lists A but A does not list C: C never learns of A, so it has
+    // nothing to ask for (the registry's tests cover a request anyway).
+    assert!(matches!(
+        next(&mut cc).await,
+        RendezvousEvent::Connected { .. }
+    ));
+    cc.handle().request_relay_port(&a.public);
+    ca.handle().request_relay_port(&b.public);
+    let (peer, pa) = next_relay_port(&mut ca).await;
+    assert_eq!(peer, b.public);
+    let pa = pa.expect("a port for a and b");
+    let (peer, pb) = next_relay_port(&mut cb).await;
+    assert_eq!(peer, a.public);
+    let pb = pb.expect("the same port, told to b");
+    assert_eq!(pa.addr, pb.addr);
+    assert_ne!(pa.token, pb.token, "each site has its own token");
+    assert_eq!(pa.addr.ip(), server.addr.ip());
+    assert_quiet(&mut cc).await;
+
+    let udp = || async {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.connect(pa.addr).await.unwrap();
+        s
+    };
+    let (ua, ub, stranger) = (udp().await, udp().await, udp().await);
+    let data = |seed: u8| packet(1400, seed);
+
+    // Nothing passes before both are bound.
+    ua.send(&data(1)).await.unwrap();
+    assert_eq!(recv_within(&ub).await, None);
+    ua.send(&pa.token.bind(1)).await.unwrap();
+    let ack = recv_within(&ua).await.expect("an ack");
+    assert_eq!(
+        pa.token.open_ack(&ack),
+        Some((1, false)),
+        "b is not bound yet"
+    );
+    ua.send(&data(2)).await.unwrap();
+    assert_eq!(recv_within(&ub).await, None);
+    ub.send(&pb.token.bind(1)).await.unwrap();
+    let ack = recv_within(&ub).await.expect("an ack");
+    assert_eq!(pb.token.open_ack(&ack), Some((1, true)));
+
+    for seed in 0..3 {
+        ua.send(&data(seed)).await.unwrap();
+        assert_eq!(
+            recv_within(&ub).await,
+            Some(data(seed)),
+            "byte-exact, a to b"
+        );
+    }
+    ub.send(&data(9)).await.unwrap();
+    assert_eq!(recv_within(&ua).await, Some(data(9)), "b to a");
+
+    // A stranger's data and a replay of a's bind move nothing.
+    stranger.send(&data(5)).await.unwrap();
+    stranger.send(&pa.token.bind(1)).await.unwrap();
+    assert_eq!(recv_within(&ub).await, None);
+    assert_eq!(recv_within(&stranger).await, None, "no ack for a replay");
+    ub.send(&data(10)).await.unwrap();
+    assert_eq!(
+        recv_within(&ua).await,
+        Some(data(10)),
+        "a is still where it bound"
+    );
+
+    let stats = server.stats.site("a").unwrap();
+    assert_eq!(stats.relay_rx_packets, 3);
+    assert_eq!(stats.relay_rx_bytes, 3 * 1400);
+    assert_eq!(stats.relay_dropped, 1, "the one sent before b bound");
+    assert_eq!(
+        server.stats.abuse().relay_strangers,
+        3,
+        "before a bound, and the stranger's two"
+    );
+
+    // B drops A: the port closes, and A is told.
+    cb.handle().update_peers(vec![]);
+    loop {
+        let (peer, port) = next_relay_port(&mut ca).await;
+        assert_eq!(peer, b.public);
+        if port.is_none() {
+            break;
+        }
+    }
+    ua.send(&data(11)).await.unwrap();
+    assert_eq!(recv_within(&ub).await, None);
+    for c in [ca, cb, cc] {
+        c.close().await;
+    }
     server.stop().await;
 }

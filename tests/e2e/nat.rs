@@ -115,6 +115,34 @@ impl NatPair {
     fn pods(&self) -> [(&Netns, std::net::Ipv4Addr); 2] {
         pods(&self.lab)
     }
+
+    /// Waits until site `site` relays to its peer through a UDP relay
+    /// port; returns the port.
+    fn wait_relay_port(&self, site: usize, within: Duration) -> SocketAddr {
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if let Some(port) = self.peer(site).relay_port {
+                return port.parse().expect("relay port");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "site {site} never moved to a UDP relay port: {:#?}\n--- daemon log:\n{}\n--- rendezvous log:\n{}",
+            self.peer(site),
+            self.daemons[site].log_text(),
+            self.rendezvous.log_text()
+        );
+    }
+
+    /// WireGuard messages site `site` sent over the QUIC relay.
+    fn quic_relayed(&self, site: usize) -> u64 {
+        self.daemons[site]
+            .status()
+            .rendezvous
+            .iter()
+            .map(|r| r.relay_tx_packets)
+            .sum()
+    }
 }
 
 /// The lab routes IPv6 between sites without NAT (like most dual-stack
@@ -173,22 +201,37 @@ fn symmetric_nats_carry_everything_through_the_relay() {
     assert_ping(pod_a, addr_b.into());
     eprintln!("first ping through the relay after {:?}", t.elapsed());
     assert_ping(pod_b, addr_a.into());
+    // The first relayed packets went over QUIC and asked for a UDP relay
+    // port; both sites bind to it and move their traffic there.
+    let port = pair.wait_relay_port(0, Duration::from_secs(10));
+    pair.wait_relay_port(1, Duration::from_secs(10));
+    eprintln!("on the UDP relay port after {:?}", t.elapsed());
+    assert_eq!(
+        port.ip(),
+        pair.lab.internet_addr(),
+        "a port of the rendezvous"
+    );
+    let quic_before = pair.quic_relayed(0);
+    let port_before = pair.peer(0).relay_tx_packets;
     tcp_transfer(pod_b, addr_b, pod_a, 64 << 20);
     tcp_transfer(pod_a, addr_a, pod_b, 8 << 20);
     udp_exchange(pod_b, addr_b, pod_a, 300);
     let a = pair.peer(0);
     assert_eq!(a.path, "relay", "{a:?}");
-    // a sent the 64 MiB (and received the 8 MiB): all of it relayed.
-    assert!(
-        a.relay_tx_packets > 40_000 && a.relay_rx_packets > 5_000,
-        "{a:?}"
-    );
-    // Connections set up through the relay get an MSS whose packets fit
-    // one relay datagram (below the tunnel's, see above), so that the relay
-    // does not carry every full-size packet as two fragments.
+    assert_eq!(a.relay_port, Some(port.to_string()), "{a:?}");
+    // a sent the 64 MiB (and received the 8 MiB): all of it relayed, by
+    // the UDP relay port, not over QUIC.
+    let through_port = a.relay_tx_packets - port_before;
+    let over_quic = pair.quic_relayed(0) - quic_before;
+    assert!(through_port > 40_000 && a.relay_rx_packets > 5_000, "{a:?}");
+    assert!(over_quic < 100, "{over_quic} packets went over QUIC: {a:?}");
+    // The relay port carries whole datagrams: connections through it get
+    // the tunnel's full MSS (1420 - 40, less 12 for TCP timestamps).
     let mss = tcp_mss(pod_b, addr_b.into(), pod_a, addr_b.into());
-    eprintln!("MSS through the relay: {mss}");
-    assert!((524..1368).contains(&mss), "MSS through the relay: {mss}");
+    assert!(
+        mss == 1380 || mss == 1368,
+        "MSS through the UDP relay: {mss}"
+    );
 }
 
 #[test]

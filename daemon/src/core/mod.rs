@@ -23,6 +23,7 @@
 
 mod lpm;
 mod peer;
+mod relay_port;
 mod traversal;
 mod wireguard;
 
@@ -41,6 +42,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use crate::config::PeerConfig;
 
 pub use peer::{Counters, DropReason, Drops, Peer, PeerChanges, PeerState, Peers};
+pub use relay_port::UdpRelay;
 pub use traversal::TraversalParams;
 pub use wireguard::Outbound;
 
@@ -139,6 +141,9 @@ pub trait Io {
     /// The site's candidates changed, or should be announced again even
     /// if unchanged: tell every rendezvous.
     fn publish_candidates(&mut self, candidates: &[SocketAddr]);
+    /// Asks a rendezvous for a UDP relay port for this site and `peer`
+    /// (the grant comes back through [`Site::handle_relay_port`]).
+    fn request_relay_port(&mut self, _peer: &Peer) {}
     /// A peer's path changed (for observers; the core has applied it).
     fn path_changed(&mut self, _peer: &Peer, _path: Path) {}
 }
@@ -394,7 +399,8 @@ impl Site {
         for peer in self.peers().iter() {
             let mut state = peer.lock();
             self.pump_paths(now, peer, &mut state, io, true);
-            let endpoint = state.endpoint;
+            self.relay_port_timers(now, peer, &mut state, io);
+            let endpoint = state.send_addr();
             match state.tunn.update_timers(&mut buf) {
                 boringtun::noise::TunnResult::WriteToNetwork(packet) => {
                     self.send_to_peer(peer, endpoint, packet, io)
@@ -439,8 +445,9 @@ impl Site {
             .next(now)
     }
 
-    /// Sends a WireGuard message to `peer`: straight to `endpoint` when
-    /// there is one, through the relay otherwise.
+    /// Sends a WireGuard message to `peer`: straight to `endpoint` (the
+    /// peer's, or its UDP relay port) when there is one, through the QUIC
+    /// relay otherwise.
     pub(crate) fn send_to_peer(
         &self,
         peer: &Arc<Peer>,
@@ -487,7 +494,9 @@ impl Site {
                 DropReason::NoEndpoint,
                 format_args!("no endpoint and no relay for the peer"),
             );
-        } else if !io.relay(peer, bytes) {
+        } else if io.relay(peer, bytes) {
+            self.want_relay_port(peer, io);
+        } else {
             self.drop_packet(
                 Some(peer),
                 DropReason::IoError,

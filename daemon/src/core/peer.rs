@@ -163,6 +163,8 @@ pub struct PeerState {
     /// (static endpoint): a token bucket, so that replayed or spoofed-source
     /// pings cannot make it a reflector.
     pub(super) pong_budget: super::traversal::AnswerBudget,
+    /// The UDP relay port a rendezvous granted for the peer, if any.
+    pub relay: Option<super::relay_port::UdpRelay>,
 }
 
 impl PeerState {
@@ -186,14 +188,18 @@ impl PeerState {
                 .map(|config| PeerPaths::new(config, rng.next_u64())),
             ping_replay: Default::default(),
             pong_budget: Default::default(),
+            relay: None,
         }
     }
 
     /// Roaming: the peer's endpoint follows the source of its latest
-    /// authenticated packet. Packets that came through the relay say
-    /// nothing about a direct path and leave it as it is.
+    /// authenticated packet. Packets that came through a relay (the QUIC
+    /// one, or the peer's UDP relay port) say nothing about a direct path
+    /// and leave it as it is.
     pub fn roam(&mut self, source: Source, now: Instant) {
-        if let Source::Udp(from) = source {
+        if let Source::Udp(from) = source
+            && !self.is_relay_port(from)
+        {
             self.endpoint = Some(from);
             if let Some(paths) = self.paths.as_mut() {
                 // Authenticated traffic proves the address as well as a pong.
@@ -221,6 +227,8 @@ pub struct Peer {
     /// Authenticates path probes with the peer (when the site does NAT
     /// traversal).
     pub probe_key: Option<ProbeKey>,
+    /// When (ms after the site started) it may ask for a relay port again.
+    pub(super) relay_port_asked: AtomicU64,
     state: Mutex<PeerState>,
 }
 
@@ -239,6 +247,7 @@ impl Peer {
             probe_key: cx
                 .paths
                 .and_then(|_| ProbeKey::derive(cx.private_key, &config.public_key).ok()),
+            relay_port_asked: AtomicU64::new(0),
             state: Mutex::new(PeerState::new(config, id, cx, rng)),
         }
     }

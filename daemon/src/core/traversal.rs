@@ -460,7 +460,7 @@ impl Site {
         if let boringtun::noise::TunnResult::WriteToNetwork(init) =
             state.tunn.format_handshake_initiation(&mut buf, true)
         {
-            self.send_to_peer(peer, state.endpoint, init, io);
+            self.send_to_peer(peer, state.send_addr(), init, io);
         }
     }
 

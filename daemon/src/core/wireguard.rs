@@ -121,7 +121,8 @@ impl Site {
             return Outbound::Done;
         }
         let mut state = peer.lock();
-        let endpoint = state.endpoint;
+        let direct = state.endpoint.is_some();
+        let endpoint = state.send_addr();
         if summary.is_tcp_syn() {
             packet::clamp_mss(packet, self.mss(dst.is_ipv6(), endpoint.is_none()));
         }
@@ -136,12 +137,14 @@ impl Site {
         }
         match state.tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(message) => {
-                if endpoint.is_some()
-                    && let Some(paths) = state.paths.as_mut()
-                {
+                if direct && let Some(paths) = state.paths.as_mut() {
                     paths.notify_traffic_sent(now);
                 }
                 drop(state);
+                if !direct && endpoint.is_some() {
+                    // To the UDP relay port.
+                    peer.counters.relay_tx_packets.fetch_add(1, Relaxed);
+                }
                 peer.counters.tx_packets.fetch_add(1, Relaxed);
                 peer.counters
                     .tx_bytes
@@ -269,12 +272,19 @@ impl Site {
         };
         let peer = peers.get(index);
         let mut state = peer.lock();
+        // Through the peer's UDP relay port: relayed as much as through
+        // the QUIC relay, though it came over UDP (but no datagram limit,
+        // so no relay MSS below).
+        let via_port = matches!(source, Source::Udp(from) if state.is_relay_port(from));
+        if via_port {
+            peer.counters.relay_rx_packets.fetch_add(1, Relaxed);
+        }
         match state.tunn.decapsulate(from_ip, datagram, out) {
             TunnResult::WriteToNetwork(reply) => {
                 let authenticated = reply.first() != Some(&COOKIE_REPLY);
                 if authenticated {
                     state.roam(source, now);
-                    if relayed && matches!(packet, Packet::HandshakeInit(_)) {
+                    if (relayed || via_port) && matches!(packet, Packet::HandshakeInit(_)) {
                         // A new session offered through the relay: the peer
                         // restarted, or another replica of its gateway took
                         // over, and the direct path we had may lead to the
@@ -298,7 +308,7 @@ impl Site {
                     while let TunnResult::WriteToNetwork(queued) =
                         state.tunn.decapsulate(None, &[], out)
                     {
-                        self.send_to_peer(peer, state.endpoint, queued, io);
+                        self.send_to_peer(peer, state.send_addr(), queued, io);
                     }
                 }
                 None

@@ -65,7 +65,9 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
             let stride = m.stride.max(1);
             for datagram in buf[..m.len].chunks(stride) {
                 // One socket carries WireGuard, STUN answers and path probes.
-                if causeway_nat::probe::is_probe(datagram) {
+                if causeway_nat::udp_relay::is_control(datagram) {
+                    ctx.site.handle_relay_ack(now, from, datagram);
+                } else if causeway_nat::probe::is_probe(datagram) {
                     ctx.site.handle_probe(now, from, datagram, &mut io);
                 } else if causeway_nat::stun::is_stun(datagram) {
                     ctx.site.handle_stun(from, datagram, &mut io);

@@ -105,6 +105,18 @@ impl Io for Wire<'_> {
         })
     }
 
+    fn request_relay_port(&mut self, peer: &Peer) {
+        // From the first rendezvous that has the peer online (the one the
+        // relay sender uses).
+        let handles = self.0.rendezvous.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = handles
+            .iter()
+            .find(|h| h.online_peers().contains(peer.public_key()))
+        {
+            h.request_relay_port(peer.public_key());
+        }
+    }
+
     fn publish_candidates(&mut self, candidates: &[SocketAddr]) {
         // Notifies the clients even when the list is unchanged: the core
         // asks for that on purpose (see `core::traversal`).

@@ -107,16 +107,17 @@ async fn drive(
     mut candidates: watch::Receiver<Vec<SocketAddr>>,
 ) {
     let mut batch = TunBatch::new(RELAY_BATCH, ctx.site.mtu());
+    let server = client.handle().server();
     loop {
         tokio::select! {
             event = client.next_event() => {
                 let Some(event) = event else { return };
-                on_event(&ctx, event, &mut batch);
+                on_event(&ctx, server, event, &mut batch);
                 // Relayed packets come in bursts: take what is already
                 // waiting, so that they reach the TUN in one coalesced batch.
                 for _ in 1..RELAY_BATCH {
                     let Some(event) = client.try_next_event() else { break };
-                    on_event(&ctx, event, &mut batch);
+                    on_event(&ctx, server, event, &mut batch);
                 }
                 batch.flush(&ctx);
             }
@@ -133,7 +134,7 @@ async fn drive(
 
 /// Hands one event from a rendezvous to the core; relayed packets that
 /// pass go into `batch` (written out by the caller).
-fn on_event(ctx: &Ctx, event: RendezvousEvent, batch: &mut TunBatch) {
+fn on_event(ctx: &Ctx, server: SocketAddr, event: RendezvousEvent, batch: &mut TunBatch) {
     match event {
         RendezvousEvent::Connected { observed } => {
             info!(%observed, "registered with the rendezvous")
@@ -153,6 +154,10 @@ fn on_event(ctx: &Ctx, event: RendezvousEvent, batch: &mut TunBatch) {
             online,
             &mut ctx.io(),
         ),
+        RendezvousEvent::RelayPort { peer, port } => {
+            ctx.site
+                .handle_relay_port(Instant::now(), peer.as_bytes(), server, port)
+        }
         RendezvousEvent::Relayed { from, packet } => {
             let peers = ctx.site.peers();
             let out = batch.slot(packet.len());

@@ -130,6 +130,9 @@ pub(crate) struct PeerSnapshot {
     pub(crate) path: PathKind,
     /// Where its WireGuard packets go now (`None` when relayed or unknown).
     pub(crate) endpoint: Option<SocketAddr>,
+    /// The UDP relay port its packets go to, when relayed through one
+    /// (`None` on the QUIC relay, or when not relayed).
+    pub(crate) relay_port: Option<SocketAddr>,
     /// Its candidate addresses being probed (NAT traversal only).
     pub(crate) candidates: Vec<SocketAddr>,
     /// From path probes on the direct path, else from the last handshake
@@ -228,6 +231,11 @@ impl PeerSnapshot {
     fn take(peer: &Peer, relay: bool, now: SystemTime) -> Self {
         let state = peer.lock();
         let endpoint = state.endpoint;
+        let relay_port = state
+            .relay
+            .as_ref()
+            .filter(|r| endpoint.is_none() && r.usable())
+            .map(|r| r.addr());
         let paths = state.paths.as_ref();
         let candidates = paths
             .map(|paths| paths.candidates().map(|c| c.addr).collect())
@@ -252,6 +260,7 @@ impl PeerSnapshot {
                 (None, _) => PathKind::None,
             },
             endpoint,
+            relay_port,
             candidates,
             rtt,
             last_handshake,
@@ -333,6 +342,7 @@ pub(crate) fn example() -> Snapshot {
                 public_key: key(0xbb),
                 path: PathKind::Static,
                 endpoint: Some("192.0.2.2:51820".parse().expect("addr")),
+                relay_port: None,
                 candidates: vec![],
                 rtt: Some(Duration::from_micros(1500)),
                 last_handshake: Some(Handshake {
@@ -363,6 +373,7 @@ pub(crate) fn example() -> Snapshot {
                 public_key: key(0xcc),
                 path: PathKind::Relay,
                 endpoint: None,
+                relay_port: None,
                 candidates: vec!["203.0.113.7:40000".parse().expect("addr")],
                 rtt: Some(Duration::from_millis(40)),
                 last_handshake: Some(Handshake {
@@ -387,6 +398,7 @@ pub(crate) fn example() -> Snapshot {
                 public_key: key(0x01),
                 path: PathKind::None,
                 endpoint: None,
+                relay_port: None,
                 candidates: vec![],
                 rtt: None,
                 last_handshake: None,

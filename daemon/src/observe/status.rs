@@ -109,6 +109,10 @@ pub struct PeerStatus {
     pub path: String,
     /// Where its packets go now (`null` until known, or when relayed).
     pub endpoint: Option<String>,
+    /// On the `relay` path: the rendezvous' UDP relay port its packets go
+    /// to (`null`: through the QUIC relay, or not relayed).
+    #[serde(default)]
+    pub relay_port: Option<String>,
     /// Its candidate addresses being probed (NAT traversal only).
     pub candidates: Vec<String>,
     /// Round-trip time to the peer in milliseconds: from path probes when
@@ -200,6 +204,7 @@ impl Status {
                     public_key: keys::encode_public(&p.public_key),
                     path: p.path.name().to_owned(),
                     endpoint: p.endpoint.map(|e| e.to_string()),
+                    relay_port: p.relay_port.map(|e| e.to_string()),
                     candidates: p.candidates.iter().map(|c| c.to_string()).collect(),
                     rtt_ms: p.rtt.map(|d| d.as_secs_f64() * 1e3),
                     relay_tx_packets: p.relay_tx_packets,
@@ -291,12 +296,12 @@ impl Status {
         }
         for p in &self.peers {
             let _ = writeln!(s, "peer {} ({})", p.name, p.public_key);
-            let _ = writeln!(
-                s,
-                "  path:      {} {}",
-                p.path,
-                p.endpoint.as_deref().unwrap_or("")
-            );
+            let via = match (&p.relay_port, p.path.as_str()) {
+                (Some(port), _) => format!("via UDP relay port {port}"),
+                (None, "relay") => "via QUIC".to_owned(),
+                (None, _) => p.endpoint.clone().unwrap_or_default(),
+            };
+            let _ = writeln!(s, "  path:      {} {via}", p.path);
             if let Some(rtt) = p.rtt_ms {
                 let _ = writeln!(s, "  rtt:       {rtt:.2} ms");
             }
@@ -656,7 +661,7 @@ mod tests {
                 .to_owned(),
             "  sent:      10 packets, 1000 bytes\n  received:  20 packets, 2000 bytes\n".to_owned(),
             "  drops:     policy_port=2 spoofed_source=5\n".to_owned(),
-            format!("peer c ({})\n  path:      relay \n", key(0xcc)),
+            format!("peer c ({})\n  path:      relay via QUIC\n", key(0xcc)),
             "  candidates: 203.0.113.7:40000\n  relayed:   7 sent, 8 received\n".to_owned(),
             "  cidrs:     10.0.0.0/16 (seen here as 100.64.0.0/16)\n".to_owned(),
             format!("peer d-\"quoted\" ({})\n  path:      none \n", key(0x01)),
@@ -665,5 +670,9 @@ mod tests {
             assert!(text.contains(&line), "{line:?} not in\n{text}");
         }
         assert!(text.starts_with("site a on causeway0"), "{text}");
+        snap.peers[1].relay_port = Some("192.0.2.9:40001".parse().expect("addr"));
+        let text = Status::of(&snap).render();
+        let line = "  path:      relay via UDP relay port 192.0.2.9:40001\n";
+        assert!(text.contains(line), "{line:?} not in\n{text}");
     }
 }

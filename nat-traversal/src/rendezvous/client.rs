@@ -230,6 +230,15 @@ impl RendezvousHandle {
         self.inner.changed.notify_one();
     }
 
+    /// Asks the rendezvous for a UDP relay port for this site and `peer`
+    /// (granted only to mutual peers; it comes as a
+    /// [`RendezvousEvent::RelayPort`]). Does nothing while not registered,
+    /// with the peer offline, or with a port granted already.
+    pub fn request_relay_port(&self, peer: &PublicKey) {
+        self.inner.lock().session.request_relay_port(peer);
+        self.inner.changed.notify_one();
+    }
+
     /// Whether the client is connected and registered now.
     pub fn is_connected(&self) -> bool {
         self.inner.lock().session.is_registered()

@@ -397,6 +397,7 @@ mod tests {
             relay_id: 7,
             candidates: vec![std::net::SocketAddr::from(([192, 0, 2, 1], port))],
             online: true,
+            relay: None,
         }
     }
 
@@ -432,6 +433,7 @@ mod tests {
             relay_id: 7,
             candidates: vec![std::net::SocketAddr::from(([192, 0, 2, 1], port))],
             online: true,
+            relay: None,
         };
         let mut dropped = 0;
         for round in 0..3u16 {

@@ -28,6 +28,7 @@ mod limits;
 pub(crate) mod proto;
 mod registry;
 pub(crate) mod relay;
+mod relay_port;
 mod server;
 mod session;
 mod stream;
@@ -42,7 +43,9 @@ pub use config::{
     SiteEntry,
 };
 pub use proto::CloseCode;
-pub use registry::{ConnId, Registry, RelayCounters, RouteError, SiteKey, Update};
+pub use registry::{
+    ConnId, PairKey, Registry, RelayCounters, RelayGrant, RelayRequest, RouteError, SiteKey, Update,
+};
 pub use relay::FragmentError;
 pub use server::{AbuseCounters, RendezvousServer, ServeError, ServerStats, SiteStats, serve};
 pub use session::{ClientStats, ConnectError, RelayError, RendezvousEvent};

@@ -145,6 +145,9 @@ pub(crate) enum SiteMessage {
         peers: Vec<Wire32>,
         candidates: Vec<SocketAddr>,
     },
+    /// The site wants a relay port for itself and this peer (a mutual
+    /// one); the grant comes in the next `PeerUpdate` about the peer.
+    RelayRequest { peer: Wire32 },
 }
 
 /// What the rendezvous sends to a site.
@@ -166,6 +169,12 @@ pub(crate) enum RendezvousMessage {
         relay_id: u32,
         candidates: Vec<SocketAddr>,
         online: bool,
+        /// The pair's relay port, while there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relay_port: Option<u16>,
+        /// This site's token for it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relay_token: Option<Wire32>,
     },
 }
 
@@ -295,6 +304,7 @@ mod tests {
                 peers: vec![],
                 candidates: vec![],
             },
+            SiteMessage::RelayRequest { peer: key(6) },
         ];
         let mut wire = Vec::new();
         for m in &messages {
@@ -366,6 +376,16 @@ mod tests {
                 relay_id: 42,
                 candidates: vec!["10.0.0.1:51820".parse().unwrap()],
                 online: true,
+                relay_port: None,
+                relay_token: None,
+            },
+            RendezvousMessage::PeerUpdate {
+                peer: key(1),
+                relay_id: 42,
+                candidates: vec![],
+                online: true,
+                relay_port: Some(40000),
+                relay_token: Some(key(3)),
             },
         ];
         let mut dec = FrameDecoder::default();

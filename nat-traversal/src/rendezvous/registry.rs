@@ -24,6 +24,45 @@ pub struct Update {
     pub relay_id: u32,
     pub candidates: Vec<SocketAddr>,
     pub online: bool,
+    /// The pair's relay port and the recipient's token for it, while the
+    /// rendezvous keeps one for the two (see [`Registry::grant_relay_port`]).
+    pub relay: Option<RelayGrant>,
+}
+
+/// A relay port of a pair of mutual sites, as told to one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayGrant {
+    /// The UDP port, on the rendezvous' address.
+    pub port: u16,
+    /// The recipient's token (see [`crate::udp_relay`]).
+    pub token: [u8; 32],
+}
+
+/// Two site keys in byte order: a pair, whichever side names it.
+pub type PairKey = (SiteKey, SiteKey);
+
+/// The pair of two keys, in byte order.
+pub(super) fn pair_key(a: SiteKey, b: SiteKey) -> PairKey {
+    if a <= b { (a, b) } else { (b, a) }
+}
+
+/// What a site's request for a relay port to a peer comes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayRequest {
+    /// The two are not mutual peers (or the requester is unknown): refused.
+    NotAuthorized,
+    /// The pair has a port already: these updates tell the requester again.
+    Existing(Vec<Update>),
+    /// The pair has none: the caller binds one and calls
+    /// [`Registry::grant_relay_port`] with this pair.
+    New(PairKey),
+}
+
+/// A pair's relay port and the two tokens, in the pair's key order.
+#[derive(Debug, Clone, Copy)]
+struct PortEntry {
+    port: u16,
+    tokens: [[u8; 32]; 2],
 }
 
 /// Relay counters of one site (cumulative over its connections).
@@ -67,6 +106,10 @@ pub struct Registry {
     by_relay: HashMap<u32, ConnId>,
     next_relay_id: u32,
     counters: HashMap<SiteKey, RelayCounters>,
+    /// Relay ports of mutual pairs.
+    ports: HashMap<PairKey, PortEntry>,
+    /// Ports of pairs that stopped being mutual, for the caller to close.
+    freed: Vec<u16>,
 }
 
 impl Registry {
@@ -80,6 +123,8 @@ impl Registry {
             by_relay: HashMap::new(),
             next_relay_id: first_relay_id.max(1),
             counters: HashMap::new(),
+            ports: HashMap::new(),
+            freed: Vec::new(),
         }
     }
 
@@ -164,6 +209,8 @@ impl Registry {
 
     fn update_about(&self, to: ConnId, about: ConnId, online: bool) -> Option<Update> {
         let s = self.sessions.get(&about)?;
+        let recipient = self.sessions.get(&to)?.key;
+        let relay = online.then(|| self.grant_for(recipient, s.key)).flatten();
         Some(Update {
             to,
             peer: s.key,
@@ -174,7 +221,101 @@ impl Registry {
                 Vec::new()
             },
             online,
+            relay,
         })
+    }
+
+    /// The relay port of `me` and `peer`, with `me`'s token.
+    fn grant_for(&self, me: SiteKey, peer: SiteKey) -> Option<RelayGrant> {
+        let pair = pair_key(me, peer);
+        let entry = self.ports.get(&pair)?;
+        let side = usize::from(pair.0 != me);
+        Some(RelayGrant {
+            port: entry.port,
+            token: entry.tokens[side],
+        })
+    }
+
+    /// Site `from` asks for a relay port to `peer`.
+    pub fn request_relay_port(&self, from: ConnId, peer: &SiteKey) -> RelayRequest {
+        let Some(me) = self.sessions.get(&from) else {
+            return RelayRequest::NotAuthorized;
+        };
+        let Some((&other, session)) = self
+            .by_key
+            .get(peer)
+            .and_then(|c| Some((c, self.sessions.get(c)?)))
+        else {
+            return RelayRequest::NotAuthorized;
+        };
+        if !self.mutual(me, session) {
+            return RelayRequest::NotAuthorized;
+        }
+        let pair = pair_key(me.key, *peer);
+        if self.ports.contains_key(&pair) {
+            RelayRequest::Existing(self.update_about(from, other, true).into_iter().collect())
+        } else {
+            RelayRequest::New(pair)
+        }
+    }
+
+    /// Records the port the caller bound for `pair` (from
+    /// [`RelayRequest::New`]), with one token per site in the pair's key
+    /// order; returns the updates that tell both sites. If the pair is
+    /// not mutual any more, or has a port already, nothing is recorded and
+    /// the port is handed back through [`Self::take_freed_ports`].
+    pub fn grant_relay_port(
+        &mut self,
+        pair: PairKey,
+        port: u16,
+        tokens: [[u8; 32]; 2],
+    ) -> Vec<Update> {
+        let conns = (
+            self.by_key.get(&pair.0).copied(),
+            self.by_key.get(&pair.1).copied(),
+        );
+        let (Some(a), Some(b)) = conns else {
+            self.freed.push(port);
+            return Vec::new();
+        };
+        let mutual = match (self.sessions.get(&a), self.sessions.get(&b)) {
+            (Some(x), Some(y)) => self.mutual(x, y),
+            _ => false,
+        };
+        if !mutual || self.ports.contains_key(&pair) {
+            self.freed.push(port);
+            return Vec::new();
+        }
+        self.ports.insert(pair, PortEntry { port, tokens });
+        [(a, b), (b, a)]
+            .into_iter()
+            .filter_map(|(to, about)| self.update_about(to, about, true))
+            .collect()
+    }
+
+    /// Ports whose pair stopped being mutual (a site left, or dropped the
+    /// other from its peers) since the last call: the caller closes them.
+    pub fn take_freed_ports(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.freed)
+    }
+
+    /// Drops the ports of `key`'s pairs that are not mutual any more.
+    fn free_stale_ports(&mut self, key: SiteKey) {
+        let stale: Vec<PairKey> = self
+            .ports
+            .keys()
+            .filter(|(a, b)| *a == key || *b == key)
+            .filter(|(a, b)| {
+                let session = |k: &SiteKey| self.by_key.get(k).and_then(|c| self.sessions.get(c));
+                !matches!((session(a), session(b)), (Some(x), Some(y)) if self.mutual(x, y))
+            })
+            .copied()
+            .collect();
+        for pair in stale {
+            if let Some(entry) = self.ports.remove(&pair) {
+                self.freed.push(entry.port);
+            }
+        }
     }
 
     /// The site on `conn` (re)registered its peers and candidates.
@@ -190,7 +331,11 @@ impl Registry {
         };
         me.peers = Some(peers.into_iter().collect());
         me.candidates = candidates;
+        let me_key = me.key;
         let after: HashSet<ConnId> = self.mutual_peers(conn).into_iter().collect();
+        if before.difference(&after).next().is_some() {
+            self.free_stale_ports(me_key);
+        }
 
         let mut updates = Vec::new();
         let mut gone: Vec<_> = before.difference(&after).copied().collect();
@@ -227,6 +372,7 @@ impl Registry {
                 self.by_key.remove(&s.key);
             }
             self.by_relay.remove(&s.relay_id);
+            self.free_stale_ports(s.key);
         }
         updates
     }
@@ -307,14 +453,16 @@ mod tests {
                     peer: A,
                     relay_id: ra,
                     candidates: vec![addr(1)],
-                    online: true
+                    online: true,
+                    relay: None,
                 },
                 Update {
                     to: 1,
                     peer: B,
                     relay_id: rb,
                     candidates: vec![addr(2)],
-                    online: true
+                    online: true,
+                    relay: None,
                 },
             ]
         );
@@ -327,7 +475,8 @@ mod tests {
                 peer: A,
                 relay_id: ra,
                 candidates: vec![addr(3)],
-                online: true
+                online: true,
+                relay: None,
             }]
         );
         // Re-registering the same thing tells B again: a site does that when
@@ -341,7 +490,8 @@ mod tests {
                 peer: A,
                 relay_id: ra,
                 candidates: vec![],
-                online: false
+                online: false,
+                relay: None,
             }]
         );
         assert!(!r.is_connected(&A));
@@ -376,14 +526,16 @@ mod tests {
                     peer: B,
                     relay_id: rb,
                     candidates: vec![],
-                    online: false
+                    online: false,
+                    relay: None,
                 },
                 Update {
                     to: 2,
                     peer: A,
                     relay_id: ra,
                     candidates: vec![],
-                    online: false
+                    online: false,
+                    relay: None,
                 },
             ]
         );
@@ -448,7 +600,8 @@ mod tests {
                 peer: A,
                 relay_id: ra,
                 candidates: vec![],
-                online: false
+                online: false,
+                relay: None,
             }]
         );
         let ups = r.register(5, [B], vec![addr(1)]);
@@ -473,5 +626,62 @@ mod tests {
         let mut r = registry();
         r.connect(1, A);
         assert!(r.register(1, [A], vec![]).is_empty());
+    }
+
+    #[test]
+    fn relay_ports_go_to_mutual_pairs_only_and_are_freed_when_they_part() {
+        let mut r = registry();
+        r.connect(1, A);
+        r.connect(2, B);
+        r.connect(3, C);
+        r.register(1, [B], vec![]);
+        r.register(2, [A], vec![]);
+        r.register(3, [A], vec![]);
+        assert_eq!(
+            r.request_relay_port(3, &A),
+            RelayRequest::NotAuthorized,
+            "A does not list C"
+        );
+        assert_eq!(r.request_relay_port(1, &C), RelayRequest::NotAuthorized);
+        assert_eq!(
+            r.request_relay_port(9, &A),
+            RelayRequest::NotAuthorized,
+            "unknown connection"
+        );
+        let RelayRequest::New(pair) = r.request_relay_port(2, &A) else {
+            panic!("a new port for A and B")
+        };
+        assert_eq!(pair, pair_key(B, A));
+        let ups = r.grant_relay_port(pair, 40000, [[7; 32], [8; 32]]);
+        let grant = |_to: ConnId, token| RelayGrant { port: 40000, token };
+        let told: Vec<_> = ups.iter().map(|u| (u.to, u.relay)).collect();
+        assert_eq!(
+            told,
+            vec![(1, Some(grant(1, [7; 32]))), (2, Some(grant(2, [8; 32])))]
+        );
+        // Asking again tells the asker again; a second port for the pair
+        // (two requests crossing) is handed back.
+        let RelayRequest::Existing(again) = r.request_relay_port(1, &B) else {
+            panic!("the same port")
+        };
+        assert_eq!(again[0].relay, Some(grant(1, [7; 32])));
+        assert!(
+            r.grant_relay_port(pair, 40001, [[1; 32], [2; 32]])
+                .is_empty()
+        );
+        assert_eq!(r.take_freed_ports(), vec![40001]);
+        // B drops A: the port is freed and A's next update has none.
+        let ups = r.register(2, [C], vec![]);
+        assert!(ups.iter().all(|u| u.relay.is_none()), "{ups:?}");
+        assert_eq!(r.take_freed_ports(), vec![40000]);
+        assert_eq!(r.request_relay_port(1, &B), RelayRequest::NotAuthorized);
+        // A new pair's port is freed when one of them disconnects.
+        r.register(2, [A], vec![]);
+        let RelayRequest::New(pair) = r.request_relay_port(1, &B) else {
+            panic!()
+        };
+        r.grant_relay_port(pair, 40002, [[3; 32], [4; 32]]);
+        r.disconnect(1);
+        assert_eq!(r.take_freed_ports(), vec![40002]);
     }
 }

@@ -27,11 +27,13 @@ use super::proto::{
     CloseCode, FrameDecoder, MAX_FRAME_LEN, MAX_HELLO_LEN, PROTOCOL_VERSION, RendezvousMessage,
     SiteMessage, Wire32, encode_frame,
 };
-use super::registry::{ConnId, Registry, RouteError, Update};
+use super::registry::{ConnId, PairKey, Registry, RelayRequest, RouteError, SiteKey, Update};
 use super::relay;
+use super::relay_port::{RelayPort, SideCounters};
 use super::stream::{ReadFailure, read_frame, write_frame};
 use super::tls::{self, TlsError};
 use crate::stun;
+use crate::udp_relay::{RelayPair, RelayToken};
 use causeway_common::keys::{self, KeyError};
 
 /// How long a new connection has to finish the QUIC handshake, open its
@@ -93,13 +95,14 @@ pub struct SiteStats {
     pub public_key: PublicKey,
     /// Whether it is connected and authenticated now.
     pub connected: bool,
-    /// WireGuard packets relayed from it (once per packet, however many
-    /// fragments it took).
+    /// WireGuard packets relayed from it, by its relay ports and over
+    /// QUIC (once per packet, however many fragments it took).
     pub relay_rx_packets: u64,
     /// Bytes of WireGuard packets relayed from it (relay headers excluded).
     pub relay_rx_bytes: u64,
     /// Relay datagrams from it that were dropped: not addressed to a
-    /// connected mutual peer, or malformed.
+    /// connected mutual peer, sent before the peer bound its relay port,
+    /// or malformed.
     pub relay_dropped: u64,
 }
 
@@ -125,6 +128,9 @@ pub struct AbuseCounters {
     pub registration_entries_dropped: u64,
     /// Queued peer updates replaced by a newer one about the same peer.
     pub updates_coalesced: u64,
+    /// Datagrams to relay ports from addresses that had not bound to
+    /// them (or binds that verify for neither site), dropped.
+    pub relay_strangers: u64,
 }
 
 /// A handle on a running (or about to run) server's counters.
@@ -142,13 +148,19 @@ impl ServerStats {
             .sites()
             .map(|(key, name)| {
                 let c = state.registry.counters(key);
+                let udp = |f: fn(&SideCounters) -> &AtomicU64| {
+                    self.shared
+                        .relay_sides
+                        .get(key)
+                        .map_or(0, |s| f(s).load(Ordering::Relaxed))
+                };
                 SiteStats {
                     name: name.to_owned(),
                     public_key: PublicKey::from(*key),
                     connected: state.registry.is_connected(key),
-                    relay_rx_packets: c.packets,
-                    relay_rx_bytes: c.bytes,
-                    relay_dropped: c.dropped,
+                    relay_rx_packets: c.packets + udp(|s| &s.packets),
+                    relay_rx_bytes: c.bytes + udp(|s| &s.bytes),
+                    relay_dropped: c.dropped + udp(|s| &s.dropped),
                 }
             })
             .collect();
@@ -179,6 +191,7 @@ impl ServerStats {
             registrations_coalesced: get(&a.registrations_coalesced),
             registration_entries_dropped: get(&a.registration_entries_dropped),
             updates_coalesced: get(&a.updates_coalesced),
+            relay_strangers: get(&self.shared.relay_strangers),
         }
     }
 
@@ -241,6 +254,13 @@ struct Shared {
     stun_answered: AtomicU64,
     abuse: Abuse,
     rejection_log: Mutex<LogBudget>,
+    /// Where relay ports are bound: the QUIC socket's address.
+    relay_ip: IpAddr,
+    /// The running relay ports' tasks, by port.
+    relay_ports: Mutex<HashMap<u16, tokio::task::AbortHandle>>,
+    /// What each configured site sent through relay ports.
+    relay_sides: HashMap<SiteKey, Arc<SideCounters>>,
+    relay_strangers: Arc<AtomicU64>,
 }
 
 /// Rejections are logged at most [`REJECTION_LOG_BUDGET`] times a minute
@@ -292,6 +312,10 @@ impl Shared {
 
     fn pending(&self) -> MutexGuard<'_, PendingTable> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn relay_ports(&self) -> MutexGuard<'_, HashMap<u16, tokio::task::AbortHandle>> {
+        self.relay_ports.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn pending_total(&self) -> usize {
@@ -387,6 +411,13 @@ impl RendezvousServer {
         stun: Option<std::net::UdpSocket>,
     ) -> Self {
         let public = PublicKey::from(&secret);
+        let relay_ip = quic
+            .local_addr()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        let relay_sides = sites
+            .iter()
+            .map(|s| (s.public_key.to_bytes(), Arc::default()))
+            .collect();
         let registry = Registry::new(
             sites
                 .iter()
@@ -408,6 +439,10 @@ impl RendezvousServer {
                 stun_answered: AtomicU64::new(0),
                 abuse: Abuse::default(),
                 rejection_log: Mutex::new(LogBudget::default()),
+                relay_ip,
+                relay_ports: Mutex::new(HashMap::new()),
+                relay_sides,
+                relay_strangers: Arc::default(),
             }),
             quic,
             stun,
@@ -494,6 +529,9 @@ impl RendezvousServer {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
         connections.shutdown().await;
         background.shutdown().await;
+        for (_, task) in self.shared.relay_ports().drain() {
+            task.abort();
+        }
         Ok(())
     }
 }
@@ -902,6 +940,9 @@ async fn run_session(
                             apply_registration(&shared, id, r);
                         }
                     }
+                    Ok(Some(SiteMessage::RelayRequest { peer })) => {
+                        grant_relay_port(&shared, id, &peer.0);
+                    }
                     Ok(Some(SiteMessage::Hello { .. })) => {
                         return Err((CloseCode::Protocol, "hello after authentication".into()));
                     }
@@ -928,6 +969,8 @@ async fn run_session(
                             relay_id: u.relay_id,
                             candidates: u.candidates,
                             online: u.online,
+                            relay_port: u.relay.map(|g| g.port),
+                            relay_token: u.relay.map(|g| Wire32(g.token)),
                         };
                         write_frame(&mut send, &message)
                             .await
@@ -958,6 +1001,7 @@ async fn run_session(
     let mut state = shared.lock();
     let updates = state.registry.disconnect(id);
     state.dispatch(updates, &shared.abuse);
+    close_freed_ports(&mut state, &shared);
     if state
         .conns
         .get(&id)
@@ -986,6 +1030,68 @@ fn apply_registration(
     debug!(peers = peers.len(), candidates = ?candidates, dropped, "register");
     let updates = state.registry.register(id, peers, candidates);
     state.dispatch(updates, &shared.abuse);
+    close_freed_ports(&mut state, shared);
+}
+
+/// Site `id` asks for a relay port to `peer`: tells it the pair's port
+/// again, or binds one (outside the lock) and tells both sites. Refused
+/// silently unless the two are mutual peers.
+fn grant_relay_port(shared: &Arc<Shared>, id: ConnId, peer: &SiteKey) {
+    let pair: PairKey = {
+        let mut state = shared.lock();
+        match state.registry.request_relay_port(id, peer) {
+            RelayRequest::NotAuthorized => {
+                debug!("relay port refused: not a mutual peer");
+                return;
+            }
+            RelayRequest::Existing(updates) => {
+                state.dispatch(updates, &shared.abuse);
+                return;
+            }
+            RelayRequest::New(pair) => pair,
+        }
+    };
+    let bound = RelayPort::bind(shared.relay_ip).and_then(|p| Ok((p.port()?, p)));
+    let (number, port) = match bound {
+        Ok(bound) => bound,
+        Err(e) => {
+            warn!(error = %e, "cannot bind a relay port; the pair stays on the QUIC relay");
+            return;
+        }
+    };
+    let tokens = [
+        RelayToken::random(&mut rand::thread_rng()),
+        RelayToken::random(&mut rand::thread_rng()),
+    ];
+    let sides = [&pair.0, &pair.1].map(|k| shared.relay_sides.get(k).cloned().unwrap_or_default());
+    let task = tokio::spawn(
+        port.run(
+            RelayPair::new(tokens),
+            sides,
+            shared.relay_strangers.clone(),
+        )
+        .instrument(tracing::info_span!("relay_port", port = number)),
+    );
+    let mut state = shared.lock();
+    shared.relay_ports().insert(number, task.abort_handle());
+    let updates = state
+        .registry
+        .grant_relay_port(pair, number, tokens.map(|t| t.0));
+    if !updates.is_empty() {
+        debug!(port = number, "relay port granted");
+    }
+    state.dispatch(updates, &shared.abuse);
+    close_freed_ports(&mut state, shared);
+}
+
+/// Stops the relay ports of pairs that stopped being mutual.
+fn close_freed_ports(state: &mut State, shared: &Shared) {
+    for port in state.registry.take_freed_ports() {
+        if let Some(task) = shared.relay_ports().remove(&port) {
+            task.abort();
+            debug!(port, "relay port closed");
+        }
+    }
 }
 
 /// Forwards one relay datagram from connection `from`, if its destination

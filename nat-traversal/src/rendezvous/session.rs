@@ -40,6 +40,7 @@ use super::proto::{
 };
 use super::relay::{self, FragmentError, Reassembler};
 use super::tls::TlsError;
+use crate::udp_relay::{RelayPort, RelayToken};
 use causeway_common::keys;
 
 /// How long one connection attempt (QUIC handshake plus authentication)
@@ -74,6 +75,16 @@ pub enum RendezvousEvent {
         candidates: Vec<SocketAddr>,
         /// Whether it is connected to this rendezvous.
         online: bool,
+    },
+    /// The rendezvous granted this site and `peer` a relay port (a UDP
+    /// relay, see [`crate::udp_relay`]), or took it back (`None`: the peer
+    /// went offline, or this connection ended). Follows the `PeerUpdate`
+    /// that carried it; sent only when it changes.
+    RelayPort {
+        /// The peer's WireGuard public key.
+        peer: PublicKey,
+        /// The port and this site's token, while granted.
+        port: Option<RelayPort>,
     },
     /// A WireGuard packet relayed from a peer (reassembled).
     Relayed {
@@ -353,6 +364,8 @@ pub(crate) struct ClientSession {
     /// Online peers: key → relay id, and back.
     online: BTreeMap<[u8; 32], u32>,
     by_relay: HashMap<u32, [u8; 32]>,
+    /// Relay ports granted, by peer.
+    relay_ports: HashMap<[u8; 32], RelayPort>,
     next_packet_id: u32,
     reassembler: Reassembler,
     /// The counters this session keeps (received relay traffic,
@@ -394,6 +407,7 @@ impl ClientSession {
             observed: None,
             online: BTreeMap::new(),
             by_relay: HashMap::new(),
+            relay_ports: HashMap::new(),
             next_packet_id,
             reassembler: Reassembler::default(),
             stats: ClientStats::default(),
@@ -453,6 +467,40 @@ impl ClientSession {
     pub(crate) fn update_peers(&mut self, peers: Vec<PublicKey>) {
         self.peers = peers;
         self.register_due = true;
+    }
+
+    /// Asks the rendezvous for a relay port for this site and `peer` (it
+    /// comes as a [`RendezvousEvent::RelayPort`]). With a port granted
+    /// already, tells it again at once (the site may have forgotten it: a
+    /// reload, a role change). Ignored unless registered with `peer`
+    /// online.
+    pub(crate) fn request_relay_port(&mut self, peer: &PublicKey) {
+        let key = peer.to_bytes();
+        if let Some(&port) = self.relay_ports.get(&key) {
+            self.events.push_back(RendezvousEvent::RelayPort {
+                peer: *peer,
+                port: Some(port),
+            });
+        } else if self.is_registered() && self.online.contains_key(&key) {
+            let request = SiteMessage::RelayRequest { peer: Wire32(key) };
+            self.transmits
+                .push_back(Transmit::Stream(encode_frame(&request)));
+        }
+    }
+
+    /// Records the relay port a peer update carries (or no longer
+    /// carries) and tells the site when it changed.
+    fn set_relay_port(&mut self, peer: [u8; 32], port: Option<RelayPort>) {
+        let old = match port {
+            Some(p) => self.relay_ports.insert(peer, p),
+            None => self.relay_ports.remove(&peer),
+        };
+        if old != port {
+            self.events.push_back(RendezvousEvent::RelayPort {
+                peer: PublicKey::from(peer),
+                port,
+            });
+        }
     }
 
     /// Where a packet to `peer` goes, if it can be relayed now; counts a
@@ -702,6 +750,8 @@ impl ClientSession {
                 relay_id,
                 candidates,
                 online,
+                relay_port,
+                relay_token,
             } => {
                 if let Some(old) = self.online.remove(&peer.0) {
                     self.by_relay.remove(&old);
@@ -716,6 +766,14 @@ impl ClientSession {
                     candidates,
                     online,
                 });
+                let port = match (relay_port, relay_token) {
+                    (Some(port), Some(token)) if online && port != 0 => Some(RelayPort {
+                        addr: SocketAddr::new(self.server.ip(), port),
+                        token: RelayToken(token.0),
+                    }),
+                    _ => None,
+                };
+                self.set_relay_port(peer.0, port);
             }
             other => self.end(
                 now,
@@ -762,6 +820,11 @@ impl ClientSession {
                 candidates: Vec::new(),
                 online: false,
             });
+            self.set_relay_port(peer, None);
+        }
+        let granted: Vec<[u8; 32]> = self.relay_ports.keys().copied().collect();
+        for peer in granted {
+            self.set_relay_port(peer, None);
         }
         self.events
             .push_back(RendezvousEvent::Disconnected { reason });
@@ -966,6 +1029,8 @@ mod tests {
             relay_id,
             candidates: Vec::new(),
             online,
+            relay_port: None,
+            relay_token: None,
         }
     }
 

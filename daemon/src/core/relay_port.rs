@@ -1,0 +1,208 @@
+//! The UDP relay in the site core: binding the WireGuard socket to the
+//! relay port a rendezvous granted for a peer, and sending the peer's
+//! WireGuard packets there (plain UDP, batched like the direct path)
+//! instead of through the QUIC relay.
+//!
+//! A peer without a direct path starts on the QUIC relay. The first packet
+//! relayed there asks the rendezvous for a port (again every
+//! [`REQUEST_INTERVAL`] while it has none); once the port is granted this
+//! site binds to it (`causeway_nat::udp_relay`: a bind MAC'd with our
+//! token, acked by the port) and, as soon as an ack says the peer is bound
+//! too, the peer's packets go to the port. Binds are repeated every
+//! [`REFRESH`] (keeping our NAT's mapping and the port's record of our
+//! address fresh); without an ack for [`ACK_TIMEOUT`] the peer goes back
+//! to the QUIC relay until one comes. A direct path found by probing
+//! always wins; while there is one, no binds are sent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use causeway_nat::udp_relay::RelayPort;
+use tracing::{debug, info};
+
+use super::{DropReason, Io, Peer, PeerState, Site};
+
+/// Binds go out this often until the port says both sites are bound.
+const RETRY: Duration = Duration::from_millis(250);
+/// Then this often.
+const REFRESH: Duration = Duration::from_secs(5);
+/// Without an ack this long, the port is not used.
+const ACK_TIMEOUT: Duration = Duration::from_secs(12);
+/// A peer on the QUIC relay asks for a relay port at most this often.
+pub(super) const REQUEST_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A relay port granted for one peer, and this site's binding to it.
+#[derive(Debug, Clone)]
+pub struct UdpRelay {
+    port: RelayPort,
+    /// Counter of the latest bind sent.
+    counter: u64,
+    /// When the latest ack came, and whether it said the peer is bound.
+    acked: Option<(Instant, bool)>,
+    /// When the next bind goes out.
+    next_bind: Instant,
+}
+
+impl UdpRelay {
+    fn new(port: RelayPort, now: Instant) -> Self {
+        UdpRelay {
+            port,
+            counter: 0,
+            acked: None,
+            next_bind: now,
+        }
+    }
+
+    /// The port's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.port.addr
+    }
+
+    /// Whether packets to the peer go to the port now: both sites are
+    /// bound and the port answered lately.
+    pub fn usable(&self) -> bool {
+        matches!(self.acked, Some((_, true)))
+    }
+}
+
+impl PeerState {
+    /// Where the peer's WireGuard packets go: the direct endpoint, else the
+    /// UDP relay port when usable; `None`: the QUIC relay.
+    pub fn send_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.or_else(|| {
+            self.relay
+                .as_ref()
+                .filter(|r| r.usable())
+                .map(UdpRelay::addr)
+        })
+    }
+
+    /// Whether `addr` is the peer's relay port (packets from it came
+    /// through the relay, not from the peer's own address).
+    pub fn is_relay_port(&self, addr: SocketAddr) -> bool {
+        self.relay.as_ref().is_some_and(|r| r.addr() == addr)
+    }
+}
+
+impl Site {
+    /// A rendezvous at `server` granted (`Some`) or took back (`None`) a
+    /// relay port for `key`'s peer. A grant from another rendezvous does
+    /// not replace a port in use.
+    pub fn handle_relay_port(
+        &self,
+        now: Instant,
+        key: &[u8; 32],
+        server: SocketAddr,
+        port: Option<RelayPort>,
+    ) {
+        let peers = self.peers();
+        let Some(index) = peers.by_key(key) else {
+            return;
+        };
+        let peer = peers.get(index);
+        let mut state = peer.lock();
+        let current = state.relay.as_ref().map(|r| r.port);
+        match port {
+            Some(p) if current == Some(p) => {}
+            Some(p) if current.is_none_or(|c| c.addr.ip() == p.addr.ip()) => {
+                info!(peer = peer.name(), relay_port = %p.addr, "relay port granted");
+                state.relay = Some(UdpRelay::new(p, now));
+            }
+            Some(_) => {}
+            None if current.is_some_and(|c| c.addr.ip() == server.ip()) => {
+                info!(
+                    peer = peer.name(),
+                    "relay port withdrawn: back to the QUIC relay"
+                );
+                state.relay = None;
+            }
+            None => {}
+        }
+    }
+
+    /// A bind ack arrived on the WireGuard socket from `from`.
+    pub fn handle_relay_ack(&self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        if self.standby_drop() {
+            return;
+        }
+        for peer in self.peers().iter() {
+            let mut state = peer.lock();
+            let Some(relay) = state.relay.as_mut().filter(|r| r.addr() == from) else {
+                continue;
+            };
+            // Only an ack of our latest bind counts (an older one may be a
+            // replay, or says something stale about the peer).
+            match relay.port.token.open_ack(datagram) {
+                Some((counter, peer_bound)) if counter == relay.counter => {
+                    let was = relay.usable();
+                    relay.acked = Some((now, peer_bound));
+                    if peer_bound {
+                        relay.next_bind = now + REFRESH;
+                    }
+                    if relay.usable() && !was && state.endpoint.is_none() {
+                        info!(peer = peer.name(), relay_port = %from, "relaying through the UDP relay port");
+                    }
+                    return;
+                }
+                _ => {}
+            }
+        }
+        self.drop_packet(
+            None,
+            DropReason::Rejected,
+            format_args!("relay ack from {from}: not for a port of ours"),
+        );
+    }
+
+    /// Sends a bind when due, for a peer on the relay; forgets a port that
+    /// stopped answering.
+    pub(super) fn relay_port_timers(
+        &self,
+        now: Instant,
+        peer: &Peer,
+        state: &mut PeerState,
+        io: &mut impl Io,
+    ) {
+        let direct = state.endpoint.is_some();
+        let Some(relay) = state.relay.as_mut() else {
+            return;
+        };
+        if let Some((at, true)) = relay.acked
+            && now.saturating_duration_since(at) >= ACK_TIMEOUT
+        {
+            info!(peer = peer.name(), relay_port = %relay.addr(), "relay port silent: back to the QUIC relay");
+            relay.acked = Some((at, false));
+        }
+        if direct || relay.next_bind > now {
+            return;
+        }
+        relay.counter += 1;
+        relay.next_bind = now + if relay.usable() { REFRESH } else { RETRY };
+        let bind = relay.port.token.bind(relay.counter);
+        if let Err(e) = io.send(relay.addr(), &bind) {
+            debug!(peer = peer.name(), "relay bind to {}: {e}", relay.addr());
+        }
+    }
+
+    /// A packet for `peer` went through the QUIC relay: ask for a relay
+    /// port, at most every [`REQUEST_INTERVAL`].
+    pub(super) fn want_relay_port(&self, peer: &Arc<Peer>, io: &mut impl Io) {
+        let now = self.started.elapsed().as_millis() as u64;
+        let next = peer.relay_port_asked.load(Relaxed);
+        if now >= next
+            && peer
+                .relay_port_asked
+                .compare_exchange(
+                    next,
+                    now + REQUEST_INTERVAL.as_millis() as u64,
+                    Relaxed,
+                    Relaxed,
+                )
+                .is_ok()
+        {
+            io.request_relay_port(peer);
+        }
+    }
+}
