@@ -6,8 +6,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use causeway_nat::rendezvous::{
-    ConnectError, RelayError, RendezvousClient, RendezvousEvent, RendezvousServer, ServerStats,
-    SiteEntry,
+    ConnectError, RelayError, RelayPorts, RendezvousClient, RendezvousEvent, RendezvousServer,
+    ServerStats, SiteEntry,
 };
 use causeway_nat::stun;
 use causeway_nat::udp_relay::RelayPort;
@@ -60,6 +60,15 @@ impl Server {
 }
 
 fn start_server_on(secret: StaticSecret, sites: &[&Site], quic: UdpSocket) -> Server {
+    start_server_with(secret, sites, quic, RelayPorts::Any)
+}
+
+fn start_server_with(
+    secret: StaticSecret,
+    sites: &[&Site],
+    quic: UdpSocket,
+    relay_ports: RelayPorts,
+) -> Server {
     let stun_socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     let entries: Vec<SiteEntry> = sites
         .iter()
@@ -68,7 +77,8 @@ fn start_server_on(secret: StaticSecret, sites: &[&Site], quic: UdpSocket) -> Se
             public_key: s.public,
         })
         .collect();
-    let server = RendezvousServer::with_sockets(secret, &entries, quic, Some(stun_socket));
+    let server = RendezvousServer::with_sockets(secret, &entries, quic, Some(stun_socket))
+        .with_relay_ports(relay_ports);
     let addr = server.quic_addr().unwrap();
     let stun = server.stun_addr().unwrap();
     let public = server.public_key();
@@ -1008,4 +1018,35 @@ async fn udp_relay_port_serves_the_two_bound_sites_only() {
         c.close().await;
     }
     server.stop().await;
+}
+
+/// `relay_ports`: a range is kept to; "off" grants nothing (the pair
+/// stays on the QUIC relay).
+#[tokio::test]
+async fn relay_ports_come_from_the_configured_range_or_not_at_all() {
+    for (ports, want) in [
+        (RelayPorts::Range(47000, 47009), true),
+        (RelayPorts::Off, false),
+    ] {
+        let (a, b) = (site("a"), site("b"));
+        let quic = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let server = start_server_with(keypair().0, &[&a, &b], quic, ports);
+        let mut ca = connect(&server, &a, &[&b]).await.unwrap();
+        let mut cb = connect(&server, &b, &[&a]).await.unwrap();
+        expect_online(&mut ca, &b, &[]).await;
+        expect_online(&mut cb, &a, &[]).await;
+        ca.handle().request_relay_port(&b.public);
+        if want {
+            let (_, port) = next_relay_port(&mut ca).await;
+            let port = port.expect("a port").addr.port();
+            assert!((47000..=47009).contains(&port), "{port}");
+        } else {
+            assert_quiet(&mut ca).await;
+            // The QUIC relay still carries the pair.
+            relay_once(&ca, &mut cb, &a.public, &b.public, &packet(100, 1)).await;
+        }
+        ca.close().await;
+        cb.close().await;
+        server.stop().await;
+    }
 }

@@ -236,8 +236,12 @@ pub(crate) enum PeerPath {
     Static,
     /// An address found by NAT traversal (a punched hole).
     Direct,
-    /// Through the rendezvous.
+    /// Through the rendezvous, either relay.
     Relay,
+    /// Through the rendezvous' UDP relay port.
+    RelayUdp,
+    /// Through the rendezvous' QUIC relay (no UDP relay port).
+    RelayQuic,
 }
 
 impl PeerPath {
@@ -245,8 +249,16 @@ impl PeerPath {
         match self {
             PeerPath::Static => "static",
             PeerPath::Direct => "direct",
-            PeerPath::Relay => "relay",
+            PeerPath::Relay | PeerPath::RelayUdp | PeerPath::RelayQuic => "relay",
         }
+    }
+
+    /// Whether it goes through the rendezvous.
+    pub(crate) fn is_relay(self) -> bool {
+        matches!(
+            self,
+            PeerPath::Relay | PeerPath::RelayUdp | PeerPath::RelayQuic
+        )
     }
 }
 
@@ -256,6 +268,8 @@ pub(crate) struct PeerStatus {
     /// `static`, `direct`, `relay` or `none`.
     pub(crate) path: String,
     pub(crate) endpoint: Option<String>,
+    /// The UDP relay port its packets go to, when relayed through one.
+    pub(crate) relay_port: Option<String>,
     /// Where the peer's first CIDR is seen from this site.
     pub(crate) view: Option<Ipv4Net>,
     /// Inner packets sent to and received from it.
@@ -291,6 +305,7 @@ impl PeerStatus {
         Ok(PeerStatus {
             path: peer["path"].as_str().unwrap_or("?").to_owned(),
             endpoint: peer["endpoint"].as_str().map(str::to_owned),
+            relay_port: peer["relay_port"].as_str().map(str::to_owned),
             view,
             packets: count("tx_packets")? + count("rx_packets")?,
             relayed: count("relay_tx_packets")? + count("relay_rx_packets")?,
@@ -299,6 +314,11 @@ impl PeerStatus {
 
     pub(crate) fn is_on(&self, path: PeerPath) -> bool {
         self.path == path.name()
+            && match path {
+                PeerPath::RelayUdp => self.relay_port.is_some(),
+                PeerPath::RelayQuic => self.relay_port.is_none(),
+                _ => true,
+            }
     }
 }
 
@@ -356,13 +376,30 @@ impl Rendezvous {
         log_level: &str,
         extra: &[&str],
     ) -> anyhow::Result<Rendezvous> {
+        Self::start_configured(bin, lab, dir, sites, log_level, extra, "")
+    }
+
+    /// [`Rendezvous::start_with`] with more lines for its configuration
+    /// file (e.g. `relay_ports = "off"`).
+    pub(crate) fn start_configured(
+        bin: &Path,
+        lab: &Lab,
+        dir: &Path,
+        sites: &[(&str, &str)],
+        log_level: &str,
+        extra: &[&str],
+        extra_toml: &str,
+    ) -> anyhow::Result<Rendezvous> {
         std::fs::create_dir_all(dir)?;
         let keys = KeyPair::generate(bin)?;
         let key = dir.join("rendezvous.key");
         write_private_key(&key, &keys.private)?;
         let ip = lab.internet_addr();
         let config = dir.join("rendezvous.toml");
-        std::fs::write(&config, rendezvous_toml(&key, ip, sites))?;
+        std::fs::write(
+            &config,
+            format!("{extra_toml}{}", rendezvous_toml(&key, ip, sites)),
+        )?;
         let log = dir.join("rendezvous.log");
         let ns = lab.internet();
         let mut cmd = ns.command(path_str(bin)?);

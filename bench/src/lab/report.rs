@@ -36,7 +36,8 @@ const METHOD: &str = "## How it is measured
   port-preserving NATs (nftables `masquerade`), *causeway-relay* behind symmetric ones
   (`masquerade random,fully-random`); their peers have no endpoints, only a `[[rendezvous]]`: a
   `causeway rendezvous` on the internet router, started before the cell's clock, introduces the
-  sites, which then punch a direct path (nat) or send through its relay (relay). Those labs take the
+  sites, which then punch a direct path (nat) or send through its relay: its UDP relay port
+  (relay) or, with `relay_ports = \"off\"`, its QUIC relay (relay-quic). Those labs take the
   gateways' IPv6 addresses away (the testbed routes IPv6 without NAT). Before and after the tests
   both daemons must show their peer on the system's path (`static`, `direct` or `relay` in
   `causeway status --json`), and on a `direct` path at most 1 % of the tests' traffic may have
@@ -50,7 +51,7 @@ const METHOD: &str = "## How it is measured
   sequence number); RTT = round trips of 64-byte messages over one TCP connection (`TCP_NODELAY`),
   back to back, p50/p99, idle and beside one bulk TCP stream (\"loaded\").
 - **Tunnel CPU-s per GB**: user + system CPU time of the tunnel processes of *both* sites (all threads,
-  `/proc/<pid>/stat`; for causeway-relay also the rendezvous, which carries the traffic, but not for
+  `/proc/<pid>/stat`; for causeway-relay(-quic) also the rendezvous, which carries the traffic, but not for
   causeway-nat, where it only introduces the sites) during the two TCP tests, divided by the payload gigabytes (10⁹ bytes) those
   tests delivered. Kernel work that Linux does not charge to those processes (packet processing
   in softirq context, depending on the kernel's accounting) is not included, for any system.

@@ -47,8 +47,11 @@ pub(crate) enum System {
     CausewayRemap,
     /// Causeway with both gateways behind port-preserving NATs.
     CausewayNat,
-    /// Causeway through the rendezvous relay (symmetric NATs on both sides).
+    /// Causeway through the rendezvous' UDP relay port (symmetric NATs on
+    /// both sides).
     CausewayRelay,
+    /// The same through the rendezvous' QUIC relay (`relay_ports = "off"`).
+    CausewayRelayQuic,
     /// wireguard-go (Debian), configured with `wg`.
     WireguardGo,
     /// boringtun-cli (`cargo install boringtun-cli`), configured with `wg`.
@@ -65,13 +68,14 @@ pub(crate) enum Readiness {
 
 impl System {
     /// Every system, in table order.
-    pub(crate) const ALL: [System; 8] = [
+    pub(crate) const ALL: [System; 9] = [
         System::Raw,
         System::Causeway,
         System::CausewayBaseline,
         System::CausewayRemap,
         System::CausewayNat,
         System::CausewayRelay,
+        System::CausewayRelayQuic,
         System::WireguardGo,
         System::BoringtunCli,
     ];
@@ -85,6 +89,7 @@ impl System {
             System::CausewayRemap => "causeway-remap",
             System::CausewayNat => "causeway-nat",
             System::CausewayRelay => "causeway-relay",
+            System::CausewayRelayQuic => "causeway-relay-quic",
             System::WireguardGo => "wireguard-go",
             System::BoringtunCli => "boringtun-cli",
         }
@@ -107,7 +112,10 @@ impl System {
                 "causeway, both gateways behind port-preserving NATs, peers without endpoints: a rendezvous on the internet router introduces them and they punch a direct path (checked before and after the tests); CPU and RSS are the two daemons' (the rendezvous carries no traffic then)"
             }
             System::CausewayRelay => {
-                "causeway, both gateways behind symmetric NATs: no hole can be punched, the traffic goes through the rendezvous' relay (checked before and after the tests); CPU and RSS count the two daemons and the rendezvous, which carries the traffic"
+                "causeway, both gateways behind symmetric NATs: no hole can be punched, the traffic goes through the rendezvous' UDP relay port (checked before and after the tests); CPU and RSS count the two daemons and the rendezvous, which carries the traffic"
+            }
+            System::CausewayRelayQuic => {
+                "as causeway-relay with the rendezvous' relay ports off (relay_ports = \"off\"): the traffic goes through its QUIC relay, the fallback"
             }
             System::WireguardGo => "wireguard-go from Debian, configured with wg",
             System::BoringtunCli => {
@@ -135,7 +143,8 @@ impl System {
             System::Causeway
             | System::CausewayRemap
             | System::CausewayNat
-            | System::CausewayRelay => need(&tools.causeway),
+            | System::CausewayRelay
+            | System::CausewayRelayQuic => need(&tools.causeway),
             System::CausewayBaseline => need(&tools.baseline),
             System::WireguardGo => match (&tools.wireguard_go, &tools.wg) {
                 (Err(how), _) | (_, Err(how)) => Readiness::Skipped(how.clone()),
@@ -156,7 +165,7 @@ impl System {
         };
         let nat = match self {
             System::CausewayNat => Some(Nat::PortPreserving),
-            System::CausewayRelay => Some(Nat::Symmetric),
+            System::CausewayRelay | System::CausewayRelayQuic => Some(Nat::Symmetric),
             _ => None,
         };
         let mut a = SiteSpec::new("a", vec![cidr_a.parse()?]).wan(wan);
@@ -185,7 +194,8 @@ impl System {
                 Some(PeerPath::Static)
             }
             System::CausewayNat => Some(PeerPath::Direct),
-            System::CausewayRelay => Some(PeerPath::Relay),
+            System::CausewayRelay => Some(PeerPath::RelayUdp),
+            System::CausewayRelayQuic => Some(PeerPath::RelayQuic),
             System::Raw | System::WireguardGo | System::BoringtunCli => None,
         }
     }
@@ -200,7 +210,8 @@ impl System {
             System::Causeway
             | System::CausewayRemap
             | System::CausewayNat
-            | System::CausewayRelay => {
+            | System::CausewayRelay
+            | System::CausewayRelayQuic => {
                 let bin = tools.causeway.clone().map_err(anyhow::Error::msg)?;
                 prepare_causeway(self, &bin, lab, dir)
             }
@@ -456,7 +467,7 @@ impl Tunnel {
             );
             let packets = now.packets.saturating_sub(before.packets);
             let relayed = now.relayed.saturating_sub(before.relayed);
-            if control.path == PeerPath::Relay {
+            if control.path.is_relay() {
                 ensure!(
                     packets == 0 || relayed > 0,
                     "site {site}: none of the {packets} packets to and from {peer} during the tests went through the relay"
@@ -567,18 +578,25 @@ fn prepare_causeway(system: System, bin: &Path, lab: &Lab, dir: &Path) -> anyhow
     let keys = [KeyPair::generate(bin)?, KeyPair::generate(bin)?];
     let rendezvous = match path {
         PeerPath::Static => None,
-        PeerPath::Direct | PeerPath::Relay => {
+        PeerPath::Direct | PeerPath::Relay | PeerPath::RelayUdp | PeerPath::RelayQuic => {
             daemon::ipv4_only_behind_nats(lab)?;
             let served = [
                 (sites[0].name.as_str(), keys[0].public.as_str()),
                 (sites[1].name.as_str(), keys[1].public.as_str()),
             ];
-            Some(Rendezvous::start(
+            let relay_ports = if path == PeerPath::RelayQuic {
+                "relay_ports = \"off\"\n"
+            } else {
+                ""
+            };
+            Some(Rendezvous::start_configured(
                 bin,
                 lab,
                 &dir.join("rendezvous"),
                 &served,
                 CAUSEWAY_LOG_LEVEL,
+                &[],
+                relay_ports,
             )?)
         }
     };
@@ -648,7 +666,7 @@ impl CausewayPair {
         }
         match rendezvous {
             // The relay carries the traffic: its work is the tunnel's.
-            Some(r) if self.path == PeerPath::Relay => tunnel.processes.push(r),
+            Some(r) if self.path.is_relay() => tunnel.processes.push(r),
             Some(r) => tunnel.services.push(r),
             None => {}
         }
@@ -884,6 +902,7 @@ mod tests {
             System::CausewayRemap,
             System::CausewayNat,
             System::CausewayRelay,
+            System::CausewayRelayQuic,
         ] {
             assert_eq!(
                 system.readiness(&tools),

@@ -34,9 +34,23 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// UDP address of the STUN responder.
     pub stun_listen: SocketAddr,
+    /// Which UDP ports the relay ports of pairs are bound on.
+    pub relay_ports: RelayPorts,
     /// The sites this rendezvous serves, in file order (non-empty, names and
     /// keys unique).
     pub sites: Vec<SiteEntry>,
+}
+
+/// Where the UDP relay ports of pairs come from (`relay_ports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayPorts {
+    /// Any free port the kernel picks (its ephemeral range).
+    #[default]
+    Any,
+    /// A free port in `low..=high` (for a firewall that opens a range).
+    Range(u16, u16),
+    /// None: pairs relay over QUIC only.
+    Off,
 }
 
 /// A `[[site]]` table: a site allowed to connect.
@@ -54,6 +68,7 @@ struct RawConfig {
     private_key_file: Option<PathBuf>,
     listen: Option<String>,
     stun_listen: Option<String>,
+    relay_ports: Option<String>,
     #[serde(default)]
     site: Vec<RawSite>,
 }
@@ -112,6 +127,15 @@ impl ServerConfig {
             }
             _ => {}
         }
+
+        let relay_ports = match raw.relay_ports.as_deref().map(relay_ports) {
+            None => RelayPorts::Any,
+            Some(Ok(ports)) => ports,
+            Some(Err(why)) => {
+                p.add("relay_ports", why);
+                RelayPorts::Any
+            }
+        };
 
         if raw.site.is_empty() {
             p.add(
@@ -189,6 +213,7 @@ impl ServerConfig {
             private_key_file,
             listen: listen.unwrap_or_else(|| default_addr(DEFAULT_LISTEN)),
             stun_listen: stun_listen.unwrap_or_else(|| default_addr(DEFAULT_STUN_LISTEN)),
+            relay_ports,
             sites,
         })
     }
@@ -204,6 +229,25 @@ impl ServerConfig {
     /// Reads the private key file, creating it (mode 0600) if it is missing.
     pub fn load_private_key(&self) -> Result<StaticSecret, KeyError> {
         keys::load_or_create_private_key(&self.private_key_file)
+    }
+}
+
+/// `"any"`, `"off"` or `"low-high"`.
+fn relay_ports(text: &str) -> Result<RelayPorts, String> {
+    let range = |t: &str| {
+        let (low, high) = t.split_once('-')?;
+        let (low, high) = (
+            low.trim().parse::<u16>().ok()?,
+            high.trim().parse::<u16>().ok()?,
+        );
+        (low > 0 && low <= high).then_some(RelayPorts::Range(low, high))
+    };
+    match text {
+        "any" => Ok(RelayPorts::Any),
+        "off" => Ok(RelayPorts::Off),
+        t => range(t).ok_or_else(|| {
+            format!("{t:?} is not \"any\", \"off\" or a port range such as \"40000-40999\"")
+        }),
     }
 }
 
@@ -258,6 +302,7 @@ mod tests {
         let text = format!("[[site]]\nname = \"pharma\"\npublic_key = \"{KEY_A}\"\n");
         let c = ServerConfig::parse(&text, "r.toml").unwrap();
         assert_eq!(c.private_key_file, PathBuf::from(DEFAULT_PRIVATE_KEY_FILE));
+        assert_eq!(c.relay_ports, RelayPorts::Any);
         assert_eq!(c.listen, "[::]:7443".parse().unwrap());
         assert_eq!(c.stun_listen, "[::]:3478".parse().unwrap());
         assert_eq!(c.sites.len(), 1);
@@ -385,5 +430,27 @@ public_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
         let k1 = c.load_private_key().unwrap();
         let k2 = c.load_private_key().unwrap();
         assert_eq!(k1.to_bytes(), k2.to_bytes());
+    }
+
+    #[test]
+    fn relay_ports_are_any_off_or_a_range() {
+        let with = |v: &str| {
+            let text =
+                format!("relay_ports = {v:?}\n[[site]]\nname = \"a\"\npublic_key = \"{KEY_A}\"\n");
+            ServerConfig::parse(&text, "r.toml").map(|c| c.relay_ports)
+        };
+        assert_eq!(with("off").unwrap(), RelayPorts::Off);
+        assert_eq!(with("any").unwrap(), RelayPorts::Any);
+        assert_eq!(
+            with("40000-40999").unwrap(),
+            RelayPorts::Range(40000, 40999)
+        );
+        for bad in ["40999-40000", "0-10", "40000", "on", "1-70000"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("relay_ports") && e.contains("port range"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

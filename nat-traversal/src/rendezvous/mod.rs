@@ -39,8 +39,8 @@ mod tls;
 pub use causeway_common::keys::KeyError;
 pub use client::{RendezvousClient, RendezvousHandle};
 pub use config::{
-    ConfigErrors, DEFAULT_LISTEN, DEFAULT_PRIVATE_KEY_FILE, DEFAULT_STUN_LISTEN, ServerConfig,
-    SiteEntry,
+    ConfigErrors, DEFAULT_LISTEN, DEFAULT_PRIVATE_KEY_FILE, DEFAULT_STUN_LISTEN, RelayPorts,
+    ServerConfig, SiteEntry,
 };
 pub use proto::CloseCode;
 pub use registry::{

@@ -41,10 +41,10 @@ pub(super) struct RelayPort {
 }
 
 impl RelayPort {
-    /// Binds a port on `ip` (the rendezvous' QUIC address; port 0 picks a
+    /// Binds `port` on `ip` (the rendezvous' QUIC address; port 0 picks a
     /// free one).
-    pub(super) fn bind(ip: std::net::IpAddr) -> io::Result<Self> {
-        let socket = std::net::UdpSocket::bind((ip, 0))?;
+    pub(super) fn bind(ip: std::net::IpAddr, port: u16) -> io::Result<Self> {
+        let socket = std::net::UdpSocket::bind((ip, port))?;
         socket.set_nonblocking(true)?;
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
         let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);

@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, info, warn};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::auth::{self, AuthKey, Role};
-use super::config::{ServerConfig, SiteEntry};
+use super::config::{RelayPorts, ServerConfig, SiteEntry};
 use super::limits::{
     Admission, Coalescer, MAX_CANDIDATES, PendingTable, REGISTER_BURST, REGISTER_INTERVAL,
     UpdateQueue, configured_peers,
@@ -256,6 +256,8 @@ struct Shared {
     rejection_log: Mutex<LogBudget>,
     /// Where relay ports are bound: the QUIC socket's address.
     relay_ip: IpAddr,
+    /// Which ports.
+    relay_range: Mutex<RelayPorts>,
     /// The running relay ports' tasks, by port.
     relay_ports: Mutex<HashMap<u16, tokio::task::AbortHandle>>,
     /// What each configured site sent through relay ports.
@@ -399,7 +401,20 @@ impl RendezvousServer {
         let secret = config.load_private_key()?;
         let quic = bind_udp("listen", config.listen)?;
         let stun = bind_udp("stun_listen", config.stun_listen)?;
-        Ok(Self::with_sockets(secret, &config.sites, quic, Some(stun)))
+        Ok(Self::with_sockets(secret, &config.sites, quic, Some(stun))
+            .with_relay_ports(config.relay_ports))
+    }
+
+    /// Binds the pairs' UDP relay ports from `ports` (by default any free
+    /// port; [`RelayPorts::Off`]: none, pairs relay over QUIC only). Call
+    /// before [`Self::run`].
+    pub fn with_relay_ports(self, ports: RelayPorts) -> Self {
+        *self
+            .shared
+            .relay_range
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = ports;
+        self
     }
 
     /// A server on sockets the caller bound (tests bind port 0); `stun`
@@ -440,6 +455,7 @@ impl RendezvousServer {
                 abuse: Abuse::default(),
                 rejection_log: Mutex::new(LogBudget::default()),
                 relay_ip,
+                relay_range: Mutex::new(RelayPorts::Any),
                 relay_ports: Mutex::new(HashMap::new()),
                 relay_sides,
                 relay_strangers: Arc::default(),
@@ -1051,7 +1067,25 @@ fn grant_relay_port(shared: &Arc<Shared>, id: ConnId, peer: &SiteKey) {
             RelayRequest::New(pair) => pair,
         }
     };
-    let bound = RelayPort::bind(shared.relay_ip).and_then(|p| Ok((p.port()?, p)));
+    let range = *shared.relay_range.lock().unwrap_or_else(|e| e.into_inner());
+    let bound = match range {
+        RelayPorts::Off => {
+            debug!("relay port refused: relay_ports = \"off\"");
+            return;
+        }
+        RelayPorts::Any => RelayPort::bind(shared.relay_ip, 0),
+        RelayPorts::Range(low, high) => {
+            // From a random place in the range, the first free port.
+            let span = u32::from(high - low) + 1;
+            let start = rand::random::<u32>() % span;
+            (0..span)
+                .map(|i| low + ((start + i) % span) as u16)
+                .map(|port| RelayPort::bind(shared.relay_ip, port))
+                .find(|r| !matches!(r, Err(e) if e.kind() == io::ErrorKind::AddrInUse))
+                .unwrap_or_else(|| Err(io::ErrorKind::AddrInUse.into()))
+        }
+    }
+    .and_then(|p| Ok((p.port()?, p)));
     let (number, port) = match bound {
         Ok(bound) => bound,
         Err(e) => {
