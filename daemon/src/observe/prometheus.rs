@@ -532,6 +532,7 @@ impl Collector for RendezvousCollector {
                 a.registration_entries_dropped,
             ),
             ("updates_coalesced", a.updates_coalesced),
+            ("relay_strangers", a.relay_strangers),
         ] {
             ConstCounter::new(n).encode(family.encode_family(&[("what", what)])?)?;
         }
@@ -1091,6 +1092,10 @@ pub(super) mod tests {
         );
         assert_eq!(
             get("causeway_rendezvous_abuse_total{what=\"updates_coalesced\"}"),
+            0.0
+        );
+        assert_eq!(
+            get("causeway_rendezvous_abuse_total{what=\"relay_strangers\"}"),
             0.0
         );
         for (name, kind) in [
