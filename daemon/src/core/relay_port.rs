@@ -10,9 +10,10 @@
 //! token, acked by the port) and, as soon as an ack says the peer is bound
 //! too, the peer's packets go to the port. Binds are repeated every
 //! [`REFRESH`] (keeping our NAT's mapping and the port's record of our
-//! address fresh); without an ack for [`ACK_TIMEOUT`] the peer goes back
-//! to the QUIC relay until one comes. A direct path found by probing
-//! always wins; while there is one, no binds are sent.
+//! address fresh); a bind unanswered for [`ACK_TIMEOUT`] (the rendezvous
+//! restarted, the port closed, our NAT mapping changed) sends the peer
+//! back to the QUIC relay until an ack comes. A direct path found by
+//! probing always wins; while there is one, no binds are sent.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,9 +28,9 @@ use super::{DropReason, Io, Peer, PeerState, Site};
 /// Binds go out this often until the port says both sites are bound.
 const RETRY: Duration = Duration::from_millis(250);
 /// Then this often.
-const REFRESH: Duration = Duration::from_secs(5);
-/// Without an ack this long, the port is not used.
-const ACK_TIMEOUT: Duration = Duration::from_secs(12);
+const REFRESH: Duration = Duration::from_secs(2);
+/// A bind unanswered this long: the port is not used until an ack comes.
+const ACK_TIMEOUT: Duration = Duration::from_secs(1);
 /// A peer on the QUIC relay asks for a relay port at most this often.
 pub(super) const REQUEST_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -39,8 +40,12 @@ pub struct UdpRelay {
     port: RelayPort,
     /// Counter of the latest bind sent.
     counter: u64,
+    /// Counter of the latest bind acked.
+    acked_counter: u64,
     /// When the latest ack came, and whether it said the peer is bound.
     acked: Option<(Instant, bool)>,
+    /// When the latest bind went out, while it is unanswered.
+    unanswered: Option<Instant>,
     /// When the next bind goes out.
     next_bind: Instant,
 }
@@ -50,7 +55,9 @@ impl UdpRelay {
         UdpRelay {
             port,
             counter: 0,
+            acked_counter: 0,
             acked: None,
+            unanswered: None,
             next_bind: now,
         }
     }
@@ -132,12 +139,17 @@ impl Site {
             let Some(relay) = state.relay.as_mut().filter(|r| r.addr() == from) else {
                 continue;
             };
-            // Only an ack of our latest bind counts (an older one may be a
-            // replay, or says something stale about the peer).
+            // Only an ack newer than the last one counts (an older one may
+            // be a replay, or says something stale about the peer); not
+            // only of the latest bind, which a long round trip outruns.
             match relay.port.token.open_ack(datagram) {
-                Some((counter, peer_bound)) if counter == relay.counter => {
+                Some((counter, peer_bound))
+                    if counter > relay.acked_counter && counter <= relay.counter =>
+                {
+                    relay.acked_counter = counter;
                     let was = relay.usable();
                     relay.acked = Some((now, peer_bound));
+                    relay.unanswered = None;
                     if peer_bound {
                         relay.next_bind = now + REFRESH;
                     }
@@ -169,17 +181,19 @@ impl Site {
         let Some(relay) = state.relay.as_mut() else {
             return;
         };
-        if let Some((at, true)) = relay.acked
-            && now.saturating_duration_since(at) >= ACK_TIMEOUT
+        if let (Some((at, true)), Some(sent)) = (relay.acked, relay.unanswered)
+            && now.saturating_duration_since(sent) >= ACK_TIMEOUT
         {
             info!(peer = peer.name(), relay_port = %relay.addr(), "relay port silent: back to the QUIC relay");
             relay.acked = Some((at, false));
+            relay.next_bind = now;
         }
         if direct || relay.next_bind > now {
             return;
         }
         relay.counter += 1;
         relay.next_bind = now + if relay.usable() { REFRESH } else { RETRY };
+        relay.unanswered = relay.unanswered.or(Some(now));
         let bind = relay.port.token.bind(relay.counter);
         if let Err(e) = io.send(relay.addr(), &bind) {
             debug!(peer = peer.name(), "relay bind to {}: {e}", relay.addr());

@@ -562,6 +562,67 @@ mod tests {
     }
 
     #[test]
+    fn a_granted_relay_port_is_bound_used_and_left_when_it_goes_silent() {
+        use causeway_nat::udp_relay::{self, RelayPort, RelayToken};
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let site = site_with_peer(t0);
+        let key = x25519_dalek::PublicKey::from(&StaticSecret::from(PEER_SECRET)).to_bytes();
+        let server: SocketAddr = "203.0.113.1:7443".parse().unwrap();
+        let port = RelayPort {
+            addr: "203.0.113.1:40000".parse().unwrap(),
+            token: RelayToken([5; 32]),
+        };
+        let binds = |io: &Sent| -> Vec<u64> {
+            io.datagrams
+                .iter()
+                .filter(|(to, d)| *to == port.addr && udp_relay::is_control(d))
+                .map(|(_, d)| port.token.open_bind(d).expect("a valid bind"))
+                .collect()
+        };
+        let tick = |at| {
+            let mut io = Sent::default();
+            site.handle_timeout(at, &mut io);
+            binds(&io)
+        };
+        let send_addr = || site.peers().get(0).lock().send_addr();
+        site.handle_relay_port(t0, &key, server, Some(port));
+        assert_eq!(tick(t0), vec![1]);
+        // Bound, but the peer is not yet: still the QUIC relay.
+        site.handle_relay_ack(ms(10), port.addr, &port.token.ack(1, false));
+        assert_eq!(send_addr(), None);
+        assert!(tick(ms(100)).is_empty(), "retries every 250 ms");
+        assert_eq!(tick(ms(250)), vec![2]);
+        site.handle_relay_ack(ms(260), port.addr, &port.token.ack(2, true));
+        assert_eq!(send_addr(), Some(port.addr));
+        // An old ack, a forged one, or one from elsewhere change nothing.
+        let rejected = site.drops.get(DropReason::Rejected);
+        site.handle_relay_ack(ms(270), port.addr, &port.token.ack(1, false));
+        site.handle_relay_ack(ms(270), port.addr, &RelayToken([6; 32]).ack(2, false));
+        let elsewhere: SocketAddr = "198.51.100.1:40000".parse().unwrap();
+        site.handle_relay_ack(ms(270), elsewhere, &port.token.ack(2, false));
+        assert_eq!(site.drops.get(DropReason::Rejected), rejected + 3);
+        assert_eq!(send_addr(), Some(port.addr));
+        // Refreshed every 2 s; one unanswered for 1 s: back to QUIC, and
+        // binding again at once.
+        assert!(tick(ms(1000)).is_empty());
+        assert_eq!(tick(ms(2300)), vec![3]);
+        assert!(tick(ms(3200)).is_empty());
+        assert_eq!(send_addr(), Some(port.addr), "not 1 s yet");
+        assert_eq!(tick(ms(3400)), vec![4]);
+        assert_eq!(send_addr(), None);
+        site.handle_relay_ack(ms(3450), port.addr, &port.token.ack(4, true));
+        assert_eq!(send_addr(), Some(port.addr));
+        // Withdrawn by another rendezvous: not ours; by ours: gone.
+        let other: SocketAddr = "198.51.100.9:7443".parse().unwrap();
+        site.handle_relay_port(ms(3500), &key, other, None);
+        assert_eq!(send_addr(), Some(port.addr));
+        site.handle_relay_port(ms(3500), &key, server, None);
+        assert_eq!(send_addr(), None);
+        assert!(tick(ms(6000)).is_empty());
+    }
+
+    #[test]
     fn candidates_no_peer_can_have_are_dropped_and_counted() {
         let t0 = Instant::now();
         let site = site_with_peer(t0);
