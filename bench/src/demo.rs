@@ -150,24 +150,31 @@ pub(crate) fn run(causeway: Option<PathBuf>, seconds: u32, nat: DemoNat) -> anyh
     } else {
         Duration::from_secs(10)
     };
-    let peer = daemon::wait_path(
-        &bin,
-        &dirs[0].control_socket(),
-        "hospital",
-        PeerPath::Direct,
-        within,
-    )?;
+    // Behind symmetric NATs the relay is the path: wait for the pair's
+    // UDP relay port (the QUIC relay carries the first packets).
+    let want = if nat == Nat::Symmetric {
+        PeerPath::RelayUdp
+    } else {
+        PeerPath::Direct
+    };
+    let peer = daemon::wait_path(&bin, &dirs[0].control_socket(), "hospital", want, within)?;
     let how = if peer.is_on(PeerPath::Direct) {
         "hole punched through both NATs; relayed until then"
+    } else if peer.is_on(PeerPath::RelayUdp) {
+        "no hole can be punched through these NATs: WireGuard ciphertext goes through the rendezvous' UDP relay port for this pair"
     } else if peer.is_on(PeerPath::Relay) {
-        "no hole can be punched through these NATs: WireGuard ciphertext goes through the rendezvous"
+        "no hole can be punched through these NATs: WireGuard ciphertext goes through the rendezvous' QUIC relay"
     } else {
         ""
     };
+    let at = peer
+        .endpoint
+        .as_deref()
+        .or(peer.relay_port.as_deref())
+        .unwrap_or("");
     println!(
-        "path    pharma -> hospital: {} {} {} ms after start ({how})",
+        "path    pharma -> hospital: {} {at} {} ms after start ({how})",
         peer.path,
-        peer.endpoint.as_deref().unwrap_or(""),
         started.elapsed().as_millis()
     );
     let rtt = ping_until(&pod_b.ns, a_from_b.into(), Duration::from_secs(5))?;

@@ -13,12 +13,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const SYSTEMS: [&str; 7] = [
+const SYSTEMS: [&str; 8] = [
     "raw",
     "causeway",
     "causeway-remap",
     "causeway-nat",
     "causeway-relay",
+    "causeway-relay-quic",
     "wireguard-go",
     "boringtun-cli",
 ];

@@ -60,7 +60,13 @@ impl Server {
 }
 
 fn start_server_on(secret: StaticSecret, sites: &[&Site], quic: UdpSocket) -> Server {
-    start_server_with(secret, sites, quic, RelayPorts::Any)
+    start_server_with(
+        secret,
+        sites,
+        quic,
+        RelayPorts::Any,
+        Duration::from_secs(30),
+    )
 }
 
 fn start_server_with(
@@ -68,6 +74,7 @@ fn start_server_with(
     sites: &[&Site],
     quic: UdpSocket,
     relay_ports: RelayPorts,
+    relay_idle: Duration,
 ) -> Server {
     let stun_socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     let entries: Vec<SiteEntry> = sites
@@ -78,7 +85,8 @@ fn start_server_with(
         })
         .collect();
     let server = RendezvousServer::with_sockets(secret, &entries, quic, Some(stun_socket))
-        .with_relay_ports(relay_ports);
+        .with_relay_ports(relay_ports)
+        .with_relay_port_idle(relay_idle);
     let addr = server.quic_addr().unwrap();
     let stun = server.stun_addr().unwrap();
     let public = server.public_key();
@@ -907,10 +915,11 @@ async fn next_relay_port(client: &mut RendezvousClient) -> (PublicKey, Option<Re
     }
 }
 
-/// Receives on `socket` within [`QUIET`], if anything comes.
+/// Receives on `socket` within [`QUIET`], if anything comes (an ICMP
+/// error from a closed port counts as nothing).
 async fn recv_within(socket: &tokio::net::UdpSocket) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; 2048];
-    let n = timeout(QUIET, socket.recv(&mut buf)).await.ok()?.unwrap();
+    let n = timeout(QUIET, socket.recv(&mut buf)).await.ok()?.ok()?;
     Some(buf[..n].to_vec())
 }
 
@@ -1030,7 +1039,7 @@ async fn relay_ports_come_from_the_configured_range_or_not_at_all() {
     ] {
         let (a, b) = (site("a"), site("b"));
         let quic = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let server = start_server_with(keypair().0, &[&a, &b], quic, ports);
+        let server = start_server_with(keypair().0, &[&a, &b], quic, ports, WAIT);
         let mut ca = connect(&server, &a, &[&b]).await.unwrap();
         let mut cb = connect(&server, &b, &[&a]).await.unwrap();
         expect_online(&mut ca, &b, &[]).await;
@@ -1049,4 +1058,46 @@ async fn relay_ports_come_from_the_configured_range_or_not_at_all() {
         cb.close().await;
         server.stop().await;
     }
+}
+
+/// A relay port nothing reaches for the idle time closes by itself and
+/// both sites are told; binds keep it open.
+#[tokio::test]
+async fn an_unused_relay_port_closes_and_both_sites_are_told() {
+    let (a, b) = (site("a"), site("b"));
+    let quic = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let idle = Duration::from_millis(600);
+    let server = start_server_with(keypair().0, &[&a, &b], quic, RelayPorts::Any, idle);
+    let mut ca = connect(&server, &a, &[&b]).await.unwrap();
+    let mut cb = connect(&server, &b, &[&a]).await.unwrap();
+    expect_online(&mut ca, &b, &[]).await;
+    expect_online(&mut cb, &a, &[]).await;
+    ca.handle().request_relay_port(&b.public);
+    let port = next_relay_port(&mut ca).await.1.expect("a port");
+    next_relay_port(&mut cb)
+        .await
+        .1
+        .expect("the port, told to b");
+    // Binding every 200 ms keeps it for three idle times.
+    let ua = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    ua.connect(port.addr).await.unwrap();
+    for counter in 1..=9 {
+        ua.send(&port.token.bind(counter)).await.unwrap();
+        let ack = recv_within(&ua).await.expect("an ack");
+        assert_eq!(port.token.open_ack(&ack), Some((counter, false)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Then silence: closed, and both are told.
+    let t = std::time::Instant::now();
+    assert_eq!(next_relay_port(&mut ca).await, (b.public, None));
+    assert_eq!(next_relay_port(&mut cb).await, (a.public, None));
+    assert!(t.elapsed() < idle * 2, "{:?}", t.elapsed());
+    ua.send(&port.token.bind(10)).await.unwrap();
+    assert_eq!(recv_within(&ua).await, None, "the port is gone");
+    // Asking again gets a new one.
+    ca.handle().request_relay_port(&b.public);
+    assert!(next_relay_port(&mut ca).await.1.is_some());
+    ca.close().await;
+    cb.close().await;
+    server.stop().await;
 }

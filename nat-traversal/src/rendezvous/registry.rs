@@ -293,6 +293,23 @@ impl Registry {
             .collect()
     }
 
+    /// The relay port `port` of `pair` closed by itself (unused for a
+    /// while): forgets it and returns the updates that tell both sites
+    /// (without a port). Nothing if the pair has another port by now.
+    pub fn release_relay_port(&mut self, pair: PairKey, port: u16) -> Vec<Update> {
+        if self.ports.get(&pair).is_none_or(|e| e.port != port) {
+            return Vec::new();
+        }
+        self.ports.remove(&pair);
+        let (Some(&a), Some(&b)) = (self.by_key.get(&pair.0), self.by_key.get(&pair.1)) else {
+            return Vec::new();
+        };
+        [(a, b), (b, a)]
+            .into_iter()
+            .filter_map(|(to, about)| self.update_about(to, about, true))
+            .collect()
+    }
+
     /// Ports whose pair stopped being mutual (a site left, or dropped the
     /// other from its peers) since the last call: the caller closes them.
     pub fn take_freed_ports(&mut self) -> Vec<u16> {
@@ -683,5 +700,19 @@ mod tests {
         r.grant_relay_port(pair, 40002, [[3; 32], [4; 32]]);
         r.disconnect(1);
         assert_eq!(r.take_freed_ports(), vec![40002]);
+        // A port that closed by itself (idle) is forgotten, and both
+        // sites are told; a stale release changes nothing.
+        r.connect(1, A);
+        r.register(1, [B], vec![]);
+        let RelayRequest::New(pair) = r.request_relay_port(1, &B) else {
+            panic!()
+        };
+        r.grant_relay_port(pair, 40003, [[5; 32], [6; 32]]);
+        assert!(r.release_relay_port(pair, 40002).is_empty());
+        let ups = r.release_relay_port(pair, 40003);
+        assert_eq!(ups.len(), 2);
+        assert!(ups.iter().all(|u| u.online && u.relay.is_none()), "{ups:?}");
+        assert!(matches!(r.request_relay_port(1, &B), RelayRequest::New(_)));
+        assert!(r.take_freed_ports().is_empty());
     }
 }

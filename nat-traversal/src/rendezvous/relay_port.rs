@@ -8,6 +8,7 @@ use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
@@ -59,27 +60,31 @@ impl RelayPort {
         Ok(self.socket.local_addr()?.port())
     }
 
-    /// Forwards until the task is aborted (the pair stopped being mutual)
-    /// or the socket fails. `sides` counts per site, in `pair`'s order;
-    /// `strangers` counts datagrams from addresses that are neither site's.
+    /// Forwards until the task is aborted (the pair stopped being mutual),
+    /// nothing arrives for `idle` (the pair is not relaying: a site that
+    /// relays binds every 2 s), or the socket fails. `sides` counts per
+    /// site, in `pair`'s order; `strangers` counts datagrams from
+    /// addresses that are neither site's.
     pub(super) async fn run(
-        self,
+        &self,
         mut pair: RelayPair,
         sides: [Arc<SideCounters>; 2],
         strangers: Arc<AtomicU64>,
+        idle: Duration,
     ) {
         let mut storage = vec![vec![0u8; 1 << 16]; BATCH];
         let mut meta = [RecvMeta::default(); BATCH];
         loop {
-            let received = self
-                .socket
-                .async_io(Interest::READABLE, || {
-                    let mut bufs: Vec<IoSliceMut<'_>> =
-                        storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                    self.state
-                        .recv(UdpSockRef::from(&self.socket), &mut bufs, &mut meta)
-                })
-                .await;
+            let received = self.socket.async_io(Interest::READABLE, || {
+                let mut bufs: Vec<IoSliceMut<'_>> =
+                    storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                self.state
+                    .recv(UdpSockRef::from(&self.socket), &mut bufs, &mut meta)
+            });
+            let Ok(received) = tokio::time::timeout(idle, received).await else {
+                debug!("relay port unused: closing it");
+                return;
+            };
             let n = match received {
                 Ok(n) => n,
                 // ICMP errors of an earlier send surface here: not fatal.

@@ -61,6 +61,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// (hundreds of ms to seconds). The kernel caps these at
 /// `net.core.rmem_max` / `net.core.wmem_max`.
 const SOCKET_BUFFER: usize = 4 << 20;
+/// A relay port that nothing reached for this long is closed.
+const RELAY_PORT_IDLE: Duration = Duration::from_secs(30);
 
 /// Why the rendezvous could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -256,8 +258,8 @@ struct Shared {
     rejection_log: Mutex<LogBudget>,
     /// Where relay ports are bound: the QUIC socket's address.
     relay_ip: IpAddr,
-    /// Which ports.
-    relay_range: Mutex<RelayPorts>,
+    /// Which ports, and how long an unused one lives.
+    relay_range: Mutex<(RelayPorts, Duration)>,
     /// The running relay ports' tasks, by port.
     relay_ports: Mutex<HashMap<u16, tokio::task::AbortHandle>>,
     /// What each configured site sent through relay ports.
@@ -409,12 +411,24 @@ impl RendezvousServer {
     /// port; [`RelayPorts::Off`]: none, pairs relay over QUIC only). Call
     /// before [`Self::run`].
     pub fn with_relay_ports(self, ports: RelayPorts) -> Self {
-        *self
-            .shared
+        self.relay_settings().0 = ports;
+        self
+    }
+
+    /// Closes a relay port that nothing reached for `idle` (default
+    /// 30 s; a site relaying through it binds every 2 s), telling both
+    /// sites: pairs that went direct do not keep ports. Call before
+    /// [`Self::run`].
+    pub fn with_relay_port_idle(self, idle: Duration) -> Self {
+        self.relay_settings().1 = idle;
+        self
+    }
+
+    fn relay_settings(&self) -> MutexGuard<'_, (RelayPorts, Duration)> {
+        self.shared
             .relay_range
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = ports;
-        self
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// A server on sockets the caller bound (tests bind port 0); `stun`
@@ -455,7 +469,7 @@ impl RendezvousServer {
                 abuse: Abuse::default(),
                 rejection_log: Mutex::new(LogBudget::default()),
                 relay_ip,
-                relay_range: Mutex::new(RelayPorts::Any),
+                relay_range: Mutex::new((RelayPorts::Any, RELAY_PORT_IDLE)),
                 relay_ports: Mutex::new(HashMap::new()),
                 relay_sides,
                 relay_strangers: Arc::default(),
@@ -1067,7 +1081,7 @@ fn grant_relay_port(shared: &Arc<Shared>, id: ConnId, peer: &SiteKey) {
             RelayRequest::New(pair) => pair,
         }
     };
-    let range = *shared.relay_range.lock().unwrap_or_else(|e| e.into_inner());
+    let (range, idle) = *shared.relay_range.lock().unwrap_or_else(|e| e.into_inner());
     let bound = match range {
         RelayPorts::Off => {
             debug!("relay port refused: relay_ports = \"off\"");
@@ -1098,12 +1112,22 @@ fn grant_relay_port(shared: &Arc<Shared>, id: ConnId, peer: &SiteKey) {
         RelayToken::random(&mut rand::thread_rng()),
     ];
     let sides = [&pair.0, &pair.1].map(|k| shared.relay_sides.get(k).cloned().unwrap_or_default());
+    let strangers = shared.relay_strangers.clone();
+    let owner = shared.clone();
     let task = tokio::spawn(
-        port.run(
-            RelayPair::new(tokens),
-            sides,
-            shared.relay_strangers.clone(),
-        )
+        async move {
+            port.run(RelayPair::new(tokens), sides, strangers, idle)
+                .await;
+            // Closed by itself (unused): forget it and tell both sites,
+            // while the port is still bound (so that its number is not
+            // handed out again before it is forgotten).
+            let mut state = owner.lock();
+            owner.relay_ports().remove(&number);
+            let updates = state.registry.release_relay_port(pair, number);
+            state.dispatch(updates, &owner.abuse);
+            drop(state);
+            drop(port);
+        }
         .instrument(tracing::info_span!("relay_port", port = number)),
     );
     let mut state = shared.lock();
