@@ -649,6 +649,7 @@ fn run_size(bin: &Path, n: usize, args: &Args) -> anyhow::Result<SizeReport> {
         &sites,
         "info",
         &["--metrics-listen", &metrics.to_string()],
+        "",
     )?;
     let rdv = rendezvous.process.pid();
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());

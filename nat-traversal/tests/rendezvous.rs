@@ -244,23 +244,27 @@ async fn wrong_pinned_rendezvous_key_is_rejected() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn introductions_only_between_sites_that_list_each_other() {
-    let a = site("a");
-    let b = site("b");
-    let c = site("c");
+/// Sites a and b listing each other, c listing a but not listed by it,
+/// all connected; a and b have seen each other online, c has seen its
+/// connection.
+async fn a_and_b_mutual_c_one_sided() -> (Server, [Site; 3], [RendezvousClient; 3]) {
+    let (a, b, c) = (site("a"), site("b"), site("c"));
     let (server, _) = start_server(&[&a, &b, &c]);
     let mut ca = connect(&server, &a, &[&b]).await.unwrap();
     let mut cb = connect(&server, &b, &[&a]).await.unwrap();
-    // C lists A, but A does not list C.
     let mut cc = connect(&server, &c, &[&a]).await.unwrap();
-
     expect_online(&mut ca, &b, &[]).await;
     expect_online(&mut cb, &a, &[]).await;
     assert!(matches!(
         next(&mut cc).await,
         RendezvousEvent::Connected { .. }
     ));
+    (server, [a, b, c], [ca, cb, cc])
+}
+
+#[tokio::test]
+async fn introductions_only_between_sites_that_list_each_other() {
+    let (server, [a, b, c], [mut ca, mut cb, mut cc]) = a_and_b_mutual_c_one_sided().await;
     assert_quiet(&mut cc).await;
     assert_quiet(&mut ca).await;
 
@@ -928,20 +932,9 @@ async fn recv_within(socket: &tokio::net::UdpSocket) -> Option<Vec<u8>> {
 /// closed when the pair stops being mutual.
 #[tokio::test]
 async fn udp_relay_port_serves_the_two_bound_sites_only() {
-    let (a, b, c) = (site("a"), site("b"), site("c"));
-    let (server, _) = start_server(&[&a, &b, &c]);
-    let mut ca = connect(&server, &a, &[&b]).await.unwrap();
-    let mut cb = connect(&server, &b, &[&a]).await.unwrap();
-    let mut cc = connect(&server, &c, &[&a]).await.unwrap();
-    expect_online(&mut ca, &b, &[]).await;
-    expect_online(&mut cb, &a, &[]).await;
-
+    let (server, [a, b, _], [mut ca, mut cb, mut cc]) = a_and_b_mutual_c_one_sided().await;
     // C lists A but A does not list C: C never learns of A, so it has
     // nothing to ask for (the registry's tests cover a request anyway).
-    assert!(matches!(
-        next(&mut cc).await,
-        RendezvousEvent::Connected { .. }
-    ));
     cc.handle().request_relay_port(&a.public);
     ca.handle().request_relay_port(&b.public);
     let (peer, pa) = next_relay_port(&mut ca).await;

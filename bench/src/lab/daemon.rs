@@ -363,25 +363,13 @@ impl Rendezvous {
         sites: &[(&str, &str)],
         log_level: &str,
     ) -> anyhow::Result<Rendezvous> {
-        Self::start_with(bin, lab, dir, sites, log_level, &[])
+        Self::start_with(bin, lab, dir, sites, log_level, &[], "")
     }
 
     /// [`Rendezvous::start`] with more arguments for `causeway rendezvous`
-    /// (e.g. `--metrics-listen`).
+    /// (e.g. `--metrics-listen`) and more lines for its configuration file
+    /// (e.g. `relay_ports = "off"`).
     pub(crate) fn start_with(
-        bin: &Path,
-        lab: &Lab,
-        dir: &Path,
-        sites: &[(&str, &str)],
-        log_level: &str,
-        extra: &[&str],
-    ) -> anyhow::Result<Rendezvous> {
-        Self::start_configured(bin, lab, dir, sites, log_level, extra, "")
-    }
-
-    /// [`Rendezvous::start_with`] with more lines for its configuration
-    /// file (e.g. `relay_ports = "off"`).
-    pub(crate) fn start_configured(
         bin: &Path,
         lab: &Lab,
         dir: &Path,

@@ -589,7 +589,7 @@ fn prepare_causeway(system: System, bin: &Path, lab: &Lab, dir: &Path) -> anyhow
             } else {
                 ""
             };
-            Some(Rendezvous::start_configured(
+            Some(Rendezvous::start_with(
                 bin,
                 lab,
                 &dir.join("rendezvous"),
