@@ -13,10 +13,13 @@
 //!   WireGuard keys) that share the WireGuard socket with WireGuard and STUN.
 //! - [`path`]: per-peer candidate probing and path selection (`PeerPaths`):
 //!   direct path or relay, keepalives, dead-path detection.
+//! - [`portmap`]: PCP (RFC 6887) and NAT-PMP (RFC 6886) codec and client:
+//!   a port mapping of the WireGuard port on the gateway's router.
 //! - [`udp_relay`]: the UDP relay's bind/ack messages and its per-port
 //!   forwarding decision (what the rendezvous' relay ports run).
 
 pub mod path;
+pub mod portmap;
 pub mod probe;
 pub mod rendezvous;
 pub mod stun;
