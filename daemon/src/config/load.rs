@@ -183,6 +183,7 @@ fn resolved(p: &mut Problems<'_>, config: Config<Parsed>, private_key: PrivateKe
         uapi_socket,
         advertise_endpoints,
         stun_servers,
+        port_mapping,
         metrics_listen,
     } = site;
     let stun_servers = stun_servers
@@ -205,6 +206,7 @@ fn resolved(p: &mut Problems<'_>, config: Config<Parsed>, private_key: PrivateKe
         uapi_socket,
         advertise_endpoints,
         stun_servers,
+        port_mapping,
         metrics_listen,
     };
     if let Some(cluster) = &cluster {

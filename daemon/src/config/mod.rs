@@ -243,6 +243,10 @@ pub struct SiteConfig<S: Stage = Loaded> {
     /// Extra STUN servers asked for this site's server-reflexive address
     /// (each rendezvous answers STUN too).
     pub stun_servers: Vec<S::Endpoint>,
+    /// Whether to ask the gateway's router (PCP, NAT-PMP) to map the
+    /// WireGuard port and offer the mapping as a candidate (NAT traversal
+    /// only).
+    pub port_mapping: bool,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: off.
     pub metrics_listen: Option<SocketAddr>,
 }

@@ -302,6 +302,7 @@ fn site(p: &mut Problems<'_>, site: RawSite) -> (SiteConfig<Parsed>, bool) {
         uapi_socket,
         advertise_endpoints,
         stun_servers,
+        port_mapping: site.port_mapping.unwrap_or(true),
         metrics_listen,
     };
     (site, exported)

@@ -55,6 +55,7 @@ pub(super) struct RawSite {
     pub(super) uapi_socket: Option<PathBuf>,
     pub(super) advertise_endpoints: Option<Vec<String>>,
     pub(super) stun_servers: Option<Vec<String>>,
+    pub(super) port_mapping: Option<bool>,
     pub(super) metrics_listen: Option<String>,
 }
 

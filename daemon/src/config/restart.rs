@@ -37,6 +37,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         uapi_socket,
         advertise_endpoints,
         stun_servers,
+        port_mapping,
         metrics_listen,
     } = site;
     let b = &new.site;
@@ -58,6 +59,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
             *advertise_endpoints != b.advertise_endpoints,
         ),
         ("[site] stun_servers", *stun_servers != b.stun_servers),
+        ("[site] port_mapping", *port_mapping != b.port_mapping),
         ("[[rendezvous]]", *rendezvous != new.rendezvous),
         ("[cluster]", *cluster != new.cluster),
         ("[failover]", *failover != new.failover),

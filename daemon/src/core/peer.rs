@@ -59,11 +59,14 @@ pub enum DropReason {
     /// A packet this replica got while it is a standby gateway: only the
     /// active one sends or answers anything.
     Standby,
+    /// An answer from the gateway's PCP / NAT-PMP server that is malformed
+    /// or answers no request of ours (wrong nonce, port or protocol).
+    PortMapping,
 }
 
 impl DropReason {
     /// Every reason, in the order status prints them.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         Self::SpoofedSource,
         Self::NoEndpoint,
         Self::Rejected,
@@ -78,6 +81,7 @@ impl DropReason {
         Self::PolicyPort,
         Self::BadCandidate,
         Self::Standby,
+        Self::PortMapping,
     ];
 
     /// The snake_case name used in status output and logs.
@@ -97,6 +101,7 @@ impl DropReason {
             Self::PolicyPort => "policy_port",
             Self::BadCandidate => "bad_candidate",
             Self::Standby => "standby",
+            Self::PortMapping => "port_mapping",
         }
     }
 

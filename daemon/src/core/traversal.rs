@@ -5,7 +5,8 @@
 //!   the one peers must use), to every rendezvous and `stun_servers`, at
 //!   start, every [`TraversalParams::stun_interval`] and whenever a path
 //!   falls back to the relay.
-//! - **Candidates** (advertised, server-reflexive, host) are published
+//! - **Candidates** (advertised, port-mapped, server-reflexive, host) are
+//!   published
 //!   through [`Io::publish_candidates`] at start, when a reflexive address
 //!   changes, and again (changed or not) when a path falls back to the
 //!   relay, so that the rendezvous introduces both sides anew.
@@ -107,6 +108,9 @@ impl TraversalParams {
 /// The site's own addresses and its STUN transactions.
 struct Local {
     advertised: Vec<SocketAddr>,
+    /// The external address the gateway's router mapped to the WireGuard
+    /// port (PCP / NAT-PMP, see `crate::portmap`).
+    mapped: Option<SocketAddr>,
     host: Vec<SocketAddr>,
     /// Server-reflexive addresses (one per STUN server that answered).
     srflx: Vec<(SocketAddr, SocketAddr)>,
@@ -122,7 +126,15 @@ impl Local {
     /// Our candidates in the order peers should try them.
     fn candidates(&self) -> Vec<SocketAddr> {
         let srflx: Vec<SocketAddr> = self.srflx.iter().map(|&(_, mapped)| mapped).collect();
-        causeway_nat::path::local_candidates(&self.advertised, &srflx, &self.host)
+        // A port mapping is as good as an advertised endpoint (it is one,
+        // made by the router on request): before the reflexive addresses.
+        let chosen: Vec<SocketAddr> = self
+            .advertised
+            .iter()
+            .chain(&self.mapped)
+            .copied()
+            .collect();
+        causeway_nat::path::local_candidates(&chosen, &srflx, &self.host)
     }
 }
 
@@ -150,6 +162,7 @@ impl Traversal {
         Traversal {
             local: Mutex::new(Local {
                 advertised: params.advertised,
+                mapped: None,
                 host: params.host,
                 srflx: Vec::new(),
                 pending: Vec::new(),
@@ -240,6 +253,26 @@ impl Traversal {
 }
 
 impl Site {
+    /// The gateway's router mapped `mapped` to the WireGuard port (or the
+    /// mapping is gone: `None`): a candidate after the advertised ones and
+    /// before the server-reflexive ones, published when it changes.
+    pub fn set_mapped_candidate(&self, mapped: Option<SocketAddr>, io: &mut impl Io) {
+        let Some(traversal) = self.traversal.as_ref() else {
+            return;
+        };
+        let mut local = traversal.local();
+        if local.mapped == mapped {
+            return;
+        }
+        local.mapped = mapped;
+        io.publish_candidates(&local.candidates());
+    }
+
+    /// The port-mapped candidate, if any (for status).
+    pub fn mapped_candidate(&self) -> Option<SocketAddr> {
+        self.traversal.as_ref().and_then(|t| t.local().mapped)
+    }
+
     /// A STUN message arrived on the WireGuard socket.
     pub fn handle_stun(&self, from: SocketAddr, datagram: &[u8], io: &mut impl Io) {
         if self.standby_drop() {
@@ -620,6 +653,50 @@ mod tests {
         site.handle_relay_port(ms(3500), &key, server, None);
         assert_eq!(send_addr(), None);
         assert!(tick(ms(6000)).is_empty());
+    }
+
+    #[test]
+    fn a_mapped_candidate_comes_after_advertised_and_before_reflexive() {
+        let server: SocketAddr = "192.0.2.1:3478".parse().unwrap();
+        let host: SocketAddr = "192.0.2.9:51820".parse().unwrap();
+        let advertised: SocketAddr = "203.0.113.7:51820".parse().unwrap();
+        let t0 = Instant::now();
+        let site = Site::new(
+            SiteParams {
+                private_key: StaticSecret::from([7; 32]),
+                pod_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
+                mtu: 1420,
+                traversal: Some(TraversalParams::new(
+                    vec![server],
+                    vec![advertised],
+                    vec![host],
+                )),
+                seed: 1,
+                role: crate::core::Role::Active,
+            },
+            &[],
+            t0,
+        );
+        let mut io = Sent::default();
+        site.handle_timeout(t0, &mut io);
+        let tx = transaction(&io.datagrams[0].1);
+        let srflx: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let mut buf = [0u8; stun::MAX_ENCODED_LEN];
+        let n = stun::encode_binding_success(&TransactionId(tx), srflx, &mut buf);
+        site.handle_stun(server, &buf[..n], &mut io);
+        let mapped: SocketAddr = "198.51.100.7:50000".parse().unwrap();
+        site.set_mapped_candidate(Some(mapped), &mut io);
+        assert_eq!(
+            io.published.last().unwrap(),
+            &vec![advertised, mapped, srflx, host]
+        );
+        assert_eq!(site.mapped_candidate(), Some(mapped));
+        // Unchanged: nothing published; gone: published without it.
+        let published = io.published.len();
+        site.set_mapped_candidate(Some(mapped), &mut io);
+        assert_eq!(io.published.len(), published);
+        site.set_mapped_candidate(None, &mut io);
+        assert_eq!(io.published.last().unwrap(), &vec![advertised, srflx, host]);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 mod inbound;
 mod outbound;
+mod portmap;
 mod rendezvous;
 mod udp;
 

@@ -85,6 +85,12 @@ fn start(ctx: &Arc<Ctx>, config: &Config) -> Vec<tokio::task::JoinHandle<()>> {
     let (tx, rx) = mpsc::channel(RELAY_QUEUE);
     ctx.relay.store(Some(Arc::new(tx)));
     tasks.push(tokio::spawn(send_relayed(Arc::clone(ctx), rx)));
+    if config.site.port_mapping {
+        match ctx.udp.local_port() {
+            Ok(port) => tasks.push(tokio::spawn(super::portmap::run(Arc::clone(ctx), port))),
+            Err(e) => warn!("port mapping: the WireGuard port is unknown: {e}"),
+        }
+    }
     tasks
 }
 

@@ -182,6 +182,9 @@ pub(crate) struct SiteSnapshot {
     pub(crate) role: crate::core::Role,
     /// One per rendezvous client, in config order.
     pub(crate) rendezvous: Vec<RendezvousSnapshot>,
+    /// The external address the gateway's router mapped to the WireGuard
+    /// port (PCP / NAT-PMP).
+    pub(crate) port_mapping: Option<std::net::SocketAddr>,
 }
 
 /// The site and its peers at one moment.
@@ -220,6 +223,7 @@ impl Snapshot {
                 packet_threads_alive: ctx.alive(),
                 role: ctx.site.role(),
                 rendezvous,
+                port_mapping: ctx.site.mapped_candidate(),
             },
             peers,
         }
@@ -319,6 +323,7 @@ pub(crate) fn example() -> Snapshot {
             drops: site_drops,
             packet_threads_alive: true,
             role: crate::core::Role::Active,
+            port_mapping: Some("198.51.100.1:50000".parse().expect("addr")),
             rendezvous: vec![RendezvousSnapshot {
                 server: "192.0.2.9:4433".parse().expect("addr"),
                 connected: true,

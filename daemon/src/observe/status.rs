@@ -54,6 +54,11 @@ pub struct Status {
     /// One entry per configured rendezvous, in config order.
     #[serde(default)]
     pub rendezvous: Vec<RendezvousStatus>,
+    /// The external `ip:port` the gateway's router mapped to the WireGuard
+    /// port over PCP or NAT-PMP, offered to peers as a candidate (`null`:
+    /// no mapping).
+    #[serde(default)]
+    pub port_mapping: Option<String>,
     /// One entry per configured peer.
     pub peers: Vec<PeerStatus>,
 }
@@ -178,6 +183,7 @@ impl Status {
             packet_threads_alive: site.packet_threads_alive,
             role: site.role,
             drops: drops(&site.drops),
+            port_mapping: site.port_mapping.map(|a| a.to_string()),
             rendezvous: site
                 .rendezvous
                 .iter()
@@ -258,6 +264,9 @@ impl Status {
         }
         if !self.drops.is_empty() {
             let _ = writeln!(s, "  drops: {}", fmt_drops(&self.drops));
+        }
+        if let Some(mapped) = &self.port_mapping {
+            let _ = writeln!(s, "  port mapping: {mapped} (by the gateway's router)");
         }
         for r in &self.rendezvous {
             let state = match (&r.observed, r.connected) {
