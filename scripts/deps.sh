@@ -12,6 +12,8 @@ CAUSEWAY_PACKAGES=(
     conntrack:conntrack
     turnserver:coturn
     keepalived:keepalived
+    # A real NAT-PMP / PCP server on a lab NAT router (tests/e2e/nat.rs).
+    miniupnpd:miniupnpd-nftables
     # The image test (tests/e2e/image.rs, scripts/build-image.sh).
     buildah:buildah
     runc:runc

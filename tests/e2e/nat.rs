@@ -636,3 +636,177 @@ fn with_two_rendezvous_servers_either_one_is_enough() {
     );
     tcp_transfer(&lab.sites()[1].pods[0].ns, addr_b, pod_a, 4 << 20);
 }
+
+/// The address miniupnpd hands out as the external one: not in any range
+/// miniupnpd 2.3.1 calls reserved (the lab's 198.18.0.0/15 is, and that
+/// version has no `ext_allow_private_ipv4`), routed from the lab's
+/// internet to site a's NAT router and never beyond the lab.
+const MAPPED_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 20, 1, 2);
+
+/// A real miniupnpd (NAT-PMP and PCP) on site 0's NAT router, with its own
+/// config file and nftables table. Stopped by its PID when dropped (the
+/// lab's teardown kills whatever is left in its namespaces, too).
+struct Miniupnpd {
+    child: Option<causeway_testbed::ChildGuard>,
+    dir: tempfile::TempDir,
+}
+
+impl Miniupnpd {
+    /// Sets the router up for it and starts it; waits until it listens.
+    fn start(lab: &Lab) -> Miniupnpd {
+        let site = &lab.sites()[0];
+        let router = site.nat_router.as_ref().expect("site a has a NAT router");
+        // The external address: on the router's WAN link, routed to it and
+        // let through by the internet's leak filter.
+        let mapped = MAPPED_IP.to_string();
+        router
+            .ip(&["addr", "add", &format!("{mapped}/32"), "dev", "wan0"])
+            .expect("external address");
+        let wan = site.public_addr.to_string();
+        lab.internet()
+            .ip(&["route", "add", &format!("{mapped}/32"), "via", &wan])
+            .expect("route to the external address");
+        lab.internet()
+            .run_with_input(
+                "nft",
+                &["-f", "-"],
+                &format!(
+                    "insert rule inet causeway_lab prerouting ip daddr {mapped} accept\n\
+                     insert rule inet causeway_lab prerouting ip saddr {mapped} accept\n"
+                ),
+            )
+            .expect("internet filter");
+        // Mapped inbound traffic is new, not established: let what
+        // miniupnpd forwards through the lab router's own forward chain.
+        // miniupnpd's table and chains (it adds rules, not chains).
+        router
+            .run_with_input(
+                "nft",
+                &["-f", "-"],
+                "insert rule inet filter forward ct status dnat accept\n\
+                 table inet miniupnpd {\n\
+                   chain forward { type filter hook forward priority filter; policy accept; jump forward_mu; }\n\
+                   chain forward_mu { }\n\
+                   chain prerouting { type nat hook prerouting priority dstnat; policy accept; jump prerouting_mu; }\n\
+                   chain prerouting_mu { }\n\
+                   chain postrouting { type nat hook postrouting priority srcnat; policy accept; jump postrouting_mu; }\n\
+                   chain postrouting_mu { }\n\
+                 }\n",
+            )
+            .expect("miniupnpd's nftables table");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lan = format!("{}/24", site.wan_addr);
+        let config = format!(
+            "ext_ifname=wan0\n\
+             ext_ip={mapped}\n\
+             listening_ip=lan0\n\
+             enable_natpmp=yes\n\
+             enable_upnp=no\n\
+             secure_mode=yes\n\
+             upnp_table_name=miniupnpd\n\
+             upnp_nat_table_name=miniupnpd\n\
+             upnp_forward_chain=forward_mu\n\
+             upnp_nat_chain=prerouting_mu\n\
+             upnp_nat_postrouting_chain=postrouting_mu\n\
+             allow 1024-65535 {lan} 1024-65535\n\
+             deny 0-65535 0.0.0.0/0 0-65535\n"
+        );
+        std::fs::write(dir.path().join("miniupnpd.conf"), config).expect("config");
+        let log = std::fs::File::create(dir.path().join("miniupnpd.log")).expect("log");
+        let mut cmd = router.command("miniupnpd");
+        cmd.arg("-d")
+            .arg("-f")
+            .arg(dir.path().join("miniupnpd.conf"))
+            .arg("-P")
+            .arg(dir.path().join("miniupnpd.pid"))
+            .stdout(Stdio::null())
+            .stderr(log);
+        let upnp = Miniupnpd {
+            child: Some(router.spawn(&mut cmd).expect("spawn miniupnpd")),
+            dir,
+        };
+        let t = Instant::now();
+        while !upnp
+            .log_text()
+            .contains("Listening for NAT-PMP/PCP traffic")
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "miniupnpd did not start:\n{}",
+                upnp.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        upnp
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("miniupnpd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Miniupnpd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.stop(Duration::from_secs(2));
+        }
+    }
+}
+
+#[test]
+fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
+    // Both NATs symmetric: alone, they force the relay (see
+    // `symmetric_nats_carry_everything_through_the_relay`). Site a's router
+    // runs miniupnpd: a asks it (PCP) to map its WireGuard port and offers
+    // the mapping; b's probes to it get through, and both go direct.
+    let mut upnp = None;
+    let pair = NatPair::new_with(Some(Nat::Symmetric), Some(Nat::Symmetric), |lab, _| {
+        upnp = Some(Miniupnpd::start(lab));
+    });
+    let upnp = upnp.expect("miniupnpd");
+    let t = Instant::now();
+    let mapped = loop {
+        if let Some(mapped) = pair.daemons[0].status().port_mapping {
+            break mapped.parse::<SocketAddr>().expect("mapped address");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no port mapping:\n--- daemon log:\n{}\n--- miniupnpd log:\n{}",
+            pair.daemons[0].log_text(),
+            upnp.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("port mapping {mapped} after {:?}", t.elapsed());
+    assert_eq!(mapped.ip(), IpAddr::V4(MAPPED_IP));
+    assert!(
+        pair.daemons[0]
+            .log_text()
+            .contains("port mapping of the WireGuard port obtained"),
+        "{}",
+        pair.daemons[0].log_text()
+    );
+    let [(pod_a, _), (pod_b, addr_b)] = pair.pods();
+    assert_ping(pod_a, addr_b.into());
+    let took = pair.wait_path(1, "direct", Duration::from_secs(20));
+    pair.wait_path(0, "direct", Duration::from_secs(20));
+    eprintln!("direct path after {took:?} more");
+    // b reaches a at the mapped address; a answers b where b's pings come
+    // from (their source through b's symmetric NAT).
+    let b = pair.peer(1);
+    assert!(b.candidates.contains(&mapped.to_string()), "{b:?}");
+    assert_eq!(b.endpoint, Some(mapped.to_string()), "{b:?}");
+    let before = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
+    tcp_transfer(pod_b, addr_b, pod_a, 16 << 20);
+    let after = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
+    assert!(
+        after - before < 20,
+        "the relay carried {} packets of a direct transfer",
+        after - before
+    );
+    // Nothing dropped as a bad answer from the router.
+    let status = pair.daemons[0].status();
+    assert_eq!(status.drops.get("port_mapping"), None, "{status:?}");
+    drop(pair);
+    drop(upnp);
+}
