@@ -264,7 +264,7 @@ pub fn parse(d: &[u8]) -> Result<Response, ParseError> {
             if d.len() < PCP_HEADER_LEN {
                 return Err(too_short());
             }
-            if d.len() > PCP_MAX_LEN || d.len() % 4 != 0 {
+            if d.len() > PCP_MAX_LEN || !d.len().is_multiple_of(4) {
                 return Err(ParseError::BadLength { len: d.len() });
             }
             let opcode = d[1];
