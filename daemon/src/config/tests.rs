@@ -769,8 +769,9 @@ fn restart_is_needed_for_site_settings_not_for_peers_or_views() {
     assert_eq!(needs_restart(&running, &new), None);
 
     type Change = fn(&mut Config);
-    let changes: [(&str, Change); 7] = [
+    let changes: [(&str, Change); 8] = [
         ("[site] mtu", |c| c.site.mtu = 1300),
+        ("[site] port_mapping", |c| c.site.port_mapping = false),
         ("[failover]", |c| c.failover = Failover::Keepalived),
         ("the private key", |c| {
             c.site.private_key = PrivateKey::from(keys::generate());
@@ -1013,4 +1014,19 @@ fn failover_election() {
         let err = parse(&format!("{base}\n{table}\n"), "c").unwrap_err();
         assert!(err.to_string().contains(expected), "{table}: {err}");
     }
+}
+
+#[test]
+fn port_mapping_is_on_unless_turned_off() {
+    let on = parse(&config_with("", "").replace("KEY_A", KEY_A), "c.toml").unwrap();
+    assert!(on.site.port_mapping);
+    let off = config_with("port_mapping = false", "").replace("KEY_A", KEY_A);
+    assert!(!parse(&off, "c.toml").unwrap().site.port_mapping);
+    // Not a boolean: the error names the file, line and what it wanted.
+    let bad = config_with("port_mapping = \"yes\"", "").replace("KEY_A", KEY_A);
+    let err = parse(&bad, "c.toml").err().unwrap().to_string();
+    assert!(
+        err.contains("c.toml") && err.contains("expected a boolean"),
+        "{err}"
+    );
 }
