@@ -111,11 +111,10 @@ async fn drive(
         let at = tokio::time::Instant::from_std(mapper.poll_timeout());
         tokio::select! {
             () = tokio::time::sleep_until(at) => {
-                let was_idle = mapper.mapping().is_none();
+                let unmapped = mapper.mapping().is_none();
                 mapper.handle_timeout(Instant::now());
-                // A new round without a mapping: the gateway may have
-                // changed meanwhile.
-                if was_idle && default_gateway() != Some(gateway) {
+                // Without a mapping, the gateway may have changed meanwhile.
+                if unmapped && default_gateway() != Some(gateway) {
                     return;
                 }
             }
