@@ -763,6 +763,7 @@ fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
     let pair = NatPair::new_with(Some(Nat::Symmetric), Some(Nat::Symmetric), |lab, _| {
         upnp = Some(Miniupnpd::start(lab));
     });
+    // (Declared after the pair: on failure, stopped before the lab goes.)
     let upnp = upnp.expect("miniupnpd");
     let t = Instant::now();
     let mapped = loop {
@@ -807,6 +808,18 @@ fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
     // Nothing dropped as a bad answer from the router.
     let status = pair.daemons[0].status();
     assert_eq!(status.drops.get("port_mapping"), None, "{status:?}");
+    // Stopping a's daemon deletes the mapping (lifetime 0).
+    let mut pair = pair;
+    pair.daemons.remove(0).stop();
+    let t = Instant::now();
+    while !upnp.log_text().contains("mapping removed") {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "the mapping was not deleted:\n{}",
+            upnp.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(pair);
     drop(upnp);
 }
