@@ -823,3 +823,125 @@ fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
     drop(pair);
     drop(upnp);
 }
+
+/// Runs `mapper` against the server at the other end of `socket` until it
+/// maps or `within` passes; `first` is fed to it before any real answer.
+fn map_with(
+    socket: &std::net::UdpSocket,
+    mapper: &mut causeway_nat::portmap::PortMapper,
+    first: Option<&[u8]>,
+    within: Duration,
+) -> causeway_nat::portmap::Mapping {
+    use causeway_nat::portmap::Event;
+    let t = Instant::now();
+    let mut buf = [0u8; 1100];
+    if let Some(answer) = first {
+        while mapper.poll_transmit().is_some() {}
+        mapper
+            .handle_response(Instant::now(), answer)
+            .expect("the fake answer");
+    }
+    loop {
+        while let Some(d) = mapper.poll_transmit() {
+            socket.send(&d).expect("send to miniupnpd");
+        }
+        if let Some(event) = mapper.poll_event() {
+            match event {
+                Event::Mapped(mapping) => return mapping,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(t.elapsed() < within, "no mapping within {within:?}");
+        let wait = mapper
+            .poll_timeout()
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        socket.set_read_timeout(Some(wait)).expect("timeout");
+        match socket.recv(&mut buf) {
+            Ok(n) => mapper
+                .handle_response(Instant::now(), &buf[..n])
+                .expect("miniupnpd's answer"),
+            Err(_) => mapper.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+#[test]
+fn the_port_mapper_speaks_pcp_and_nat_pmp_with_a_real_miniupnpd() {
+    use causeway_nat::portmap::{self, MapperConfig, PortMapper, Protocol};
+    let lab = Lab::build(&LabSpec {
+        sites: vec![
+            SiteSpec::new("a", vec!["10.0.0.0/16".parse().expect("cidr")]).nat(Nat::Symmetric),
+        ],
+    })
+    .expect("lab");
+    let upnp = Miniupnpd::start(&lab);
+    let site = &lab.sites()[0];
+    let IpAddr::V4(client) = site.wan_addr else {
+        panic!("IPv4 gateway")
+    };
+    let router = std::net::Ipv4Addr::new(172, 16, 1, 1);
+    let socket = site.gateway.enter(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.connect((router, portmap::SERVER_PORT)).expect("connect");
+        s
+    });
+    // PCP, as the daemon does.
+    let mut pcp = PortMapper::new(MapperConfig::new(40000, client), [3; 12], Instant::now());
+    let mapping = map_with(&socket, &mut pcp, None, Duration::from_secs(5));
+    eprintln!("PCP: {mapping:?}");
+    assert_eq!(mapping.protocol, Protocol::Pcp);
+    assert_eq!(*mapping.external.ip(), MAPPED_IP);
+    // NAT-PMP, after a (fake) PCP UNSUPP_VERSION answer, as from a
+    // NAT-PMP-only router.
+    let mut pmp = PortMapper::new(MapperConfig::new(40001, client), [4; 12], Instant::now());
+    let unsupported = [0, 129, 0, 1, 0, 0, 0, 0];
+    let mapping = map_with(
+        &socket,
+        &mut pmp,
+        Some(&unsupported),
+        Duration::from_secs(5),
+    );
+    eprintln!("NAT-PMP: {mapping:?}");
+    assert_eq!(mapping.protocol, Protocol::NatPmp);
+    assert_eq!(*mapping.external.ip(), MAPPED_IP);
+    // miniupnpd forwards both ports now.
+    let rules = site
+        .nat_router
+        .as_ref()
+        .expect("router")
+        .run(
+            "nft",
+            &["list", "chain", "inet", "miniupnpd", "prerouting_mu"],
+        )
+        .expect("nft");
+    for port in [40000, 40001] {
+        assert!(rules.contains(&format!(":{port}")), "{rules}");
+    }
+    // Deleting both (lifetime 0) leaves no forward behind.
+    for delete in [pcp.delete_request(), pmp.delete_request()] {
+        socket.send(&delete.expect("a mapping")).expect("send");
+    }
+    let t = Instant::now();
+    loop {
+        let rules = site
+            .nat_router
+            .as_ref()
+            .expect("router")
+            .run(
+                "nft",
+                &["list", "chain", "inet", "miniupnpd", "prerouting_mu"],
+            )
+            .expect("nft");
+        if !rules.contains("dnat") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "still forwarded:\n{rules}\n--- miniupnpd:\n{}",
+            upnp.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(upnp);
+}
