@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use crate::portmap::{self, MapperConfig, PortMapper, Response};
 use crate::probe::{self, Probe, ProbeKey};
 use crate::rendezvous::proto::{FrameDecoder, RendezvousMessage, SiteMessage, encode_frame};
 use crate::rendezvous::relay::{self, Reassembler};
@@ -44,6 +45,43 @@ pub fn stun(data: &[u8]) -> bool {
         assert_eq!(again, Ok(message), "re-encoded STUN message differs");
     }
     true
+}
+
+/// The nonce and internal port the portmap target's mapper uses.
+pub const PORTMAP_NONCE: [u8; 12] = [0x5c; 12];
+/// See [`PORTMAP_NONCE`].
+pub const PORTMAP_PORT: u16 = 51820;
+
+/// An answer from a PCP / NAT-PMP server: parsing never panics; an
+/// accepted PCP message has a valid length (24..=1100, a multiple of 4);
+/// a mapper waiting for PCP or for NAT-PMP answers takes or refuses it
+/// without panicking, and whatever it maps has a usable address, port and
+/// lifetime.
+pub fn portmap(data: &[u8]) -> bool {
+    let parsed = portmap::parse(data);
+    if let Ok(Response::PcpMap { .. } | Response::PcpError { .. }) = parsed {
+        assert!(
+            (24..=1100).contains(&data.len()) && data.len().is_multiple_of(4),
+            "accepted a PCP message of {} bytes",
+            data.len()
+        );
+    }
+    let t0 = Instant::now();
+    let config = MapperConfig::new(PORTMAP_PORT, std::net::Ipv4Addr::new(192, 168, 1, 20));
+    let mut pcp = PortMapper::new(config, PORTMAP_NONCE, t0);
+    // A second mapper that fell back to NAT-PMP.
+    let mut pmp = PortMapper::new(config, PORTMAP_NONCE, t0);
+    let _ = pmp.handle_response(t0, &[0, 129, 0, 1, 0, 0, 0, 0]);
+    for mapper in [&mut pcp, &mut pmp] {
+        let _ = mapper.handle_response(t0, data);
+        while let Some(event) = mapper.poll_event() {
+            if let portmap::Event::Mapped(m) = event {
+                assert!(!m.external.ip().is_unspecified() && m.external.port() != 0);
+                assert!(m.lifetime > Duration::ZERO);
+            }
+        }
+    }
+    parsed.is_ok()
 }
 
 /// The probe keys the probe target uses: (ours, the peer's).

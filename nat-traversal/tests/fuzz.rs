@@ -195,6 +195,58 @@ fn fuzz_stun() {
     driver::run(&t, gen_stun, fuzz::stun);
 }
 
+/// A PCP MAP answer or a NAT-PMP answer, mostly for the target's own
+/// nonce and port so that the mapper's deeper checks run.
+fn gen_portmap(rng: &mut Rng) -> Vec<u8> {
+    let mut d = match rng.below(3) {
+        0 => {
+            let mut d = vec![2, 0x81, 0, rng.below(4) as u8];
+            d.extend(rng.bytes(8)); // lifetime, epoch
+            d.extend([0; 12]);
+            d.extend(fuzz::PORTMAP_NONCE);
+            d.extend([17, 0, 0, 0]);
+            d.extend(fuzz::PORTMAP_PORT.to_be_bytes());
+            d.extend(rng.bytes(2));
+            d.extend([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+            d.extend(rng.bytes(4));
+            d
+        }
+        1 => {
+            let mut d = vec![0, 128, 0, rng.below(2) as u8];
+            d.extend(rng.bytes(8));
+            d
+        }
+        _ => {
+            let mut d = vec![0, 129, 0, rng.below(2) as u8];
+            d.extend(rng.bytes(4));
+            d.extend(fuzz::PORTMAP_PORT.to_be_bytes());
+            d.extend(rng.bytes(6));
+            d
+        }
+    };
+    if rng.chance(4) {
+        d.truncate(rng.below(d.len() + 1));
+    }
+    d
+}
+
+#[test]
+fn fuzz_portmap() {
+    let t = Target {
+        name: "portmap",
+        iterations: 20_000,
+        dict: &[
+            &[2, 0x81],
+            &[0, 128],
+            &[0, 129],
+            &[0, 0, 0, 1],
+            &[17, 0, 0, 0],
+        ],
+    };
+    let report = driver::run(&t, gen_portmap, fuzz::portmap);
+    assert!(report.accepted > 0);
+}
+
 #[test]
 fn fuzz_probe() {
     let t = Target {
