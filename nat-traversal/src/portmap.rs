@@ -100,6 +100,23 @@ impl std::fmt::Display for Protocol {
     }
 }
 
+/// The PCP mapping nonce of a site: derived from its private key and the
+/// internal port, so that a restarted daemon (after a crash, with its old
+/// mapping still on the router) renews that mapping instead of being
+/// refused as another client (RFC 6887 §11.3 ties a mapping to its nonce).
+/// It reveals nothing about the key: a keyed BLAKE2s hash, cut to 96 bits.
+pub fn site_nonce(private_key: &[u8; 32], internal_port: u16) -> [u8; 12] {
+    use blake2::digest::{KeyInit, Mac};
+    let mut mac = <blake2::Blake2sMac256 as KeyInit>::new_from_slice(private_key)
+        .expect("a 32-byte key fits BLAKE2s");
+    mac.update(b"causeway pcp nonce");
+    mac.update(&internal_port.to_be_bytes());
+    let tag = mac.finalize().into_bytes();
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&tag[..12]);
+    nonce
+}
+
 /// A PCP MAP request for UDP (RFC 6887 §11.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PcpMapRequest {
@@ -462,8 +479,9 @@ pub struct PortMapper {
 }
 
 impl PortMapper {
-    /// A mapper that starts a PCP round at `now`; `nonce` must be random
-    /// (RFC 6887 §11.1).
+    /// A mapper that starts a PCP round at `now`; `nonce` must be
+    /// unpredictable to others (RFC 6887 §11.1): random, or
+    /// [`site_nonce`].
     pub fn new(config: MapperConfig, nonce: [u8; 12], now: Instant) -> Self {
         let mut m = PortMapper {
             config,
@@ -837,6 +855,14 @@ mod tests {
         want.extend([17, 0, 0, 0, 0xca, 0x6c, 0, 0]);
         want.extend([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0]);
         assert_eq!(b.to_vec(), want);
+    }
+
+    #[test]
+    fn the_site_nonce_is_stable_per_key_and_port() {
+        let a = site_nonce(&[1; 32], 51820);
+        assert_eq!(a, site_nonce(&[1; 32], 51820));
+        assert_ne!(a, site_nonce(&[2; 32], 51820));
+        assert_ne!(a, site_nonce(&[1; 32], 51821));
     }
 
     #[test]

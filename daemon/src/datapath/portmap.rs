@@ -57,7 +57,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, internal_port: u16) {
         };
         guard.socket = socket.std.try_clone().ok();
         let client = socket.client;
-        let nonce: [u8; 12] = rand::random();
+        // The same nonce after a restart: the router still holds our
+        // mapping under it.
+        let nonce = portmap::site_nonce(&ctx.site.private_key.to_bytes(), internal_port);
         let mut mapper = PortMapper::new(
             MapperConfig::new(internal_port, client),
             nonce,
