@@ -808,8 +808,32 @@ fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
     // Nothing dropped as a bad answer from the router.
     let status = pair.daemons[0].status();
     assert_eq!(status.drops.get("port_mapping"), None, "{status:?}");
-    // Stopping a's daemon deletes the mapping (lifetime 0).
+    // Killed with SIGKILL (no delete) and started again, a's daemon gets
+    // the same mapping back: its PCP nonce is the same (miniupnpd 2.3.1
+    // would hand the port to a new nonce of the same client too; a strict
+    // RFC 6887 server refuses it while the old mapping lives).
     let mut pair = pair;
+    pair.daemons[0].child.kill9().expect("kill -9");
+    pair.daemons[0] = Daemon::start(
+        &pair.lab.sites()[0].gateway,
+        &pair.files[0],
+        &pair.configs[0],
+    );
+    let t = Instant::now();
+    while pair.daemons[0].status().port_mapping != Some(mapped.to_string()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no port mapping after a restart:\n--- daemon log:\n{}\n--- miniupnpd log:\n{}",
+            pair.daemons[0].log_text(),
+            upnp.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "the same port mapping after a kill -9 and restart: {:?}",
+        t.elapsed()
+    );
+    // Stopping a's daemon deletes the mapping (lifetime 0).
     pair.daemons.remove(0).stop();
     let t = Instant::now();
     while !upnp.log_text().contains("mapping removed") {
