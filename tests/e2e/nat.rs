@@ -930,15 +930,17 @@ fn the_port_mapper_speaks_pcp_and_nat_pmp_with_a_real_miniupnpd() {
     assert_eq!(mapping.protocol, Protocol::NatPmp);
     assert_eq!(*mapping.external.ip(), MAPPED_IP);
     // miniupnpd forwards both ports now.
-    let rules = site
-        .nat_router
-        .as_ref()
-        .expect("router")
-        .run(
-            "nft",
-            &["list", "chain", "inet", "miniupnpd", "prerouting_mu"],
-        )
-        .expect("nft");
+    let miniupnpd_rules = || {
+        site.nat_router
+            .as_ref()
+            .expect("router")
+            .run(
+                "nft",
+                &["list", "chain", "inet", "miniupnpd", "prerouting_mu"],
+            )
+            .expect("nft")
+    };
+    let rules = miniupnpd_rules();
     for port in [40000, 40001] {
         assert!(rules.contains(&format!(":{port}")), "{rules}");
     }
@@ -948,15 +950,7 @@ fn the_port_mapper_speaks_pcp_and_nat_pmp_with_a_real_miniupnpd() {
     }
     let t = Instant::now();
     loop {
-        let rules = site
-            .nat_router
-            .as_ref()
-            .expect("router")
-            .run(
-                "nft",
-                &["list", "chain", "inet", "miniupnpd", "prerouting_mu"],
-            )
-            .expect("nft");
+        let rules = miniupnpd_rules();
         if !rules.contains("dnat") {
             break;
         }

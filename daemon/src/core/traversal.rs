@@ -554,6 +554,32 @@ mod tests {
         }
     }
 
+    /// A site with NAT traversal, no peers, one STUN server, these
+    /// advertised endpoints and one host address.
+    fn site_without_peers(
+        t0: Instant,
+        stun_server: SocketAddr,
+        advertised: Vec<SocketAddr>,
+        host: SocketAddr,
+    ) -> Site {
+        Site::new(
+            SiteParams {
+                private_key: StaticSecret::from([7; 32]),
+                pod_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
+                mtu: 1420,
+                traversal: Some(TraversalParams::new(
+                    vec![stun_server],
+                    advertised,
+                    vec![host],
+                )),
+                seed: 1,
+                role: crate::core::Role::Active,
+            },
+            &[],
+            t0,
+        )
+    }
+
     const PEER_SECRET: [u8; 32] = [8; 32];
 
     /// A site with NAT traversal, host address 192.0.2.9:51820, and one
@@ -661,22 +687,7 @@ mod tests {
         let host: SocketAddr = "192.0.2.9:51820".parse().unwrap();
         let advertised: SocketAddr = "203.0.113.7:51820".parse().unwrap();
         let t0 = Instant::now();
-        let site = Site::new(
-            SiteParams {
-                private_key: StaticSecret::from([7; 32]),
-                pod_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
-                mtu: 1420,
-                traversal: Some(TraversalParams::new(
-                    vec![server],
-                    vec![advertised],
-                    vec![host],
-                )),
-                seed: 1,
-                role: crate::core::Role::Active,
-            },
-            &[],
-            t0,
-        );
+        let site = site_without_peers(t0, server, vec![advertised], host);
         let mut io = Sent::default();
         site.handle_timeout(t0, &mut io);
         let tx = transaction(&io.datagrams[0].1);
@@ -823,18 +834,7 @@ mod tests {
         let server: SocketAddr = "192.0.2.1:3478".parse().unwrap();
         let host: SocketAddr = "192.0.2.9:51820".parse().unwrap();
         let t0 = Instant::now();
-        let site = Site::new(
-            SiteParams {
-                private_key: StaticSecret::from([7; 32]),
-                pod_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
-                mtu: 1420,
-                traversal: Some(TraversalParams::new(vec![server], Vec::new(), vec![host])),
-                seed: 1,
-                role: crate::core::Role::Active,
-            },
-            &[],
-            t0,
-        );
+        let site = site_without_peers(t0, server, Vec::new(), host);
         assert_eq!(site.poll_timeout(), Some(t0));
         let mut io = Sent::default();
         site.handle_timeout(t0, &mut io);
