@@ -88,6 +88,13 @@ pub enum Nat {
     PortPreserving,
     /// `masquerade random,fully-random`: a new random port per destination.
     Symmetric,
+    /// [`Nat::PortPreserving`] on a router without an input firewall: a
+    /// packet from the internet that matches no mapping is taken by the
+    /// router itself (nothing listens, it answers ICMP port unreachable)
+    /// and conntrack confirms it as an inbound flow. A later outbound flow
+    /// of the same addresses and ports would collide with it and gets
+    /// another external port.
+    PortPreservingNoInputFirewall,
 }
 
 /// A built topology. Dropping it tears everything down (see the crate docs).
@@ -555,8 +562,12 @@ fn build_pod(gateway: &Netns, name: &str, spec: &SiteSpec, j: usize) -> Result<P
 /// `wan0` to `(address, same port)`.
 fn nat_ruleset(kind: Nat, forward: Option<(Ipv4Addr, u16)>) -> String {
     let flags = match kind {
-        Nat::PortPreserving => "",
+        Nat::PortPreserving | Nat::PortPreservingNoInputFirewall => "",
         Nat::Symmetric => " random,fully-random",
+    };
+    let input_drop = match kind {
+        Nat::PortPreservingNoInputFirewall => "",
+        Nat::PortPreserving | Nat::Symmetric => "\n        iifname \"wan0\" drop",
     };
     let (prerouting, forwarded) = match forward {
         Some((addr, port)) => (
@@ -583,8 +594,7 @@ table inet filter {{
     chain input {{
         type filter hook input priority filter; policy accept;
         ct state established,related accept
-        iifname "wan0" meta l4proto {{ icmp, ipv6-icmp }} accept
-        iifname "wan0" drop
+        iifname "wan0" meta l4proto {{ icmp, ipv6-icmp }} accept{input_drop}
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;

@@ -43,7 +43,9 @@
 //!   `masquerade` ([`Nat::PortPreserving`]) or `masquerade random,fully-random`
 //!   ([`Nat::Symmetric`]) on `wan0`, plus a stateful filter that only lets
 //!   replies in (`ct state established,related accept; iifname "wan0" drop`),
-//!   for IPv4 and IPv6 alike. IPv6 is routed, not translated:
+//!   for IPv4 and IPv6 alike. [`Nat::PortPreservingNoInputFirewall`] leaves
+//!   the `drop` out of the router's input chain: unsolicited packets reach
+//!   the router itself and conntrack confirms them. IPv6 is routed, not translated:
 //!   [`Site::wan_addr6`] is reachable from the internet once the gateway has
 //!   sent to the peer, like a home router's IPv6 firewall.
 //! * Gateways forward IPv4 and IPv6, route to their own pods only, and have a
