@@ -95,6 +95,10 @@ impl Io for Wire<'_> {
         self.0.udp.send(to, bytes, None)
     }
 
+    fn send_with_ttl(&mut self, to: SocketAddr, bytes: &[u8], ttl: u8) -> io::Result<()> {
+        self.0.udp.send_with_ttl(to, bytes, ttl)
+    }
+
     fn relay(&mut self, peer: &Arc<Peer>, bytes: &[u8]) -> bool {
         self.0.relay.load().as_ref().is_some_and(|queue| {
             queue
