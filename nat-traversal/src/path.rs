@@ -13,7 +13,8 @@
 //! - New candidates are all pinged at once, in a burst (0, 200 ms, 500 ms,
 //!   1 s, 2 s, 4 s), then every [`PathConfig::relay_retry_interval`] while
 //!   there is no direct path, every [`PathConfig::upgrade_interval`] once
-//!   there is one.
+//!   there is one. The first ping of a burst has IP TTL [`OPENING_TTL`]:
+//!   it opens our NAT and dies before the peer's.
 //! - A ping from the peer is answered with a pong to its source. A source we
 //!   do not know becomes a *peer-reflexive* candidate and is pinged at once
 //!   (a triggered check), unless the direct path is *settled* (it answers and
@@ -52,6 +53,14 @@ pub const MAX_REMOTE_CANDIDATES: usize = 16;
 pub const MAX_PEER_REFLEXIVE: usize = 8;
 /// Unanswered pings in a row after which a direct path is declared dead.
 pub const MAX_MISSED: u8 = 5;
+
+/// IP TTL of the first ping of a discovery burst: it opens our own NAT's
+/// mapping toward the candidate and dies before the peer's NAT. A router
+/// without an input firewall would take a ping that reaches it before its
+/// own site has sent to us, conntrack would confirm that inbound flow, and
+/// its site's own flow to us would collide with it and get another port.
+/// The real pings follow 200 ms later, when both NATs have sent.
+pub const OPENING_TTL: u8 = 2;
 
 /// Offsets of the discovery pings from the start of a burst.
 const BURST: [Duration; 6] = [
@@ -151,6 +160,9 @@ pub struct Transmit {
     pub dst: SocketAddr,
     /// What to send.
     pub probe: Probe,
+    /// `Some`: send it with this IP TTL (hop limit) instead of the
+    /// socket's: an opening ping ([`OPENING_TTL`]).
+    pub ttl: Option<u8>,
 }
 
 /// Why [`PeerPaths::poll_timeout`] wants to be woken up.
@@ -433,6 +445,7 @@ impl PeerPaths {
         self.queue(Transmit {
             dst: from,
             probe: Probe::Pong { tx, observed: from },
+            ttl: None,
         });
         self.learn(now, from);
     }
@@ -668,7 +681,9 @@ impl PeerPaths {
             if self.active == Some(c.addr) || c.next_ping > now {
                 continue;
             }
-            self.send_ping(now, i);
+            // The first ping of a burst only opens our NAT (see OPENING_TTL).
+            let ttl = (c.burst_sent == 0).then_some(OPENING_TTL);
+            self.send_ping_ttl(now, i, ttl);
             let interval = match self.active {
                 None => self.config.relay_retry_interval,
                 // Keep every working address alive, not only the one we
@@ -690,6 +705,11 @@ impl PeerPaths {
     /// Pings candidate `i`. If the transmit queue is full the ping is lost,
     /// but counted as sent, so that timers still advance.
     fn send_ping(&mut self, now: Instant, i: usize) {
+        self.send_ping_ttl(now, i, None);
+    }
+
+    /// [`PeerPaths::send_ping`] with an IP TTL (`None`: the socket's).
+    fn send_ping_ttl(&mut self, now: Instant, i: usize, ttl: Option<u8>) {
         let tx = TransactionId::random(&mut self.rng);
         let c = &mut self.candidates[i];
         if c.awaiting {
@@ -713,6 +733,7 @@ impl PeerPaths {
             dst,
             // The driver stamps the counter (its `PingClock`) when encoding.
             probe: Probe::Ping { tx, counter: 0 },
+            ttl,
         });
     }
 
@@ -1231,6 +1252,21 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_opens_our_nat_with_a_short_ttl_then_pings_for_real() {
+        let t0 = Instant::now();
+        let mut p = PeerPaths::new(PathConfig::default(), 3);
+        let a = addr("198.51.100.1:51820");
+        p.set_remote_candidates(t0, vec![a]);
+        let ttls = |sent: Vec<Transmit>| sent.iter().map(|t| t.ttl).collect::<Vec<_>>();
+        assert_eq!(ttls(drain(&mut p)), vec![Some(OPENING_TTL)]);
+        p.handle_timeout(t0 + BURST[1]);
+        assert_eq!(ttls(drain(&mut p)), vec![None]);
+        // A new list without a direct path restarts the burst: opening again.
+        p.set_remote_candidates(t0 + BURST[2], vec![a]);
+        assert_eq!(ttls(drain(&mut p)), vec![Some(OPENING_TTL)]);
+    }
+
+    #[test]
     fn pings_are_answered_and_teach_peer_reflexive_candidates() {
         let t0 = Instant::now();
         let mut p = PeerPaths::new(PathConfig::default(), 5);
@@ -1244,7 +1280,8 @@ mod tests {
                 probe: Probe::Pong {
                     tx: TransactionId([1; 12]),
                     observed: from
-                }
+                },
+                ttl: None,
             }
         );
         assert_eq!(pings_to(&sent, from).len(), 1, "triggered check");

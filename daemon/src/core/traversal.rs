@@ -446,7 +446,11 @@ impl Site {
                     pong => pong,
                 };
                 let n = probe::encode(key, &probe, &mut buf);
-                if let Err(e) = io.send(t.dst, &buf[..n]) {
+                let sent = match t.ttl {
+                    Some(ttl) => io.send_with_ttl(t.dst, &buf[..n], ttl),
+                    None => io.send(t.dst, &buf[..n]),
+                };
+                if let Err(e) = sent {
                     tracing::debug!(peer = peer.name(), "probe to {}: {e}", t.dst);
                 }
             }

@@ -117,7 +117,8 @@ pub(crate) struct Site {
 /// What a core sent during one call, collected for the world to carry.
 #[derive(Default)]
 struct Outbox {
-    datagrams: Vec<(SocketAddr, Vec<u8>)>,
+    /// With the IP TTL when the core asked for one.
+    datagrams: Vec<(SocketAddr, Vec<u8>, Option<u8>)>,
     relayed: Vec<Vec<u8>>,
     published: Vec<Vec<SocketAddr>>,
     paths: Vec<Path>,
@@ -125,7 +126,12 @@ struct Outbox {
 
 impl Io for Outbox {
     fn send(&mut self, to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
-        self.datagrams.push((to, bytes.to_vec()));
+        self.datagrams.push((to, bytes.to_vec(), None));
+        Ok(())
+    }
+
+    fn send_with_ttl(&mut self, to: SocketAddr, bytes: &[u8], ttl: u8) -> std::io::Result<()> {
+        self.datagrams.push((to, bytes.to_vec(), Some(ttl)));
         Ok(())
     }
 
@@ -472,11 +478,11 @@ impl World {
             }
             self.sites[i].path_log.push((elapsed, path));
         }
-        for (dst, payload) in datagrams {
+        for (dst, payload, ttl) in datagrams {
             if probe::is_probe(&payload) {
                 self.sites[i].probes_sent += 1;
             }
-            self.send(i, dst, payload);
+            self.send(i, dst, payload, ttl);
         }
         for list in published {
             // The client re-registers with every published list; the
@@ -507,13 +513,18 @@ impl World {
     }
 
     /// Sends a datagram from site `i`'s WireGuard socket.
-    fn send(&mut self, i: usize, dst: SocketAddr, payload: Vec<u8>) {
+    /// A datagram with a TTL (an opening ping, `path::OPENING_TTL`) passes
+    /// the site's own NAT and dies on the internet, as in the lab.
+    fn send(&mut self, i: usize, dst: SocketAddr, payload: Vec<u8>, ttl: Option<u8>) {
         let now = self.now;
         let site = &mut self.sites[i];
         let src = match &mut site.nat {
             Some(nat) => nat.outbound(now, site.host, dst),
             None => site.host,
         };
+        if ttl.is_some() {
+            return;
+        }
         self.transmit(src, dst, payload);
     }
 
@@ -627,7 +638,7 @@ impl World {
         drop(peers);
         self.carry(i, io);
         if let causeway::core::Outbound::Send { to, len } = result {
-            self.send(i, to, out[..len].to_vec());
+            self.send(i, to, out[..len].to_vec(), None);
         }
     }
 
