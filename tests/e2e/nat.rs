@@ -193,6 +193,59 @@ fn port_preserving_nats_punch_a_direct_path() {
     // cannot route; they carry no pod traffic.)
 }
 
+/// Both routers' UDP conntrack entries, for a failure message.
+fn router_conntrack(lab: &Lab) -> String {
+    lab.sites()
+        .iter()
+        .filter_map(|site| {
+            let router = site.nat_router.as_ref()?;
+            let list = router
+                .run("conntrack", &["-L", "-p", "udp"])
+                .unwrap_or_else(|e| format!("conntrack -L: {e}"));
+            Some(format!("--- conntrack of {}'s router:\n{list}", site.name))
+        })
+        .collect()
+}
+
+/// Routers without an input firewall take a peer's first probe to
+/// themselves, and conntrack confirms it: the other site's own outbound
+/// flow to the same addresses then collides and gets another port.
+#[test]
+fn routers_without_an_input_firewall_still_get_a_direct_path() {
+    let nat = Some(Nat::PortPreservingNoInputFirewall);
+    let pair = NatPair::new(nat, nat);
+    let [(pod_a, _), (pod_b, addr_b)] = pair.pods();
+    let t = Instant::now();
+    assert_ping(pod_a, addr_b.into());
+    let direct = |site: usize| {
+        while t.elapsed() < Duration::from_secs(15) {
+            if pair.peer(site).path == "direct" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "site {site} never reached the direct path: {:#?}\n{}",
+            pair.peer(site),
+            router_conntrack(&pair.lab)
+        );
+    };
+    direct(0);
+    direct(1);
+    eprintln!("direct path after {:?}", t.elapsed());
+    eprintln!("{}", router_conntrack(&pair.lab));
+    let before = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
+    tcp_transfer(pod_b, addr_b, pod_a, 16 << 20);
+    let after = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
+    assert!(
+        after - before < 20,
+        "the relay carried {} packets of a direct transfer",
+        after - before
+    );
+    assert_eq!(pair.peer(0).path, "direct");
+    assert_eq!(pair.peer(1).path, "direct");
+}
+
 #[test]
 fn symmetric_nats_carry_everything_through_the_relay() {
     let pair = NatPair::new(Some(Nat::Symmetric), Some(Nat::Symmetric));
