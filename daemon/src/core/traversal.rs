@@ -558,6 +558,22 @@ mod tests {
         }
     }
 
+    /// A site with NAT traversal (`traversal`) and these peers.
+    fn site(t0: Instant, traversal: TraversalParams, peers: &[crate::config::PeerConfig]) -> Site {
+        Site::new(
+            SiteParams {
+                private_key: StaticSecret::from([7; 32]),
+                pod_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
+                mtu: 1420,
+                traversal: Some(traversal),
+                seed: 1,
+                role: crate::core::Role::Active,
+            },
+            peers,
+            t0,
+        )
+    }
+
     /// A site with NAT traversal, no peers, one STUN server, these
     /// advertised endpoints and one host address.
     fn site_without_peers(
@@ -566,21 +582,10 @@ mod tests {
         advertised: Vec<SocketAddr>,
         host: SocketAddr,
     ) -> Site {
-        Site::new(
-            SiteParams {
-                private_key: StaticSecret::from([7; 32]),
-                pod_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
-                mtu: 1420,
-                traversal: Some(TraversalParams::new(
-                    vec![stun_server],
-                    advertised,
-                    vec![host],
-                )),
-                seed: 1,
-                role: crate::core::Role::Active,
-            },
-            &[],
+        site(
             t0,
+            TraversalParams::new(vec![stun_server], advertised, vec![host]),
+            &[],
         )
     }
 
@@ -606,21 +611,11 @@ mod tests {
             }),
             persistent_keepalive: None,
         };
-        Site::new(
-            SiteParams {
-                private_key: StaticSecret::from([7; 32]),
-                pod_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
-                mtu: 1420,
-                traversal: Some(TraversalParams::new(
-                    Vec::new(),
-                    Vec::new(),
-                    vec!["192.0.2.9:51820".parse().unwrap()],
-                )),
-                seed: 1,
-                role: crate::core::Role::Active,
-            },
-            &[peer],
+        let host = vec!["192.0.2.9:51820".parse().unwrap()];
+        site(
             t0,
+            TraversalParams::new(Vec::new(), Vec::new(), host),
+            &[peer],
         )
     }
 
