@@ -660,17 +660,17 @@ impl PeerPaths {
                     if c.missed >= MAX_MISSED {
                         self.fall_back(now);
                     } else {
-                        self.send_ping(now, i);
+                        self.send_ping(now, i, None);
                         // Check the other working addresses too: the first
                         // to answer takes over (see handle_pong).
                         for k in 0..self.candidates.len() {
                             if k != i && self.is_live(&self.candidates[k], now) {
-                                self.send_ping(now, k);
+                                self.send_ping(now, k, None);
                             }
                         }
                     }
                 } else {
-                    self.send_ping(now, i);
+                    self.send_ping(now, i, None);
                     let keepalive = self.jitter(self.config.keepalive_interval);
                     self.candidates[i].keepalive_due = now + keepalive;
                 }
@@ -683,7 +683,7 @@ impl PeerPaths {
             }
             // The first ping of a burst only opens our NAT (see OPENING_TTL).
             let ttl = (c.burst_sent == 0).then_some(OPENING_TTL);
-            self.send_ping_ttl(now, i, ttl);
+            self.send_ping(now, i, ttl);
             let interval = match self.active {
                 None => self.config.relay_retry_interval,
                 // Keep every working address alive, not only the one we
@@ -702,14 +702,10 @@ impl PeerPaths {
         }
     }
 
-    /// Pings candidate `i`. If the transmit queue is full the ping is lost,
-    /// but counted as sent, so that timers still advance.
-    fn send_ping(&mut self, now: Instant, i: usize) {
-        self.send_ping_ttl(now, i, None);
-    }
-
-    /// [`PeerPaths::send_ping`] with an IP TTL (`None`: the socket's).
-    fn send_ping_ttl(&mut self, now: Instant, i: usize, ttl: Option<u8>) {
+    /// Pings candidate `i`, with IP TTL `ttl` (`None`: the socket's). If
+    /// the transmit queue is full the ping is lost, but counted as sent, so
+    /// that timers still advance.
+    fn send_ping(&mut self, now: Instant, i: usize, ttl: Option<u8>) {
         let tx = TransactionId::random(&mut self.rng);
         let c = &mut self.candidates[i];
         if c.awaiting {
@@ -784,7 +780,7 @@ impl PeerPaths {
         if self.active == Some(addr) || recently || self.is_live(c, now) {
             return;
         }
-        self.send_ping(now, i);
+        self.send_ping(now, i, None);
         let c = &mut self.candidates[i];
         // The triggered ping counts as the first of a burst for a new
         // candidate; an old one keeps its schedule.

@@ -564,6 +564,15 @@ impl PortMapper {
     pub fn handle_response(&mut self, now: Instant, datagram: &[u8]) -> Result<(), AnswerError> {
         let response = parse(datagram)?;
         let requesting = matches!(self.state, State::Requesting { .. });
+        let protocol = self.protocol;
+        // An answer counts only while we ask, in its protocol.
+        let solicited = |p: Protocol| {
+            if requesting && protocol == p {
+                Ok(())
+            } else {
+                Err(AnswerError::Unsolicited(p))
+            }
+        };
         match response {
             Response::PcpMap {
                 result,
@@ -571,9 +580,7 @@ impl PortMapper {
                 epoch,
                 map,
             } => {
-                if !requesting || self.protocol != Protocol::Pcp {
-                    return Err(AnswerError::Unsolicited(Protocol::Pcp));
-                }
+                solicited(Protocol::Pcp)?;
                 if let Some(map) = map {
                     self.check_pcp_map(&map)?;
                 }
@@ -594,9 +601,7 @@ impl PortMapper {
                 )
             }
             Response::PcpError { result, .. } => {
-                if !requesting || self.protocol != Protocol::Pcp {
-                    return Err(AnswerError::Unsolicited(Protocol::Pcp));
-                }
+                solicited(Protocol::Pcp)?;
                 self.refused(now, Protocol::Pcp, result.into(), 0)
             }
             Response::NatPmpError { .. } if self.protocol == Protocol::Pcp => {
@@ -613,9 +618,7 @@ impl PortMapper {
                 Err(AnswerError::Unsolicited(Protocol::NatPmp))
             }
             Response::NatPmpError { result, .. } => {
-                if !requesting {
-                    return Err(AnswerError::Unsolicited(Protocol::NatPmp));
-                }
+                solicited(Protocol::NatPmp)?;
                 self.refused(now, Protocol::NatPmp, result, 0)
             }
             Response::NatPmpAddress {
@@ -623,9 +626,7 @@ impl PortMapper {
                 epoch,
                 external,
             } => {
-                if !requesting {
-                    return Err(AnswerError::Unsolicited(Protocol::NatPmp));
-                }
+                solicited(Protocol::NatPmp)?;
                 if result != 0 {
                     return self.refused(now, Protocol::NatPmp, result, 0);
                 }
@@ -639,9 +640,7 @@ impl PortMapper {
                 external_port,
                 lifetime,
             } => {
-                if !requesting {
-                    return Err(AnswerError::Unsolicited(Protocol::NatPmp));
-                }
+                solicited(Protocol::NatPmp)?;
                 if internal_port != self.config.internal_port && result == 0 {
                     return Err(AnswerError::WrongPort {
                         expected: self.config.internal_port,

@@ -514,17 +514,18 @@ impl Site {
     /// Whether a drop for `reason` may be logged now (one line per reason
     /// per [`LOG_INTERVAL`]; the line carries the running total).
     fn may_log(&self, reason: DropReason) -> bool {
+        self.take_turn(&self.next_log_ms[reason as usize], LOG_INTERVAL)
+    }
+
+    /// Whether the time `slot` holds (ms after the site started) has come;
+    /// if so, moves it `interval` ahead. One caller wins per interval, from
+    /// any thread.
+    fn take_turn(&self, slot: &AtomicU64, interval: Duration) -> bool {
         let now = self.started.elapsed().as_millis() as u64;
-        let slot = &self.next_log_ms[reason as usize];
         let next = slot.load(Relaxed);
         now >= next
             && slot
-                .compare_exchange(
-                    next,
-                    now + LOG_INTERVAL.as_millis() as u64,
-                    Relaxed,
-                    Relaxed,
-                )
+                .compare_exchange(next, now + interval.as_millis() as u64, Relaxed, Relaxed)
                 .is_ok()
     }
 

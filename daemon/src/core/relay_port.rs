@@ -17,7 +17,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use causeway_nat::udp_relay::RelayPort;
@@ -32,7 +31,7 @@ const REFRESH: Duration = Duration::from_secs(2);
 /// A bind unanswered this long: the port is not used until an ack comes.
 const ACK_TIMEOUT: Duration = Duration::from_secs(1);
 /// A peer on the QUIC relay asks for a relay port at most this often.
-pub(super) const REQUEST_INTERVAL: Duration = Duration::from_secs(5);
+const REQUEST_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A relay port granted for one peer, and this site's binding to it.
 #[derive(Debug, Clone)]
@@ -42,8 +41,9 @@ pub struct UdpRelay {
     counter: u64,
     /// Counter of the latest bind acked.
     acked_counter: u64,
-    /// When the latest ack came, and whether it said the peer is bound.
-    acked: Option<(Instant, bool)>,
+    /// Whether packets to the peer go to the port now: the latest ack
+    /// said the peer is bound too, and no bind since went unanswered.
+    usable: bool,
     /// When the latest bind went out, while it is unanswered.
     unanswered: Option<Instant>,
     /// When the next bind goes out.
@@ -56,7 +56,7 @@ impl UdpRelay {
             port,
             counter: 0,
             acked_counter: 0,
-            acked: None,
+            usable: false,
             unanswered: None,
             next_bind: now,
         }
@@ -70,7 +70,7 @@ impl UdpRelay {
     /// Whether packets to the peer go to the port now: both sites are
     /// bound and the port answered lately.
     pub fn usable(&self) -> bool {
-        matches!(self.acked, Some((_, true)))
+        self.usable
     }
 }
 
@@ -147,13 +147,13 @@ impl Site {
                     if counter > relay.acked_counter && counter <= relay.counter =>
                 {
                     relay.acked_counter = counter;
-                    let was = relay.usable();
-                    relay.acked = Some((now, peer_bound));
+                    let was = relay.usable;
+                    relay.usable = peer_bound;
                     relay.unanswered = None;
                     if peer_bound {
                         relay.next_bind = now + REFRESH;
                     }
-                    if relay.usable() && !was && state.endpoint.is_none() {
+                    if peer_bound && !was && state.endpoint.is_none() {
                         info!(peer = peer.name(), relay_port = %from, "relaying through the UDP relay port");
                     }
                     return;
@@ -181,18 +181,20 @@ impl Site {
         let Some(relay) = state.relay.as_mut() else {
             return;
         };
-        if let (Some((at, true)), Some(sent)) = (relay.acked, relay.unanswered)
-            && now.saturating_duration_since(sent) >= ACK_TIMEOUT
+        if relay.usable
+            && relay
+                .unanswered
+                .is_some_and(|sent| now.saturating_duration_since(sent) >= ACK_TIMEOUT)
         {
             info!(peer = peer.name(), relay_port = %relay.addr(), "relay port silent: back to the QUIC relay");
-            relay.acked = Some((at, false));
+            relay.usable = false;
             relay.next_bind = now;
         }
         if direct || relay.next_bind > now {
             return;
         }
         relay.counter += 1;
-        relay.next_bind = now + if relay.usable() { REFRESH } else { RETRY };
+        relay.next_bind = now + if relay.usable { REFRESH } else { RETRY };
         relay.unanswered = relay.unanswered.or(Some(now));
         let bind = relay.port.token.bind(relay.counter);
         if let Err(e) = io.send(relay.addr(), &bind) {
@@ -203,19 +205,7 @@ impl Site {
     /// A packet for `peer` went through the QUIC relay: ask for a relay
     /// port, at most every [`REQUEST_INTERVAL`].
     pub(super) fn want_relay_port(&self, peer: &Arc<Peer>, io: &mut impl Io) {
-        let now = self.started.elapsed().as_millis() as u64;
-        let next = peer.relay_port_asked.load(Relaxed);
-        if now >= next
-            && peer
-                .relay_port_asked
-                .compare_exchange(
-                    next,
-                    now + REQUEST_INTERVAL.as_millis() as u64,
-                    Relaxed,
-                    Relaxed,
-                )
-                .is_ok()
-        {
+        if self.take_turn(&peer.relay_port_asked, REQUEST_INTERVAL) {
             io.request_relay_port(peer);
         }
     }

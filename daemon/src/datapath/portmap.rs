@@ -50,12 +50,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, internal_port: u16) {
                 continue;
             }
         };
-        let Some(socket) = socket else {
-            debug!(%gateway, "port mapping: no IPv4 source address toward the gateway");
-            tokio::time::sleep(NO_GATEWAY_RETRY).await;
-            continue;
-        };
-        guard.socket = socket.std.try_clone().ok();
+        guard.socket = Some(socket.std);
         let client = socket.client;
         // The same nonce after a restart: the router still holds our
         // mapping under it.
@@ -108,8 +103,8 @@ async fn drive(
                     debug!(%gateway, %protocol, result, "port mapping refused");
                 }
             }
-            guard.delete = mapper.delete_request();
         }
+        guard.delete = mapper.delete_request();
         let at = tokio::time::Instant::from_std(mapper.poll_timeout());
         tokio::select! {
             () = tokio::time::sleep_until(at) => {
@@ -142,23 +137,25 @@ struct Connected {
     client: Ipv4Addr,
 }
 
-/// An ephemeral UDP socket connected to `gateway`'s PCP / NAT-PMP port;
-/// `None` if its source address is not IPv4.
-async fn connect(gateway: Ipv4Addr) -> std::io::Result<Option<Connected>> {
+/// An ephemeral IPv4 UDP socket connected to `gateway`'s PCP / NAT-PMP
+/// port.
+async fn connect(gateway: Ipv4Addr) -> std::io::Result<Connected> {
     let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).await?;
     socket
         .connect(SocketAddrV4::new(gateway, portmap::SERVER_PORT))
         .await?;
-    let SocketAddr::V4(local) = socket.local_addr()? else {
-        return Ok(None);
+    let client = match socket.local_addr()?.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        // Bound to 0.0.0.0: always IPv4.
+        std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     };
     let std = socket.into_std()?;
     let clone = std.try_clone()?;
-    Ok(Some(Connected {
+    Ok(Connected {
         tokio: UdpSocket::from_std(std)?,
         std: clone,
-        client: *local.ip(),
-    }))
+        client,
+    })
 }
 
 /// Deletes the mapping held and withdraws the candidate when dropped.

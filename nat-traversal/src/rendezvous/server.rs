@@ -241,6 +241,11 @@ struct ConnHandle {
 struct State {
     registry: Registry,
     conns: HashMap<ConnId, ConnHandle>,
+    /// Which ports relay ports are bound on, and how long an unused one
+    /// lives.
+    relay_settings: (RelayPorts, Duration),
+    /// The running relay ports' tasks, by port.
+    relay_tasks: HashMap<u16, tokio::task::AbortHandle>,
 }
 
 struct Shared {
@@ -258,10 +263,6 @@ struct Shared {
     rejection_log: Mutex<LogBudget>,
     /// Where relay ports are bound: the QUIC socket's address.
     relay_ip: IpAddr,
-    /// Which ports, and how long an unused one lives.
-    relay_range: Mutex<(RelayPorts, Duration)>,
-    /// The running relay ports' tasks, by port.
-    relay_ports: Mutex<HashMap<u16, tokio::task::AbortHandle>>,
     /// What each configured site sent through relay ports.
     relay_sides: HashMap<SiteKey, Arc<SideCounters>>,
     relay_strangers: Arc<AtomicU64>,
@@ -318,16 +319,22 @@ impl Shared {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn relay_ports(&self) -> MutexGuard<'_, HashMap<u16, tokio::task::AbortHandle>> {
-        self.relay_ports.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn pending_total(&self) -> usize {
         self.pending_total.load(Ordering::Relaxed)
     }
 }
 
 impl State {
+    /// Stops the relay ports of pairs that stopped being mutual.
+    fn close_freed_ports(&mut self) {
+        for port in self.registry.take_freed_ports() {
+            if let Some(task) = self.relay_tasks.remove(&port) {
+                task.abort();
+                debug!(port, "relay port closed");
+            }
+        }
+    }
+
     /// Queues updates on their connections, replacing a queued update about
     /// the same peer (the newer one says all). A site whose queue still
     /// grows beyond [`CONTROL_QUEUE`] is disconnected (it reconnects and
@@ -411,7 +418,7 @@ impl RendezvousServer {
     /// port; [`RelayPorts::Off`]: none, pairs relay over QUIC only). Call
     /// before [`Self::run`].
     pub fn with_relay_ports(self, ports: RelayPorts) -> Self {
-        self.relay_settings().0 = ports;
+        self.shared.lock().relay_settings.0 = ports;
         self
     }
 
@@ -420,15 +427,8 @@ impl RendezvousServer {
     /// sites: pairs that went direct do not keep ports. Call before
     /// [`Self::run`].
     pub fn with_relay_port_idle(self, idle: Duration) -> Self {
-        self.relay_settings().1 = idle;
+        self.shared.lock().relay_settings.1 = idle;
         self
-    }
-
-    fn relay_settings(&self) -> MutexGuard<'_, (RelayPorts, Duration)> {
-        self.shared
-            .relay_range
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// A server on sockets the caller bound (tests bind port 0); `stun`
@@ -458,6 +458,8 @@ impl RendezvousServer {
                 state: Mutex::new(State {
                     registry,
                     conns: HashMap::new(),
+                    relay_settings: (RelayPorts::Any, RELAY_PORT_IDLE),
+                    relay_tasks: HashMap::new(),
                 }),
                 secret,
                 public,
@@ -469,8 +471,6 @@ impl RendezvousServer {
                 abuse: Abuse::default(),
                 rejection_log: Mutex::new(LogBudget::default()),
                 relay_ip,
-                relay_range: Mutex::new((RelayPorts::Any, RELAY_PORT_IDLE)),
-                relay_ports: Mutex::new(HashMap::new()),
                 relay_sides,
                 relay_strangers: Arc::default(),
             }),
@@ -559,7 +559,7 @@ impl RendezvousServer {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
         connections.shutdown().await;
         background.shutdown().await;
-        for (_, task) in self.shared.relay_ports().drain() {
+        for (_, task) in self.shared.lock().relay_tasks.drain() {
             task.abort();
         }
         Ok(())
@@ -1031,7 +1031,7 @@ async fn run_session(
     let mut state = shared.lock();
     let updates = state.registry.disconnect(id);
     state.dispatch(updates, &shared.abuse);
-    close_freed_ports(&mut state, &shared);
+    state.close_freed_ports();
     if state
         .conns
         .get(&id)
@@ -1060,7 +1060,7 @@ fn apply_registration(
     debug!(peers = peers.len(), candidates = ?candidates, dropped, "register");
     let updates = state.registry.register(id, peers, candidates);
     state.dispatch(updates, &shared.abuse);
-    close_freed_ports(&mut state, shared);
+    state.close_freed_ports();
 }
 
 /// Site `id` asks for a relay port to `peer`: tells it the pair's port
@@ -1081,7 +1081,7 @@ fn grant_relay_port(shared: &Arc<Shared>, id: ConnId, peer: &SiteKey) {
             RelayRequest::New(pair) => pair,
         }
     };
-    let (range, idle) = *shared.relay_range.lock().unwrap_or_else(|e| e.into_inner());
+    let (range, idle) = shared.lock().relay_settings;
     let bound = match range {
         RelayPorts::Off => {
             debug!("relay port refused: relay_ports = \"off\"");
@@ -1122,7 +1122,7 @@ fn grant_relay_port(shared: &Arc<Shared>, id: ConnId, peer: &SiteKey) {
             // while the port is still bound (so that its number is not
             // handed out again before it is forgotten).
             let mut state = owner.lock();
-            owner.relay_ports().remove(&number);
+            state.relay_tasks.remove(&number);
             let updates = state.registry.release_relay_port(pair, number);
             state.dispatch(updates, &owner.abuse);
             drop(state);
@@ -1131,7 +1131,7 @@ fn grant_relay_port(shared: &Arc<Shared>, id: ConnId, peer: &SiteKey) {
         .instrument(tracing::info_span!("relay_port", port = number)),
     );
     let mut state = shared.lock();
-    shared.relay_ports().insert(number, task.abort_handle());
+    state.relay_tasks.insert(number, task.abort_handle());
     let updates = state
         .registry
         .grant_relay_port(pair, number, tokens.map(|t| t.0));
@@ -1139,17 +1139,7 @@ fn grant_relay_port(shared: &Arc<Shared>, id: ConnId, peer: &SiteKey) {
         debug!(port = number, "relay port granted");
     }
     state.dispatch(updates, &shared.abuse);
-    close_freed_ports(&mut state, shared);
-}
-
-/// Stops the relay ports of pairs that stopped being mutual.
-fn close_freed_ports(state: &mut State, shared: &Shared) {
-    for port in state.registry.take_freed_ports() {
-        if let Some(task) = shared.relay_ports().remove(&port) {
-            task.abort();
-            debug!(port, "relay port closed");
-        }
-    }
+    state.close_freed_ports();
 }
 
 /// Forwards one relay datagram from connection `from`, if its destination

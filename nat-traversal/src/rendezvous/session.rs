@@ -820,7 +820,6 @@ impl ClientSession {
                 candidates: Vec::new(),
                 online: false,
             });
-            self.set_relay_port(peer, None);
         }
         let granted: Vec<[u8; 32]> = self.relay_ports.keys().copied().collect();
         for peer in granted {
