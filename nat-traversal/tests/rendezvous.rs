@@ -43,6 +43,8 @@ fn site(name: &'static str) -> Site {
 
 struct Server {
     addr: SocketAddr,
+    /// The TLS-over-TCP listener, if the server has one.
+    tcp: Option<SocketAddr>,
     stun: SocketAddr,
     public: PublicKey,
     stats: ServerStats,
@@ -69,6 +71,27 @@ fn start_server_on(secret: StaticSecret, sites: &[&Site], quic: UdpSocket) -> Se
     )
 }
 
+/// A server that also listens on TCP (TLS) on loopback.
+fn start_server_with_tcp(sites: &[&Site]) -> Server {
+    let quic = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stun_socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let server =
+        RendezvousServer::with_sockets(keypair().0, &entries(sites), quic, Some(stun_socket))
+            .with_tcp(tcp);
+    run_server(server)
+}
+
+fn entries(sites: &[&Site]) -> Vec<SiteEntry> {
+    sites
+        .iter()
+        .map(|s| SiteEntry {
+            name: s.name.into(),
+            public_key: s.public,
+        })
+        .collect()
+}
+
 fn start_server_with(
     secret: StaticSecret,
     sites: &[&Site],
@@ -77,17 +100,15 @@ fn start_server_with(
     relay_idle: Duration,
 ) -> Server {
     let stun_socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let entries: Vec<SiteEntry> = sites
-        .iter()
-        .map(|s| SiteEntry {
-            name: s.name.into(),
-            public_key: s.public,
-        })
-        .collect();
-    let server = RendezvousServer::with_sockets(secret, &entries, quic, Some(stun_socket))
+    let server = RendezvousServer::with_sockets(secret, &entries(sites), quic, Some(stun_socket))
         .with_relay_ports(relay_ports)
         .with_relay_port_idle(relay_idle);
+    run_server(server)
+}
+
+fn run_server(server: RendezvousServer) -> Server {
     let addr = server.quic_addr().unwrap();
+    let tcp = server.tcp_addr();
     let stun = server.stun_addr().unwrap();
     let public = server.public_key();
     let stats = server.stats();
@@ -102,6 +123,7 @@ fn start_server_with(
     });
     Server {
         addr,
+        tcp,
         stun,
         public,
         stats,
@@ -1092,5 +1114,159 @@ async fn an_unused_relay_port_closes_and_both_sites_are_told() {
     assert!(next_relay_port(&mut ca).await.1.is_some());
     ca.close().await;
     cb.close().await;
+    server.stop().await;
+}
+
+/// A UDP forwarder in front of the rendezvous' QUIC port that drops
+/// everything until opened: a site dialling through it gets no answer over
+/// UDP, as behind an egress firewall that lets only TCP out.
+struct UdpGate {
+    addr: SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl UdpGate {
+    async fn to(server: SocketAddr) -> UdpGate {
+        let outside = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let inside = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        inside.connect(server).await.unwrap();
+        let addr = outside.local_addr().unwrap();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let is_open = open.clone();
+        let task = tokio::spawn(async move {
+            let (mut out_buf, mut in_buf) = (vec![0u8; 65536], vec![0u8; 65536]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = outside.recv_from(&mut out_buf) => {
+                        if is_open.load(std::sync::atomic::Ordering::Relaxed) {
+                            client = Some(from);
+                            let _ = inside.send(&out_buf[..n]).await;
+                        }
+                    }
+                    Ok(n) = inside.recv(&mut in_buf) => {
+                        if let Some(client) = client {
+                            let _ = outside.send_to(&in_buf[..n], client).await;
+                        }
+                    }
+                }
+            }
+        });
+        UdpGate { addr, open, task }
+    }
+
+    fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for UdpGate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_site_without_udp_joins_over_tls_on_tcp_and_moves_back_to_quic() {
+    let a = site("a");
+    let b = site("b");
+    let server = start_server_with_tcp(&[&a, &b]);
+    let gate = UdpGate::to(server.addr).await;
+    let behind_firewall = causeway_nat::rendezvous::RendezvousAddr {
+        quic: gate.addr,
+        tcp: server.tcp,
+    };
+    let started = std::time::Instant::now();
+    let mut ca = RendezvousClient::connect(
+        behind_firewall,
+        server.public,
+        a.secret.clone(),
+        vec![b.public],
+    )
+    .await
+    .unwrap();
+    let joined = started.elapsed();
+    eprintln!("joined over TCP after {joined:?}");
+    assert_eq!(ca.handle().transport(), Some("tcp"));
+    // QUIC had its head start, then TCP took over at once (not after the
+    // 10 s connect timeout).
+    assert!(joined < Duration::from_secs(3), "{joined:?}");
+    let mut cb = connect(&server, &b, &[&a]).await.unwrap();
+    assert_eq!(cb.handle().transport(), Some("quic"));
+    expect_online(&mut ca, &b, &[]).await;
+    expect_online(&mut cb, &a, &[]).await;
+    assert!(server.stats.site("a").unwrap().connected);
+
+    // Relayed both ways, byte-exact: the TCP side sends whole packets, the
+    // rendezvous fragments them for b's QUIC datagrams.
+    for (len, seed) in [(1452, 1), (60, 2), (9000, 3)] {
+        relay_once(&ca, &mut cb, &a.public, &b.public, &packet(len, seed)).await;
+        relay_once(&cb, &mut ca, &b.public, &a.public, &packet(len, seed + 100)).await;
+    }
+    let tcp_sent = ca.handle().stats();
+    assert_eq!(
+        tcp_sent.relay_tx_datagrams, tcp_sent.relay_tx_packets,
+        "unfragmented over TCP"
+    );
+
+    // UDP works again: the site moves back to QUIC by itself.
+    gate.open();
+    let moved = timeout(Duration::from_secs(15), async {
+        while ca.handle().transport() != Some("quic") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(moved.is_ok(), "still on {:?}", ca.handle().transport());
+    eprintln!("back on QUIC after {:?}", started.elapsed());
+    relay_once(&ca, &mut cb, &a.public, &b.public, &packet(1452, 7)).await;
+    relay_once(&cb, &mut ca, &b.public, &a.public, &packet(1452, 8)).await;
+    ca.close().await;
+    cb.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_and_silence_on_the_tcp_port_are_closed_and_the_port_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = site("a");
+    let server = start_server_with_tcp(&[&a]);
+    let tcp = server.tcp.unwrap();
+    // Not TLS at all: the handshake fails and the connection is closed.
+    let mut garbage = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    garbage
+        .write_all(&[0x16, 3, 1, 0xff, 0xff, 1, 2, 3])
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let read = timeout(WAIT, async {
+        loop {
+            match garbage.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "a garbage connection was not closed");
+    // Silent: closed at the authentication deadline, and counted.
+    let mut silent = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    let started = std::time::Instant::now();
+    let closed = timeout(Duration::from_secs(7), silent.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    assert!(started.elapsed() <= Duration::from_millis(5_500));
+    assert_eq!(server.stats.abuse().auth_timeouts, 1);
+    assert_eq!(server.stats.pending_auth(), 0);
+    // A real site still gets in over TCP.
+    let only_tcp = causeway_nat::rendezvous::RendezvousAddr {
+        quic: UdpGate::to(server.addr).await.addr,
+        tcp: Some(tcp),
+    };
+    let ca = RendezvousClient::connect(only_tcp, server.public, a.secret.clone(), vec![])
+        .await
+        .unwrap();
+    assert_eq!(ca.handle().transport(), Some("tcp"));
+    ca.close().await;
     server.stop().await;
 }

@@ -1,5 +1,13 @@
-//! The site's side: one QUIC connection to one rendezvous, kept up with
+//! The site's side: one connection to one rendezvous, kept up with
 //! reconnects. The daemon runs one client per configured rendezvous.
+//!
+//! The connection is QUIC. Where UDP to the rendezvous gets no answer
+//! (an egress firewall that lets only TCP out), and the rendezvous has a
+//! TLS-over-TCP address, the same session runs over TLS on TCP instead
+//! (see [`super::tcp`]): each attempt dials QUIC first and TCP too after
+//! [`TCP_HEAD_START`], and takes whichever is up first. While on TCP, QUIC
+//! is tried again every [`UDP_RETRY`]; once it answers, the client moves
+//! back to it.
 
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -17,10 +25,33 @@ use super::proto::CloseCode;
 use super::relay;
 use super::session::{ClientSession, Lost, Transmit};
 use super::session::{ClientStats, ConnectError, RelayError, RendezvousEvent};
+use super::tcp::{self, Carrier, Record, TcpHandle, TcpReader};
 use super::tls::{self, SERVER_NAME};
 
 /// Events buffered for the caller; relayed packets beyond it are dropped.
 const EVENT_QUEUE: usize = 1024;
+/// How long a QUIC attempt runs alone before TLS over TCP is tried too.
+pub(crate) const TCP_HEAD_START: Duration = Duration::from_millis(500);
+/// While connected over TCP, QUIC is tried again this often.
+pub(crate) const UDP_RETRY: Duration = Duration::from_secs(10);
+/// A QUIC attempt while connected over TCP gives up after this long.
+const UDP_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where a rendezvous is: its QUIC address and, optionally, its TLS-over-TCP
+/// address for when UDP gets no answer. A bare `SocketAddr` is QUIC only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RendezvousAddr {
+    /// The QUIC (UDP) address.
+    pub quic: SocketAddr,
+    /// The TLS-over-TCP address, if the rendezvous listens on one.
+    pub tcp: Option<SocketAddr>,
+}
+
+impl From<SocketAddr> for RendezvousAddr {
+    fn from(quic: SocketAddr) -> Self {
+        Self { quic, tcp: None }
+    }
+}
 
 /// Counters of what the driver did with the session's output.
 #[derive(Default)]
@@ -40,11 +71,12 @@ struct Shared {
     /// Every decision.
     session: ClientSession,
     /// The connection while one is up (for relay sends from the handles).
-    conn: Option<quinn::Connection>,
+    conn: Option<Carrier>,
 }
 
 struct Inner {
     server: SocketAddr,
+    tcp: Option<SocketAddr>,
     state: Mutex<Shared>,
     /// The session has something to transmit (a handle changed it).
     changed: Notify,
@@ -83,7 +115,7 @@ impl RendezvousClient {
     /// registered, or with the reason it could not be; after that the client
     /// reconnects by itself whenever the connection drops.
     pub async fn connect(
-        server: SocketAddr,
+        server: impl Into<RendezvousAddr>,
         pinned: PublicKey,
         site_secret: StaticSecret,
         peers: Vec<PublicKey>,
@@ -99,7 +131,7 @@ impl RendezvousClient {
     /// reported as `Disconnected` events). Fails only if no local socket can
     /// be opened. Must be called inside a tokio runtime.
     pub fn start(
-        server: SocketAddr,
+        server: impl Into<RendezvousAddr>,
         pinned: PublicKey,
         site_secret: StaticSecret,
         peers: Vec<PublicKey>,
@@ -161,7 +193,7 @@ impl RendezvousClient {
         self.driver.abort();
         let conn = self.handle.inner.lock().conn.take();
         if let Some(conn) = conn {
-            conn.close(CloseCode::Normal.varint(), b"site closing");
+            conn.close(CloseCode::Normal, b"site closing");
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
@@ -171,7 +203,7 @@ impl Drop for RendezvousClient {
     fn drop(&mut self) {
         self.driver.abort();
         if let Some(conn) = self.handle.inner.lock().conn.take() {
-            conn.close(CloseCode::Normal.varint(), b"site closing");
+            conn.close(CloseCode::Normal, b"site closing");
         }
     }
 }
@@ -192,8 +224,7 @@ impl RendezvousHandle {
         let datagrams = relay::fragment(target.relay_id, target.packet_id, packet, max)?;
         let count = datagrams.len() as u64;
         for datagram in datagrams {
-            conn.send_datagram(datagram)
-                .map_err(|e| RelayError::Send(e.to_string()))?;
+            conn.send_datagram(datagram).map_err(RelayError::Send)?;
         }
         bump(&self.inner.counters.relay_tx_datagrams, count);
         bump(&self.inner.counters.relay_tx_packets, 1);
@@ -254,9 +285,19 @@ impl RendezvousHandle {
         self.inner.lock().session.online_peers()
     }
 
-    /// The rendezvous' address.
+    /// The rendezvous' (QUIC) address.
     pub fn server(&self) -> SocketAddr {
         self.inner.server
+    }
+
+    /// How the client is connected now: `"quic"`, `"tcp"` (TLS over TCP,
+    /// UDP got no answer), or `None`.
+    pub fn transport(&self) -> Option<&'static str> {
+        let shared = self.inner.lock();
+        if !shared.session.is_registered() {
+            return None;
+        }
+        shared.conn.as_ref().map(Carrier::transport)
     }
 
     /// Counters.
@@ -287,14 +328,16 @@ impl RendezvousHandle {
 }
 
 fn setup(
-    server: SocketAddr,
+    server: impl Into<RendezvousAddr>,
     pinned: PublicKey,
     site_secret: StaticSecret,
     peers: Vec<PublicKey>,
 ) -> Result<(Driver, mpsc::Receiver<RendezvousEvent>), ConnectError> {
+    let RendezvousAddr { quic: server, tcp } = server.into();
     let auth_key =
         AuthKey::derive(&site_secret, &pinned).ok_or(ConnectError::UnusableKey { server })?;
     let config = tls::client_config()?;
+    let tcp_config = tokio_rustls::TlsConnector::from(tls::tcp_client_config()?);
     let local: SocketAddr = if server.is_ipv6() {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -314,6 +357,7 @@ fn setup(
     );
     let inner = Arc::new(Inner {
         server,
+        tcp,
         state: Mutex::new(Shared {
             session,
             conn: None,
@@ -326,18 +370,45 @@ fn setup(
         inner,
         endpoint,
         config,
+        tcp_config,
         link: Link::Down,
         events: tx,
+        ready: None,
+        probe: Probe::Off,
     };
     Ok((driver, rx))
 }
 
+/// A TLS-over-TCP connection to the rendezvous, as a site holds it.
+type ClientTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
 /// A connection that is up, with its control stream.
 struct Dialled {
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    up: Up,
     exporter: Option<Exporter>,
+}
+
+/// A connection that is up. Over QUIC, a stream half is `None` once it
+/// failed or finished; the connection's close then says why.
+enum Up {
+    Quic {
+        conn: quinn::Connection,
+        send: Option<quinn::SendStream>,
+        recv: Option<quinn::RecvStream>,
+    },
+    Tcp {
+        handle: TcpHandle,
+        reader: TcpReader<ClientTls>,
+    },
+}
+
+impl Up {
+    fn carrier(&self) -> Carrier {
+        match self {
+            Up::Quic { conn, .. } => Carrier::Quic(conn.clone()),
+            Up::Tcp { handle, .. } => Carrier::Tcp(handle.clone()),
+        }
+    }
 }
 
 type Dialling = Pin<Box<dyn Future<Output = Result<Dialled, Lost>> + Send>>;
@@ -346,15 +417,20 @@ type Dialling = Pin<Box<dyn Future<Output = Result<Dialled, Lost>> + Send>>;
 enum Link {
     /// No connection.
     Down,
-    /// Dialling (QUIC handshake, control stream).
+    /// Dialling (QUIC handshake, control stream; or TCP and TLS).
     Dialling(Dialling),
-    /// Up. A stream half is `None` once it failed or finished; the
-    /// connection's close then says why.
-    Up {
-        conn: quinn::Connection,
-        send: Option<quinn::SendStream>,
-        recv: Option<quinn::RecvStream>,
-    },
+    /// Up.
+    Up(Up),
+}
+
+/// While connected over TCP: when QUIC is tried again, or the attempt.
+enum Probe {
+    /// Not on TCP.
+    Off,
+    /// The next QUIC attempt is due then.
+    At(tokio::time::Instant),
+    /// A QUIC attempt is running.
+    Dialling(Dialling),
 }
 
 /// What happened, for the session.
@@ -362,9 +438,14 @@ enum Input {
     Timeout,
     Changed,
     Dialled(Result<Dialled, Lost>),
-    Stream(Result<Option<quinn::Chunk>, quinn::ReadError>),
-    Datagram(Result<bytes::Bytes, quinn::ConnectionError>),
-    Closed(quinn::ConnectionError),
+    Stream(bytes::Bytes),
+    StreamFinished,
+    /// The stream failed; the connection's close says why.
+    StreamFailed,
+    Datagram(bytes::Bytes),
+    Closed(Lost),
+    /// The QUIC attempt made while on TCP: up, or not.
+    Probed(Option<Dialled>),
 }
 
 fn lost(e: &quinn::ConnectionError) -> Lost {
@@ -381,17 +462,21 @@ fn lost(e: &quinn::ConnectionError) -> Lost {
     }
 }
 
-async fn dial(
+fn unreachable(description: String) -> Lost {
+    Lost {
+        closed_by_rendezvous: None,
+        description,
+    }
+}
+
+async fn dial_quic(
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
     server: SocketAddr,
 ) -> Result<Dialled, Lost> {
     let conn = endpoint
         .connect_with(config, server, SERVER_NAME)
-        .map_err(|e| Lost {
-            closed_by_rendezvous: None,
-            description: e.to_string(),
-        })?
+        .map_err(|e| unreachable(e.to_string()))?
         .await
         .map_err(|e| lost(&e))?;
     let (send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
@@ -401,21 +486,109 @@ async fn dial(
         .ok()
         .map(|()| exporter);
     Ok(Dialled {
-        conn,
-        send,
-        recv,
+        up: Up::Quic {
+            conn,
+            send: Some(send),
+            recv: Some(recv),
+        },
         exporter,
     })
 }
 
-/// Moves bytes and time between quinn and the [`ClientSession`]; decides
-/// nothing.
+async fn dial_tcp(
+    connector: tokio_rustls::TlsConnector,
+    server: SocketAddr,
+) -> Result<Dialled, Lost> {
+    let stream = tokio::net::TcpStream::connect(server)
+        .await
+        .map_err(|e| unreachable(format!("TCP {server}: {e}")))?;
+    // Relayed packets go out as they come, not Nagle-delayed.
+    let _ = stream.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let tls = connector
+        .connect(name, stream)
+        .await
+        .map_err(|e| unreachable(format!("TLS over TCP {server}: {e}")))?;
+    let exporter = tls
+        .get_ref()
+        .1
+        .export_keying_material(
+            [0u8; 32],
+            auth::EXPORTER_LABEL,
+            Some(auth::EXPORTER_CONTEXT),
+        )
+        .ok();
+    let (reader, handle) = tcp::start(tls);
+    Ok(Dialled {
+        up: Up::Tcp { handle, reader },
+        exporter,
+    })
+}
+
+/// Dials QUIC, and after [`TCP_HEAD_START`] (or once QUIC failed) TCP as
+/// well, if there is a TCP address: the first that is up wins, the other
+/// is dropped.
+async fn dial_either(quic: Dialling, tcp: Option<Dialling>) -> Result<Dialled, Lost> {
+    let Some(mut tcp) = tcp else {
+        return quic.await;
+    };
+    let mut quic = Some(quic);
+    let mut quic_lost = None;
+    if let Some(attempt) = quic.as_mut() {
+        tokio::select! {
+            result = attempt => match result {
+                Ok(d) => return Ok(d),
+                Err(e) => {
+                    quic = None;
+                    quic_lost = Some(e);
+                }
+            },
+            () = tokio::time::sleep(TCP_HEAD_START) => {}
+        }
+    }
+    let mut tcp_lost: Option<Lost> = None;
+    loop {
+        let quic_attempt = async {
+            match quic.as_mut() {
+                Some(attempt) => attempt.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = quic_attempt => match result {
+                Ok(d) => return Ok(d),
+                Err(e) => {
+                    quic = None;
+                    quic_lost = Some(e);
+                }
+            },
+            result = &mut tcp, if tcp_lost.is_none() => match result {
+                Ok(d) => return Ok(d),
+                Err(e) => tcp_lost = Some(e),
+            },
+        }
+        if let (Some(q), Some(t)) = (&quic_lost, &tcp_lost) {
+            return Err(Lost {
+                closed_by_rendezvous: q.closed_by_rendezvous.clone(),
+                description: format!("{}; {}", q.description, t.description),
+            });
+        }
+    }
+}
+
+/// Moves bytes and time between quinn (or the TCP connection) and the
+/// [`ClientSession`]; decides nothing but which transport to dial.
 struct Driver {
     inner: Arc<Inner>,
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
+    tcp_config: tokio_rustls::TlsConnector,
     link: Link,
     events: mpsc::Sender<RendezvousEvent>,
+    /// A QUIC connection made while on TCP, for the next dial.
+    ready: Option<Dialled>,
+    probe: Probe,
 }
 
 impl Driver {
@@ -443,6 +616,14 @@ impl Driver {
         }
     }
 
+    fn quic_attempt(&self) -> Dialling {
+        Box::pin(dial_quic(
+            self.endpoint.clone(),
+            self.config.clone(),
+            self.inner.server,
+        ))
+    }
+
     /// Carries out what the session asks for, then hands its events to the
     /// site.
     async fn flush(&mut self) {
@@ -451,27 +632,39 @@ impl Driver {
             let Some(transmit) = transmit else { break };
             match transmit {
                 Transmit::Connect => {
-                    let dialling = dial(
-                        self.endpoint.clone(),
-                        self.config.clone(),
-                        self.inner.server,
-                    );
-                    self.link = Link::Dialling(Box::pin(dialling));
+                    let dialling: Dialling = match self.ready.take() {
+                        Some(ready) => Box::pin(std::future::ready(Ok(ready))),
+                        None => {
+                            let tcp = self.inner.tcp.map(|addr| -> Dialling {
+                                Box::pin(dial_tcp(self.tcp_config.clone(), addr))
+                            });
+                            Box::pin(dial_either(self.quic_attempt(), tcp))
+                        }
+                    };
+                    self.link = Link::Dialling(dialling);
                 }
                 Transmit::Stream(bytes) => {
                     // A write error means the connection closed: its close
                     // reason says why.
-                    if let Link::Up { send, .. } = &mut self.link
-                        && let Some(stream) = send
-                        && stream.write_all(&bytes).await.is_err()
-                    {
-                        *send = None;
+                    match &mut self.link {
+                        Link::Up(Up::Quic { send, .. }) => {
+                            if let Some(stream) = send
+                                && stream.write_all(&bytes).await.is_err()
+                            {
+                                *send = None;
+                            }
+                        }
+                        Link::Up(Up::Tcp { handle, .. }) => {
+                            let _ = handle.write_control(&bytes).await;
+                        }
+                        Link::Down | Link::Dialling(_) => {}
                     }
                 }
                 Transmit::Close { code, reason } => {
-                    if let Link::Up { conn, .. } = std::mem::replace(&mut self.link, Link::Down) {
-                        conn.close(code.varint(), reason.as_bytes());
+                    if let Link::Up(up) = std::mem::replace(&mut self.link, Link::Down) {
+                        up.carrier().close(code, reason.as_bytes());
                     }
+                    self.probe = Probe::Off;
                     self.inner.lock().conn = None;
                 }
             }
@@ -512,13 +705,43 @@ impl Driver {
                 () = changed => Input::Changed,
                 dialled = dialling => Input::Dialled(dialled),
             },
-            Link::Up { conn, recv, .. } => tokio::select! {
+            Link::Up(Up::Quic { conn, recv, .. }) => tokio::select! {
                 () = timer => Input::Timeout,
                 () = changed => Input::Changed,
-                chunk = read_chunk(recv) => Input::Stream(chunk),
-                datagram = conn.read_datagram() => Input::Datagram(datagram),
-                e = conn.closed() => Input::Closed(e),
+                chunk = read_chunk(recv) => match chunk {
+                    Ok(Some(chunk)) => Input::Stream(chunk.bytes),
+                    Ok(None) => Input::StreamFinished,
+                    Err(_) => Input::StreamFailed,
+                },
+                datagram = conn.read_datagram() => match datagram {
+                    Ok(d) => Input::Datagram(d),
+                    Err(e) => Input::Closed(lost(&e)),
+                },
+                e = conn.closed() => Input::Closed(lost(&e)),
             },
+            Link::Up(Up::Tcp { reader, .. }) => {
+                let endpoint = self.endpoint.clone();
+                let config = self.config.clone();
+                let server = self.inner.server;
+                let probe = &mut self.probe;
+                tokio::select! {
+                    () = timer => Input::Timeout,
+                    () = changed => Input::Changed,
+                    record = reader.next() => match record {
+                        Ok(Some(Record::Control(bytes))) => Input::Stream(bytes),
+                        Ok(Some(Record::Datagram(d))) => Input::Datagram(d),
+                        Ok(Some(Record::Close(code, reason))) => Input::Closed(Lost {
+                            description: format!("closed by the rendezvous: {reason}"),
+                            closed_by_rendezvous: Some((code, reason)),
+                        }),
+                        Ok(None) => Input::Closed(unreachable(
+                            "the rendezvous closed the TCP connection".into(),
+                        )),
+                        Err(e) => Input::Closed(unreachable(format!("over TCP: {e}"))),
+                    },
+                    probed = next_probe(probe, endpoint, config, server) => Input::Probed(probed),
+                }
+            }
         };
         let now = Instant::now();
         let mut shared = self.inner.lock();
@@ -526,34 +749,83 @@ impl Driver {
             Input::Timeout => shared.session.handle_timeout(now),
             Input::Changed => {}
             Input::Dialled(Ok(d)) => {
-                shared.conn = Some(d.conn.clone());
-                self.link = Link::Up {
-                    conn: d.conn,
-                    send: Some(d.send),
-                    recv: Some(d.recv),
+                let carrier = d.up.carrier();
+                self.probe = match carrier {
+                    Carrier::Tcp(_) => {
+                        tracing::warn!(
+                            tcp = ?self.inner.tcp,
+                            "UDP to the rendezvous gets no answer; connected over TLS on TCP (QUIC is tried again every {} s)",
+                            UDP_RETRY.as_secs()
+                        );
+                        Probe::At(tokio::time::Instant::now() + UDP_RETRY)
+                    }
+                    Carrier::Quic(_) => Probe::Off,
                 };
+                shared.conn = Some(carrier);
+                self.link = Link::Up(d.up);
                 shared.session.connected(now, d.exporter);
             }
             Input::Dialled(Err(lost)) => {
                 self.link = Link::Down;
                 shared.session.connection_lost(now, lost);
             }
-            Input::Stream(Ok(Some(chunk))) => shared.session.stream_received(now, &chunk.bytes),
-            Input::Stream(Ok(None)) => {
-                if let Link::Up { recv, .. } = &mut self.link {
+            Input::Stream(bytes) => shared.session.stream_received(now, &bytes),
+            Input::StreamFinished => {
+                if let Link::Up(Up::Quic { recv, .. }) = &mut self.link {
                     *recv = None;
                 }
                 shared.session.stream_finished(now);
             }
-            // The connection's close says why.
-            Input::Stream(Err(_)) => {
-                if let Link::Up { recv, .. } = &mut self.link {
+            Input::StreamFailed => {
+                if let Link::Up(Up::Quic { recv, .. }) = &mut self.link {
                     *recv = None;
                 }
             }
-            Input::Datagram(Ok(datagram)) => shared.session.datagram_received(now, &datagram),
-            Input::Datagram(Err(e)) | Input::Closed(e) => {
-                shared.session.connection_lost(now, lost(&e));
+            Input::Datagram(datagram) => shared.session.datagram_received(now, &datagram),
+            Input::Closed(lost) => shared.session.connection_lost(now, lost),
+            Input::Probed(Some(quic)) if shared.session.is_registered() => {
+                tracing::info!("UDP reaches the rendezvous again; moving back to QUIC");
+                self.ready = Some(quic);
+                shared.session.redial(now);
+            }
+            Input::Probed(Some(quic)) => {
+                if let Up::Quic { conn, .. } = quic.up {
+                    conn.close(CloseCode::Normal.varint(), b"not needed");
+                }
+            }
+            Input::Probed(None) => {}
+        }
+    }
+}
+
+/// While on TCP: waits for the next QUIC attempt to be due, makes it, and
+/// gives its result (`None`: no answer; the next is scheduled). Cancel-safe:
+/// the attempt is kept in `probe`.
+async fn next_probe(
+    probe: &mut Probe,
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    server: SocketAddr,
+) -> Option<Dialled> {
+    loop {
+        match probe {
+            Probe::Off => return std::future::pending().await,
+            Probe::At(at) => {
+                tokio::time::sleep_until(*at).await;
+                let attempt = tokio::time::timeout(
+                    UDP_PROBE_TIMEOUT,
+                    dial_quic(endpoint.clone(), config.clone(), server),
+                );
+                *probe = Probe::Dialling(Box::pin(async move {
+                    attempt
+                        .await
+                        .unwrap_or_else(|_| Err(unreachable("no answer".into())))
+                }));
+            }
+            Probe::Dialling(attempt) => {
+                let result = attempt.await;
+                *probe = Probe::At(tokio::time::Instant::now() + UDP_RETRY);
+                return result.ok();
             }
         }
     }

@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub stun_listen: SocketAddr,
     /// Which UDP ports the relay ports of pairs are bound on.
     pub relay_ports: RelayPorts,
+    /// TCP address of the TLS listener for sites that can send no UDP;
+    /// `None` (the default, `"off"`): none.
+    pub tcp_listen: Option<SocketAddr>,
     /// The sites this rendezvous serves, in file order (non-empty, names and
     /// keys unique).
     pub sites: Vec<SiteEntry>,
@@ -69,6 +72,7 @@ struct RawConfig {
     listen: Option<String>,
     stun_listen: Option<String>,
     relay_ports: Option<String>,
+    tcp_listen: Option<String>,
     #[serde(default)]
     site: Vec<RawSite>,
 }
@@ -135,6 +139,17 @@ impl ServerConfig {
                 p.add("relay_ports", why);
                 RelayPorts::Any
             }
+        };
+
+        let tcp_listen = match raw.tcp_listen.as_deref() {
+            None | Some("off") => None,
+            Some(text) => address(
+                &mut p,
+                "tcp_listen",
+                Some(text.to_owned()),
+                "",
+                "\"[::]:443\" (or \"off\")",
+            ),
         };
 
         if raw.site.is_empty() {
@@ -214,6 +229,7 @@ impl ServerConfig {
             listen: listen.unwrap_or_else(|| default_addr(DEFAULT_LISTEN)),
             stun_listen: stun_listen.unwrap_or_else(|| default_addr(DEFAULT_STUN_LISTEN)),
             relay_ports,
+            tcp_listen,
             sites,
         })
     }
@@ -451,6 +467,26 @@ public_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
                 e.contains("relay_ports") && e.contains("port range"),
                 "{bad}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn tcp_listen_is_off_unless_given_an_address() {
+        let with = |line: &str| {
+            let text = format!("{line}\n[[site]]\nname = \"a\"\npublic_key = \"{KEY_A}\"\n");
+            ServerConfig::parse(&text, "r.toml").map(|c| c.tcp_listen)
+        };
+        assert_eq!(with("").unwrap(), None);
+        assert_eq!(with("tcp_listen = \"off\"").unwrap(), None);
+        assert_eq!(
+            with("tcp_listen = \"[::]:443\"").unwrap(),
+            Some("[::]:443".parse().unwrap())
+        );
+        for bad in ["443", "0.0.0.0:0", "on"] {
+            let e = with(&format!("tcp_listen = {bad:?}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("tcp_listen") && e.contains("443"), "{bad}: {e}");
         }
     }
 }

@@ -32,12 +32,13 @@ mod relay_port;
 mod server;
 mod session;
 mod stream;
+mod tcp;
 #[cfg(test)]
 mod tests;
 mod tls;
 
 pub use causeway_common::keys::KeyError;
-pub use client::{RendezvousClient, RendezvousHandle};
+pub use client::{RendezvousAddr, RendezvousClient, RendezvousHandle};
 pub use config::{
     ConfigErrors, DEFAULT_LISTEN, DEFAULT_PRIVATE_KEY_FILE, DEFAULT_STUN_LISTEN, RelayPorts,
     ServerConfig, SiteEntry,

@@ -31,6 +31,7 @@ use super::registry::{ConnId, PairKey, Registry, RelayRequest, RouteError, SiteK
 use super::relay;
 use super::relay_port::{RelayPort, SideCounters};
 use super::stream::{ReadFailure, read_frame, write_frame};
+use super::tcp::{self, Carrier, Record, TcpHandle, TcpReader};
 use super::tls::{self, TlsError};
 use crate::stun;
 use crate::udp_relay::{RelayPair, RelayToken};
@@ -234,7 +235,7 @@ impl Outbox {
 }
 
 struct ConnHandle {
-    conn: quinn::Connection,
+    conn: Carrier,
     outbox: Arc<Outbox>,
 }
 
@@ -352,7 +353,7 @@ impl State {
             if overloaded {
                 handle
                     .conn
-                    .close(CloseCode::Overloaded.varint(), b"control stream overloaded");
+                    .close(CloseCode::Overloaded, b"control stream overloaded");
             }
         }
     }
@@ -363,6 +364,7 @@ pub struct RendezvousServer {
     shared: Arc<Shared>,
     quic: std::net::UdpSocket,
     stun: Option<std::net::UdpSocket>,
+    tcp: Option<std::net::TcpListener>,
 }
 
 /// Runs the rendezvous described by `config` until `shutdown` completes:
@@ -375,10 +377,15 @@ pub async fn serve(
     RendezvousServer::bind(&config)?.run(shutdown).await
 }
 
-fn bind_udp(field: &'static str, addr: SocketAddr) -> Result<std::net::UdpSocket, ServeError> {
-    match std::net::UdpSocket::bind(addr) {
+/// Binds `addr` with `bind`; `[::]` on a host without IPv6 falls back to
+/// IPv4 only.
+fn bind_socket<T>(
+    field: &'static str,
+    addr: SocketAddr,
+    bind: impl Fn(SocketAddr) -> io::Result<T>,
+) -> Result<T, ServeError> {
+    match bind(addr) {
         Ok(s) => Ok(s),
-        // `[::]` on a host without IPv6: fall back to IPv4 only.
         Err(e)
             if addr.is_ipv6()
                 && addr.ip().is_unspecified()
@@ -389,7 +396,7 @@ fn bind_udp(field: &'static str, addr: SocketAddr) -> Result<std::net::UdpSocket
         {
             let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
             warn!(%addr, fallback = %v4, error = %e, "cannot listen on IPv6; listening on IPv4 only");
-            std::net::UdpSocket::bind(v4).map_err(|source| ServeError::Bind {
+            bind(v4).map_err(|source| ServeError::Bind {
                 field,
                 addr: v4,
                 source,
@@ -408,10 +415,25 @@ impl RendezvousServer {
     /// sockets of `config`.
     pub fn bind(config: &ServerConfig) -> Result<Self, ServeError> {
         let secret = config.load_private_key()?;
-        let quic = bind_udp("listen", config.listen)?;
-        let stun = bind_udp("stun_listen", config.stun_listen)?;
-        Ok(Self::with_sockets(secret, &config.sites, quic, Some(stun))
-            .with_relay_ports(config.relay_ports))
+        let quic = bind_socket("listen", config.listen, std::net::UdpSocket::bind)?;
+        let stun = bind_socket("stun_listen", config.stun_listen, std::net::UdpSocket::bind)?;
+        let tcp = config
+            .tcp_listen
+            .map(|addr| bind_socket("tcp_listen", addr, std::net::TcpListener::bind))
+            .transpose()?;
+        let server = Self::with_sockets(secret, &config.sites, quic, Some(stun))
+            .with_relay_ports(config.relay_ports);
+        Ok(match tcp {
+            Some(tcp) => server.with_tcp(tcp),
+            None => server,
+        })
+    }
+
+    /// Also serves sites over TLS on TCP on `listener` (for sites that
+    /// can send no UDP). Call before [`Self::run`].
+    pub fn with_tcp(mut self, listener: std::net::TcpListener) -> Self {
+        self.tcp = Some(listener);
+        self
     }
 
     /// Binds the pairs' UDP relay ports from `ports` (by default any free
@@ -476,6 +498,7 @@ impl RendezvousServer {
             }),
             quic,
             stun,
+            tcp: None,
         }
     }
 
@@ -492,6 +515,11 @@ impl RendezvousServer {
     /// The STUN socket's address, if there is one.
     pub fn stun_addr(&self) -> Option<SocketAddr> {
         self.stun.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
+    /// The TCP listener's address, if there is one.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|s| s.local_addr().ok())
     }
 
     /// A handle on the counters, usable while and after the server runs.
@@ -527,11 +555,25 @@ impl RendezvousServer {
             background
                 .spawn(stun_responder(socket, shared).instrument(tracing::info_span!("stun")));
         }
+        let tcp = match self.tcp {
+            Some(listener) => {
+                listener
+                    .set_nonblocking(true)
+                    .map_err(ServeError::Endpoint)?;
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).map_err(ServeError::Endpoint)?;
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls::tcp_server_config()?);
+                Some((listener, acceptor))
+            }
+            None => None,
+        };
+        let tcp_addr = tcp.as_ref().and_then(|(l, _)| l.local_addr().ok());
         let sites = self.shared.lock().registry.sites().count();
         info!(
             public_key = %keys::encode_public(&self.shared.public),
             listen = %quic_addr,
             stun_listen = %stun_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+            tcp_listen = %tcp_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
             sites,
             "rendezvous serving; sites pin its public key"
         );
@@ -550,6 +592,15 @@ impl RendezvousServer {
                     };
                     let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
                     connections.spawn(handle_connection(incoming, id, slot));
+                }
+                accepted = accept_tcp(tcp.as_ref().map(|(l, _)| l)) => {
+                    let (stream, remote) = accepted;
+                    let Some(slot) = admit_tcp(remote, &self.shared) else {
+                        continue;
+                    };
+                    let Some((_, acceptor)) = &tcp else { continue };
+                    let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                    connections.spawn(handle_tcp(stream, acceptor.clone(), id, slot, remote));
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
@@ -687,19 +738,163 @@ fn admit(
     }
 }
 
+/// The next TCP connection (never, without a listener). Errors (out of
+/// file descriptors, a connection reset before it was accepted) are logged
+/// and waited out.
+async fn accept_tcp(
+    listener: Option<&tokio::net::TcpListener>,
+) -> (tokio::net::TcpStream, SocketAddr) {
+    let Some(listener) = listener else {
+        return std::future::pending().await;
+    };
+    loop {
+        match listener.accept().await {
+            Ok((stream, remote)) => return (stream, canonical(remote)),
+            Err(e) => {
+                debug!(error = %e, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Decides about a TCP connection (its address is validated by the TCP
+/// handshake): a slot, or `None` (the stream is dropped, which resets it).
+fn admit_tcp(remote: SocketAddr, shared: &Arc<Shared>) -> Option<PendingSlot> {
+    let ip = remote.ip();
+    match shared.pending().admit(ip, true) {
+        Admission::Accept => {
+            shared.pending_total.fetch_add(1, Ordering::Relaxed);
+            Some(PendingSlot {
+                shared: shared.clone(),
+                ip,
+            })
+        }
+        Admission::Validate | Admission::Refuse => {
+            bump(&shared.abuse.refused, 1);
+            debug!(%remote, "too many connections authenticating; TCP connection refused");
+            None
+        }
+    }
+}
+
 /// A rejection: the close code and a message for the site.
 struct Rejection {
     code: CloseCode,
     message: String,
 }
 
+/// A TLS-over-TCP connection of a site, as the server holds it.
+type ServerTls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// A site's connection, as its session reads and writes it: QUIC (the
+/// control stream and datagrams) or TLS over TCP (records, see
+/// [`super::tcp`]).
+enum Link {
+    Quic {
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+    Tcp {
+        reader: TcpReader<ServerTls>,
+        handle: TcpHandle,
+    },
+}
+
+/// What arrived on a site's connection.
+enum Arrived {
+    Frame(SiteMessage),
+    Datagram(Bytes),
+    /// The site finished its control stream.
+    Finished,
+    /// The connection is gone (why, for logs).
+    Closed(String),
+    /// The site sent something that is not a valid frame or record.
+    Protocol(String),
+}
+
+impl Link {
+    fn carrier(&self) -> Carrier {
+        match self {
+            Link::Quic { conn, .. } => Carrier::Quic(conn.clone()),
+            Link::Tcp { handle, .. } => Carrier::Tcp(handle.clone()),
+        }
+    }
+
+    /// The next message or datagram. Cancel-safe.
+    async fn next(&mut self, decoder: &mut FrameDecoder) -> Arrived {
+        match self {
+            Link::Quic { conn, recv, .. } => tokio::select! {
+                read = read_frame::<SiteMessage>(recv, decoder) => match read {
+                    Ok(Some(m)) => Arrived::Frame(m),
+                    Ok(None) => Arrived::Finished,
+                    Err(ReadFailure::Closed(e)) => Arrived::Closed(e),
+                    Err(ReadFailure::Protocol(e)) => Arrived::Protocol(e),
+                },
+                datagram = conn.read_datagram() => match datagram {
+                    Ok(d) => Arrived::Datagram(d),
+                    Err(e) => Arrived::Closed(e.to_string()),
+                },
+            },
+            Link::Tcp { reader, handle } => loop {
+                match decoder.next::<SiteMessage>() {
+                    Ok(Some(m)) => return Arrived::Frame(m),
+                    Ok(None) => {}
+                    Err(e) => return Arrived::Protocol(e.to_string()),
+                }
+                let record = tokio::select! {
+                    record = reader.next() => record,
+                    () = handle.closed() => return Arrived::Closed("closed".into()),
+                };
+                match record {
+                    Ok(Some(Record::Control(bytes))) => decoder.push(&bytes),
+                    Ok(Some(Record::Datagram(d))) => return Arrived::Datagram(d),
+                    Ok(Some(Record::Close(_, reason))) => {
+                        return Arrived::Closed(format!("closed by the site: {reason}"));
+                    }
+                    Ok(None) => return Arrived::Closed("the site closed the connection".into()),
+                    Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        return Arrived::Protocol(e.to_string());
+                    }
+                    Err(e) => return Arrived::Closed(e.to_string()),
+                }
+            },
+        }
+    }
+
+    async fn write_frame<T: serde::Serialize>(&mut self, message: &T) -> Result<(), String> {
+        match self {
+            Link::Quic { send, .. } => write_frame(send, message).await,
+            Link::Tcp { handle, .. } => handle.write_control(&encode_frame(message)).await,
+        }
+    }
+
+    /// Sends `Reject` if `tell` (and gives the site a moment to read it),
+    /// then closes with the matching code.
+    async fn reject(&mut self, tell: bool, r: Rejection) {
+        if tell {
+            let frame = RendezvousMessage::Reject {
+                code: r.code.as_u32(),
+                message: r.message.clone(),
+            };
+            let sent = self.write_frame(&frame).await.is_ok();
+            if let Link::Quic { conn, send, .. } = self
+                && sent
+            {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+            }
+        }
+        // Over TCP the close record follows what is queued.
+        self.carrier().close(r.code, r.message.as_bytes());
+    }
+}
+
 struct Authenticated {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
     decoder: FrameDecoder,
     site_key: PublicKey,
     site_name: String,
-    exporter: auth::Exporter,
     auth_key: AuthKey,
 }
 
@@ -726,33 +921,119 @@ async fn handle_connection(incoming: quinn::Incoming, id: ConnId, slot: PendingS
             return;
         }
     };
-    let result = tokio::select! {
-        result = tokio::time::timeout_at(deadline, authenticate(&conn, &shared, remote)) => match result {
-            Ok(result) => result,
-            Err(_) => {
-                bump(&shared.abuse.auth_timeouts, 1);
-                Err(Some(Rejection {
-                    code: CloseCode::Timeout,
-                    message: format!("no valid hello within {} s", AUTH_TIMEOUT.as_secs()),
-                }))
-            }
-        },
-        // Datagrams before authentication are read and dropped, so that
-        // they do not fill the connection's buffer.
-        () = drain_datagrams(&conn, &shared) => Err(None),
+    // Datagrams before the control stream are read and dropped, so that
+    // they do not fill the connection's buffer.
+    let streams = tokio::select! {
+        streams = tokio::time::timeout_at(deadline, conn.accept_bi()) => streams,
+        () = drain_datagrams(&conn, &shared) => return,
+    };
+    let (send, recv) = match streams {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            bump(&shared.abuse.auth_timeouts, 1);
+            conn.close(CloseCode::Timeout.varint(), b"no control stream in time");
+            return;
+        }
+    };
+    let mut exporter = [0u8; 32];
+    let exported = conn
+        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, auth::EXPORTER_CONTEXT)
+        .is_ok();
+    let link = Link::Quic { conn, send, recv };
+    serve_site(
+        link,
+        exported.then_some(exporter),
+        id,
+        slot,
+        remote,
+        deadline,
+    )
+    .await;
+}
+
+/// A site's TLS-over-TCP connection: the TLS handshake, then the same
+/// authentication and session as over QUIC.
+async fn handle_tcp(
+    stream: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    id: ConnId,
+    slot: PendingSlot,
+    remote: SocketAddr,
+) {
+    let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+    let _ = stream.set_nodelay(true);
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(%remote, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            bump(&slot.shared.abuse.auth_timeouts, 1);
+            debug!(%remote, "TLS handshake did not finish in time");
+            return;
+        }
+    };
+    let exporter = tls
+        .get_ref()
+        .1
+        .export_keying_material(
+            [0u8; 32],
+            auth::EXPORTER_LABEL,
+            Some(auth::EXPORTER_CONTEXT),
+        )
+        .ok();
+    let (reader, handle) = tcp::start(tls);
+    let link = Link::Tcp { reader, handle };
+    serve_site(link, exporter, id, slot, remote, deadline).await;
+}
+
+/// Authenticates a site on `link` (by `deadline`) and runs its session.
+async fn serve_site(
+    mut link: Link,
+    exporter: Option<auth::Exporter>,
+    id: ConnId,
+    slot: PendingSlot,
+    remote: SocketAddr,
+    deadline: tokio::time::Instant,
+) {
+    let shared = slot.shared.clone();
+    let Some(exporter) = exporter else {
+        let r = Rejection {
+            code: CloseCode::Protocol,
+            message: "no TLS exporter".into(),
+        };
+        link.reject(false, r).await;
+        return;
+    };
+    let result = match tokio::time::timeout_at(
+        deadline,
+        authenticate(&mut link, &shared, &exporter, remote),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => {
+            bump(&shared.abuse.auth_timeouts, 1);
+            Err(Some(Rejection {
+                code: CloseCode::Timeout,
+                message: format!("no valid hello within {} s", AUTH_TIMEOUT.as_secs()),
+            }))
+        }
     };
     drop(slot);
     let authed = match result {
         Ok(authed) => authed,
         Err(Some(rejection)) => {
             bump(&shared.abuse.auth_failures, 1);
-            reject(&conn, None, rejection).await;
+            link.reject(false, rejection).await;
             return;
         }
         Err(None) => return, // the connection went away, or was rejected
     };
     let span = tracing::info_span!("site", name = %authed.site_name);
-    run_session(conn, id, authed, shared, remote)
+    run_session(link, id, authed, &exporter, shared, remote)
         .instrument(span)
         .await;
 }
@@ -764,65 +1045,39 @@ async fn drain_datagrams(conn: &quinn::Connection, shared: &Shared) {
     }
 }
 
-/// Sends `Reject` (if the stream is there), gives the site a moment to read
-/// it, and closes with the matching code.
-async fn reject(conn: &quinn::Connection, send: Option<&mut quinn::SendStream>, r: Rejection) {
-    if let Some(send) = send {
-        let frame = encode_frame(&RendezvousMessage::Reject {
-            code: r.code.as_u32(),
-            message: r.message.clone(),
-        });
-        if send.write_all(&frame).await.is_ok() {
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
-        }
-    }
-    conn.close(r.code.varint(), r.message.as_bytes());
-}
-
 /// Runs the authentication exchange. `Err(None)`: the connection is gone
 /// (nothing to tell the site).
 async fn authenticate(
-    conn: &quinn::Connection,
+    link: &mut Link,
     shared: &Shared,
+    exporter: &auth::Exporter,
     remote: SocketAddr,
 ) -> Result<Authenticated, Option<Rejection>> {
-    let (mut send, mut recv) = conn.accept_bi().await.map_err(|_| None)?;
     let mut decoder = FrameDecoder::with_limit(MAX_HELLO_LEN);
-    let hello = match read_frame::<SiteMessage>(&mut recv, &mut decoder).await {
-        Ok(Some(m)) => m,
-        Ok(None) | Err(ReadFailure::Closed(_)) => return Err(None),
-        Err(ReadFailure::Protocol(message)) => {
-            return Err(Some(Rejection {
-                code: CloseCode::Protocol,
-                message,
-            }));
+    let hello = loop {
+        match link.next(&mut decoder).await {
+            Arrived::Frame(m) => break m,
+            // Datagrams before authentication are dropped unread.
+            Arrived::Datagram(_) => bump(&shared.abuse.unauthenticated_datagrams, 1),
+            Arrived::Finished | Arrived::Closed(_) => return Err(None),
+            Arrived::Protocol(message) => {
+                return Err(Some(Rejection {
+                    code: CloseCode::Protocol,
+                    message,
+                }));
+            }
         }
     };
-    let mut exporter = [0u8; 32];
-    if conn
-        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, auth::EXPORTER_CONTEXT)
-        .is_err()
-    {
-        return Err(Some(Rejection {
-            code: CloseCode::Protocol,
-            message: "no TLS exporter".into(),
-        }));
-    }
-    let outcome = check_hello(shared, hello, &exporter, remote);
-    match outcome {
+    match check_hello(shared, hello, exporter, remote) {
         Ok((site_key, site_name, auth_key)) => Ok(Authenticated {
-            send,
-            recv,
             decoder,
             site_key,
             site_name,
-            exporter,
             auth_key,
         }),
         Err(rejection) => {
             bump(&shared.abuse.auth_failures, 1);
-            reject(conn, Some(&mut send), rejection).await;
+            link.reject(true, rejection).await;
             Err(None)
         }
     }
@@ -906,38 +1161,39 @@ fn check_hello(
 }
 
 async fn run_session(
-    conn: quinn::Connection,
+    mut link: Link,
     id: ConnId,
     authed: Authenticated,
+    exporter: &auth::Exporter,
     shared: Arc<Shared>,
     remote: SocketAddr,
 ) {
     let Authenticated {
-        mut send,
-        mut recv,
         mut decoder,
         site_key,
         site_name: _,
-        exporter,
         auth_key,
     } = authed;
     // Authenticated: frames and flow control up to a registered site's size.
     decoder.set_limit(MAX_FRAME_LEN);
-    conn.set_receive_window(quinn::VarInt::from_u32(SITE_RECEIVE_WINDOW));
+    if let Link::Quic { conn, .. } = &link {
+        conn.set_receive_window(quinn::VarInt::from_u32(SITE_RECEIVE_WINDOW));
+    }
+    let carrier = link.carrier();
     let outbox = Arc::new(Outbox::default());
     let relay_id = {
         let mut state = shared.lock();
         let (relay_id, replaced, updates) = state.registry.connect(id, site_key.to_bytes());
         if let Some(old) = replaced.and_then(|old| state.conns.remove(&old)) {
             old.conn.close(
-                CloseCode::Replaced.varint(),
+                CloseCode::Replaced,
                 b"replaced by a newer connection of the same site",
             );
         }
         state.conns.insert(
             id,
             ConnHandle {
-                conn: conn.clone(),
+                conn: carrier.clone(),
                 outbox: outbox.clone(),
             },
         );
@@ -946,21 +1202,22 @@ async fn run_session(
     };
     let mut registrations = Coalescer::new(Instant::now(), REGISTER_BURST, REGISTER_INTERVAL);
     let welcome = RendezvousMessage::Welcome {
-        proof: Wire32(auth_key.proof(Role::Rendezvous, &exporter, &site_key, &shared.public)),
+        proof: Wire32(auth_key.proof(Role::Rendezvous, exporter, &site_key, &shared.public)),
         relay_id,
         observed: remote,
     };
-    info!(%remote, relay_id, site_key = %keys::encode_public(&site_key), "site connected");
+    let transport = carrier.transport();
+    info!(%remote, relay_id, transport, site_key = %keys::encode_public(&site_key), "site connected");
 
     let outcome: Result<(), (CloseCode, String)> = async {
-        write_frame(&mut send, &welcome)
+        link.write_frame(&welcome)
             .await
             .map_err(|e| (CloseCode::Normal, e))?;
         loop {
             let wake = registrations.wake_at().map(tokio::time::Instant::from_std);
             tokio::select! {
-                read = read_frame::<SiteMessage>(&mut recv, &mut decoder) => match read {
-                    Ok(Some(SiteMessage::Register { peers, candidates })) => {
+                arrived = link.next(&mut decoder) => match arrived {
+                    Arrived::Frame(SiteMessage::Register { peers, candidates }) => {
                         // Applied now, or coalesced into the latest one and
                         // applied when the site's rate allows.
                         if registrations.waiting() {
@@ -970,15 +1227,16 @@ async fn run_session(
                             apply_registration(&shared, id, r);
                         }
                     }
-                    Ok(Some(SiteMessage::RelayRequest { peer })) => {
+                    Arrived::Frame(SiteMessage::RelayRequest { peer }) => {
                         grant_relay_port(&shared, id, &peer.0);
                     }
-                    Ok(Some(SiteMessage::Hello { .. })) => {
+                    Arrived::Frame(SiteMessage::Hello { .. }) => {
                         return Err((CloseCode::Protocol, "hello after authentication".into()));
                     }
-                    Ok(None) => return Ok(()),
-                    Err(ReadFailure::Closed(e)) => return Err((CloseCode::Normal, e)),
-                    Err(ReadFailure::Protocol(e)) => return Err((CloseCode::Protocol, e)),
+                    Arrived::Datagram(d) => forward(&shared, id, d),
+                    Arrived::Finished => return Ok(()),
+                    Arrived::Closed(e) => return Err((CloseCode::Normal, e)),
+                    Arrived::Protocol(e) => return Err((CloseCode::Protocol, e)),
                 },
                 () = async {
                     match wake {
@@ -1002,45 +1260,43 @@ async fn run_session(
                             relay_port: u.relay.map(|g| g.port),
                             relay_token: u.relay.map(|g| Wire32(g.token)),
                         };
-                        write_frame(&mut send, &message)
+                        link.write_frame(&message)
                             .await
                             .map_err(|e| (CloseCode::Normal, e))?;
                     }
                 }
-                datagram = conn.read_datagram() => match datagram {
-                    Ok(d) => forward(&shared, id, d),
-                    Err(e) => return Err((CloseCode::Normal, e.to_string())),
-                },
             }
         }
     }
     .await;
-    match &outcome {
-        Ok(()) => conn.close(CloseCode::Normal.varint(), b"control stream closed"),
+    let mut reason = match &outcome {
+        Ok(()) => {
+            carrier.close(CloseCode::Normal, b"control stream closed");
+            "control stream closed".to_owned()
+        }
         Err((code, reason)) => {
             if *code != CloseCode::Normal {
                 warn!(%remote, %code, reason, "closing the site's connection");
             }
-            conn.close(code.varint(), reason.as_bytes());
+            carrier.close(*code, reason.as_bytes());
+            reason.clone()
         }
+    };
+    if let Link::Quic { conn, .. } = &link {
+        reason = conn
+            .close_reason()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
     }
-    let reason = conn
-        .close_reason()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
     let mut state = shared.lock();
     let updates = state.registry.disconnect(id);
     state.dispatch(updates, &shared.abuse);
     state.close_freed_ports();
-    if state
-        .conns
-        .get(&id)
-        .is_some_and(|h| h.conn.stable_id() == conn.stable_id())
-    {
+    if state.conns.get(&id).is_some_and(|h| h.conn.same(&carrier)) {
         state.conns.remove(&id);
     }
     drop(state);
-    info!(%remote, %reason, "site disconnected");
+    info!(%remote, %reason, transport, "site disconnected");
 }
 
 /// Applies a site's registration, bounded: only configured sites count as

@@ -633,6 +633,20 @@ impl ClientSession {
         }
     }
 
+    /// A better way to the rendezvous is ready (QUIC, while registered
+    /// over TLS on TCP): ends this connection and dials again at once.
+    pub(crate) fn redial(&mut self, now: Instant) {
+        if !self.is_registered() {
+            return;
+        }
+        self.end(
+            now,
+            (CloseCode::Normal, "moving to QUIC"),
+            "UDP reaches the rendezvous again; moving to QUIC".to_owned(),
+        );
+        self.state = State::Waiting { at: now };
+    }
+
     /// Acts on the timers that are due at `now`.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         match self.state {

@@ -1,4 +1,4 @@
-//! QUIC/TLS configuration of both ends.
+//! TLS configuration of both ends, for QUIC and for TLS over TCP.
 //!
 //! The rendezvous presents a fresh self-signed certificate (rcgen) on every
 //! start. Sites do not judge the certificate: who the rendezvous is is
@@ -17,6 +17,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use super::proto::ALPN;
+use super::tcp::TCP_ALPN;
 
 /// The TLS server name sites ask for (SNI) and the certificate names.
 pub(crate) const SERVER_NAME: &str = "causeway-rendezvous";
@@ -73,9 +74,9 @@ fn transport(for_site: bool) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// The rendezvous' QUIC server configuration, with a new self-signed
-/// certificate.
-pub(crate) fn server_config() -> Result<quinn::ServerConfig, TlsError> {
+/// The rendezvous' TLS configuration with a new self-signed certificate,
+/// for `alpn`.
+fn server_tls(alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
     let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])
         .map_err(|e| TlsError(format!("certificate generation: {e}")))?;
     let cert: CertificateDer<'static> = certified.cert.der().clone();
@@ -86,12 +87,24 @@ pub(crate) fn server_config() -> Result<quinn::ServerConfig, TlsError> {
         .with_no_client_auth()
         .with_single_cert(vec![cert], key)
         .map_err(|e| TlsError(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     tls.max_early_data_size = 0;
-    let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError(e.to_string()))?;
+    Ok(tls)
+}
+
+/// The rendezvous' QUIC server configuration, with a new self-signed
+/// certificate.
+pub(crate) fn server_config() -> Result<quinn::ServerConfig, TlsError> {
+    let quic =
+        QuicServerConfig::try_from(server_tls(ALPN)?).map_err(|e| TlsError(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport(false));
     Ok(config)
+}
+
+/// The rendezvous' TLS-over-TCP server configuration (see [`super::tcp`]).
+pub(crate) fn tcp_server_config() -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_tls(TCP_ALPN).map(Arc::new)
 }
 
 /// Bounds what quinn holds for connection attempts the server has not
@@ -103,8 +116,8 @@ pub(crate) fn limit_incoming(config: &mut quinn::ServerConfig) {
         .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
 }
 
-/// A site's QUIC client configuration.
-pub(crate) fn client_config() -> Result<quinn::ClientConfig, TlsError> {
+/// A site's TLS configuration for `alpn`.
+fn client_tls(alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -112,12 +125,23 @@ pub(crate) fn client_config() -> Result<quinn::ClientConfig, TlsError> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(SignatureOnly(provider)))
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     tls.enable_early_data = false;
-    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError(e.to_string()))?;
+    Ok(tls)
+}
+
+/// A site's QUIC client configuration.
+pub(crate) fn client_config() -> Result<quinn::ClientConfig, TlsError> {
+    let quic =
+        QuicClientConfig::try_from(client_tls(ALPN)?).map_err(|e| TlsError(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(transport(true));
     Ok(config)
+}
+
+/// A site's TLS-over-TCP client configuration (see [`super::tcp`]).
+pub(crate) fn tcp_client_config() -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    client_tls(TCP_ALPN).map(Arc::new)
 }
 
 /// Accepts any certificate, but checks the handshake signature made with it.
