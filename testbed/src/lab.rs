@@ -95,6 +95,9 @@ pub enum Nat {
     /// of the same addresses and ports would collide with it and gets
     /// another external port.
     PortPreservingNoInputFirewall,
+    /// [`Nat::PortPreserving`] behind an egress firewall that lets no UDP
+    /// out (IPv4 and IPv6): only TCP (and ICMP) leave the site.
+    UdpBlocked,
 }
 
 /// A built topology. Dropping it tears everything down (see the crate docs).
@@ -562,12 +565,16 @@ fn build_pod(gateway: &Netns, name: &str, spec: &SiteSpec, j: usize) -> Result<P
 /// `wan0` to `(address, same port)`.
 fn nat_ruleset(kind: Nat, forward: Option<(Ipv4Addr, u16)>) -> String {
     let flags = match kind {
-        Nat::PortPreserving | Nat::PortPreservingNoInputFirewall => "",
+        Nat::PortPreserving | Nat::PortPreservingNoInputFirewall | Nat::UdpBlocked => "",
         Nat::Symmetric => " random,fully-random",
     };
     let input_drop = match kind {
         Nat::PortPreservingNoInputFirewall => "",
-        Nat::PortPreserving | Nat::Symmetric => "\n        iifname \"wan0\" drop",
+        Nat::PortPreserving | Nat::Symmetric | Nat::UdpBlocked => "\n        iifname \"wan0\" drop",
+    };
+    let udp_drop = match kind {
+        Nat::UdpBlocked => "\n        oifname \"wan0\" meta l4proto udp drop",
+        _ => "",
     };
     let (prerouting, forwarded) = match forward {
         Some((addr, port)) => (
@@ -598,7 +605,7 @@ table inet filter {{
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
-        ct state established,related accept{forwarded}
+        ct state established,related accept{forwarded}{udp_drop}
         iifname "wan0" drop
     }}
 }}

@@ -562,6 +562,8 @@ pub fn udp_exchange_via(
 pub const RENDEZVOUS_QUIC_PORT: u16 = 7443;
 /// The rendezvous' STUN port in the labs.
 pub const RENDEZVOUS_STUN_PORT: u16 = 3478;
+/// The rendezvous' TLS-over-TCP port in the labs (the sites' default).
+pub const RENDEZVOUS_TCP_PORT: u16 = 443;
 
 /// A rendezvous server running in the lab's internet namespace.
 pub struct Rendezvous {
@@ -586,7 +588,9 @@ impl Rendezvous {
         )
     }
 
-    /// [`Rendezvous::start`] on other ports, with extra arguments.
+    /// [`Rendezvous::start`] on other ports, with extra arguments. Its TCP
+    /// port is [`RENDEZVOUS_TCP_PORT`] moved as far as `quic` is from
+    /// [`RENDEZVOUS_QUIC_PORT`].
     pub fn start_on(
         ns: &Netns,
         ip: IpAddr,
@@ -604,10 +608,11 @@ impl Rendezvous {
         .expect("key");
         let public_key = keys::encode_public(&x25519_dalek::PublicKey::from(&secret));
         let mut text = format!(
-            "private_key_file = {:?}\nlisten = \"{}\"\nstun_listen = \"{}\"\n",
+            "private_key_file = {:?}\nlisten = \"{}\"\nstun_listen = \"{}\"\ntcp_listen = \"{}\"\n",
             dir.path().join("rendezvous.key"),
             SocketAddr::new(ip, quic),
-            SocketAddr::new(ip, stun)
+            SocketAddr::new(ip, stun),
+            SocketAddr::new(ip, RENDEZVOUS_TCP_PORT + quic - RENDEZVOUS_QUIC_PORT)
         );
         for (name, key) in sites {
             text += &format!("\n[[site]]\nname = {name:?}\npublic_key = {key:?}\n");

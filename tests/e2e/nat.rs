@@ -287,6 +287,63 @@ fn symmetric_nats_carry_everything_through_the_relay() {
     );
 }
 
+/// A site behind an egress firewall that lets no UDP out joins through the
+/// rendezvous over TLS on TCP (port 443); everything to its peer is relayed
+/// that way.
+#[test]
+fn a_site_that_can_send_no_udp_joins_over_tls_on_tcp() {
+    let pair = NatPair::new(Some(Nat::UdpBlocked), Some(Nat::PortPreserving));
+    let started = Instant::now();
+    let [(pod_a, addr_a), (pod_b, addr_b)] = pair.pods();
+    assert_ping(pod_a, addr_b.into());
+    eprintln!(
+        "first packet through after {:?} from the daemons' start",
+        started.elapsed()
+    );
+    let rendezvous = |site: usize| pair.daemons[site].status().rendezvous[0].clone();
+    let over_tcp = rendezvous(0);
+    assert!(over_tcp.connected, "{over_tcp:?}");
+    assert_eq!(over_tcp.transport.as_deref(), Some("tcp"), "{over_tcp:?}");
+    assert_eq!(rendezvous(1).transport.as_deref(), Some("quic"));
+    let sent_before = over_tcp.relay_tx_packets;
+    tcp_transfer(pod_b, addr_b, pod_a, 64 << 20);
+    tcp_transfer(pod_a, addr_a, pod_b, 8 << 20);
+    let a = pair.peer(0);
+    assert_eq!(a.path, "relay", "{a:?}");
+    assert_eq!(a.relay_port, None, "no UDP relay port without UDP: {a:?}");
+    // a sent the 64 MiB over the TLS connection, nothing got out over UDP.
+    let sent = rendezvous(0).relay_tx_packets - sent_before;
+    assert!(sent > 40_000, "{sent} packets over TCP: {a:?}");
+    assert_eq!(rendezvous(0).transport.as_deref(), Some("tcp"));
+
+    // The firewall lets UDP out again: the site moves back to QUIC by
+    // itself (it tries every 10 s), and the pair punches a direct path.
+    let router = pair.lab.sites()[0].nat_router.as_ref().expect("a router");
+    router
+        .run(
+            "nft",
+            &[
+                "insert", "rule", "inet", "filter", "forward", "oifname", "wan0", "meta",
+                "l4proto", "udp", "accept",
+            ],
+        )
+        .expect("nft");
+    let opened = Instant::now();
+    while rendezvous(0).transport.as_deref() != Some("quic") {
+        assert!(
+            opened.elapsed() < Duration::from_secs(20),
+            "still {:?}\n{}",
+            rendezvous(0),
+            pair.daemons[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("back on QUIC {:?} after UDP was let out", opened.elapsed());
+    let direct = pair.wait_path(0, "direct", Duration::from_secs(20));
+    eprintln!("direct path {direct:?} later");
+    assert_ping(pod_a, addr_b.into());
+}
+
 #[test]
 fn symmetric_meets_cone_and_public_meets_symmetric() {
     // A symmetric NAT against an address-and-port-filtering NAT: no hole

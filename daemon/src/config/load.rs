@@ -160,11 +160,13 @@ fn resolved(p: &mut Problems<'_>, config: Config<Parsed>, private_key: PrivateKe
                 address,
                 public_key,
                 stun,
+                tcp,
             } = r;
             RendezvousConfig {
                 address: resolve(format!("rendezvous[{i}]: address"), address),
                 public_key,
                 stun: resolve(format!("rendezvous[{i}]: stun"), stun),
+                tcp: tcp.map(|tcp| resolve(format!("rendezvous[{i}]: tcp"), tcp)),
             }
         })
         .collect();

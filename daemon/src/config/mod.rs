@@ -49,7 +49,7 @@ pub use cluster::{
 pub(crate) use load::assign_views;
 pub use load::load;
 pub use parse::parse;
-pub(crate) use parse::{default_stun, parse_cidr, parse_endpoint};
+pub(crate) use parse::{default_stun, default_tcp, parse_cidr, parse_endpoint};
 pub use restart::needs_restart;
 
 /// Where the site's private key lives unless `site.private_key_file` says otherwise.
@@ -76,7 +76,7 @@ pub const DEFAULT_REMAP_POOL: [&str; 2] = ["100.64.0.0/10", "fd63:6175:7365::/48
 /// `site.state_dir` says otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/causeway";
 /// The rendezvous' default STUN port.
-pub use causeway_nat::rendezvous::DEFAULT_STUN_PORT;
+pub use causeway_nat::rendezvous::{DEFAULT_STUN_PORT, DEFAULT_TCP_PORT};
 
 /// The default control socket for an interface: `/run/causeway/<interface>.sock`.
 pub fn default_control_socket(interface: &str) -> PathBuf {
@@ -203,6 +203,9 @@ pub struct RendezvousConfig<S: Stage = Loaded> {
     pub public_key: PublicKey,
     /// Its STUN address; default: the same host, port 3478.
     pub stun: S::Endpoint,
+    /// Its TLS-over-TCP address, used when UDP to it gets no answer;
+    /// default: the same host, port 443; `None` (`tcp = "off"`): never.
+    pub tcp: Option<S::Endpoint>,
 }
 
 /// The `[site]` table: this site's identity, interface and exported networks.

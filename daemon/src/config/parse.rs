@@ -15,8 +15,8 @@ use super::raw::{RawAllow, RawConfig, RawFailover, RawPeer, RawRendezvous, RawSi
 use super::{
     AllowRule, Config, ConfigErrors, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_MTU,
     DEFAULT_PRIVATE_KEY_FILE, DEFAULT_REMAP_POOL, DEFAULT_STATE_DIR, DEFAULT_STUN_PORT,
-    EndpointSpec, Failover, KubernetesLease, MIN_MTU_IPV6, MTU_RANGE, Parsed, PeerConfig, Proto,
-    RendezvousConfig, SiteConfig, default_control_socket, default_uapi_socket,
+    DEFAULT_TCP_PORT, EndpointSpec, Failover, KubernetesLease, MIN_MTU_IPV6, MTU_RANGE, Parsed,
+    PeerConfig, Proto, RendezvousConfig, SiteConfig, default_control_socket, default_uapi_socket,
 };
 use crate::keys::{self, PublicKey};
 use crate::views::overlaps;
@@ -348,10 +348,25 @@ fn rendezvous(
         (None, Some(address)) => parse_endpoint(&default_stun(address)).ok(),
         (None, None) => None,
     };
+    let tcp = match (r.tcp.as_deref(), &address) {
+        (Some("off"), _) => Some(None),
+        (Some(spec), _) => parse_endpoint(spec)
+            .map_err(|why| {
+                p.add(
+                    format!("{label}: tcp"),
+                    format!("{spec:?} {why}, or \"off\""),
+                )
+            })
+            .ok()
+            .map(Some),
+        (None, Some(address)) => parse_endpoint(&default_tcp(address)).ok().map(Some),
+        (None, None) => None,
+    };
     Some(RendezvousConfig {
         address: address?,
         public_key: public_key?,
         stun: stun?,
+        tcp: tcp?,
     })
 }
 
@@ -693,6 +708,12 @@ fn parse_ports(value: &toml::Value) -> Result<RangeInclusive<u16>, String> {
 /// [`DEFAULT_STUN_PORT`].
 pub(crate) fn default_stun(rendezvous: &EndpointSpec) -> String {
     format!("{}:{DEFAULT_STUN_PORT}", bracket(rendezvous.host()))
+}
+
+/// The TLS-over-TCP address of a rendezvous whose config names none: its
+/// host, on [`DEFAULT_TCP_PORT`].
+pub(crate) fn default_tcp(rendezvous: &EndpointSpec) -> String {
+    format!("{}:{DEFAULT_TCP_PORT}", bracket(rendezvous.host()))
 }
 
 /// A host as it goes before `:port`: IPv6 addresses in brackets.

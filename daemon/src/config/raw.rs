@@ -37,6 +37,7 @@ pub(super) struct RawRendezvous {
     pub(super) address: Option<String>,
     pub(super) public_key: Option<String>,
     pub(super) stun: Option<String>,
+    pub(super) tcp: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

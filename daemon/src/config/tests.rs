@@ -794,6 +794,7 @@ fn restart_is_needed_for_site_settings_not_for_peers_or_views() {
                     spec: "198.18.0.1:3478".into(),
                     addr: "198.18.0.1:3478".parse().unwrap(),
                 },
+                tcp: None,
             });
         }),
     ];
@@ -849,7 +850,8 @@ fn rendezvous_stun_and_advertised_endpoints() {
         "",
     ) + &format!(
         "\n[[rendezvous]]\naddress = \"198.18.0.1:7443\"\npublic_key = \"{KEY_B}\"\n\
-         \n[[rendezvous]]\naddress = \"[2001:db8::1]:7443\"\npublic_key = \"{KEY_B}\"\nstun = \"[2001:db8::1]:3479\"\n"
+         \n[[rendezvous]]\naddress = \"[2001:db8::1]:7443\"\npublic_key = \"{KEY_B}\"\nstun = \"[2001:db8::1]:3479\"\ntcp = \"off\"\n\
+         \n[[rendezvous]]\naddress = \"198.18.0.2:7443\"\npublic_key = \"{KEY_B}\"\ntcp = \"198.18.0.2:8443\"\n"
     );
     let config = parse(&text.replace("KEY_A", KEY_A), "c.toml").unwrap();
     assert_eq!(config.site.advertise_endpoints.len(), 2);
@@ -858,11 +860,16 @@ fn rendezvous_stun_and_advertised_endpoints() {
         config.site.metrics_listen,
         Some("127.0.0.1:9469".parse().unwrap())
     );
-    assert_eq!(config.rendezvous.len(), 2);
+    assert_eq!(config.rendezvous.len(), 3);
     assert_eq!(
         config.rendezvous[0].stun.addr,
         Some("198.18.0.1:3478".parse().unwrap())
     );
+    // TLS over TCP: the same host on 443 unless given, or off.
+    let tcp = |i: usize| config.rendezvous[i].tcp.as_ref().map(|t| t.addr);
+    assert_eq!(tcp(0), Some(Some("198.18.0.1:443".parse().unwrap())));
+    assert_eq!(tcp(1), None);
+    assert_eq!(tcp(2), Some(Some("198.18.0.2:8443".parse().unwrap())));
     assert_eq!(
         config.rendezvous[1].stun.addr,
         Some("[2001:db8::1]:3479".parse().unwrap())
@@ -871,7 +878,7 @@ fn rendezvous_stun_and_advertised_endpoints() {
     let bad = config_with(
         "advertise_endpoints = [\"nowhere\"]\nmetrics_listen = \"x\"",
         "",
-    ) + "\n[[rendezvous]]\naddress = \"198.18.0.1\"\n";
+    ) + "\n[[rendezvous]]\naddress = \"198.18.0.1\"\ntcp = \"on\"\n";
     let err = parse(&bad.replace("KEY_A", KEY_A), "c.toml").err().unwrap();
     let text = err.to_string();
     for needle in [
@@ -879,6 +886,7 @@ fn rendezvous_stun_and_advertised_endpoints() {
         "metrics_listen",
         "rendezvous[0]: address",
         "rendezvous[0]: public_key",
+        "rendezvous[0]: tcp",
     ] {
         assert!(text.contains(needle), "{needle} not reported:\n{text}");
     }

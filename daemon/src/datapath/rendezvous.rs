@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use causeway_nat::rendezvous::{RendezvousClient, RendezvousEvent};
+use causeway_nat::rendezvous::{RendezvousAddr, RendezvousClient, RendezvousEvent};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -59,8 +59,12 @@ fn start(ctx: &Arc<Ctx>, config: &Config) -> Vec<tokio::task::JoinHandle<()>> {
     let keys: Vec<_> = config.peers.iter().map(|p| p.public_key).collect();
     for r in &config.rendezvous {
         let addr = r.address.addr;
+        let server = RendezvousAddr {
+            quic: addr,
+            tcp: r.tcp.as_ref().map(|tcp| tcp.addr),
+        };
         let client = match RendezvousClient::start(
-            addr,
+            server,
             r.public_key,
             ctx.site.private_key.clone(),
             keys.clone(),

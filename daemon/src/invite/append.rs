@@ -207,10 +207,13 @@ pub(super) fn check_appended(
             .unwrap_or_else(|| config::default_stun(&address));
         let stun = config::parse_endpoint(&stun)
             .map_err(|why| format!("have rendezvous STUN address {stun:?}, which {why}"))?;
+        let tcp = config::parse_endpoint(&config::default_tcp(&address))
+            .map_err(|why| format!("have rendezvous TCP address, which {why}"))?;
         expected.push(RendezvousConfig {
             address,
             public_key: r.public_key,
             stun,
+            tcp: Some(tcp),
         });
     }
     if after.rendezvous != expected {

@@ -164,6 +164,9 @@ pub(crate) struct RendezvousSnapshot {
     pub(crate) connected: bool,
     /// This site's address as the rendezvous last saw it.
     pub(crate) observed: Option<SocketAddr>,
+    /// While connected: `"quic"`, or `"tcp"` (TLS over TCP, UDP got no
+    /// answer).
+    pub(crate) transport: Option<&'static str>,
     pub(crate) stats: ClientStats,
 }
 
@@ -296,6 +299,7 @@ impl RendezvousSnapshot {
             server: handle.server(),
             connected: handle.is_connected(),
             observed: handle.observed(),
+            transport: handle.transport(),
             stats: handle.stats(),
         }
     }
@@ -328,6 +332,7 @@ pub(crate) fn example() -> Snapshot {
                 server: "192.0.2.9:4433".parse().expect("addr"),
                 connected: true,
                 observed: Some("198.51.100.1:51820".parse().expect("addr")),
+                transport: Some("quic"),
                 stats: ClientStats {
                     relay_tx_packets: 11,
                     relay_tx_bytes: 1100,

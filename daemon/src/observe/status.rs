@@ -80,6 +80,10 @@ pub struct RendezvousStatus {
     pub connected: bool,
     /// This site's address as the rendezvous last saw it (`null`: not yet).
     pub observed: Option<String>,
+    /// While connected: `quic`, or `tcp` (TLS over TCP, because UDP to the
+    /// rendezvous got no answer); `null` while not connected.
+    #[serde(default)]
+    pub transport: Option<String>,
     /// Connections established (1 + reconnects).
     pub connections: u64,
     /// WireGuard messages sent through its relay.
@@ -191,6 +195,7 @@ impl Status {
                     server: r.server.to_string(),
                     connected: r.connected,
                     observed: r.observed.map(|a| a.to_string()),
+                    transport: r.transport.map(str::to_owned),
                     connections: r.stats.connections,
                     relay_tx_packets: r.stats.relay_tx_packets,
                     relay_tx_bytes: r.stats.relay_tx_bytes,
@@ -269,9 +274,13 @@ impl Status {
             let _ = writeln!(s, "  port mapping: {mapped} (by the gateway's router)");
         }
         for r in &self.rendezvous {
+            let over = match r.transport.as_deref() {
+                Some("tcp") => " over TLS on TCP (UDP gets no answer)",
+                _ => "",
+            };
             let state = match (&r.observed, r.connected) {
-                (Some(seen), true) => format!("connected, sees us at {seen}"),
-                (None, true) => "connected".to_owned(),
+                (Some(seen), true) => format!("connected{over}, sees us at {seen}"),
+                (None, true) => format!("connected{over}"),
                 (_, false) => "not connected".to_owned(),
             };
             let _ = writeln!(
@@ -567,6 +576,7 @@ mod tests {
                 server: "192.0.2.9:4433".into(),
                 connected: true,
                 observed: Some("198.51.100.1:51820".into()),
+                transport: Some("quic".into()),
                 connections: 4,
                 relay_tx_packets: 11,
                 relay_tx_bytes: 1100,
@@ -649,6 +659,17 @@ mod tests {
         assert!(s.packet_threads_alive && s.rendezvous.is_empty());
         assert_eq!(s.peers[0].last_handshake_unix, None);
         assert_eq!(s.peers[0].persistent_keepalive_secs, None);
+    }
+
+    #[test]
+    fn text_says_when_the_rendezvous_is_reached_over_tcp() {
+        let mut snap = snapshot::example();
+        snap.site.rendezvous[0].transport = Some("tcp");
+        let status = Status::of(&snap);
+        assert_eq!(status.rendezvous[0].transport.as_deref(), Some("tcp"));
+        assert!(status.render().contains(
+            "  rendezvous 192.0.2.9:4433: connected over TLS on TCP (UDP gets no answer), sees us at 198.51.100.1:51820 (4 connections)\n"
+        ));
     }
 
     #[test]

@@ -56,3 +56,6 @@ pub use tls::TlsError;
 pub const DEFAULT_PORT: u16 = 7443;
 /// The default STUN port of a rendezvous.
 pub const DEFAULT_STUN_PORT: u16 = 3478;
+/// The default TLS-over-TCP port of a rendezvous (HTTPS', which egress
+/// firewalls let out).
+pub const DEFAULT_TCP_PORT: u16 = 443;
