@@ -45,7 +45,9 @@
 //!   replies in (`ct state established,related accept; iifname "wan0" drop`),
 //!   for IPv4 and IPv6 alike. [`Nat::PortPreservingNoInputFirewall`] leaves
 //!   the `drop` out of the router's input chain: unsolicited packets reach
-//!   the router itself and conntrack confirms them. IPv6 is routed, not translated:
+//!   the router itself and conntrack confirms them. [`Nat::UdpBlocked`] also
+//!   drops every UDP datagram going out of `wan0` (an egress firewall that
+//!   lets only TCP and ICMP out). IPv6 is routed, not translated:
 //!   [`Site::wan_addr6`] is reachable from the internet once the gateway has
 //!   sent to the peer, like a home router's IPv6 firewall.
 //! * Gateways forward IPv4 and IPv6, route to their own pods only, and have a
