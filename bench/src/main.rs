@@ -347,7 +347,7 @@ enum Command {
         /// Comma-separated scenarios: lan, delay<ms>, loss<percent>, or parts joined by + (delay50+loss1).
         #[arg(long, value_delimiter = ',', default_value = lab::DEFAULT_SCENARIOS)]
         scenario: Vec<String>,
-        /// Comma-separated systems [default: all; causeway-baseline only with --baseline]: raw, causeway, causeway-baseline, causeway-remap, causeway-nat, causeway-relay, causeway-relay-quic, wireguard-go, boringtun-cli.
+        /// Comma-separated systems [default: all; causeway-baseline only with --baseline]: raw, causeway, causeway-baseline, causeway-remap, causeway-nat, causeway-relay, causeway-relay-quic, causeway-tcp, wireguard-go, boringtun-cli.
         #[arg(long, value_delimiter = ',')]
         systems: Option<Vec<String>>,
         /// Runs per cell (median and min–max are reported).

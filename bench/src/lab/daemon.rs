@@ -242,6 +242,9 @@ pub(crate) enum PeerPath {
     RelayUdp,
     /// Through the rendezvous' QUIC relay (no UDP relay port).
     RelayQuic,
+    /// Through the rendezvous, reached over TLS on TCP (no UDP relay
+    /// port).
+    RelayTcp,
 }
 
 impl PeerPath {
@@ -249,7 +252,9 @@ impl PeerPath {
         match self {
             PeerPath::Static => "static",
             PeerPath::Direct => "direct",
-            PeerPath::Relay | PeerPath::RelayUdp | PeerPath::RelayQuic => "relay",
+            PeerPath::Relay | PeerPath::RelayUdp | PeerPath::RelayQuic | PeerPath::RelayTcp => {
+                "relay"
+            }
         }
     }
 
@@ -257,7 +262,7 @@ impl PeerPath {
     pub(crate) fn is_relay(self) -> bool {
         matches!(
             self,
-            PeerPath::Relay | PeerPath::RelayUdp | PeerPath::RelayQuic
+            PeerPath::Relay | PeerPath::RelayUdp | PeerPath::RelayQuic | PeerPath::RelayTcp
         )
     }
 }
@@ -316,7 +321,7 @@ impl PeerStatus {
         self.path == path.name()
             && match path {
                 PeerPath::RelayUdp => self.relay_port.is_some(),
-                PeerPath::RelayQuic => self.relay_port.is_none(),
+                PeerPath::RelayQuic | PeerPath::RelayTcp => self.relay_port.is_none(),
                 _ => true,
             }
     }

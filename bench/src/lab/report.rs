@@ -37,7 +37,9 @@ const METHOD: &str = "## How it is measured
   (`masquerade random,fully-random`); their peers have no endpoints, only a `[[rendezvous]]`: a
   `causeway rendezvous` on the internet router, started before the cell's clock, introduces the
   sites, which then punch a direct path (nat) or send through its relay: its UDP relay port
-  (relay) or, with `relay_ports = \"off\"`, its QUIC relay (relay-quic). Those labs take the
+  (relay) or, with `relay_ports = \"off\"`, its QUIC relay (relay-quic). *causeway-tcp* puts both
+  gateways behind NATs whose egress firewall drops every outbound UDP datagram: the sites reach the
+  rendezvous over TLS on TCP (port 443) and relay over those connections. Those labs take the
   gateways' IPv6 addresses away (the testbed routes IPv6 without NAT). Before and after the tests
   both daemons must show their peer on the system's path (`static`, `direct` or `relay` in
   `causeway status --json`), and on a `direct` path at most 1 % of the tests' traffic may have

@@ -52,6 +52,9 @@ pub(crate) enum System {
     CausewayRelay,
     /// The same through the rendezvous' QUIC relay (`relay_ports = "off"`).
     CausewayRelayQuic,
+    /// Causeway, both gateways behind egress firewalls that let no UDP
+    /// out: relayed through the rendezvous over TLS on TCP.
+    CausewayTcp,
     /// wireguard-go (Debian), configured with `wg`.
     WireguardGo,
     /// boringtun-cli (`cargo install boringtun-cli`), configured with `wg`.
@@ -68,7 +71,7 @@ pub(crate) enum Readiness {
 
 impl System {
     /// Every system, in table order.
-    pub(crate) const ALL: [System; 9] = [
+    pub(crate) const ALL: [System; 10] = [
         System::Raw,
         System::Causeway,
         System::CausewayBaseline,
@@ -76,6 +79,7 @@ impl System {
         System::CausewayNat,
         System::CausewayRelay,
         System::CausewayRelayQuic,
+        System::CausewayTcp,
         System::WireguardGo,
         System::BoringtunCli,
     ];
@@ -90,6 +94,7 @@ impl System {
             System::CausewayNat => "causeway-nat",
             System::CausewayRelay => "causeway-relay",
             System::CausewayRelayQuic => "causeway-relay-quic",
+            System::CausewayTcp => "causeway-tcp",
             System::WireguardGo => "wireguard-go",
             System::BoringtunCli => "boringtun-cli",
         }
@@ -116,6 +121,9 @@ impl System {
             }
             System::CausewayRelayQuic => {
                 "as causeway-relay with the rendezvous' relay ports off (relay_ports = \"off\"): the traffic goes through its QUIC relay, the fallback"
+            }
+            System::CausewayTcp => {
+                "causeway, both gateways behind NATs whose egress firewall lets no UDP out: both sites reach the rendezvous over TLS on TCP (port 443) and the traffic is relayed over those connections (checked before and after the tests); CPU and RSS count the two daemons and the rendezvous"
             }
             System::WireguardGo => "wireguard-go from Debian, configured with wg",
             System::BoringtunCli => {
@@ -144,7 +152,8 @@ impl System {
             | System::CausewayRemap
             | System::CausewayNat
             | System::CausewayRelay
-            | System::CausewayRelayQuic => need(&tools.causeway),
+            | System::CausewayRelayQuic
+            | System::CausewayTcp => need(&tools.causeway),
             System::CausewayBaseline => need(&tools.baseline),
             System::WireguardGo => match (&tools.wireguard_go, &tools.wg) {
                 (Err(how), _) | (_, Err(how)) => Readiness::Skipped(how.clone()),
@@ -166,6 +175,7 @@ impl System {
         let nat = match self {
             System::CausewayNat => Some(Nat::PortPreserving),
             System::CausewayRelay | System::CausewayRelayQuic => Some(Nat::Symmetric),
+            System::CausewayTcp => Some(Nat::UdpBlocked),
             _ => None,
         };
         let mut a = SiteSpec::new("a", vec![cidr_a.parse()?]).wan(wan);
@@ -196,6 +206,7 @@ impl System {
             System::CausewayNat => Some(PeerPath::Direct),
             System::CausewayRelay => Some(PeerPath::RelayUdp),
             System::CausewayRelayQuic => Some(PeerPath::RelayQuic),
+            System::CausewayTcp => Some(PeerPath::RelayTcp),
             System::Raw | System::WireguardGo | System::BoringtunCli => None,
         }
     }
@@ -211,7 +222,8 @@ impl System {
             | System::CausewayRemap
             | System::CausewayNat
             | System::CausewayRelay
-            | System::CausewayRelayQuic => {
+            | System::CausewayRelayQuic
+            | System::CausewayTcp => {
                 let bin = tools.causeway.clone().map_err(anyhow::Error::msg)?;
                 prepare_causeway(self, &bin, lab, dir)
             }
@@ -578,16 +590,22 @@ fn prepare_causeway(system: System, bin: &Path, lab: &Lab, dir: &Path) -> anyhow
     let keys = [KeyPair::generate(bin)?, KeyPair::generate(bin)?];
     let rendezvous = match path {
         PeerPath::Static => None,
-        PeerPath::Direct | PeerPath::Relay | PeerPath::RelayUdp | PeerPath::RelayQuic => {
+        PeerPath::Direct
+        | PeerPath::Relay
+        | PeerPath::RelayUdp
+        | PeerPath::RelayQuic
+        | PeerPath::RelayTcp => {
             daemon::ipv4_only_behind_nats(lab)?;
             let served = [
                 (sites[0].name.as_str(), keys[0].public.as_str()),
                 (sites[1].name.as_str(), keys[1].public.as_str()),
             ];
-            let relay_ports = if path == PeerPath::RelayQuic {
-                "relay_ports = \"off\"\n"
-            } else {
-                ""
+            let extra_toml = match path {
+                PeerPath::RelayQuic => "relay_ports = \"off\"\n".to_owned(),
+                // The sites' default TLS-over-TCP address: the rendezvous'
+                // host on 443.
+                PeerPath::RelayTcp => format!("tcp_listen = \"{}:443\"\n", lab.internet_addr()),
+                _ => String::new(),
             };
             Some(Rendezvous::start_with(
                 bin,
@@ -596,7 +614,7 @@ fn prepare_causeway(system: System, bin: &Path, lab: &Lab, dir: &Path) -> anyhow
                 &served,
                 CAUSEWAY_LOG_LEVEL,
                 &[],
-                relay_ports,
+                &extra_toml,
             )?)
         }
     };
@@ -903,6 +921,7 @@ mod tests {
             System::CausewayNat,
             System::CausewayRelay,
             System::CausewayRelayQuic,
+            System::CausewayTcp,
         ] {
             assert_eq!(
                 system.readiness(&tools),

@@ -24,10 +24,16 @@ use tracing::{debug, info};
 
 use super::{DropReason, Io, Peer, PeerState, Site};
 
-/// Binds go out this often until the port says both sites are bound.
+/// Binds go out this often until the port says both sites are bound
+/// (for the first [`FAST_BINDS`] of a grant).
 const RETRY: Duration = Duration::from_millis(250);
-/// Then this often.
+/// Then this often; also while the peer stays unbound after
+/// [`FAST_BINDS`] (it cannot reach the port: a firewall, or no UDP at all),
+/// so that a pair that cannot use the port does not bind 4 times a second
+/// for ever.
 const REFRESH: Duration = Duration::from_secs(2);
+/// See [`RETRY`].
+const FAST_BINDS: Duration = Duration::from_secs(5);
 /// A bind unanswered this long: the port is not used until an ack comes.
 const ACK_TIMEOUT: Duration = Duration::from_secs(1);
 /// A peer on the QUIC relay asks for a relay port at most this often.
@@ -48,6 +54,8 @@ pub struct UdpRelay {
     unanswered: Option<Instant>,
     /// When the next bind goes out.
     next_bind: Instant,
+    /// When the port was granted.
+    granted: Instant,
 }
 
 impl UdpRelay {
@@ -59,6 +67,7 @@ impl UdpRelay {
             usable: false,
             unanswered: None,
             next_bind: now,
+            granted: now,
         }
     }
 
@@ -194,7 +203,8 @@ impl Site {
             return;
         }
         relay.counter += 1;
-        relay.next_bind = now + if relay.usable { REFRESH } else { RETRY };
+        let fast = !relay.usable && now.saturating_duration_since(relay.granted) < FAST_BINDS;
+        relay.next_bind = now + if fast { RETRY } else { REFRESH };
         relay.unanswered = relay.unanswered.or(Some(now));
         let bind = relay.port.token.bind(relay.counter);
         if let Err(e) = io.send(relay.addr(), &bind) {

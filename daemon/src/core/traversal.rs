@@ -681,6 +681,44 @@ mod tests {
     }
 
     #[test]
+    fn binds_slow_down_when_the_peer_never_binds() {
+        use causeway_nat::udp_relay::{self, RelayPort, RelayToken};
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let site = site_with_peer(t0);
+        let key = x25519_dalek::PublicKey::from(&StaticSecret::from(PEER_SECRET)).to_bytes();
+        let port = RelayPort {
+            addr: "203.0.113.1:40000".parse().unwrap(),
+            token: RelayToken([5; 32]),
+        };
+        site.handle_relay_port(t0, &key, "203.0.113.1:7443".parse().unwrap(), Some(port));
+        // Every bind is answered, but the peer (which cannot reach the
+        // port) never binds: 4 a second for 5 s, then one every 2 s.
+        let mut sent = Vec::new();
+        for at in (0..15_000).step_by(50).map(ms) {
+            let mut io = Sent::default();
+            site.handle_timeout(at, &mut io);
+            for (_, d) in io
+                .datagrams
+                .iter()
+                .filter(|(to, d)| *to == port.addr && udp_relay::is_control(d))
+            {
+                let counter = port.token.open_bind(d).expect("a bind");
+                sent.push(at.duration_since(t0));
+                site.handle_relay_ack(at, port.addr, &port.token.ack(counter, false));
+            }
+        }
+        let early = sent.iter().filter(|t| **t < Duration::from_secs(5)).count();
+        let late = sent
+            .iter()
+            .filter(|t| **t >= Duration::from_secs(5))
+            .count();
+        assert_eq!(early, 20, "{sent:?}");
+        assert!((5..=6).contains(&late), "{sent:?}");
+        assert_eq!(site.peers().get(0).lock().send_addr(), None);
+    }
+
+    #[test]
     fn a_mapped_candidate_comes_after_advertised_and_before_reflexive() {
         let server: SocketAddr = "192.0.2.1:3478".parse().unwrap();
         let host: SocketAddr = "192.0.2.9:51820".parse().unwrap();

@@ -264,9 +264,15 @@ impl RendezvousHandle {
     /// Asks the rendezvous for a UDP relay port for this site and `peer`
     /// (granted only to mutual peers; it comes as a
     /// [`RendezvousEvent::RelayPort`]). Does nothing while not registered,
-    /// with the peer offline, or with a port granted already.
+    /// with the peer offline, with a port granted already, or while
+    /// connected over TCP (UDP gets no answer: the port would be useless).
     pub fn request_relay_port(&self, peer: &PublicKey) {
-        self.inner.lock().session.request_relay_port(peer);
+        let mut shared = self.inner.lock();
+        if matches!(shared.conn, Some(Carrier::Tcp(_))) {
+            return;
+        }
+        shared.session.request_relay_port(peer);
+        drop(shared);
         self.inner.changed.notify_one();
     }
 
