@@ -5,7 +5,8 @@
 //! (an egress firewall that lets only TCP out), and the rendezvous has a
 //! TLS-over-TCP address, the same session runs over TLS on TCP instead
 //! (see [`super::tcp`]): each attempt dials QUIC first and TCP too after
-//! [`TCP_HEAD_START`], and takes whichever is up first. While on TCP, QUIC
+//! [`TCP_HEAD_START`] (at once after a connection over TCP), and takes
+//! whichever is up first. While on TCP, QUIC
 //! is tried again every [`UDP_RETRY`]; once it answers, the client moves
 //! back to it.
 
@@ -381,6 +382,7 @@ fn setup(
         events: tx,
         ready: None,
         probe: Probe::Off,
+        udp_failed: false,
     };
     Ok((driver, rx))
 }
@@ -532,10 +534,14 @@ async fn dial_tcp(
     })
 }
 
-/// Dials QUIC, and after [`TCP_HEAD_START`] (or once QUIC failed) TCP as
-/// well, if there is a TCP address: the first that is up wins, the other
-/// is dropped.
-async fn dial_either(quic: Dialling, tcp: Option<Dialling>) -> Result<Dialled, Lost> {
+/// Dials QUIC, and after `head_start` (or once QUIC failed) TCP as well,
+/// if there is a TCP address: the first that is up wins, the other is
+/// dropped.
+async fn dial_either(
+    quic: Dialling,
+    tcp: Option<Dialling>,
+    head_start: Duration,
+) -> Result<Dialled, Lost> {
     let Some(mut tcp) = tcp else {
         return quic.await;
     };
@@ -550,7 +556,7 @@ async fn dial_either(quic: Dialling, tcp: Option<Dialling>) -> Result<Dialled, L
                     quic_lost = Some(e);
                 }
             },
-            () = tokio::time::sleep(TCP_HEAD_START) => {}
+            () = tokio::time::sleep(head_start) => {}
         }
     }
     let mut tcp_lost: Option<Lost> = None;
@@ -595,6 +601,9 @@ struct Driver {
     /// A QUIC connection made while on TCP, for the next dial.
     ready: Option<Dialled>,
     probe: Probe,
+    /// The last connection was over TCP: the next attempt dials TCP at
+    /// once, beside QUIC (a reconnect behind the same firewall).
+    udp_failed: bool,
 }
 
 impl Driver {
@@ -644,7 +653,12 @@ impl Driver {
                             let tcp = self.inner.tcp.map(|addr| -> Dialling {
                                 Box::pin(dial_tcp(self.tcp_config.clone(), addr))
                             });
-                            Box::pin(dial_either(self.quic_attempt(), tcp))
+                            let head_start = if self.udp_failed {
+                                Duration::ZERO
+                            } else {
+                                TCP_HEAD_START
+                            };
+                            Box::pin(dial_either(self.quic_attempt(), tcp, head_start))
                         }
                     };
                     self.link = Link::Dialling(dialling);
@@ -756,6 +770,7 @@ impl Driver {
             Input::Changed => {}
             Input::Dialled(Ok(d)) => {
                 let carrier = d.up.carrier();
+                self.udp_failed = matches!(carrier, Carrier::Tcp(_));
                 self.probe = match carrier {
                     Carrier::Tcp(_) => {
                         tracing::warn!(
