@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const SYSTEMS: [&str; 8] = [
+const SYSTEMS: [&str; 9] = [
     "raw",
     "causeway",
     "causeway-remap",
     "causeway-nat",
     "causeway-relay",
     "causeway-relay-quic",
+    "causeway-tcp",
     "wireguard-go",
     "boringtun-cli",
 ];
@@ -126,7 +127,7 @@ fn lab_smoke_writes_a_well_formed_report() {
         .iter()
         .find(|c| c["system"] == "causeway")
         .expect("cell");
-    for system in ["causeway-nat", "causeway-relay"] {
+    for system in ["causeway-nat", "causeway-relay", "causeway-tcp"] {
         let cell = cells.iter().find(|c| c["system"] == system).expect("cell");
         assert_ne!(cell["status"], "not_built", "{system}");
         if causeway["status"] == "measured" {
