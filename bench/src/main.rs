@@ -27,6 +27,9 @@
 //!   generator (registration, churn, relay); reports the time from a
 //!   `register` to the peers' `peer_update`, memory per site, CPU and the
 //!   relay's throughput and fairness.
+//! - `threads`: the data path's per-packet crypto (boringtun encapsulate
+//!   and decapsulate) on 1, 2, … threads, a peer per thread or one peer
+//!   for all; reports Gbit/s per thread count (issue 13, "many cores").
 
 mod abuse;
 mod client;
@@ -39,6 +42,7 @@ mod proto;
 mod rendezvous;
 mod server;
 mod stats;
+mod threads;
 mod udp;
 mod wide;
 
@@ -245,6 +249,29 @@ enum Command {
         /// Keep the logs (generator, rendezvous) in /tmp, not only those of failed runs.
         #[arg(long)]
         keep_logs: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The data path's per-packet crypto on several threads, without system
+    /// calls: boringtun encapsulate and decapsulate of MTU-size packets
+    /// with keys from a real handshake, a peer per thread (per-peer
+    /// sharding) or one peer behind a mutex for all threads. Reports
+    /// Gbit/s per thread count, median (min–max) over interleaved runs,
+    /// and the ratio to one thread in the same run.
+    Threads {
+        /// Comma-separated thread counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        threads: Vec<usize>,
+        /// Runs (each measures every thread count).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Bytes of each inner IPv4 packet (1420: a full segment at the tunnel MTU).
+        #[arg(long, default_value_t = 1420)]
+        len: usize,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -464,6 +491,19 @@ fn main() -> ExitCode {
             json,
         }),
         Command::WideSim { config } => wide::worker(&config),
+        Command::Threads {
+            threads,
+            runs,
+            seconds,
+            len,
+            json,
+        } => threads::run(threads::Args {
+            threads,
+            runs,
+            seconds,
+            len,
+            json,
+        }),
         Command::Rendezvous {
             causeway,
             sites,
