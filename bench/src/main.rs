@@ -402,6 +402,10 @@ enum Command {
         /// UDP offered rate in the lab.
         #[arg(long, default_value = "1G", value_parser = proto::parse_bitrate)]
         udp_bitrate: u64,
+        /// Restrict the tunnel processes (every thread) to these CPUs once
+        /// they are up, e.g. `0` to see the tunnel on one core.
+        #[arg(long, value_delimiter = ',')]
+        tunnel_cpus: Option<Vec<usize>>,
     },
 }
 
@@ -603,6 +607,7 @@ fn main() -> ExitCode {
             baseline,
             boringtun,
             udp_bitrate,
+            tunnel_cpus,
         } => lab::run(lab::Args {
             scenarios: scenario,
             systems,
@@ -614,6 +619,7 @@ fn main() -> ExitCode {
             baseline,
             boringtun,
             udp_bitrate,
+            tunnel_cpus,
         }),
     };
     match result {
