@@ -89,6 +89,10 @@ pub(crate) struct ThreadLoad {
     /// `<process>/<thread name>`, e.g. `a/cw-outbound`.
     pub(crate) thread: String,
     pub(crate) percent: f64,
+    /// CPU seconds over the interval: divided by the bytes a test moved,
+    /// the thread's cost per byte, whatever the interval's edges.
+    #[serde(default)]
+    pub(crate) cpu_seconds: f64,
 }
 
 /// The threads that were busy at least `min_percent` of one CPU between
@@ -111,6 +115,7 @@ pub(crate) fn busy_threads(
             ThreadLoad {
                 thread: format!("{process}/{name}"),
                 percent: (end - start) / seconds * 100.0,
+                cpu_seconds: end - start,
             }
         })
         .filter(|l| l.percent >= min_percent)
@@ -288,6 +293,7 @@ mod tests {
             .map(|l| (l.thread.as_str(), l.percent.round() as i64))
             .collect();
         assert_eq!(got, vec![("a/cw-outbound", 95), ("a/cw-inbound", 25)]);
+        assert!((loads[0].cpu_seconds - 1.9).abs() < 1e-9);
     }
 
     #[test]
