@@ -23,6 +23,7 @@ use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use serde::Serialize;
@@ -74,6 +75,9 @@ pub(crate) struct Sample {
     /// Packets decapsulate refused or changed (e.g. outside the replay
     /// window when threads of one peer drift apart).
     pub(crate) rejected: u64,
+    /// Of those, the ones boringtun refused as too far behind the newest
+    /// counter it saw (`InvalidCounter`: outside its replay window).
+    pub(crate) too_old: u64,
     /// Wall-clock seconds from the common start to the last thread's end.
     pub(crate) seconds: f64,
     /// CPU seconds the worker threads got, all together: on a shared
@@ -186,14 +190,22 @@ pub(crate) fn ipv4_packet(len: usize, flow: u16) -> Vec<u8> {
     p
 }
 
+/// What one thread's loop did.
+#[derive(Default)]
+struct Counts {
+    bytes: u64,
+    rejected: u64,
+    too_old: u64,
+}
+
 /// One thread's loop: batches of `BATCH` packets through `pair` until
-/// `deadline`. Returns (bytes delivered intact, packets rejected).
-fn worker(pair: &Pair, plain: &[u8], deadline: Instant) -> (u64, u64) {
+/// `deadline`.
+fn worker(pair: &Pair, plain: &[u8], deadline: Instant) -> Counts {
     let slot = (plain.len() + WG_OVERHEAD).max(MIN_DST);
     let mut arena = vec![0u8; BATCH * slot];
     let mut lens = [0usize; BATCH];
     let mut decrypted = vec![0u8; slot];
-    let (mut bytes, mut rejected) = (0u64, 0u64);
+    let mut counts = Counts::default();
     while Instant::now() < deadline {
         for (i, chunk) in arena.chunks_exact_mut(slot).enumerate() {
             lens[i] = match lock(&pair.sender).encapsulate(plain, chunk) {
@@ -202,19 +214,23 @@ fn worker(pair: &Pair, plain: &[u8], deadline: Instant) -> (u64, u64) {
             };
         }
         for (i, chunk) in arena.chunks_exact(slot).enumerate() {
-            let ok = lens[i] > 0
-                && match lock(&pair.receiver).decapsulate(None, &chunk[..lens[i]], &mut decrypted) {
-                    TunnResult::WriteToTunnelV4(p, _) => p == plain,
-                    _ => false,
-                };
-            if ok {
-                bytes += plain.len() as u64;
-            } else {
-                rejected += 1;
+            if lens[i] == 0 {
+                counts.rejected += 1;
+                continue;
+            }
+            match lock(&pair.receiver).decapsulate(None, &chunk[..lens[i]], &mut decrypted) {
+                TunnResult::WriteToTunnelV4(p, _) if p == plain => {
+                    counts.bytes += plain.len() as u64
+                }
+                TunnResult::Err(WireGuardError::InvalidCounter) => {
+                    counts.rejected += 1;
+                    counts.too_old += 1;
+                }
+                _ => counts.rejected += 1,
             }
         }
     }
-    (bytes, rejected)
+    counts
 }
 
 /// Runs `threads` workers for `seconds`, sharing peers as `sharing` says.
@@ -253,12 +269,13 @@ pub(crate) fn measure(
     let mut sample = Sample::default();
     let mut end = t0;
     for h in handles {
-        let ((bytes, rejected), done, cpu) = h
+        let (counts, done, cpu) = h
             .join()
             .map_err(|_| anyhow::anyhow!("a worker thread panicked"))?;
         sample.cpu_seconds += cpu;
-        sample.bytes += bytes;
-        sample.rejected += rejected;
+        sample.bytes += counts.bytes;
+        sample.rejected += counts.rejected;
+        sample.too_old += counts.too_old;
         end = end.max(done);
     }
     sample.seconds = end.duration_since(t0).as_secs_f64();
@@ -280,6 +297,7 @@ pub(crate) struct Row {
     /// the same run (empty without a one-thread count).
     pub(crate) vs_one_thread: Vec<f64>,
     pub(crate) rejected: Vec<u64>,
+    pub(crate) too_old: Vec<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -314,6 +332,7 @@ pub(crate) fn rows(cells: &[(usize, Sharing)], samples: &[Vec<Sample>]) -> Vec<R
                     })
                     .unwrap_or_default(),
                 rejected: samples.iter().map(|run| run[i].rejected).collect(),
+                too_old: samples.iter().map(|run| run[i].too_old).collect(),
             }
         })
         .collect()
@@ -329,20 +348,21 @@ pub(crate) fn table(report: &Report) -> String {
         None => "—".into(),
     };
     let mut s = String::from(
-        "| threads | peers | encrypt+decrypt Gbit/s | × 1 thread | CPUs busy | Gbit/s per CPU | rejected packets |\n\
-         |---:|---|---:|---:|---:|---:|---:|\n",
+        "| threads | peers | encrypt+decrypt Gbit/s | × 1 thread | CPUs busy | Gbit/s per CPU | rejected packets | of which too old |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &report.rows {
-        let rejected: Vec<f64> = r.rejected.iter().map(|&x| x as f64).collect();
+        let floats = |v: &[u64]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
         s += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.threads,
             r.sharing.name(),
             mmm(&r.gbps, 2),
             mmm(&r.vs_one_thread, 2),
             mmm(&r.cpus, 2),
             mmm(&r.gbps_per_cpu, 2),
-            mmm(&rejected, 0),
+            mmm(&floats(&r.rejected), 0),
+            mmm(&floats(&r.too_old), 0),
         );
     }
     s
@@ -374,13 +394,14 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             let sample = measure(threads, sharing, args.seconds, args.len)?;
             if !args.json {
                 eprintln!(
-                    "run {}/{}  {threads:>3} thread(s), {:<15}  {:>6.2} Gbit/s  {:.2} CPUs  rejected {}",
+                    "run {}/{}  {threads:>3} thread(s), {:<15}  {:>6.2} Gbit/s  {:.2} CPUs  rejected {} ({} too old)",
                     run + 1,
                     args.runs,
                     sharing.name(),
                     sample.gbps(),
                     sample.cpus(),
-                    sample.rejected
+                    sample.rejected,
+                    sample.too_old
                 );
             }
             this_run.push(sample);
@@ -415,7 +436,7 @@ mod tests {
         let s = measure(1, Sharing::PeerPerThread, 0.05, 1420).expect("measured");
         assert!(s.bytes > 0, "no packet went through");
         assert_eq!(s.bytes % 1420, 0);
-        assert_eq!(s.rejected, 0);
+        assert_eq!((s.rejected, s.too_old), (0, 0));
         assert!(s.gbps() > 0.0);
         // One thread keeps at most one CPU busy (a little slack for the
         // clocks' granularity).
@@ -473,6 +494,7 @@ mod tests {
         let s = |gbit: f64, rejected| Sample {
             bytes: (gbit * 1e9 / 8.0) as u64,
             rejected,
+            too_old: rejected / 2,
             seconds: 1.0,
             cpu_seconds: 0.5,
         };
@@ -499,11 +521,11 @@ mod tests {
         };
         let t = table(&report);
         assert!(
-            t.contains("| 2 | peer per thread | 2.75 (1.50–4.00) | 1.75 (1.50–2.00) | 0.50 (0.50–0.50) | 5.50 (3.00–8.00) | 0 (0–0) |"),
+            t.contains("| 2 | peer per thread | 2.75 (1.50–4.00) | 1.75 (1.50–2.00) | 0.50 (0.50–0.50) | 5.50 (3.00–8.00) | 0 (0–0) | 0 (0–0) |"),
             "{t}"
         );
         assert!(
-            t.contains("| 2 | one peer | 1.00 (1.00–1.00) | — | 0.50 (0.50–0.50) | 2.00 (2.00–2.00) | 2 (0–3) |"),
+            t.contains("| 2 | one peer | 1.00 (1.00–1.00) | — | 0.50 (0.50–0.50) | 2.00 (2.00–2.00) | 2 (0–3) | 0 (0–1) |"),
             "{t}"
         );
     }
