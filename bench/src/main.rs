@@ -27,6 +27,9 @@
 //!   generator (registration, churn, relay); reports the time from a
 //!   `register` to the peers' `peer_update`, memory per site, CPU and the
 //!   relay's throughput and fairness.
+//! - `threads`: the data path's per-packet crypto (boringtun encapsulate
+//!   and decapsulate) on 1, 2, … threads, a peer per thread or one peer
+//!   for all; reports Gbit/s per thread count (issue 13, "many cores").
 
 mod abuse;
 mod client;
@@ -39,6 +42,7 @@ mod proto;
 mod rendezvous;
 mod server;
 mod stats;
+mod threads;
 mod udp;
 mod wide;
 
@@ -249,6 +253,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The data path's per-packet crypto on several threads, without system
+    /// calls: boringtun encapsulate and decapsulate of MTU-size packets
+    /// with keys from a real handshake, a peer per thread (per-peer
+    /// sharding) or one peer behind a mutex for all threads. Reports
+    /// Gbit/s per thread count, median (min–max) over interleaved runs,
+    /// and the ratio to one thread in the same run.
+    Threads {
+        /// Comma-separated thread counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        threads: Vec<usize>,
+        /// Runs (each measures every thread count).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Bytes of each inner IPv4 packet (1420: a full segment at the tunnel MTU).
+        #[arg(long, default_value_t = 1420)]
+        len: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The simulated peers of `wide` (started by it in a lab namespace).
     #[command(hide = true)]
     WideSim {
@@ -375,6 +402,10 @@ enum Command {
         /// UDP offered rate in the lab.
         #[arg(long, default_value = "1G", value_parser = proto::parse_bitrate)]
         udp_bitrate: u64,
+        /// Restrict the tunnel processes (every thread) to these CPUs once
+        /// they are up, e.g. `0` to see the tunnel on one core.
+        #[arg(long, value_delimiter = ',')]
+        tunnel_cpus: Option<Vec<usize>>,
     },
 }
 
@@ -464,6 +495,19 @@ fn main() -> ExitCode {
             json,
         }),
         Command::WideSim { config } => wide::worker(&config),
+        Command::Threads {
+            threads,
+            runs,
+            seconds,
+            len,
+            json,
+        } => threads::run(threads::Args {
+            threads,
+            runs,
+            seconds,
+            len,
+            json,
+        }),
         Command::Rendezvous {
             causeway,
             sites,
@@ -563,6 +607,7 @@ fn main() -> ExitCode {
             baseline,
             boringtun,
             udp_bitrate,
+            tunnel_cpus,
         } => lab::run(lab::Args {
             scenarios: scenario,
             systems,
@@ -574,6 +619,7 @@ fn main() -> ExitCode {
             baseline,
             boringtun,
             udp_bitrate,
+            tunnel_cpus,
         }),
     };
     match result {

@@ -37,6 +37,8 @@ pub(crate) struct Ctx {
     pub(crate) tools: Tools,
     pub(crate) seconds: f64,
     pub(crate) udp_bitrate: u64,
+    /// CPUs the tunnel processes are restricted to once up (all if `None`).
+    pub(crate) tunnel_cpus: Option<Vec<usize>>,
 }
 
 /// The client tests of a cell, in the order they run.
@@ -164,6 +166,12 @@ fn try_measure(ctx: &Ctx, scenario: &Scenario, system: System) -> anyhow::Result
         .settle(pod_b.addr, real_cidr_b(&lab)?, target, path_wait)
         .map_err(|e| anyhow::anyhow!("{e:#}{}", tunnel.log_tails()))?;
 
+    if let Some(cpus) = &ctx.tunnel_cpus {
+        for p in &tunnel.processes {
+            procfs::pin_threads(p.pid(), cpus)?;
+        }
+    }
+
     let mut m = Measured::default();
     let na_unless = |cond: bool, v: f64| {
         if cond {
@@ -181,6 +189,8 @@ fn try_measure(ctx: &Ctx, scenario: &Scenario, system: System) -> anyhow::Result
     for test in Test::ALL {
         interrupt::check()?;
         let cpu_before = tunnel_cpu(&tunnel);
+        let threads_before = tunnel_threads(&tunnel);
+        let t = Instant::now();
         let result = run_client(
             &pod_a.ns,
             &ctx.exe,
@@ -191,6 +201,10 @@ fn try_measure(ctx: &Ctx, scenario: &Scenario, system: System) -> anyhow::Result
             client_timeout,
         );
         let cpu_after = tunnel_cpu(&tunnel);
+        if test == Test::Tcp1 {
+            m.tcp1_busy_threads =
+                busy_threads(&threads_before, &tunnel_threads(&tunnel), t.elapsed());
+        }
         interrupt::check()?;
         match result {
             Ok(report) => {
@@ -294,6 +308,46 @@ fn tunnel_cpu(tunnel: &Tunnel) -> Option<f64> {
         .iter()
         .map(|p| procfs::cpu_seconds(p.pid()))
         .sum()
+}
+
+/// Each tunnel process's name in reports and its threads' CPU seconds.
+type ThreadSnapshot = Vec<(String, Vec<procfs::ThreadCpu>)>;
+
+/// Each tunnel process's name in reports (`a`, `b`, then by position) and
+/// its threads' CPU seconds.
+fn tunnel_threads(tunnel: &Tunnel) -> ThreadSnapshot {
+    tunnel
+        .processes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let name = ["a", "b"]
+                .get(i)
+                .map_or(format!("p{i}"), |n| (*n).to_owned());
+            (name, procfs::thread_cpu_seconds(p.pid()))
+        })
+        .collect()
+}
+
+/// The tunnel threads busy at least 5 % of a CPU between two
+/// [`tunnel_threads`] snapshots, busiest first.
+fn busy_threads(
+    before: &ThreadSnapshot,
+    after: &ThreadSnapshot,
+    elapsed: Duration,
+) -> Vec<procfs::ThreadLoad> {
+    let mut loads: Vec<procfs::ThreadLoad> = after
+        .iter()
+        .flat_map(|(name, threads)| {
+            let start = before
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(&[][..], |(_, t)| t.as_slice());
+            procfs::busy_threads(name, start, threads, elapsed.as_secs_f64(), 5.0)
+        })
+        .collect();
+    loads.sort_by(|a, b| b.percent.total_cmp(&a.percent));
+    loads
 }
 
 /// Starts `causeway-bench server` in `ns` and waits for it to listen.

@@ -40,6 +40,8 @@ pub(crate) struct Args {
     pub(crate) baseline: Option<PathBuf>,
     pub(crate) boringtun: Option<PathBuf>,
     pub(crate) udp_bitrate: u64,
+    /// Restrict the tunnel processes to these CPUs once they are up.
+    pub(crate) tunnel_cpus: Option<Vec<usize>>,
 }
 
 /// A network condition between the two sites.
@@ -163,6 +165,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         tools,
         seconds: args.seconds,
         udp_bitrate: args.udp_bitrate,
+        tunnel_cpus: args.tunnel_cpus.clone(),
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -176,7 +179,20 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         udp_bitrate: args.udp_bitrate,
         mtu: system::MTU,
         versions,
-        notes: Vec::new(),
+        notes: args
+            .tunnel_cpus
+            .iter()
+            .map(|cpus| {
+                format!(
+                    "The tunnel processes (every thread) were restricted to CPU(s) {} once up; \
+                     the pods, the WAN emulator and the kernel's softirq work were not.",
+                    cpus.iter()
+                        .map(usize::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            })
+            .collect(),
         systems: systems
             .iter()
             .map(|s| SystemInfo {

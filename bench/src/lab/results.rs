@@ -125,6 +125,11 @@ pub(crate) struct Measured {
     pub(crate) tunnel_payload_bytes: u64,
     /// The WAN emulator over the whole cell after establishment.
     pub(crate) wan: WanRecord,
+    /// The tunnel threads busy at least 5 % of a CPU during the TCP
+    /// 1-stream test (wall time of the client run), busiest first: shows
+    /// which thread a direction's throughput waits on.
+    #[serde(default)]
+    pub(crate) tcp1_busy_threads: Vec<super::procfs::ThreadLoad>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
