@@ -18,11 +18,6 @@
 //! two addresses. A hash collision only holds a packet that could have
 //! gone ahead.
 
-use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
-
-use crate::packet::{Fragment, parse};
-
 /// Packets up to this size may go ahead of the held bulk: requests and
 /// answers of a few bytes, TCP ACKs, DNS, pings. Bulk segments are close
 /// to the MTU.
@@ -46,43 +41,63 @@ struct Keys {
     hosts: Flow,
 }
 
-fn hash(v: impl Hash) -> Flow {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    v.hash(&mut h);
-    Flow(h.finish().max(1))
-}
-
-/// The keys of `packet`; `None` when not even its addresses can be read
-/// (then it is held and holds back every small packet).
-fn keys(packet: &[u8]) -> Option<Keys> {
-    let Ok(s) = parse(packet) else {
-        return raw_hosts(packet).map(|hosts| Keys {
-            five_tuple: None,
-            hosts,
-        });
-    };
-    let hosts = hash((s.src, s.dst));
-    let five_tuple = (s.fragment == Fragment::Whole).then(|| {
-        let ports = (s.src_port.unwrap_or(0), s.dst_port.unwrap_or(0));
-        hash((s.src, s.dst, s.protocol, ports))
+/// A cheap mix of the header words (the multiplier of FxHash): no
+/// attacker gains anything from a collision but a packet held in order.
+fn hash(words: &[u64]) -> Flow {
+    let h = words.iter().fold(0u64, |h, &w| {
+        (h.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95)
     });
-    Some(Keys { five_tuple, hosts })
+    Flow(h.max(1))
 }
 
-/// The address pair of a packet `parse` refused, read as far as it goes.
-fn raw_hosts(packet: &[u8]) -> Option<Flow> {
-    let ip = |b: &[u8]| -> Option<IpAddr> {
-        match b.len() {
-            4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
-            16 => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
-            _ => None,
+fn word(b: &[u8]) -> u64 {
+    b.iter().fold(0u64, |w, &x| (w << 8) | u64::from(x))
+}
+
+/// The keys of `packet` (which the core has already parsed and checked),
+/// read straight from the headers because this runs for every packet;
+/// `None` when not even its addresses can be read (then it is held and
+/// holds back every small packet).
+fn keys(packet: &[u8]) -> Option<Keys> {
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    const ICMPV6: u8 = 58;
+    let (src, dst, proto, l4) = match packet.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            // More-fragments flag or a fragment offset: ports unknown.
+            let fragment = word(packet.get(6..8)?) & 0x3fff != 0;
+            let proto = *packet.get(9)?;
+            let l4 = (!fragment).then_some(ihl);
+            (packet.get(12..16)?, packet.get(16..20)?, proto, l4)
         }
+        6 => {
+            // Only a transport header right after the fixed header is
+            // read; extension headers count as unknown ports.
+            let proto = *packet.get(6)?;
+            let l4 = matches!(proto, TCP | UDP | ICMPV6).then_some(40);
+            (packet.get(8..24)?, packet.get(24..40)?, proto, l4)
+        }
+        _ => return None,
     };
-    match packet.first()? >> 4 {
-        4 => Some(hash((ip(packet.get(12..16)?)?, ip(packet.get(16..20)?)?))),
-        6 => Some(hash((ip(packet.get(8..24)?)?, ip(packet.get(24..40)?)?))),
-        _ => None,
+    let (s, d) = (src.chunks(8).map(word), dst.chunks(8).map(word));
+    let mut words = [0u64; 6];
+    let mut n = 0;
+    for w in s.chain(d) {
+        words[n] = w;
+        n += 1;
     }
+    let hosts = hash(&words[..n]);
+    let five_tuple = match (proto, l4) {
+        (TCP | UDP, Some(at)) => packet
+            .get(at..at + 4)
+            .map(|ports| hash(&[hosts.0, u64::from(proto), word(ports)])),
+        // Other protocols (ICMP, ...): one flow per address pair and
+        // protocol.
+        (_, Some(_)) => Some(hash(&[hosts.0, u64::from(proto)])),
+        (_, None) => None,
+    };
+    Some(Keys { five_tuple, hosts })
 }
 
 /// How many held packets each flow has.
@@ -222,7 +237,7 @@ mod tests {
     use super::*;
 
     /// An IPv4 TCP or UDP packet of `len` bytes from port `sport` to 80
-    /// (the checksum is not checked by `parse`); `tag` is written into the
+    /// (no checksum: nothing here reads it); `tag` is written into the
     /// payload's first byte to follow the packet.
     fn v4(proto: u8, sport: u16, len: usize, tag: u8) -> Vec<u8> {
         let mut p = vec![0u8; len];
