@@ -8,7 +8,9 @@
 //! pod's TCP input). So the inbound thread now drains the socket and
 //! decrypts first, keeps the decrypted bulk here, and writes it in chunks
 //! between reads; a small packet whose flow has nothing held here goes to
-//! the TUN at once, ahead of that bulk.
+//! the TUN at once, ahead of that bulk. Holding costs a copy of each bulk
+//! packet, so the thread holds only while small packets are arriving
+//! (`inbound::HOLD_FOR`).
 //!
 //! Decryption stays in arrival order (boringtun's replay window never sees
 //! a jump), and no flow is reordered: a packet goes ahead only when no

@@ -2,12 +2,12 @@
 
 use std::io::{self, IoSliceMut};
 use std::os::fd::AsFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use causeway_netlink::{GroTable, TUN_HEADROOM};
 use quinn_udp::RecvMeta;
 
-use super::backlog::Backlog;
+use super::backlog::{Backlog, SMALL};
 use super::udp::canonical;
 use super::{Ctx, Stop, wait_fd};
 use crate::core::{DropReason, Source};
@@ -31,6 +31,12 @@ const BACKLOG: usize = 3072;
 /// 45 datagrams) usually fits; when it does not, the backlog is written
 /// out in order to make room.
 const READ_BELOW: usize = 1024;
+/// How long after the last small packet bulk is still held back. Holding
+/// costs a copy of every bulk packet (decrypted into the backlog, then
+/// into the TUN batch, out of cache by then: about a tenth more CPU on
+/// this path), so under bulk alone, with no small packet to let ahead,
+/// the thread decrypts straight into the TUN batch as before.
+const HOLD_FOR: Duration = Duration::from_millis(10);
 
 pub(super) fn run(ctx: &Ctx, stop: &Stop) {
     let mut bufs: Vec<Box<[u8]>> = (0..RECV_BATCH)
@@ -39,6 +45,7 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
     let mut meta = [RecvMeta::default(); RECV_BATCH];
     let mut batch = TunBatch::new(TUN_BATCH, ctx.site.mtu());
     let mut backlog = Backlog::new(BACKLOG, batch.slot);
+    let mut last_small: Option<Instant> = None;
     loop {
         // Reading and decrypting come first, writing the held bulk after:
         // a small packet is read out of the socket's FIFO sooner and waits
@@ -54,7 +61,12 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
             };
             match received {
                 Ok(n) => {
-                    handle_batch(ctx, &bufs, &meta[..n], &mut batch, &mut backlog);
+                    let now = Instant::now();
+                    let hold = last_small.is_some_and(|t| now.duration_since(t) < HOLD_FOR);
+                    let state = (&mut batch, &mut backlog);
+                    if handle_batch(ctx, now, &bufs, &meta[..n], state, hold) {
+                        last_small = Some(now);
+                    }
                     // What may go ahead, now.
                     batch.flush(ctx);
                     continue;
@@ -82,19 +94,28 @@ pub(super) fn run(ctx: &Ctx, stop: &Stop) {
     }
 }
 
-/// Handles what one `recvmmsg` brought, in order.
+/// Handles what one `recvmmsg` brought, in order; bulk goes through the
+/// backlog when `hold`, else straight into the TUN batch. Returns whether
+/// a small packet was decrypted.
 fn handle_batch(
     ctx: &Ctx,
+    now: Instant,
     bufs: &[Box<[u8]>],
     meta: &[RecvMeta],
-    batch: &mut TunBatch,
-    backlog: &mut Backlog,
-) {
+    (batch, backlog): (&mut TunBatch, &mut Backlog),
+    hold: bool,
+) -> bool {
     // One peer-table snapshot and one clock reading per batch, not
     // per datagram.
     let peers = ctx.site.peers();
-    let now = Instant::now();
     let mut io = ctx.io();
+    let mut small = false;
+    if !hold {
+        // What is held goes first.
+        while !backlog.is_empty() {
+            write_held(ctx, backlog, batch);
+        }
+    }
     for (buf, m) in bufs.iter().zip(meta) {
         let from = canonical(m.addr);
         let stride = m.stride.max(1);
@@ -116,12 +137,13 @@ fn handle_batch(
                         write_held(ctx, backlog, batch);
                     }
                 }
-                if datagram.len() > backlog.slot_len() {
+                if !hold || datagram.len() > backlog.slot_len() {
                     let out = batch.slot(datagram.len());
                     if let Some(len) = ctx
                         .site
                         .decapsulate(now, &peers, source, datagram, out, &mut io)
                     {
+                        small |= len <= SMALL;
                         batch.commit(ctx, len);
                     }
                     continue;
@@ -133,6 +155,7 @@ fn handle_batch(
                 else {
                     continue;
                 };
+                small |= len <= SMALL;
                 if let Some(packet) = backlog.admit(len) {
                     let out = batch.slot(packet.len());
                     out[..packet.len()].copy_from_slice(packet);
@@ -141,6 +164,7 @@ fn handle_batch(
             }
         }
     }
+    small
 }
 
 /// Writes the oldest held packets, one TUN batch of them, after what went

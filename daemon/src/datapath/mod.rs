@@ -11,7 +11,8 @@
 //! writes that to the TUN through a [`TunBatch`], consecutive TCP segments
 //! coalesced again (GRO), so the local stack sees a few large packets. It
 //! reads and decrypts before it writes, and a small packet whose flow has
-//! nothing in the backlog is written at once, ahead of the bulk (`backlog`).
+//! nothing in the backlog is written at once, ahead of the bulk (`backlog`;
+//! only while small packets arrive: holding costs a copy).
 //! Nothing is allocated per packet.
 //! A timer task on the control runtime drives the core's timers every
 //! 100 ms; the rendezvous tasks (`rendezvous`) carry candidates out, peer
