@@ -242,6 +242,7 @@ mod tests {
     /// (no checksum: nothing here reads it); `tag` is written into the
     /// payload's first byte to follow the packet.
     fn v4(proto: u8, sport: u16, len: usize, tag: u8) -> Vec<u8> {
+        assert!(len > 40, "room for the headers and the tag");
         let mut p = vec![0u8; len];
         p[0] = 0x45;
         p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
@@ -315,7 +316,7 @@ mod tests {
             v4(6, 1000, 1400, 1),
             v4(6, 1000, 1400, 2),
             v4(6, 1000, 60, 3),
-            v4(6, 1000, 40, 4),
+            v4(6, 1000, 52, 4),
             v4(17, 1000, 1400, 5),
             v4(17, 1000, 80, 6),
         ];
@@ -326,10 +327,10 @@ mod tests {
     fn a_flow_goes_ahead_again_once_its_held_packets_are_written() {
         let packets = [
             v4(6, 1000, 1400, 1),
-            v4(6, 1000, 40, 2),
+            v4(6, 1000, 52, 2),
             // Both written after these two (chunk of 2 after 2 packets).
             v4(6, 3000, 1400, 3),
-            v4(6, 1000, 40, 4),
+            v4(6, 1000, 52, 4),
         ];
         assert_eq!(run(&packets, 2, 2), [1, 2, 4, 3]);
     }
