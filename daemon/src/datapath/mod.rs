@@ -7,13 +7,18 @@
 //! encrypts them into one arena and sends them with as few system calls as
 //! possible (UDP GSO for runs of equal-size packets to one endpoint);
 //! `inbound` receives up to 32 buffers per `recvmmsg` (each possibly several
-//! GRO-coalesced datagrams), decrypts them into a [`TunBatch`] and writes it
-//! to the TUN with consecutive TCP segments coalesced again (GRO), so the
-//! local stack sees a few large packets. Nothing is allocated per packet.
+//! GRO-coalesced datagrams), decrypts them in order into a backlog and
+//! writes that to the TUN through a [`TunBatch`], consecutive TCP segments
+//! coalesced again (GRO), so the local stack sees a few large packets. It
+//! reads and decrypts before it writes, and a small packet whose flow has
+//! nothing in the backlog is written at once, ahead of the bulk (`backlog`;
+//! only while small packets arrive: holding costs a copy).
+//! Nothing is allocated per packet.
 //! A timer task on the control runtime drives the core's timers every
 //! 100 ms; the rendezvous tasks (`rendezvous`) carry candidates out, peer
 //! updates in and relayed ciphertext both ways.
 
+mod backlog;
 mod inbound;
 mod outbound;
 mod portmap;
