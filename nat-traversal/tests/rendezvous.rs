@@ -1263,10 +1263,23 @@ async fn garbage_and_silence_on_the_tcp_port_are_closed_and_the_port_keeps_servi
         quic: UdpGate::to(server.addr).await.addr,
         tcp: Some(tcp),
     };
-    let ca = RendezvousClient::connect(only_tcp, server.public, a.secret.clone(), vec![])
+    let mut ca = RendezvousClient::connect(only_tcp, server.public, a.secret.clone(), vec![])
         .await
         .unwrap();
     assert_eq!(ca.handle().transport(), Some("tcp"));
-    ca.close().await;
+    // A clean stop closes it at once (not after the 15 s idle timeout).
+    let stopped = std::time::Instant::now();
     server.stop().await;
+    let told = timeout(Duration::from_secs(3), async {
+        loop {
+            if let Some(RendezvousEvent::Disconnected { reason }) = ca.next_event().await {
+                return reason;
+            }
+        }
+    })
+    .await
+    .expect("told of the stop");
+    assert!(told.contains("shutting down"), "{told}");
+    assert!(stopped.elapsed() < Duration::from_secs(3));
+    ca.close().await;
 }

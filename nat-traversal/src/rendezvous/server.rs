@@ -606,8 +606,19 @@ impl RendezvousServer {
             }
         }
         info!("rendezvous shutting down");
+        // Sites on TCP are closed one by one (a close record after what is
+        // queued), those on QUIC with the endpoint.
+        for handle in self.shared.lock().conns.values() {
+            handle
+                .conn
+                .close(CloseCode::Normal, b"rendezvous shutting down");
+        }
         endpoint.close(CloseCode::Normal.varint(), b"rendezvous shutting down");
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            endpoint.wait_idle().await;
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
         connections.shutdown().await;
         background.shutdown().await;
         for (_, task) in self.shared.lock().relay_tasks.drain() {
