@@ -518,15 +518,7 @@ async fn dial_tcp(
         .connect(name, stream)
         .await
         .map_err(|e| unreachable(format!("TLS over TCP {server}: {e}")))?;
-    let exporter = tls
-        .get_ref()
-        .1
-        .export_keying_material(
-            [0u8; 32],
-            auth::EXPORTER_LABEL,
-            Some(auth::EXPORTER_CONTEXT),
-        )
-        .ok();
+    let exporter = tcp::exporter(tls.get_ref().1);
     let (reader, handle) = tcp::start(tls);
     Ok(Dialled {
         up: Up::Tcp { handle, reader },

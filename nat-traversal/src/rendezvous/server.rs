@@ -986,15 +986,7 @@ async fn handle_tcp(
             return;
         }
     };
-    let exporter = tls
-        .get_ref()
-        .1
-        .export_keying_material(
-            [0u8; 32],
-            auth::EXPORTER_LABEL,
-            Some(auth::EXPORTER_CONTEXT),
-        )
-        .ok();
+    let exporter = tcp::exporter(tls.get_ref().1);
     let (reader, handle) = tcp::start(tls);
     let link = Link::Tcp { reader, handle };
     serve_site(link, exporter, id, slot, remote, deadline).await;

@@ -31,6 +31,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 
+use super::auth::{self, Exporter};
 use super::proto::CloseCode;
 use super::tls::{IDLE_TIMEOUT, KEEP_ALIVE};
 
@@ -118,6 +119,17 @@ fn decode(buf: &mut BytesMut) -> Result<Option<Record>, RecordError> {
         CLOSE => Err(RecordError::ShortClose(body.len())),
         other => Err(RecordError::UnknownType(other)),
     }
+}
+
+/// The TLS session's exporter, which the proofs bind to (see
+/// [`super::auth`]); `None` if the session offers none.
+pub(crate) fn exporter<D>(tls: &rustls::ConnectionCommon<D>) -> Option<Exporter> {
+    tls.export_keying_material(
+        [0u8; 32],
+        auth::EXPORTER_LABEL,
+        Some(auth::EXPORTER_CONTEXT),
+    )
+    .ok()
 }
 
 /// The reading half of a TCP connection.
