@@ -1196,7 +1196,9 @@ async fn a_site_without_udp_joins_over_tls_on_tcp_and_moves_back_to_quic() {
     assert_eq!(cb.handle().transport(), Some("quic"));
     expect_online(&mut ca, &b, &[]).await;
     expect_online(&mut cb, &a, &[]).await;
-    assert!(server.stats.site("a").unwrap().connected);
+    let seen = server.stats.site("a").unwrap();
+    assert!(seen.connected && seen.over_tcp, "{seen:?}");
+    assert!(!server.stats.site("b").unwrap().over_tcp);
 
     // Relayed both ways, byte-exact: the TCP side sends whole packets, the
     // rendezvous fragments them for b's QUIC datagrams.
@@ -1220,6 +1222,8 @@ async fn a_site_without_udp_joins_over_tls_on_tcp_and_moves_back_to_quic() {
     .await;
     assert!(moved.is_ok(), "still on {:?}", ca.handle().transport());
     eprintln!("back on QUIC after {:?}", started.elapsed());
+    let seen = server.stats.site("a").unwrap();
+    assert!(seen.connected && !seen.over_tcp, "{seen:?}");
     relay_once(&ca, &mut cb, &a.public, &b.public, &packet(1452, 7)).await;
     relay_once(&cb, &mut ca, &b.public, &a.public, &packet(1452, 8)).await;
     ca.close().await;

@@ -31,6 +31,7 @@
 //! | `causeway_peer_drops_total` | counter | `peer`, `reason` |
 //! | `causeway_site_drops_total` | counter | `reason` |
 //! | `causeway_rendezvous_client_connected` | gauge (1: connected and registered, 0: not) | `rendezvous` |
+//! | `causeway_rendezvous_client_over_tcp` | gauge (1: connected over TLS on TCP, UDP gets no answer; 0: QUIC or not connected) | `rendezvous` |
 //! | `causeway_rendezvous_client_connections_total` | counter | `rendezvous` |
 //! | `causeway_rendezvous_client_relay_tx_packets_total`, `causeway_rendezvous_client_relay_tx_bytes_total`, `causeway_rendezvous_client_relay_tx_datagrams_total` | counter | `rendezvous` |
 //! | `causeway_rendezvous_client_relay_rx_packets_total`, `causeway_rendezvous_client_relay_rx_bytes_total` | counter | `rendezvous` |
@@ -62,6 +63,7 @@
 //! |---|---|---|
 //! | `causeway_rendezvous_sites_configured` | gauge | |
 //! | `causeway_rendezvous_site_connected` | gauge (1: connected and authenticated, 0: not) | `site` |
+//! | `causeway_rendezvous_site_over_tcp` | gauge (1: connected over TLS on TCP, 0: QUIC or not connected) | `site` |
 //! | `causeway_rendezvous_relay_rx_packets_total` | counter | `site` |
 //! | `causeway_rendezvous_relay_rx_bytes_total` | counter | `site` |
 //! | `causeway_rendezvous_relay_dropped_total` | counter | `site` |
@@ -352,6 +354,16 @@ fn encode_rendezvous_clients(
         ConstGauge::new(i64::from(r.connected))
             .encode(family.encode_family(&[("rendezvous", server.as_str())])?)?;
     }
+    let mut family = encoder.encode_descriptor(
+        "rendezvous_client_over_tcp",
+        "Whether the site reaches the rendezvous over TLS on TCP now, because UDP to it gets no answer (1), or not (0)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (server, r) in &clients {
+        ConstGauge::new(i64::from(r.transport == Some("tcp")))
+            .encode(family.encode_family(&[("rendezvous", server.as_str())])?)?;
+    }
     type Value = fn(&ClientStats) -> u64;
     let counters: [(&str, &str, Value); 9] = [
         (
@@ -473,6 +485,16 @@ impl Collector for RendezvousCollector {
         )?;
         for s in &rendezvous.sites {
             ConstGauge::new(i64::from(s.connected))
+                .encode(family.encode_family(&[("site", s.name.as_str())])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "rendezvous_site_over_tcp",
+            "Whether the site is connected over TLS on TCP now (1), not QUIC or not connected (0)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &rendezvous.sites {
+            ConstGauge::new(i64::from(s.over_tcp))
                 .encode(family.encode_family(&[("site", s.name.as_str())])?)?;
         }
         type Value = fn(&SiteStats) -> u64;
@@ -900,6 +922,7 @@ pub(super) mod tests {
                 "causeway_peers_configured",
                 "causeway_rendezvous_client_connected",
                 "causeway_rendezvous_client_connections_total",
+                "causeway_rendezvous_client_over_tcp",
                 "causeway_rendezvous_client_relay_incomplete_total",
                 "causeway_rendezvous_client_relay_malformed_total",
                 "causeway_rendezvous_client_relay_rx_bytes_total",
@@ -1013,6 +1036,7 @@ pub(super) mod tests {
                     name: "a".into(),
                     public_key: key(1),
                     connected: true,
+                    over_tcp: true,
                     relay_rx_packets: 30,
                     relay_rx_bytes: 4500,
                     relay_dropped: 2,
@@ -1021,6 +1045,7 @@ pub(super) mod tests {
                     name: "b".into(),
                     public_key: key(2),
                     connected: false,
+                    over_tcp: false,
                     relay_rx_packets: 0,
                     relay_rx_bytes: 0,
                     relay_dropped: 0,
@@ -1055,6 +1080,8 @@ pub(super) mod tests {
         assert_eq!(get("causeway_rendezvous_sites_configured"), 2.0);
         assert_eq!(get("causeway_rendezvous_site_connected{site=\"a\"}"), 1.0);
         assert_eq!(get("causeway_rendezvous_site_connected{site=\"b\"}"), 0.0);
+        assert_eq!(get("causeway_rendezvous_site_over_tcp{site=\"a\"}"), 1.0);
+        assert_eq!(get("causeway_rendezvous_site_over_tcp{site=\"b\"}"), 0.0);
         assert_eq!(
             get("causeway_rendezvous_relay_rx_packets_total{site=\"a\"}"),
             30.0
@@ -1138,6 +1165,7 @@ pub(super) mod tests {
                 "causeway_rendezvous_relay_rx_bytes_total",
                 "causeway_rendezvous_relay_rx_packets_total",
                 "causeway_rendezvous_site_connected",
+                "causeway_rendezvous_site_over_tcp",
                 "causeway_rendezvous_sites_configured",
                 "causeway_rendezvous_stun_answered_total",
             ]

@@ -143,6 +143,11 @@ impl Registry {
         self.by_key.contains_key(key)
     }
 
+    /// The connection of a site, while it is connected.
+    pub fn connection(&self, key: &SiteKey) -> Option<ConnId> {
+        self.by_key.get(key).copied()
+    }
+
     /// Relay counters of a site.
     pub fn counters(&self, key: &SiteKey) -> RelayCounters {
         self.counters.get(key).copied().unwrap_or_default()

@@ -98,6 +98,9 @@ pub struct SiteStats {
     pub public_key: PublicKey,
     /// Whether it is connected and authenticated now.
     pub connected: bool,
+    /// Whether that connection is TLS over TCP (UDP from the site gets
+    /// no answer), not QUIC.
+    pub over_tcp: bool,
     /// WireGuard packets relayed from it, by its relay ports and over
     /// QUIC (once per packet, however many fragments it took).
     pub relay_rx_packets: u64,
@@ -161,6 +164,11 @@ impl ServerStats {
                     name: name.to_owned(),
                     public_key: PublicKey::from(*key),
                     connected: state.registry.is_connected(key),
+                    over_tcp: state
+                        .registry
+                        .connection(key)
+                        .and_then(|id| state.conns.get(&id))
+                        .is_some_and(|h| matches!(h.conn, Carrier::Tcp(_))),
                     relay_rx_packets: c.packets + udp(|s| &s.packets),
                     relay_rx_bytes: c.bytes + udp(|s| &s.bytes),
                     relay_dropped: c.dropped + udp(|s| &s.dropped),
