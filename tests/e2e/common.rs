@@ -348,6 +348,26 @@ impl Mesh {
     }
 }
 
+/// Calls `probe` every 50 ms until it gives `Some`, for at most `within`;
+/// `None` after that (the caller panics with what it knows).
+pub fn poll<T>(within: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = probe() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// [`poll`] for a condition: whether it held within `within`.
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    poll(within, || cond().then_some(())).is_some()
+}
+
 /// Pings until a reply comes or `within` passes.
 pub fn ping_until(ns: &Netns, dst: IpAddr, within: Duration) -> Option<Duration> {
     let deadline = Instant::now() + within;

@@ -98,11 +98,8 @@ impl NatPair {
     /// Waits until site `site` sees its peer on `path`; returns the time it took.
     fn wait_path(&self, site: usize, path: &str, within: Duration) -> Duration {
         let t = Instant::now();
-        while t.elapsed() < within {
-            if self.peer(site).path == path {
-                return t.elapsed();
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if wait_until(within, || self.peer(site).path == path) {
+            return t.elapsed();
         }
         panic!(
             "site {site} never reached path {path}: {:#?}\n--- daemon log:\n{}\n--- rendezvous log:\n{}",
@@ -119,12 +116,8 @@ impl NatPair {
     /// Waits until site `site` relays to its peer through a UDP relay
     /// port; returns the port.
     fn wait_relay_port(&self, site: usize, within: Duration) -> SocketAddr {
-        let t = Instant::now();
-        while t.elapsed() < within {
-            if let Some(port) = self.peer(site).relay_port {
-                return port.parse().expect("relay port");
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if let Some(port) = poll(within, || self.peer(site).relay_port) {
+            return port.parse().expect("relay port");
         }
         panic!(
             "site {site} never moved to a UDP relay port: {:#?}\n--- daemon log:\n{}\n--- rendezvous log:\n{}",
@@ -218,13 +211,9 @@ fn routers_without_an_input_firewall_still_get_a_direct_path() {
     let t = Instant::now();
     assert_ping(pod_a, addr_b.into());
     let direct = |site: usize| {
-        while t.elapsed() < Duration::from_secs(15) {
-            if pair.peer(site).path == "direct" {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
+        let left = Duration::from_secs(15).saturating_sub(t.elapsed());
+        assert!(
+            wait_until(left, || pair.peer(site).path == "direct"),
             "site {site} never reached the direct path: {:#?}\n{}",
             pair.peer(site),
             router_conntrack(&pair.lab)
@@ -329,15 +318,14 @@ fn a_site_that_can_send_no_udp_joins_over_tls_on_tcp() {
         )
         .expect("nft");
     let opened = Instant::now();
-    while rendezvous(0).transport.as_deref() != Some("quic") {
-        assert!(
-            opened.elapsed() < Duration::from_secs(20),
-            "still {:?}\n{}",
-            rendezvous(0),
-            pair.daemons[0].log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            rendezvous(0).transport.as_deref() == Some("quic")
+        }),
+        "still {:?}\n{}",
+        rendezvous(0),
+        pair.daemons[0].log_text()
+    );
     eprintln!("back on QUIC {:?} after UDP was let out", opened.elapsed());
     let direct = pair.wait_path(0, "direct", Duration::from_secs(20));
     eprintln!("direct path {direct:?} later");
@@ -666,17 +654,12 @@ fn unknown_sites_and_impostor_rendezvous_are_refused() {
         ping_until(pod_a, addr_b.into(), Duration::from_secs(4)).is_none(),
         "traffic flowed without authorization"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
     let (mut log_a, mut log_b) = (String::new(), String::new());
-    while Instant::now() < deadline {
+    wait_until(Duration::from_secs(10), || {
         (log_a, log_b) = (da.log_text(), db.log_text());
-        if log_a.to_lowercase().contains("unknown site")
+        log_a.to_lowercase().contains("unknown site")
             && log_b.to_lowercase().contains("rendezvous key")
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
     assert!(
         log_a.to_lowercase().contains("unknown site"),
         "stranger not told clearly:\n{log_a}"
@@ -835,18 +818,13 @@ impl Miniupnpd {
             child: Some(router.spawn(&mut cmd).expect("spawn miniupnpd")),
             dir,
         };
-        let t = Instant::now();
-        while !upnp
-            .log_text()
-            .contains("Listening for NAT-PMP/PCP traffic")
-        {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "miniupnpd did not start:\n{}",
-                upnp.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        assert!(
+            wait_until(Duration::from_secs(5), || upnp
+                .log_text()
+                .contains("Listening for NAT-PMP/PCP traffic")),
+            "miniupnpd did not start:\n{}",
+            upnp.log_text()
+        );
         upnp
     }
 
@@ -876,18 +854,18 @@ fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
     // (Declared after the pair: on failure, stopped before the lab goes.)
     let upnp = upnp.expect("miniupnpd");
     let t = Instant::now();
-    let mapped = loop {
-        if let Some(mapped) = pair.daemons[0].status().port_mapping {
-            break mapped.parse::<SocketAddr>().expect("mapped address");
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
+    let mapped = poll(Duration::from_secs(10), || {
+        pair.daemons[0].status().port_mapping
+    })
+    .unwrap_or_else(|| {
+        panic!(
             "no port mapping:\n--- daemon log:\n{}\n--- miniupnpd log:\n{}",
             pair.daemons[0].log_text(),
             upnp.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        )
+    })
+    .parse::<SocketAddr>()
+    .expect("mapped address");
     eprintln!("port mapping {mapped} after {:?}", t.elapsed());
     assert_eq!(mapped.ip(), IpAddr::V4(MAPPED_IP));
     assert!(
@@ -930,30 +908,27 @@ fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
         &pair.configs[0],
     );
     let t = Instant::now();
-    while pair.daemons[0].status().port_mapping != Some(mapped.to_string()) {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "no port mapping after a restart:\n--- daemon log:\n{}\n--- miniupnpd log:\n{}",
-            pair.daemons[0].log_text(),
-            upnp.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            pair.daemons[0].status().port_mapping == Some(mapped.to_string())
+        }),
+        "no port mapping after a restart:\n--- daemon log:\n{}\n--- miniupnpd log:\n{}",
+        pair.daemons[0].log_text(),
+        upnp.log_text()
+    );
     eprintln!(
         "the same port mapping after a kill -9 and restart: {:?}",
         t.elapsed()
     );
     // Stopping a's daemon deletes the mapping (lifetime 0).
     pair.daemons.remove(0).stop();
-    let t = Instant::now();
-    while !upnp.log_text().contains("mapping removed") {
-        assert!(
-            t.elapsed() < Duration::from_secs(3),
-            "the mapping was not deleted:\n{}",
-            upnp.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        wait_until(Duration::from_secs(3), || upnp
+            .log_text()
+            .contains("mapping removed")),
+        "the mapping was not deleted:\n{}",
+        upnp.log_text()
+    );
     drop(pair);
     drop(upnp);
 }
@@ -1058,18 +1033,12 @@ fn the_port_mapper_speaks_pcp_and_nat_pmp_with_a_real_miniupnpd() {
     for delete in [pcp.delete_request(), pmp.delete_request()] {
         socket.send(&delete.expect("a mapping")).expect("send");
     }
-    let t = Instant::now();
-    loop {
-        let rules = miniupnpd_rules();
-        if !rules.contains("dnat") {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(3),
-            "still forwarded:\n{rules}\n--- miniupnpd:\n{}",
-            upnp.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        wait_until(Duration::from_secs(3), || !miniupnpd_rules()
+            .contains("dnat")),
+        "still forwarded:\n{}\n--- miniupnpd:\n{}",
+        miniupnpd_rules(),
+        upnp.log_text()
+    );
     drop(upnp);
 }

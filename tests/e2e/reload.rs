@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -35,14 +35,11 @@ fn peer_names(d: &Daemon) -> Vec<String> {
 }
 
 fn wait_for(what: &str, d: &Daemon, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}:\n{}", d.log_text());
+    assert!(
+        wait_until(Duration::from_secs(10), cond),
+        "timed out waiting for {what}:\n{}",
+        d.log_text()
+    );
 }
 
 fn three_sites() -> Mesh {
