@@ -14,6 +14,7 @@ use crate::portmap::{self, MapperConfig, PortMapper, Response};
 use crate::probe::{self, Probe, ProbeKey};
 use crate::rendezvous::proto::{FrameDecoder, RendezvousMessage, SiteMessage, encode_frame};
 use crate::rendezvous::relay::{self, Reassembler};
+use crate::rendezvous::tcp::{self, Record};
 use crate::stun::{self, StunMessage};
 
 /// A STUN datagram: parsing never panics; an accepted message passes
@@ -45,6 +46,46 @@ pub fn stun(data: &[u8]) -> bool {
         assert_eq!(again, Ok(message), "re-encoded STUN message differs");
     }
     true
+}
+
+/// A stream of TLS-over-TCP records, read in pieces of any size (the first
+/// byte of the input picks the piece size): decoding never panics, a
+/// record's body is at most 65535 bytes, control and datagram records
+/// encode back to the bytes they came from, and once a record is refused
+/// the stream is given up (as the connection would be).
+pub fn tcp_records(data: &[u8]) -> bool {
+    let Some((&step, stream)) = data.split_first() else {
+        return false;
+    };
+    let step = usize::from(step).max(1);
+    let mut buf = bytes::BytesMut::new();
+    let mut accepted = false;
+    for piece in stream.chunks(step) {
+        buf.extend_from_slice(piece);
+        loop {
+            let before = buf.clone();
+            match tcp::decode(&mut buf) {
+                Ok(Some(record)) => {
+                    accepted = true;
+                    let (kind, body) = match &record {
+                        Record::Control(b) => (tcp::CONTROL, b),
+                        Record::Datagram(b) => (tcp::DATAGRAM, b),
+                        Record::Close(..) => continue,
+                    };
+                    assert!(body.len() <= usize::from(u16::MAX));
+                    let again = tcp::encode(kind, body);
+                    assert_eq!(
+                        &before[..again.len()],
+                        &again[..],
+                        "re-encoded record differs"
+                    );
+                }
+                Ok(None) => break,
+                Err(_) => return accepted,
+            }
+        }
+    }
+    accepted
 }
 
 /// The nonce and internal port the portmap target's mapper uses.

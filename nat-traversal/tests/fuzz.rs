@@ -1,6 +1,7 @@
 //! The bounded fuzz pass over every parser of untrusted input in this crate:
 //! STUN, path probes, rendezvous control frames (both directions, any
-//! read size), relay datagrams and their reassembly. Each target starts from
+//! read size), relay datagrams and their reassembly, TLS-over-TCP records.
+//! Each target starts from
 //! its seed corpus (`fuzz/corpus/<target>/`), then runs mutated corpus
 //! entries, structure-aware generated messages and random bytes through the
 //! entry points in `causeway_nat::fuzz`, which assert the properties.
@@ -282,6 +283,41 @@ fn fuzz_relay() {
     assert!(report.accepted > 0);
 }
 
+/// A piece size, then records as a site or the rendezvous writes them
+/// (control bytes, datagrams, a close), sometimes with a byte changed.
+fn gen_tcp_records(rng: &mut Rng) -> Vec<u8> {
+    let mut out = vec![rng.byte()];
+    for _ in 0..1 + rng.below(4) {
+        let kind = rng.below(3) as u8;
+        let len = match kind {
+            2 => 4 + rng.below(20),
+            _ => {
+                let max = if rng.chance(4) { 3000 } else { 200 };
+                rng.below(max)
+            }
+        };
+        out.push(kind);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+        out.extend(rng.bytes(len));
+    }
+    if rng.chance(4) {
+        let i = rng.below(out.len());
+        out[i] = rng.byte();
+    }
+    out
+}
+
+#[test]
+fn fuzz_tcp_records() {
+    let t = Target {
+        name: "tcp_records",
+        iterations: 10_000,
+        dict: &[&[0, 0, 0], &[1, 5, 220], &[2, 0, 4], &[0xff, 0xff]],
+    };
+    let report = driver::run(&t, gen_tcp_records, fuzz::tcp_records);
+    assert!(report.accepted > 0);
+}
+
 /// Writes the seed corpus (real messages from the encoders). Run by hand
 /// after a format change: `cargo test -p causeway-nat --test fuzz --
 /// --ignored write_seed_corpus`.
@@ -291,11 +327,12 @@ fn write_seed_corpus() {
     let mut rng = Rng::new(1);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
     type Generator = fn(&mut Rng) -> Vec<u8>;
-    let targets: [(&str, Generator); 4] = [
+    let targets: [(&str, Generator); 5] = [
         ("stun", gen_stun),
         ("probe", gen_probe),
         ("rendezvous_frames", gen_frames),
         ("relay", gen_relay),
+        ("tcp_records", gen_tcp_records),
     ];
     for (name, generate) in targets {
         std::fs::create_dir_all(dir.join(name)).expect("mkdir");

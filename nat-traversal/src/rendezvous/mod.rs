@@ -32,7 +32,7 @@ mod relay_port;
 mod server;
 mod session;
 mod stream;
-mod tcp;
+pub(crate) mod tcp;
 #[cfg(test)]
 mod tests;
 mod tls;

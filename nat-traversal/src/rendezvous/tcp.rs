@@ -52,9 +52,9 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// The longest close reason sent.
 const MAX_REASON: usize = 256;
 
-const CONTROL: u8 = 0;
-const DATAGRAM: u8 = 1;
-const CLOSE: u8 = 2;
+pub(crate) const CONTROL: u8 = 0;
+pub(crate) const DATAGRAM: u8 = 1;
+pub(crate) const CLOSE: u8 = 2;
 
 /// One record, as read.
 #[derive(Debug, PartialEq, Eq)]
@@ -76,7 +76,7 @@ pub(crate) enum RecordError {
     ShortClose(usize),
 }
 
-fn encode(kind: u8, body: &[u8]) -> Bytes {
+pub(crate) fn encode(kind: u8, body: &[u8]) -> Bytes {
     let len = body.len().min(MAX_BODY);
     let mut out = BytesMut::with_capacity(HEADER + len);
     out.extend_from_slice(&[kind]);
@@ -97,7 +97,7 @@ fn encode_close(code: CloseCode, reason: &[u8]) -> Bytes {
 }
 
 /// Takes one whole record off the front of `buf`, if there is one.
-fn decode(buf: &mut BytesMut) -> Result<Option<Record>, RecordError> {
+pub(crate) fn decode(buf: &mut BytesMut) -> Result<Option<Record>, RecordError> {
     if buf.len() < HEADER {
         return Ok(None);
     }
