@@ -103,7 +103,7 @@ impl Sample {
 }
 
 /// CPU time of the calling thread, in seconds.
-fn thread_cpu_seconds() -> f64 {
+fn this_thread_cpu_seconds() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -247,13 +247,15 @@ pub(crate) fn measure(
     len: usize,
 ) -> anyhow::Result<Sample> {
     ensure!(threads >= 1, "at least one thread");
-    let shared = Arc::new(Pair::new(1)?);
-    let pairs: Vec<Arc<Pair>> = (0..threads)
-        .map(|t| match sharing {
-            Sharing::OnePeer => Ok(Arc::clone(&shared)),
-            Sharing::PeerPerThread => Pair::new(t as u8 + 1).map(Arc::new),
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let pairs: Vec<Arc<Pair>> = match sharing {
+        Sharing::OnePeer => {
+            let shared = Arc::new(Pair::new(1)?);
+            (0..threads).map(|_| Arc::clone(&shared)).collect()
+        }
+        Sharing::PeerPerThread => (0..threads)
+            .map(|t| Pair::new(t as u8 + 1).map(Arc::new))
+            .collect::<anyhow::Result<_>>()?,
+    };
     let start = Arc::new(Barrier::new(threads + 1));
     let handles: Vec<_> = pairs
         .into_iter()
@@ -263,10 +265,10 @@ pub(crate) fn measure(
             let plain = ipv4_packet(len, t as u16);
             std::thread::spawn(move || {
                 start.wait();
-                let cpu = thread_cpu_seconds();
+                let cpu = this_thread_cpu_seconds();
                 let deadline = Instant::now() + Duration::from_secs_f64(seconds);
                 let counts = worker(&pair, &plain, deadline);
-                (counts, Instant::now(), thread_cpu_seconds() - cpu)
+                (counts, Instant::now(), this_thread_cpu_seconds() - cpu)
             })
         })
         .collect();

@@ -107,8 +107,7 @@ impl std::fmt::Display for Protocol {
 /// It reveals nothing about the key: a keyed BLAKE2s hash, cut to 96 bits.
 pub fn site_nonce(private_key: &[u8; 32], internal_port: u16) -> [u8; 12] {
     use blake2::digest::{KeyInit, Mac};
-    let mut mac = <blake2::Blake2sMac256 as KeyInit>::new_from_slice(private_key)
-        .expect("a 32-byte key fits BLAKE2s");
+    let mut mac = <blake2::Blake2sMac256 as KeyInit>::new(private_key.into());
     mac.update(b"causeway pcp nonce");
     mac.update(&internal_port.to_be_bytes());
     let tag = mac.finalize().into_bytes();
@@ -546,17 +545,37 @@ impl PortMapper {
     /// once on shutdown; `None` without a mapping.
     pub fn delete_request(&self) -> Option<Vec<u8>> {
         let mapping = self.mapping?;
-        Some(match mapping.protocol {
+        Some(self.map_request(mapping.protocol, None, 0))
+    }
+
+    /// A map request in `protocol` for our internal port, suggesting the
+    /// external address `suggested` (NAT-PMP: its port; none: our internal
+    /// port, and 0 in a delete, lifetime 0).
+    fn map_request(
+        &self,
+        protocol: Protocol,
+        suggested: Option<SocketAddrV4>,
+        lifetime: u32,
+    ) -> Vec<u8> {
+        let port = self.config.internal_port;
+        match protocol {
             Protocol::Pcp => encode_pcp_map(&PcpMapRequest {
                 client: self.config.client,
                 nonce: self.nonce,
-                internal_port: self.config.internal_port,
-                suggested: None,
-                lifetime: 0,
+                internal_port: port,
+                suggested,
+                lifetime,
             })
             .to_vec(),
-            Protocol::NatPmp => encode_natpmp_map(self.config.internal_port, 0, 0).to_vec(),
-        })
+            Protocol::NatPmp => {
+                let suggested = match (suggested, lifetime) {
+                    (Some(a), _) => a.port(),
+                    (None, 0) => 0,
+                    (None, _) => port,
+                };
+                encode_natpmp_map(port, suggested, lifetime).to_vec()
+            }
+        }
     }
 
     /// An answer from the server. Errors say why it was dropped (count
@@ -612,11 +631,6 @@ impl PortMapper {
                 }
                 self.refused(now, Protocol::Pcp, RESULT_UNSUPPORTED_VERSION, 0)
             }
-            Response::NatPmpAddress { .. } | Response::NatPmpMap { .. }
-                if self.protocol == Protocol::Pcp =>
-            {
-                Err(AnswerError::Unsolicited(Protocol::NatPmp))
-            }
             Response::NatPmpError { result, .. } => {
                 solicited(Protocol::NatPmp)?;
                 self.refused(now, Protocol::NatPmp, result, 0)
@@ -641,14 +655,14 @@ impl PortMapper {
                 lifetime,
             } => {
                 solicited(Protocol::NatPmp)?;
-                if internal_port != self.config.internal_port && result == 0 {
+                if result != 0 {
+                    return self.refused(now, Protocol::NatPmp, result, 0);
+                }
+                if internal_port != self.config.internal_port {
                     return Err(AnswerError::WrongPort {
                         expected: self.config.internal_port,
                         got: internal_port,
                     });
-                }
-                if result != 0 {
-                    return self.refused(now, Protocol::NatPmp, result, 0);
                 }
                 self.pmp_map = Some((external_port, lifetime, epoch));
                 self.natpmp_done(now)
@@ -778,31 +792,15 @@ impl PortMapper {
 
     fn queue_requests(&mut self) {
         let held = self.mapping.map(|m| m.external);
+        let map = self.map_request(self.protocol, held, self.config.lifetime);
         match self.protocol {
-            Protocol::Pcp => {
-                let req = PcpMapRequest {
-                    client: self.config.client,
-                    nonce: self.nonce,
-                    internal_port: self.config.internal_port,
-                    suggested: held,
-                    lifetime: self.config.lifetime,
-                };
-                self.transmits.push_back(encode_pcp_map(&req).to_vec());
-            }
+            Protocol::Pcp => self.transmits.push_back(map),
             Protocol::NatPmp => {
                 if self.pmp_address.is_none() {
                     self.transmits.push_back(encode_natpmp_address().to_vec());
                 }
                 if self.pmp_map.is_none() {
-                    let suggested = held.map_or(self.config.internal_port, |a| a.port());
-                    self.transmits.push_back(
-                        encode_natpmp_map(
-                            self.config.internal_port,
-                            suggested,
-                            self.config.lifetime,
-                        )
-                        .to_vec(),
-                    );
+                    self.transmits.push_back(map);
                 }
             }
         }

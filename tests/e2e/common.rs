@@ -603,19 +603,20 @@ impl Rendezvous {
             ip,
             RENDEZVOUS_QUIC_PORT,
             RENDEZVOUS_STUN_PORT,
+            RENDEZVOUS_TCP_PORT,
             sites,
             &[],
         )
     }
 
-    /// [`Rendezvous::start`] on other ports, with extra arguments. Its TCP
-    /// port is [`RENDEZVOUS_TCP_PORT`] moved as far as `quic` is from
-    /// [`RENDEZVOUS_QUIC_PORT`].
+    /// [`Rendezvous::start`] on other ports (QUIC, STUN, TLS over TCP), with
+    /// extra arguments.
     pub fn start_on(
         ns: &Netns,
         ip: IpAddr,
         quic: u16,
         stun: u16,
+        tcp: u16,
         sites: &[(&str, &str)],
         args: &[String],
     ) -> Rendezvous {
@@ -632,7 +633,7 @@ impl Rendezvous {
             dir.path().join("rendezvous.key"),
             SocketAddr::new(ip, quic),
             SocketAddr::new(ip, stun),
-            SocketAddr::new(ip, RENDEZVOUS_TCP_PORT + quic - RENDEZVOUS_QUIC_PORT)
+            SocketAddr::new(ip, tcp)
         );
         for (name, key) in sites {
             text += &format!("\n[[site]]\nname = {name:?}\npublic_key = {key:?}\n");

@@ -102,15 +102,30 @@ impl NatPair {
             return t.elapsed();
         }
         panic!(
-            "site {site} never reached path {path}: {:#?}\n--- daemon log:\n{}\n--- rendezvous log:\n{}",
+            "site {site} never reached path {path}: {:#?}\n--- daemon log:\n{}\n--- rendezvous log:\n{}\n{}",
             self.peer(site),
             self.daemons[site].log_text(),
-            self.rendezvous.log_text()
+            self.rendezvous.log_text(),
+            router_conntrack(&self.lab)
         );
     }
 
     fn pods(&self) -> [(&Netns, std::net::Ipv4Addr); 2] {
         pods(&self.lab)
+    }
+
+    /// Sends `len` bytes over TCP from a's pod to b's, on what must be a
+    /// direct path: the relay may carry fewer than 20 packets of it.
+    fn assert_transfer_goes_direct(&self, len: usize) {
+        let [(pod_a, _), (pod_b, addr_b)] = self.pods();
+        let relayed = || self.peer(0).relay_tx_packets + self.peer(1).relay_tx_packets;
+        let before = relayed();
+        tcp_transfer(pod_b, addr_b, pod_a, len);
+        let carried = relayed() - before;
+        assert!(
+            carried < 20,
+            "the relay carried {carried} packets of a direct transfer"
+        );
     }
 
     /// Waits until site `site` relays to its peer through a UDP relay
@@ -161,14 +176,7 @@ fn port_preserving_nats_punch_a_direct_path() {
     let took = pair.wait_path(0, "direct", Duration::from_secs(15));
     pair.wait_path(1, "direct", Duration::from_secs(15));
     eprintln!("direct path after {took:?}");
-    let before = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
-    tcp_transfer(pod_b, addr_b, pod_a, 16 << 20);
-    let after = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
-    assert!(
-        after - before < 20,
-        "the relay carried {} packets of a direct transfer",
-        after - before
-    );
+    pair.assert_transfer_goes_direct(16 << 20);
     // A direct path gets the tunnel's whole MSS (1420 - 40; TCP_MAXSEG
     // reports it less the 12 bytes of the timestamp option, on by default).
     let mss = tcp_mss(pod_b, addr_b.into(), pod_a, addr_b.into());
@@ -207,30 +215,13 @@ fn router_conntrack(lab: &Lab) -> String {
 fn routers_without_an_input_firewall_still_get_a_direct_path() {
     let nat = Some(Nat::PortPreservingNoInputFirewall);
     let pair = NatPair::new(nat, nat);
-    let [(pod_a, _), (pod_b, addr_b)] = pair.pods();
+    let [(pod_a, _), (_, addr_b)] = pair.pods();
     let t = Instant::now();
     assert_ping(pod_a, addr_b.into());
-    let direct = |site: usize| {
-        let left = Duration::from_secs(15).saturating_sub(t.elapsed());
-        assert!(
-            wait_until(left, || pair.peer(site).path == "direct"),
-            "site {site} never reached the direct path: {:#?}\n{}",
-            pair.peer(site),
-            router_conntrack(&pair.lab)
-        );
-    };
-    direct(0);
-    direct(1);
+    pair.wait_path(0, "direct", Duration::from_secs(15));
+    pair.wait_path(1, "direct", Duration::from_secs(15));
     eprintln!("direct path after {:?}", t.elapsed());
-    eprintln!("{}", router_conntrack(&pair.lab));
-    let before = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
-    tcp_transfer(pod_b, addr_b, pod_a, 16 << 20);
-    let after = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
-    assert!(
-        after - before < 20,
-        "the relay carried {} packets of a direct transfer",
-        after - before
-    );
+    pair.assert_transfer_goes_direct(16 << 20);
     assert_eq!(pair.peer(0).path, "direct");
     assert_eq!(pair.peer(1).path, "direct");
 }
@@ -696,6 +687,7 @@ fn with_two_rendezvous_servers_either_one_is_enough() {
         ip,
         RENDEZVOUS_QUIC_PORT + 1,
         RENDEZVOUS_STUN_PORT + 1,
+        RENDEZVOUS_TCP_PORT + 1,
         &sites,
         &[],
     );
@@ -740,7 +732,8 @@ const MAPPED_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 20, 1, 2);
 /// config file and nftables table. Stopped by its PID when dropped (the
 /// lab's teardown kills whatever is left in its namespaces, too).
 struct Miniupnpd {
-    child: Option<causeway_testbed::ChildGuard>,
+    /// Stopped when dropped.
+    _child: causeway_testbed::ChildGuard,
     dir: tempfile::TempDir,
 }
 
@@ -815,7 +808,7 @@ impl Miniupnpd {
             .stdout(Stdio::null())
             .stderr(log);
         let upnp = Miniupnpd {
-            child: Some(router.spawn(&mut cmd).expect("spawn miniupnpd")),
+            _child: router.spawn(&mut cmd).expect("spawn miniupnpd"),
             dir,
         };
         assert!(
@@ -833,14 +826,6 @@ impl Miniupnpd {
     }
 }
 
-impl Drop for Miniupnpd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.stop(Duration::from_secs(2));
-        }
-    }
-}
-
 #[test]
 fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
     // Both NATs symmetric: alone, they force the relay (see
@@ -848,7 +833,7 @@ fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
     // runs miniupnpd: a asks it (PCP) to map its WireGuard port and offers
     // the mapping; b's probes to it get through, and both go direct.
     let mut upnp = None;
-    let pair = NatPair::new_with(Some(Nat::Symmetric), Some(Nat::Symmetric), |lab, _| {
+    let mut pair = NatPair::new_with(Some(Nat::Symmetric), Some(Nat::Symmetric), |lab, _| {
         upnp = Some(Miniupnpd::start(lab));
     });
     // (Declared after the pair: on failure, stopped before the lab goes.)
@@ -875,7 +860,7 @@ fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
         "{}",
         pair.daemons[0].log_text()
     );
-    let [(pod_a, _), (pod_b, addr_b)] = pair.pods();
+    let [(pod_a, _), (_, addr_b)] = pair.pods();
     assert_ping(pod_a, addr_b.into());
     let took = pair.wait_path(1, "direct", Duration::from_secs(20));
     pair.wait_path(0, "direct", Duration::from_secs(20));
@@ -885,14 +870,7 @@ fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
     let b = pair.peer(1);
     assert!(b.candidates.contains(&mapped.to_string()), "{b:?}");
     assert_eq!(b.endpoint, Some(mapped.to_string()), "{b:?}");
-    let before = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
-    tcp_transfer(pod_b, addr_b, pod_a, 16 << 20);
-    let after = pair.peer(0).relay_tx_packets + pair.peer(1).relay_tx_packets;
-    assert!(
-        after - before < 20,
-        "the relay carried {} packets of a direct transfer",
-        after - before
-    );
+    pair.assert_transfer_goes_direct(16 << 20);
     // Nothing dropped as a bad answer from the router.
     let status = pair.daemons[0].status();
     assert_eq!(status.drops.get("port_mapping"), None, "{status:?}");
@@ -900,7 +878,6 @@ fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
     // the same mapping back: its PCP nonce is the same (miniupnpd 2.3.1
     // would hand the port to a new nonce of the same client too; a strict
     // RFC 6887 server refuses it while the old mapping lives).
-    let mut pair = pair;
     pair.daemons[0].child.kill9().expect("kill -9");
     pair.daemons[0] = Daemon::start(
         &pair.lab.sites()[0].gateway,
@@ -929,8 +906,6 @@ fn a_port_mapping_on_the_router_gives_symmetric_nats_a_direct_path() {
         "the mapping was not deleted:\n{}",
         upnp.log_text()
     );
-    drop(pair);
-    drop(upnp);
 }
 
 /// Runs `mapper` against the server at the other end of `socket` until it
@@ -1040,5 +1015,4 @@ fn the_port_mapper_speaks_pcp_and_nat_pmp_with_a_real_miniupnpd() {
         miniupnpd_rules(),
         upnp.log_text()
     );
-    drop(upnp);
 }

@@ -63,6 +63,7 @@ fn rendezvous_metrics_show_sites_connecting_and_relaying_and_probes_answer() {
         ip,
         RENDEZVOUS_QUIC_PORT,
         RENDEZVOUS_STUN_PORT,
+        RENDEZVOUS_TCP_PORT,
         &[("a", &files[0].public_key), ("b", &files[1].public_key)],
         &[format!("--metrics-listen={metrics}")],
     );

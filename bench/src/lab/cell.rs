@@ -189,8 +189,9 @@ fn try_measure(ctx: &Ctx, scenario: &Scenario, system: System) -> anyhow::Result
     for test in Test::ALL {
         interrupt::check()?;
         let cpu_before = tunnel_cpu(&tunnel);
-        let threads_before = tunnel_threads(&tunnel);
-        let t = Instant::now();
+        // Which threads carry one stream: read for that test only.
+        let threads_before =
+            (test == Test::Tcp1).then(|| (tunnel_threads(&tunnel), Instant::now()));
         let result = run_client(
             &pod_a.ns,
             &ctx.exe,
@@ -201,9 +202,8 @@ fn try_measure(ctx: &Ctx, scenario: &Scenario, system: System) -> anyhow::Result
             client_timeout,
         );
         let cpu_after = tunnel_cpu(&tunnel);
-        if test == Test::Tcp1 {
-            m.tcp1_busy_threads =
-                busy_threads(&threads_before, &tunnel_threads(&tunnel), t.elapsed());
+        if let Some((before, t)) = &threads_before {
+            m.tcp1_busy_threads = busy_threads(before, &tunnel_threads(&tunnel), t.elapsed());
         }
         interrupt::check()?;
         match result {

@@ -260,10 +260,7 @@ impl PeerPath {
 
     /// Whether it goes through the rendezvous.
     pub(crate) fn is_relay(self) -> bool {
-        matches!(
-            self,
-            PeerPath::Relay | PeerPath::RelayUdp | PeerPath::RelayQuic | PeerPath::RelayTcp
-        )
+        self.name() == "relay"
     }
 }
 

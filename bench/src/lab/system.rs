@@ -590,11 +590,7 @@ fn prepare_causeway(system: System, bin: &Path, lab: &Lab, dir: &Path) -> anyhow
     let keys = [KeyPair::generate(bin)?, KeyPair::generate(bin)?];
     let rendezvous = match path {
         PeerPath::Static => None,
-        PeerPath::Direct
-        | PeerPath::Relay
-        | PeerPath::RelayUdp
-        | PeerPath::RelayQuic
-        | PeerPath::RelayTcp => {
+        _ => {
             daemon::ipv4_only_behind_nats(lab)?;
             let served = [
                 (sites[0].name.as_str(), keys[0].public.as_str()),

@@ -135,11 +135,10 @@ pub trait Io {
     /// Sends `bytes` from the WireGuard socket to `to`.
     fn send(&mut self, to: SocketAddr, bytes: &[u8]) -> std::io::Result<()>;
     /// Sends a datagram with this IP TTL (hop limit) instead of the
-    /// socket's: a path machine's opening ping (`path::OPENING_TTL`).
-    fn send_with_ttl(&mut self, to: SocketAddr, bytes: &[u8], ttl: u8) -> std::io::Result<()> {
-        let _ = ttl;
-        self.send(to, bytes)
-    }
+    /// socket's: a path machine's opening ping (`path::OPENING_TTL`). No
+    /// default: an implementation that ignored the TTL would bring back the
+    /// conntrack collisions the opening ping avoids.
+    fn send_with_ttl(&mut self, to: SocketAddr, bytes: &[u8], ttl: u8) -> std::io::Result<()>;
     /// Hands a WireGuard message for `peer` to the relay (which counts it
     /// in `relay_tx_packets` once sent). `false`: no relay can take it now
     /// (its queue is full or closed).

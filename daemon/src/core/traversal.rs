@@ -550,6 +550,9 @@ mod tests {
             self.datagrams.push((to, bytes.to_vec()));
             Ok(())
         }
+        fn send_with_ttl(&mut self, to: SocketAddr, bytes: &[u8], _: u8) -> std::io::Result<()> {
+            self.send(to, bytes)
+        }
         fn relay(&mut self, _: &Arc<Peer>, _: &[u8]) -> bool {
             true
         }

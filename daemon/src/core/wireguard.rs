@@ -503,6 +503,9 @@ mod tests_support {
             self.sent.push((to, bytes.to_vec()));
             Ok(())
         }
+        fn send_with_ttl(&mut self, to: SocketAddr, bytes: &[u8], _: u8) -> std::io::Result<()> {
+            self.send(to, bytes)
+        }
         fn relay(&mut self, _: &Arc<Peer>, bytes: &[u8]) -> bool {
             self.relayed.push(bytes.to_vec());
             true

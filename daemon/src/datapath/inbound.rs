@@ -112,9 +112,7 @@ fn handle_batch(
     let mut small = false;
     if !hold {
         // What is held goes first.
-        while !backlog.is_empty() {
-            write_held(ctx, backlog, batch);
-        }
+        write_all_held(ctx, backlog, batch);
     }
     for (buf, m) in bufs.iter().zip(meta) {
         let from = canonical(m.addr);
@@ -129,15 +127,12 @@ fn handle_batch(
                 ctx.site.handle_stun(from, datagram, &mut io);
             } else {
                 let source = Source::Udp(from);
-                if backlog.is_full() || datagram.len() > backlog.slot_len() {
-                    // Written in order to make room, or for a datagram
-                    // too large for a slot (not one of ours: those fit).
-                    batch.flush(ctx);
-                    while !backlog.is_empty() {
-                        write_held(ctx, backlog, batch);
-                    }
-                }
-                if !hold || datagram.len() > backlog.slot_len() {
+                let oversize = datagram.len() > backlog.slot_len();
+                if !hold || oversize {
+                    // Straight to the TUN batch, after what is held (only
+                    // while holding; a datagram too large for a slot is not
+                    // one of ours: those fit).
+                    write_all_held(ctx, backlog, batch);
                     let out = batch.slot(datagram.len());
                     if let Some(len) = ctx
                         .site
@@ -147,6 +142,10 @@ fn handle_batch(
                         batch.commit(ctx, len);
                     }
                     continue;
+                }
+                if backlog.is_full() {
+                    // Written in order to make room.
+                    write_all_held(ctx, backlog, batch);
                 }
                 let out = backlog.next_slot();
                 let Some(len) = ctx
@@ -165,6 +164,13 @@ fn handle_batch(
         }
     }
     small
+}
+
+/// Writes everything held, in order, after what went ahead of it.
+fn write_all_held(ctx: &Ctx, backlog: &mut Backlog, batch: &mut TunBatch) {
+    while !backlog.is_empty() {
+        write_held(ctx, backlog, batch);
+    }
 }
 
 /// Writes the oldest held packets, one TUN batch of them, after what went

@@ -60,10 +60,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, internal_port: u16) {
             nonce,
             Instant::now(),
         );
+        // Returns only without a mapping (nothing to withdraw or delete).
         drive(&ctx, &socket.tokio, gateway, &mut mapper, &mut guard).await;
-        // The gateway changed: withdraw what the old one gave.
-        ctx.site.set_mapped_candidate(None, &mut ctx.io());
-        guard.delete = None;
     }
 }
 
@@ -94,17 +92,18 @@ async fn drive(
                     );
                     let addr = SocketAddr::V4(mapping.external);
                     ctx.site.set_mapped_candidate(Some(addr), &mut ctx.io());
+                    guard.delete = mapper.delete_request();
                 }
                 Event::Lost => {
                     info!(%gateway, "port mapping lost");
                     ctx.site.set_mapped_candidate(None, &mut ctx.io());
+                    guard.delete = None;
                 }
                 Event::Refused { protocol, result } => {
                     debug!(%gateway, %protocol, result, "port mapping refused");
                 }
             }
         }
-        guard.delete = mapper.delete_request();
         let at = tokio::time::Instant::from_std(mapper.poll_timeout());
         tokio::select! {
             () = tokio::time::sleep_until(at) => {

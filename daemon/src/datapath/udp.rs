@@ -55,14 +55,8 @@ impl UdpPort {
         contents: &[u8],
         segment_size: Option<usize>,
     ) -> io::Result<()> {
-        let destination = match dst {
-            SocketAddr::V4(v4) if self.ipv6 => {
-                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-            }
-            other => other,
-        };
         let transmit = Transmit {
-            destination,
+            destination: self.destination(dst),
             ecn: None,
             contents,
             segment_size,
@@ -92,6 +86,17 @@ impl UdpPort {
         }
     }
 
+    /// Where a datagram to `dst` goes on this socket: an IPv4 destination
+    /// is v4-mapped on a dual-stack socket.
+    fn destination(&self, dst: SocketAddr) -> SocketAddr {
+        match dst {
+            SocketAddr::V4(v4) if self.ipv6 => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            other => other,
+        }
+    }
+
     /// Sends one datagram with IP TTL (IPv6 hop limit) `ttl`, as ancillary
     /// data: the socket's own TTL stays as it is for every other sender.
     pub(crate) fn send_with_ttl(
@@ -103,8 +108,10 @@ impl UdpPort {
         use std::os::fd::AsRawFd;
         // SAFETY: plain C structs, all-zero is a valid value.
         let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let (v6_ip, port, flowinfo, scope_id) = match dst {
-            SocketAddr::V4(v4) if !self.ipv6 => {
+        // An IPv4 destination (plain or v4-mapped) takes IP_TTL, an IPv6
+        // one IPV6_HOPLIMIT.
+        let (len, level, kind) = match self.destination(dst) {
+            SocketAddr::V4(v4) => {
                 let sin = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
                     sin_port: v4.port().to_be(),
@@ -115,36 +122,27 @@ impl UdpPort {
                 };
                 // SAFETY: sockaddr_storage is larger than sockaddr_in.
                 unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin) };
-                (None, 0, 0, 0)
+                let len = std::mem::size_of::<libc::sockaddr_in>();
+                (len, libc::IPPROTO_IP, libc::IP_TTL)
             }
-            SocketAddr::V4(v4) => (Some(v4.ip().to_ipv6_mapped()), v4.port(), 0, 0),
-            SocketAddr::V6(v6) => (Some(*v6.ip()), v6.port(), v6.flowinfo(), v6.scope_id()),
-        };
-        let len = match v6_ip {
-            Some(ip) => {
+            SocketAddr::V6(v6) => {
                 let sin6 = libc::sockaddr_in6 {
                     sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: port.to_be(),
-                    sin6_flowinfo: flowinfo,
+                    sin6_port: v6.port().to_be(),
+                    sin6_flowinfo: v6.flowinfo(),
                     sin6_addr: libc::in6_addr {
-                        s6_addr: ip.octets(),
+                        s6_addr: v6.ip().octets(),
                     },
-                    sin6_scope_id: scope_id,
+                    sin6_scope_id: v6.scope_id(),
                 };
                 // SAFETY: sockaddr_storage is larger than sockaddr_in6.
                 unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin6) };
-                std::mem::size_of::<libc::sockaddr_in6>()
+                let len = std::mem::size_of::<libc::sockaddr_in6>();
+                match v6.ip().to_ipv4_mapped() {
+                    Some(_) => (len, libc::IPPROTO_IP, libc::IP_TTL),
+                    None => (len, libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT),
+                }
             }
-            None => std::mem::size_of::<libc::sockaddr_in>(),
-        };
-        // An IPv4 destination (plain or v4-mapped) takes IP_TTL, an IPv6
-        // one IPV6_HOPLIMIT.
-        let (level, kind) = match dst {
-            SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_TTL),
-            SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => {
-                (libc::IPPROTO_IP, libc::IP_TTL)
-            }
-            SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT),
         };
         let value = libc::c_int::from(ttl);
         // Room for one cmsghdr with a c_int, aligned.

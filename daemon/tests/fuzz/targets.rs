@@ -249,6 +249,9 @@ impl Io for Sink {
         self.sent.push(bytes.to_vec());
         Ok(())
     }
+    fn send_with_ttl(&mut self, to: SocketAddr, bytes: &[u8], _ttl: u8) -> std::io::Result<()> {
+        self.send(to, bytes)
+    }
     fn relay(&mut self, _peer: &Arc<Peer>, bytes: &[u8]) -> bool {
         self.sent.push(bytes.to_vec());
         true
