@@ -21,7 +21,7 @@ use tokio::sync::{Notify, mpsc};
 use tracing::Instrument;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use super::auth::{self, AuthKey, Exporter};
+use super::auth::{AuthKey, Exporter};
 use super::proto::CloseCode;
 use super::relay;
 use super::session::{ClientSession, Lost, Transmit};
@@ -32,9 +32,9 @@ use super::tls::{self, SERVER_NAME};
 /// Events buffered for the caller; relayed packets beyond it are dropped.
 const EVENT_QUEUE: usize = 1024;
 /// How long a QUIC attempt runs alone before TLS over TCP is tried too.
-pub(crate) const TCP_HEAD_START: Duration = Duration::from_millis(500);
+const TCP_HEAD_START: Duration = Duration::from_millis(500);
 /// While connected over TCP, QUIC is tried again this often.
-pub(crate) const UDP_RETRY: Duration = Duration::from_secs(10);
+const UDP_RETRY: Duration = Duration::from_secs(10);
 /// A QUIC attempt while connected over TCP gives up after this long.
 const UDP_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -77,7 +77,6 @@ struct Shared {
 
 struct Inner {
     server: SocketAddr,
-    tcp: Option<SocketAddr>,
     state: Mutex<Shared>,
     /// The session has something to transmit (a handle changed it).
     changed: Notify,
@@ -344,7 +343,13 @@ fn setup(
     let auth_key =
         AuthKey::derive(&site_secret, &pinned).ok_or(ConnectError::UnusableKey { server })?;
     let config = tls::client_config()?;
-    let tcp_config = tokio_rustls::TlsConnector::from(tls::tcp_client_config()?);
+    let tcp = match tcp {
+        Some(addr) => Some((
+            addr,
+            tokio_rustls::TlsConnector::from(tls::tcp_client_config()?),
+        )),
+        None => None,
+    };
     let local: SocketAddr = if server.is_ipv6() {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -364,7 +369,6 @@ fn setup(
     );
     let inner = Arc::new(Inner {
         server,
-        tcp,
         state: Mutex::new(Shared {
             session,
             conn: None,
@@ -377,7 +381,7 @@ fn setup(
         inner,
         endpoint,
         config,
-        tcp_config,
+        tcp,
         link: Link::Down,
         events: tx,
         ready: None,
@@ -435,10 +439,17 @@ enum Link {
 enum Probe {
     /// Not on TCP.
     Off,
-    /// The next QUIC attempt is due then.
-    At(tokio::time::Instant),
+    /// The next QUIC attempt is due when this sleep ends.
+    At(Pin<Box<tokio::time::Sleep>>),
     /// A QUIC attempt is running.
     Dialling(Dialling),
+}
+
+impl Probe {
+    /// The next QUIC attempt `delay` from now.
+    fn after(delay: Duration) -> Probe {
+        Probe::At(Box::pin(tokio::time::sleep(delay)))
+    }
 }
 
 /// What happened, for the session.
@@ -488,11 +499,7 @@ async fn dial_quic(
         .await
         .map_err(|e| lost(&e))?;
     let (send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-    let mut exporter = [0u8; 32];
-    let exporter = conn
-        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, auth::EXPORTER_CONTEXT)
-        .ok()
-        .map(|()| exporter);
+    let exporter = tls::quic_exporter(&conn);
     Ok(Dialled {
         up: Up::Quic {
             conn,
@@ -518,7 +525,7 @@ async fn dial_tcp(
         .connect(name, stream)
         .await
         .map_err(|e| unreachable(format!("TLS over TCP {server}: {e}")))?;
-    let exporter = tcp::exporter(tls.get_ref().1);
+    let exporter = tls::tcp_exporter(tls.get_ref().1);
     let (reader, handle) = tcp::start(tls);
     Ok(Dialled {
         up: Up::Tcp { handle, reader },
@@ -587,7 +594,9 @@ struct Driver {
     inner: Arc<Inner>,
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
-    tcp_config: tokio_rustls::TlsConnector,
+    /// The rendezvous' TLS-over-TCP address and the TLS connector, if it
+    /// has one.
+    tcp: Option<(SocketAddr, tokio_rustls::TlsConnector)>,
     link: Link,
     events: mpsc::Sender<RendezvousEvent>,
     /// A QUIC connection made while on TCP, for the next dial.
@@ -642,8 +651,8 @@ impl Driver {
                     let dialling: Dialling = match self.ready.take() {
                         Some(ready) => Box::pin(std::future::ready(Ok(ready))),
                         None => {
-                            let tcp = self.inner.tcp.map(|addr| -> Dialling {
-                                Box::pin(dial_tcp(self.tcp_config.clone(), addr))
+                            let tcp = self.tcp.as_ref().map(|(addr, connector)| -> Dialling {
+                                Box::pin(dial_tcp(connector.clone(), *addr))
                             });
                             let head_start = if self.udp_failed {
                                 Duration::ZERO
@@ -732,8 +741,7 @@ impl Driver {
                 e = conn.closed() => Input::Closed(lost(&e)),
             },
             Link::Up(Up::Tcp { reader, .. }) => {
-                let endpoint = self.endpoint.clone();
-                let config = self.config.clone();
+                let (endpoint, config) = (&self.endpoint, &self.config);
                 let server = self.inner.server;
                 let probe = &mut self.probe;
                 tokio::select! {
@@ -766,11 +774,11 @@ impl Driver {
                 self.probe = match carrier {
                     Carrier::Tcp(_) => {
                         tracing::warn!(
-                            tcp = ?self.inner.tcp,
+                            tcp = ?self.tcp.as_ref().map(|(addr, _)| addr),
                             "UDP to the rendezvous gets no answer; connected over TLS on TCP (QUIC is tried again every {} s)",
                             UDP_RETRY.as_secs()
                         );
-                        Probe::At(tokio::time::Instant::now() + UDP_RETRY)
+                        Probe::after(UDP_RETRY)
                     }
                     Carrier::Quic(_) => Probe::Off,
                 };
@@ -801,11 +809,7 @@ impl Driver {
                 self.ready = Some(quic);
                 shared.session.redial(now);
             }
-            Input::Probed(Some(quic)) => {
-                if let Up::Quic { conn, .. } = quic.up {
-                    conn.close(CloseCode::Normal.varint(), b"not needed");
-                }
-            }
+            Input::Probed(Some(quic)) => quic.up.carrier().close(CloseCode::Normal, b"not needed"),
             Input::Probed(None) => {}
         }
     }
@@ -816,15 +820,15 @@ impl Driver {
 /// the attempt is kept in `probe`.
 async fn next_probe(
     probe: &mut Probe,
-    endpoint: quinn::Endpoint,
-    config: quinn::ClientConfig,
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
     server: SocketAddr,
 ) -> Option<Dialled> {
     loop {
         match probe {
             Probe::Off => return std::future::pending().await,
-            Probe::At(at) => {
-                tokio::time::sleep_until(*at).await;
+            Probe::At(sleep) => {
+                sleep.as_mut().await;
                 let attempt = tokio::time::timeout(
                     UDP_PROBE_TIMEOUT,
                     dial_quic(endpoint.clone(), config.clone(), server),
@@ -837,7 +841,7 @@ async fn next_probe(
             }
             Probe::Dialling(attempt) => {
                 let result = attempt.await;
-                *probe = Probe::At(tokio::time::Instant::now() + UDP_RETRY);
+                *probe = Probe::after(UDP_RETRY);
                 return result.ok();
             }
         }

@@ -601,14 +601,12 @@ impl RendezvousServer {
                     let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
                     connections.spawn(handle_connection(incoming, id, slot));
                 }
-                accepted = accept_tcp(tcp.as_ref().map(|(l, _)| l)) => {
-                    let (stream, remote) = accepted;
+                (stream, remote, acceptor) = accept_tcp(tcp.as_ref()) => {
                     let Some(slot) = admit_tcp(remote, &self.shared) else {
                         continue;
                     };
-                    let Some((_, acceptor)) = &tcp else { continue };
                     let id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
-                    connections.spawn(handle_tcp(stream, acceptor.clone(), id, slot, remote));
+                    connections.spawn(handle_tcp(stream, acceptor, id, slot, remote));
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
@@ -714,6 +712,17 @@ struct PendingSlot {
     ip: IpAddr,
 }
 
+impl PendingSlot {
+    /// The slot the pending table just gave a connection from `ip`.
+    fn taken(shared: &Arc<Shared>, ip: IpAddr) -> PendingSlot {
+        shared.pending_total.fetch_add(1, Ordering::Relaxed);
+        PendingSlot {
+            shared: shared.clone(),
+            ip,
+        }
+    }
+}
+
 impl Drop for PendingSlot {
     fn drop(&mut self) {
         self.shared.pending().release(self.ip);
@@ -733,14 +742,7 @@ fn admit(
         .pending()
         .admit(ip, incoming.remote_address_validated());
     match admission {
-        Admission::Accept => {
-            shared.pending_total.fetch_add(1, Ordering::Relaxed);
-            let slot = PendingSlot {
-                shared: shared.clone(),
-                ip,
-            };
-            Some((incoming, slot))
-        }
+        Admission::Accept => Some((incoming, PendingSlot::taken(shared, ip))),
         Admission::Validate => {
             bump(&shared.abuse.retried, 1);
             if let Err(e) = incoming.retry() {
@@ -761,14 +763,14 @@ fn admit(
 /// file descriptors, a connection reset before it was accepted) are logged
 /// and waited out.
 async fn accept_tcp(
-    listener: Option<&tokio::net::TcpListener>,
-) -> (tokio::net::TcpStream, SocketAddr) {
-    let Some(listener) = listener else {
+    tcp: Option<&(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+) -> (tokio::net::TcpStream, SocketAddr, tokio_rustls::TlsAcceptor) {
+    let Some((listener, acceptor)) = tcp else {
         return std::future::pending().await;
     };
     loop {
         match listener.accept().await {
-            Ok((stream, remote)) => return (stream, canonical(remote)),
+            Ok((stream, remote)) => return (stream, canonical(remote), acceptor.clone()),
             Err(e) => {
                 debug!(error = %e, "TCP accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -782,13 +784,7 @@ async fn accept_tcp(
 fn admit_tcp(remote: SocketAddr, shared: &Arc<Shared>) -> Option<PendingSlot> {
     let ip = remote.ip();
     match shared.pending().admit(ip, true) {
-        Admission::Accept => {
-            shared.pending_total.fetch_add(1, Ordering::Relaxed);
-            Some(PendingSlot {
-                shared: shared.clone(),
-                ip,
-            })
-        }
+        Admission::Accept => Some(PendingSlot::taken(shared, ip)),
         Admission::Validate | Admission::Refuse => {
             bump(&shared.abuse.refused, 1);
             debug!(%remote, "too many connections authenticating; TCP connection refused");
@@ -856,17 +852,13 @@ impl Link {
                     Err(e) => Arrived::Closed(e.to_string()),
                 },
             },
-            Link::Tcp { reader, handle } => loop {
+            Link::Tcp { reader, .. } => loop {
                 match decoder.next::<SiteMessage>() {
                     Ok(Some(m)) => return Arrived::Frame(m),
                     Ok(None) => {}
                     Err(e) => return Arrived::Protocol(e.to_string()),
                 }
-                let record = tokio::select! {
-                    record = reader.next() => record,
-                    () = handle.closed() => return Arrived::Closed("closed".into()),
-                };
-                match record {
+                match reader.next().await {
                     Ok(Some(Record::Control(bytes))) => decoder.push(&bytes),
                     Ok(Some(Record::Datagram(d))) => return Arrived::Datagram(d),
                     Ok(Some(Record::Close(_, reason))) => {
@@ -950,25 +942,17 @@ async fn handle_connection(incoming: quinn::Incoming, id: ConnId, slot: PendingS
         Ok(Ok(streams)) => streams,
         Ok(Err(_)) => return,
         Err(_) => {
-            bump(&shared.abuse.auth_timeouts, 1);
-            conn.close(CloseCode::Timeout.varint(), b"no control stream in time");
+            // Counted and closed as a missing hello, as before the control
+            // stream and the hello had deadlines of their own.
+            let r = auth_timed_out(&shared);
+            bump(&shared.abuse.auth_failures, 1);
+            conn.close(r.code.varint(), r.message.as_bytes());
             return;
         }
     };
-    let mut exporter = [0u8; 32];
-    let exported = conn
-        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, auth::EXPORTER_CONTEXT)
-        .is_ok();
+    let exporter = tls::quic_exporter(&conn);
     let link = Link::Quic { conn, send, recv };
-    serve_site(
-        link,
-        exported.then_some(exporter),
-        id,
-        slot,
-        remote,
-        deadline,
-    )
-    .await;
+    serve_site(link, exporter, id, slot, remote, deadline).await;
 }
 
 /// A site's TLS-over-TCP connection: the TLS handshake, then the same
@@ -994,7 +978,7 @@ async fn handle_tcp(
             return;
         }
     };
-    let exporter = tcp::exporter(tls.get_ref().1);
+    let exporter = tls::tcp_exporter(tls.get_ref().1);
     let (reader, handle) = tcp::start(tls);
     let link = Link::Tcp { reader, handle };
     serve_site(link, exporter, id, slot, remote, deadline).await;
@@ -1025,13 +1009,7 @@ async fn serve_site(
     .await
     {
         Ok(result) => result,
-        Err(_) => {
-            bump(&shared.abuse.auth_timeouts, 1);
-            Err(Some(Rejection {
-                code: CloseCode::Timeout,
-                message: format!("no valid hello within {} s", AUTH_TIMEOUT.as_secs()),
-            }))
-        }
+        Err(_) => Err(Some(auth_timed_out(&shared))),
     };
     drop(slot);
     let authed = match result {
@@ -1047,6 +1025,16 @@ async fn serve_site(
     run_session(link, id, authed, &exporter, shared, remote)
         .instrument(span)
         .await;
+}
+
+/// A connection did not authenticate within [`AUTH_TIMEOUT`]: counted,
+/// and the rejection it gets.
+fn auth_timed_out(shared: &Shared) -> Rejection {
+    bump(&shared.abuse.auth_timeouts, 1);
+    Rejection {
+        code: CloseCode::Timeout,
+        message: format!("no valid hello within {} s", AUTH_TIMEOUT.as_secs()),
+    }
 }
 
 /// Reads and drops datagrams until the connection is gone.
@@ -1303,9 +1291,7 @@ async fn run_session(
     let updates = state.registry.disconnect(id);
     state.dispatch(updates, &shared.abuse);
     state.close_freed_ports();
-    if state.conns.get(&id).is_some_and(|h| h.conn.same(&carrier)) {
-        state.conns.remove(&id);
-    }
+    state.conns.remove(&id);
     drop(state);
     info!(%remote, %reason, transport, "site disconnected");
 }
@@ -1334,8 +1320,9 @@ fn apply_registration(
 /// again, or binds one (outside the lock) and tells both sites. Refused
 /// silently unless the two are mutual peers.
 fn grant_relay_port(shared: &Arc<Shared>, id: ConnId, peer: &SiteKey) {
-    let pair: PairKey = {
+    let (pair, range, idle): (PairKey, _, _) = {
         let mut state = shared.lock();
+        let (range, idle) = state.relay_settings;
         match state.registry.request_relay_port(id, peer) {
             RelayRequest::NotAuthorized => {
                 debug!("relay port refused: not a mutual peer");
@@ -1345,15 +1332,15 @@ fn grant_relay_port(shared: &Arc<Shared>, id: ConnId, peer: &SiteKey) {
                 state.dispatch(updates, &shared.abuse);
                 return;
             }
-            RelayRequest::New(pair) => pair,
+            RelayRequest::New(_) if range == RelayPorts::Off => {
+                debug!("relay port refused: relay_ports = \"off\"");
+                return;
+            }
+            RelayRequest::New(pair) => (pair, range, idle),
         }
     };
-    let (range, idle) = shared.lock().relay_settings;
     let bound = match range {
-        RelayPorts::Off => {
-            debug!("relay port refused: relay_ports = \"off\"");
-            return;
-        }
+        RelayPorts::Off => return,
         RelayPorts::Any => RelayPort::bind(shared.relay_ip, 0),
         RelayPorts::Range(low, high) => {
             // From a random place in the range, the first free port.

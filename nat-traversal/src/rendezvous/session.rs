@@ -636,15 +636,13 @@ impl ClientSession {
     /// A better way to the rendezvous is ready (QUIC, while registered
     /// over TLS on TCP): ends this connection and dials again at once.
     pub(crate) fn redial(&mut self, now: Instant) {
-        if !self.is_registered() {
-            return;
-        }
-        self.end(
+        if self.tear_down(
             now,
             (CloseCode::Normal, "moving to QUIC"),
             "UDP reaches the rendezvous again; moving to QUIC".to_owned(),
-        );
-        self.state = State::Waiting { at: now };
+        ) {
+            self.state = State::Waiting { at: now };
+        }
     }
 
     /// Acts on the timers that are due at `now`.
@@ -816,9 +814,22 @@ impl ClientSession {
 
     /// A registered connection ended: close it, take every peer offline,
     /// tell the site, reconnect later.
-    fn end(&mut self, now: Instant, (code, close): (CloseCode, &'static str), reason: String) {
+    fn end(&mut self, now: Instant, close: (CloseCode, &'static str), reason: String) {
+        if self.tear_down(now, close, reason) {
+            self.wait(now);
+        }
+    }
+
+    /// [`end`](Self::end) without scheduling the next attempt; `false`
+    /// (and nothing done) unless registered.
+    fn tear_down(
+        &mut self,
+        now: Instant,
+        (code, close): (CloseCode, &'static str),
+        reason: String,
+    ) -> bool {
         let State::Registered { since } = self.state else {
-            return;
+            return false;
         };
         self.transmits.push_back(Transmit::Close {
             code,
@@ -844,7 +855,7 @@ impl ClientSession {
         if now.saturating_duration_since(since) >= STABLE {
             self.backoff.reset();
         }
-        self.wait(now);
+        true
     }
 
     fn wait(&mut self, now: Instant) {

@@ -31,7 +31,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 
-use super::auth::{self, Exporter};
 use super::proto::CloseCode;
 use super::tls::{IDLE_TIMEOUT, KEEP_ALIVE};
 
@@ -43,7 +42,7 @@ const HEADER: usize = 3;
 /// The largest record body.
 const MAX_BODY: usize = u16::MAX as usize;
 /// The largest relay datagram over TCP (a record's body).
-pub(crate) const MAX_DATAGRAM: usize = MAX_BODY;
+const MAX_DATAGRAM: usize = MAX_BODY;
 /// Records queued for the writer; relay datagrams beyond it are dropped
 /// (like a QUIC datagram send buffer), control records wait.
 const QUEUE: usize = 512;
@@ -121,28 +120,20 @@ pub(crate) fn decode(buf: &mut BytesMut) -> Result<Option<Record>, RecordError> 
     }
 }
 
-/// The TLS session's exporter, which the proofs bind to (see
-/// [`super::auth`]); `None` if the session offers none.
-pub(crate) fn exporter<D>(tls: &rustls::ConnectionCommon<D>) -> Option<Exporter> {
-    tls.export_keying_material(
-        [0u8; 32],
-        auth::EXPORTER_LABEL,
-        Some(auth::EXPORTER_CONTEXT),
-    )
-    .ok()
-}
-
 /// The reading half of a TCP connection.
 pub(crate) struct TcpReader<S> {
     read: ReadHalf<S>,
     buf: BytesMut,
     /// When the last bytes arrived.
     heard: tokio::time::Instant,
+    /// Set when the connection is closed (from any handle).
+    closing: watch::Receiver<CloseWith>,
 }
 
 impl<S: AsyncRead> TcpReader<S> {
     /// The next record; `Ok(None)` at the end of the stream, `TimedOut`
-    /// after [`IDLE_TIMEOUT`] of silence. Cancel-safe: what was read
+    /// after [`IDLE_TIMEOUT`] of silence, `ConnectionAborted` once the
+    /// connection was closed through a handle. Cancel-safe: what was read
     /// stays buffered.
     pub(crate) async fn next(&mut self) -> io::Result<Option<Record>> {
         loop {
@@ -153,7 +144,14 @@ impl<S: AsyncRead> TcpReader<S> {
             }
             self.buf.reserve(HEADER + MAX_BODY);
             let read = self.read.read_buf(&mut self.buf);
-            match tokio::time::timeout_at(self.heard + IDLE_TIMEOUT, read).await {
+            let read = tokio::time::timeout_at(self.heard + IDLE_TIMEOUT, read);
+            let read = tokio::select! {
+                read = read => read,
+                _ = self.closing.wait_for(Option::is_some) => {
+                    return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed"));
+                }
+            };
+            match read {
                 Ok(Ok(0)) => return Ok(None),
                 Ok(Ok(_)) => self.heard = tokio::time::Instant::now(),
                 Ok(Err(e)) => return Err(e),
@@ -171,32 +169,43 @@ impl<S: AsyncRead> TcpReader<S> {
 /// What the writer is told to close with.
 type CloseWith = Option<(CloseCode, Vec<u8>)>;
 
+/// What goes to the writer: an encoded record, or a relay datagram (its
+/// header is written in front of it there, without a copy of its own).
+enum Out {
+    Record(Bytes),
+    Datagram(Bytes),
+}
+
 /// The sending side of a TCP connection, cloneable: records go to a writer
 /// task in order.
 #[derive(Clone)]
 pub(crate) struct TcpHandle {
-    records: mpsc::Sender<Bytes>,
+    records: mpsc::Sender<Out>,
     close: Arc<watch::Sender<CloseWith>>,
 }
 
 impl TcpHandle {
-    /// Queues control stream bytes, waiting while the writer is behind.
+    /// Queues control stream bytes, waiting while the writer is behind
+    /// (but not once the connection is closed: a peer that stops reading
+    /// cannot hold its session).
     pub(crate) async fn write_control(&self, bytes: &[u8]) -> Result<(), String> {
         for record in encode_control(bytes) {
-            self.records
-                .send(record)
-                .await
-                .map_err(|_| "connection closed".to_owned())?;
+            tokio::select! {
+                sent = self.records.send(Out::Record(record)) => {
+                    sent.map_err(|_| "connection closed".to_owned())?;
+                }
+                () = self.closed() => return Err("connection closed".into()),
+            }
         }
         Ok(())
     }
 
     /// Queues a relay datagram; dropped when the writer is behind.
-    pub(crate) fn send_datagram(&self, datagram: &[u8]) -> Result<(), String> {
+    pub(crate) fn send_datagram(&self, datagram: Bytes) -> Result<(), String> {
         if datagram.len() > MAX_DATAGRAM {
             return Err(format!("a datagram of {} bytes", datagram.len()));
         }
-        match self.records.try_send(encode(DATAGRAM, datagram)) {
+        match self.records.try_send(Out::Datagram(datagram)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => Err("send queue full".into()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err("connection closed".into()),
@@ -219,11 +228,6 @@ impl TcpHandle {
         let mut rx = self.close.subscribe();
         let _ = rx.wait_for(Option::is_some).await;
     }
-
-    /// Whether both handles belong to the same connection.
-    pub(crate) fn same(&self, other: &TcpHandle) -> bool {
-        Arc::ptr_eq(&self.close, &other.close)
-    }
 }
 
 /// Splits a TLS stream into its reader and handle, and spawns the writer
@@ -235,11 +239,13 @@ where
     let (read, write) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel(QUEUE);
     let (close_tx, close_rx) = watch::channel(None);
+    let closing = close_rx.clone();
     tokio::spawn(write_loop(write, rx, close_rx));
     let reader = TcpReader {
         read,
         buf: BytesMut::new(),
         heard: tokio::time::Instant::now(),
+        closing,
     };
     let handle = TcpHandle {
         records: tx,
@@ -248,9 +254,21 @@ where
     (reader, handle)
 }
 
+/// Appends what `out` puts on the wire.
+fn append(batch: &mut Vec<u8>, out: Out) {
+    match out {
+        Out::Record(record) => batch.extend_from_slice(&record),
+        Out::Datagram(datagram) => {
+            batch.push(DATAGRAM);
+            batch.extend_from_slice(&(datagram.len() as u16).to_be_bytes());
+            batch.extend_from_slice(&datagram);
+        }
+    }
+}
+
 async fn write_loop<S: AsyncWrite>(
     mut write: WriteHalf<S>,
-    mut records: mpsc::Receiver<Bytes>,
+    mut records: mpsc::Receiver<Out>,
     mut close: watch::Receiver<CloseWith>,
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
@@ -266,14 +284,25 @@ async fn write_loop<S: AsyncWrite>(
             }
             record = records.recv() => {
                 let Some(record) = record else { break };
-                batch.extend_from_slice(&record);
+                append(&mut batch, record);
                 // What else is queued goes out in the same TLS write.
                 while batch.len() < WRITE_BATCH {
                     let Ok(more) = records.try_recv() else { break };
-                    batch.extend_from_slice(&more);
+                    append(&mut batch, more);
                 }
-                if write.write_all(&batch).await.is_err() {
-                    return;
+                // A peer that stops reading must not keep a close from
+                // taking effect: once closed, a write gets a keep-alive
+                // interval to finish, then the connection is dropped.
+                tokio::select! {
+                    written = write.write_all(&batch) => {
+                        if written.is_err() {
+                            return;
+                        }
+                    }
+                    () = async {
+                        let _ = close.wait_for(Option::is_some).await;
+                        tokio::time::sleep(KEEP_ALIVE).await;
+                    } => return,
                 }
                 batch.clear();
             }
@@ -282,17 +311,21 @@ async fn write_loop<S: AsyncWrite>(
             } => break,
         }
     }
-    // Closing: what was queued first, then the close record.
+    // Closing: what was queued first, then the close record, for as long
+    // as the peer takes it (a keep-alive interval at most).
     while let Ok(more) = records.try_recv() {
-        batch.extend_from_slice(&more);
+        append(&mut batch, more);
     }
     let with = close.borrow().clone();
     if let Some((code, reason)) = with {
         batch.extend_from_slice(&encode_close(code, &reason));
     }
-    if write.write_all(&batch).await.is_ok() {
-        let _ = write.shutdown().await;
-    }
+    let _ = tokio::time::timeout(KEEP_ALIVE, async {
+        if write.write_all(&batch).await.is_ok() {
+            let _ = write.shutdown().await;
+        }
+    })
+    .await;
 }
 
 /// A site's connection to the rendezvous, as the code that relays and
@@ -308,7 +341,7 @@ impl Carrier {
     pub(crate) fn send_datagram(&self, datagram: Bytes) -> Result<(), String> {
         match self {
             Carrier::Quic(conn) => conn.send_datagram(datagram).map_err(|e| e.to_string()),
-            Carrier::Tcp(tcp) => tcp.send_datagram(&datagram),
+            Carrier::Tcp(tcp) => tcp.send_datagram(datagram),
         }
     }
 
@@ -325,15 +358,6 @@ impl Carrier {
         match self {
             Carrier::Quic(conn) => conn.close(code.varint(), reason),
             Carrier::Tcp(tcp) => tcp.close(code, reason),
-        }
-    }
-
-    /// Whether both are the same connection.
-    pub(crate) fn same(&self, other: &Carrier) -> bool {
-        match (self, other) {
-            (Carrier::Quic(a), Carrier::Quic(b)) => a.stable_id() == b.stable_id(),
-            (Carrier::Tcp(a), Carrier::Tcp(b)) => a.same(b),
-            _ => false,
         }
     }
 
@@ -400,7 +424,9 @@ mod tests {
         let (_reader_a, handle) = start(a);
         let (mut reader_b, _handle_b) = start(b);
         handle.write_control(b"hello").await.expect("queued");
-        handle.send_datagram(b"data").expect("queued");
+        handle
+            .send_datagram(Bytes::from_static(b"data"))
+            .expect("queued");
         handle.close(CloseCode::Normal, b"done");
         handle.closed().await;
         assert_eq!(
@@ -419,5 +445,28 @@ mod tests {
             ))
         );
         assert_eq!(reader_b.next().await.expect("read"), None);
+    }
+
+    #[tokio::test]
+    async fn a_close_takes_effect_when_the_peer_stops_reading() {
+        // The other end never reads: the writer blocks, the queue fills,
+        // and a control write waits; a close must still end all of it.
+        let (a, _never_read) = tokio::io::duplex(64);
+        let (mut reader, handle) = start(a);
+        let blocked = handle.clone();
+        let writer =
+            tokio::spawn(async move { while blocked.write_control(&[0u8; 4096]).await.is_ok() {} });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!writer.is_finished(), "the writes should be stuck");
+        handle.close(CloseCode::Overloaded, b"overloaded");
+        tokio::time::timeout(std::time::Duration::from_secs(1), writer)
+            .await
+            .expect("the waiting write returns after the close")
+            .expect("writer task");
+        let read = reader.next().await;
+        assert!(
+            matches!(&read, Err(e) if e.kind() == io::ErrorKind::ConnectionAborted),
+            "{read:?}"
+        );
     }
 }

@@ -16,6 +16,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+use super::auth::{EXPORTER_CONTEXT, EXPORTER_LABEL, Exporter};
 use super::proto::ALPN;
 use super::tcp::TCP_ALPN;
 
@@ -25,6 +26,21 @@ pub(crate) const SERVER_NAME: &str = "causeway-rendezvous";
 pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// A connection silent for this long is closed (on both ends).
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The exporter of a QUIC connection's TLS session, which the proofs bind
+/// to (see [`super::auth`]); `None` if the session offers none.
+pub(crate) fn quic_exporter(conn: &quinn::Connection) -> Option<Exporter> {
+    let mut exporter = [0u8; 32];
+    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, EXPORTER_CONTEXT)
+        .ok()
+        .map(|()| exporter)
+}
+
+/// The same for a TLS-over-TCP connection (see [`super::tcp`]).
+pub(crate) fn tcp_exporter<D>(tls: &rustls::ConnectionCommon<D>) -> Option<Exporter> {
+    tls.export_keying_material([0u8; 32], EXPORTER_LABEL, Some(EXPORTER_CONTEXT))
+        .ok()
+}
 
 /// Why the TLS configuration could not be built (never expected).
 #[derive(Debug, thiserror::Error)]
